@@ -1,0 +1,107 @@
+"""Typed configurations of the two recipes: the seam between the service and the engine.
+
+These pydantic models validate the HTTP request, document the OpenAPI schema and drive the
+recipes; the module imports no torch, so the API process can use it. Every field has the
+default of ../shared/design/algorithm.md.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ThreatKind = Literal["w2-linf", "w2-l2", "linf", "l2"]
+
+DEFAULT_DELTA: dict[str, float] = {"w2-linf": 8 / 255, "linf": 8 / 255, "w2-l2": 0.5, "l2": 0.5}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ThreatModelSpec(_Strict):
+    """A threat model (p, r, δ): W2 balls with l∞ or l2 ground cost, or pointwise balls."""
+
+    kind: ThreatKind = "w2-linf"
+    delta: float | None = Field(
+        default=None, ge=0.0, le=1e3,
+        description="Radius δ; omitted → 8/255 for l∞ ground cost, 0.5 for l2.",
+    )
+
+    @model_validator(mode="after")
+    def _fill_delta(self) -> "ThreatModelSpec":
+        if self.delta is None:
+            self.delta = DEFAULT_DELTA[self.kind]
+        return self
+
+    @property
+    def is_distributional(self) -> bool:
+        return self.kind.startswith("w2")
+
+    @property
+    def ground_norm(self) -> Literal["linf", "l2"]:
+        return "linf" if self.kind.endswith("linf") else "l2"
+
+
+class FinetuneConfig(_Strict):
+    """W-TRADES fine-tuning (plain TRADES with a pointwise threat and attack_loss='kl')."""
+
+    threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
+    epochs: int = Field(default=10, ge=1, le=1000)
+    batch_size: int = Field(default=512, ge=1, le=65536)
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    beta: float = Field(default=6.0, ge=0.0, description="TRADES weight β of the KL term.")
+    attack_loss: Literal["redlr", "kl", "ce", "dlr"] = "redlr"
+    attack_steps: int = Field(default=10, ge=1, le=1000, description="Inner W-PGD steps K.")
+    attack_step_ratio: float = Field(default=2.0, gt=0.0, description="Step α = ratio·δ_B/K.")
+    budget: Literal["dynamic", "fixed"] = "dynamic"
+    budget_subset: int = Field(default=1024, ge=1, description="Images used for the initial Ῡ.")
+    budget_ema_decay: float = Field(default=0.99, ge=0.0, lt=1.0)
+    budget_cap: float = Field(default=3.0, ge=0.0, description="δ_B is clamped to [0, cap·δ].")
+    weight_perturbation: float = Field(default=0.005, ge=0.0, le=1.0, description="γ; 0 disables.")
+    augment: Literal["auto", "crop_flip", "none"] = "auto"
+    eval_examples: int = Field(default=1000, ge=1, description="Held-out images evaluated per epoch.")
+    eval_wpgd_steps: int = Field(default=20, ge=1)
+    eval_pgd_steps: int = Field(default=10, ge=1)
+    train_examples: int | None = Field(default=None, ge=1, description="Use only the first N training images.")
+    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 on CUDA, float32 on CPU.")
+    channels_last: bool = True
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    """Clean, W2 distributional (W-PGD) and pointwise (PGD / AutoAttack) robust accuracy."""
+
+    threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
+    deltas: list[float] | None = Field(
+        default=None, description="Several radii for a robustness curve; default [threat_model.delta].",
+    )
+    n_examples: int | None = Field(default=None, ge=1, description="Evaluate the first N test images.")
+    batch_size: int = Field(default=500, ge=1, le=65536)
+    wpgd_steps: int = Field(default=50, ge=1, le=10000)
+    wpgd_step_ratio: float = Field(default=1.875, gt=0.0)
+    attack_loss: Literal["redlr", "dlr", "ce"] = "redlr"
+    linf_attacks: list[Literal["pgd", "autoattack"]] = Field(default_factory=lambda: ["pgd"])
+    pgd_steps: int = Field(default=20, ge=1)
+    pgd_step_size: float = Field(default=2 / 255, gt=0.0)
+    pgd_loss: Literal["ce", "dlr"] = "ce"
+    autoattack_examples: int = Field(default=1000, ge=1)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_deltas(self) -> "EvaluateConfig":
+        if self.deltas is not None:
+            if not self.deltas:
+                raise ValueError("deltas must not be empty")
+            if any(d < 0 for d in self.deltas):
+                raise ValueError("every delta must be >= 0")
+        return self
+
+    @property
+    def radii(self) -> list[float]:
+        return list(self.deltas) if self.deltas else [float(self.threat_model.delta)]

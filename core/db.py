@@ -1,0 +1,167 @@
+"""SQLAlchemy 2 models: API keys, models, data sets, jobs, job events, artifacts.
+
+The job row is the single source of truth of a job's state (never Celery's result backend).
+The schema changes only through Alembic migrations (migrations/versions); a test compares the
+migrated schema with these models.
+"""
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
+    create_engine, event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    """Sortable-enough, unguessable ids such as `job_1a2b…` (prefix says the resource)."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+def _ts(nullable: bool = True) -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=nullable)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)       # shown to humans: rk_ab12…
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)    # sha256 hex of the full key
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = _ts()
+
+
+class Artifact(Base):
+    """A content-addressed file in the artifact store (weights, checkpoints, reports, plots)."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE", use_alter=True, name="fk_artifacts_job_id"),
+        index=True,
+    )
+    kind: Mapped[str] = mapped_column(String(32))  # model_weights | checkpoint | training_state | report | plot | dataset
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(100))
+    filename: Mapped[str] = mapped_column(String(255))
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    is_best: Mapped[bool | None] = mapped_column()
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # metrics of a checkpoint, etc.
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(20))  # upload | robustbench | job
+    architecture: Mapped[str] = mapped_column(String(200))
+    num_classes: Mapped[int] = mapped_column(Integer)
+    dataset: Mapped[str] = mapped_column(String(100))
+    input_shape: Mapped[list[Any] | None] = mapped_column(JSON)
+    threat_model: Mapped[str | None] = mapped_column(String(40))  # RobustBench threat model, e.g. Linf
+    status: Mapped[str] = mapped_column(String(20), default="validating")  # validating | ready | rejected
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    weights_artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="ready")
+    num_examples: Mapped[int] = mapped_column(Integer)
+    num_classes: Mapped[int] = mapped_column(Integer)
+    image_shape: Mapped[list[Any]] = mapped_column(JSON)  # [C, H, W]
+    artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("owner_key_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
+        Index("ix_jobs_owner_created", "owner_key_id", "created_at"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(40))
+    type: Mapped[str] = mapped_column(String(20))  # finetune | evaluate
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    # queued | running | cancelling | succeeded | failed | cancelled
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
+    dataset: Mapped[str] = mapped_column(String(100))  # built-in name or a dataset id
+    threat_model: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = _ts()
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    resume_artifact_id: Mapped[str | None] = mapped_column(String(40))  # last training state
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = _ts()
+    finished_at: Mapped[datetime | None] = _ts()
+    cancel_requested_at: Mapped[datetime | None] = _ts()
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(40))  # status | progress | metrics | checkpoint | warning | log
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the pragmas each backend needs (SQLite: WAL, foreign keys, busy timeout)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,27 @@
+"""The callables a recipe reports through (architecture.md, "The seam")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+def _no_progress(fraction: float, phase: str, metrics: dict[str, Any]) -> None:
+    return None
+
+
+def _never_stop() -> bool:
+    return False
+
+
+def _drop_checkpoint(state: Any) -> None:
+    return None
+
+
+@dataclass
+class Hooks:
+    """progress(fraction in [0,1], phase, metrics); should_stop() checked every few steps;
+    checkpoint(state) receives a `core.checkpoint.TrainingCheckpoint` after every epoch."""
+
+    progress: Callable[[float, str, dict[str, Any]], None] = field(default=_no_progress)
+    should_stop: Callable[[], bool] = field(default=_never_stop)
+    checkpoint: Callable[[Any], None] = field(default=_drop_checkpoint)

@@ -1,0 +1,50 @@
+"""Errors with a stable `code`, shared by the engine, the workers and the API.
+
+The API turns them into RFC 9457 problem responses; the worker stores `code` and `message`
+in the job's or model's `error` field. Messages say what went wrong and what to do next.
+"""
+from __future__ import annotations
+
+
+class RobustifyError(Exception):
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class ValidationError(RobustifyError):
+    code = "validation_error"
+    status = 422
+
+
+class InvalidModelFile(RobustifyError):
+    code = "invalid_model_file"
+    status = 422
+
+
+class UnsupportedArchitecture(RobustifyError):
+    code = "unsupported_architecture"
+    status = 422
+
+
+class ModelDownloadFailed(RobustifyError):
+    code = "model_download_failed"
+    status = 502
+
+
+class DatasetUnavailable(RobustifyError):
+    code = "dataset_unavailable"
+    status = 422
+
+
+class InvalidDataset(RobustifyError):
+    code = "validation_error"
+    status = 422

@@ -105,3 +105,18 @@ class EvaluateConfig(_Strict):
     @property
     def radii(self) -> list[float]:
         return list(self.deltas) if self.deltas else [float(self.threat_model.delta)]
+
+
+# Architectures the zoo builds itself (core/zoo.py registers exactly these names). A RobustBench
+# architecture is named "robustbench:<model name>", e.g. "robustbench:Wang2023Better_WRN-28-10".
+BUILTIN_ARCHITECTURES: tuple[str, ...] = (
+    "small-cnn", "preact-resnet-18", "wide-resnet-28-10", "wide-resnet-34-10",
+)
+ROBUSTBENCH_PREFIX = "robustbench:"
+
+
+def is_known_architecture_name(name: str) -> bool:
+    """Cheap, torch-free check the API runs before storing an upload."""
+    return name in BUILTIN_ARCHITECTURES or (
+        name.startswith(ROBUSTBENCH_PREFIX) and len(name) > len(ROBUSTBENCH_PREFIX)
+    )

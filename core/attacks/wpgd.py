@@ -1,0 +1,179 @@
+"""W-PGD: the Wasserstein distributional attack (NeurIPS 2023), fused for speed.
+
+Whole-set normalisation and projection exactly as algorithm.md defines them: the set's
+perturbed copy lives on the device, every step takes one forward+backward per batch, and the
+accuracy of iterate t is read off the forward pass that takes step t+1's gradient, so no
+separate evaluation pass is needed; one final forward scores the last iterate. Nothing is
+copied to the host until the run ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from core.attacks.common import PerSampleLoss, input_gradient, predict
+from core.device import Compute, batches
+from core.losses import LossName, attack_loss
+from core.threats import Threat
+
+
+@dataclass
+class WPGDResult:
+    delta: float
+    steps: int
+    robust_accuracy: float          # A_δ = min_t acc_t (t = 0..T; X_0 = X is in the ball too)
+    clean_accuracy: float           # acc_0
+    accuracy_trajectory: list[float]
+    loss_trajectory: list[float]    # mean attack loss at X_0..X_T
+    loss_clean: float               # V(0)
+    loss_max: float
+    sensitivity: float              # Υ at the clean point
+    first_order_estimate: float     # V(0) + δ·Υ
+    worst_step: int
+    final_distance: float           # W_p distance of X_T from X (≤ δ)
+    x_final: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.robust_accuracy / self.clean_accuracy if self.clean_accuracy > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "delta": self.delta, "steps": self.steps,
+            "robust_accuracy": self.robust_accuracy, "clean_accuracy": self.clean_accuracy,
+            "robust_to_clean_ratio": self.ratio, "worst_step": self.worst_step,
+            "accuracy_trajectory": self.accuracy_trajectory, "loss_trajectory": self.loss_trajectory,
+            "loss_clean": self.loss_clean, "loss_max": self.loss_max,
+            "sensitivity": self.sensitivity, "first_order_estimate": self.first_order_estimate,
+            "final_distance": self.final_distance,
+        }
+
+
+def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
+          steps: int = 50, step_ratio: float = 1.875, loss: LossName = "redlr",
+          batch_size: int = 500, compute: Compute | None = None,
+          progress: Callable[[int, int], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, keep_final: bool = False) -> WPGDResult:
+    """W-PGD on the whole set (x, y) with step α = step_ratio·δ/steps and no random start.
+
+    `x` (N, C, H, W) in [0, 1] should already be on the compute device; `model` in eval mode.
+    `progress(t, steps)` is called after each step; `should_stop()` every step ends the run
+    early (the result then covers the steps done).
+    """
+    compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
+    if loss == "kl":
+        raise ValueError("W-PGD evaluation uses ce, dlr or redlr; kl needs a batch's clean logits")
+    loss_fn: PerSampleLoss = attack_loss(loss)
+    n = x.shape[0]
+    alpha = step_ratio * threat.delta / steps
+    x_adv = x.clone()
+    direction = torch.empty_like(x)
+    dual = torch.empty(n, device=x.device, dtype=x.dtype)
+    correct_per_step: list[torch.Tensor] = []
+    loss_per_step: list[torch.Tensor] = []
+    upsilon = torch.zeros((), device=x.device, dtype=torch.float64)
+
+    steps_done = 0
+    for t in range(1, steps + 1):
+        correct = torch.zeros((), device=x.device, dtype=torch.int64)
+        loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+        for b in batches(n, batch_size):
+            g, logits, l = input_gradient(model, x_adv[b], y[b], loss_fn, compute)
+            correct += (logits.argmax(dim=1) == y[b]).sum()
+            loss_sum += l.double().sum()
+            d = threat.dual_norms(g)
+            dual[b] = d
+            direction[b] = threat.raw_direction(g, d)
+        correct_per_step.append(correct)          # accuracy of X_{t-1}
+        loss_per_step.append(loss_sum / n)
+        norm = threat.normaliser(dual)           # N (= Υ at this iterate for W2 threats)
+        if t == 1:
+            upsilon = threat.sensitivity(dual)
+        scale = (alpha / norm.clamp_min(1e-30)).to(x.dtype)
+        x_adv = threat.project(x_adv.add_(direction * scale), x)
+        steps_done = t
+        if progress is not None:
+            progress(t, steps)
+        if should_stop is not None and should_stop():
+            break
+
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    for b in batches(n, batch_size):
+        logits = predict(model, x_adv[b], compute)
+        correct += (logits.argmax(dim=1) == y[b]).sum()
+        loss_sum += loss_fn(logits, y[b]).double().sum()
+    correct_per_step.append(correct)
+    loss_per_step.append(loss_sum / n)
+
+    # one host synchronisation for the whole run
+    acc = (torch.stack(correct_per_step).double() / n).tolist()
+    losses = torch.stack(loss_per_step).tolist()
+    upsilon_f = float(upsilon)
+    worst = min(range(len(acc)), key=lambda i: (acc[i], -i))
+    return WPGDResult(
+        delta=threat.delta, steps=steps_done, robust_accuracy=acc[worst], clean_accuracy=acc[0],
+        accuracy_trajectory=acc, loss_trajectory=losses, loss_clean=losses[0], loss_max=max(losses),
+        sensitivity=upsilon_f, first_order_estimate=losses[0] + threat.delta * upsilon_f,
+        worst_step=worst, final_distance=threat.distance(x_adv, x),
+        x_final=x_adv if keep_final else None,
+    )
+
+
+def w_fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
+           loss: LossName = "redlr", batch_size: int = 500, compute: Compute | None = None,
+           clip: bool = True) -> torch.Tensor:
+    """The first-order map T(x_i) = x_i + δ·d_i: spends the whole budget (FGSM for pointwise threats).
+
+    With clip=False the result is not clipped to [0, 1], so D(T(X), X) = δ exactly.
+    """
+    compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
+    loss_fn = attack_loss(loss)
+    direction = torch.empty_like(x)
+    dual = torch.empty(x.shape[0], device=x.device, dtype=x.dtype)
+    for b in batches(x.shape[0], batch_size):
+        g, _, _ = input_gradient(model, x[b], y[b], loss_fn, compute)
+        dual[b] = threat.dual_norms(g)
+        direction[b] = threat.raw_direction(g, dual[b])
+    moved = x + direction * (threat.delta / threat.normaliser(dual).clamp_min(1e-30)).to(x.dtype)
+    return moved.clamp(0.0, 1.0) if clip else moved
+
+
+@dataclass
+class BatchAttack:
+    """The inner attack of W-TRADES on one batch (the batch is the set being normalised)."""
+
+    x_adv: torch.Tensor
+    sensitivity: torch.Tensor   # Υ_B from the first step's gradients (0-d, on the device)
+    delta: torch.Tensor         # δ_B actually used (0-d, on the device)
+
+
+def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
+                 loss_fn: PerSampleLoss, steps: int, step_ratio: float, compute: Compute,
+                 budget: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 start_noise: float = 0.0, generator: torch.Generator | None = None) -> BatchAttack:
+    """K steps of W-PGD (or PGD for a pointwise threat) on one batch, model in eval mode.
+
+    `budget(Υ_B) -> δ_B` picks the radius after the first gradient (W-PGD-Budget); None keeps δ.
+    `start_noise` > 0 starts from x + start_noise·N(0, I) (needed for the KL loss, whose
+    gradient vanishes at x' = x).
+    """
+    x_adv = x
+    if start_noise > 0:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + start_noise * noise).clamp(0.0, 1.0)
+    delta_b = torch.tensor(threat.delta, device=x.device, dtype=torch.float64)
+    upsilon_b = torch.zeros((), device=x.device, dtype=torch.float64)
+    for t in range(steps):
+        g, _, _ = input_gradient(model, x_adv, y, loss_fn, compute)
+        dual = threat.dual_norms(g)
+        if t == 0:
+            upsilon_b = threat.sensitivity(dual)
+            if budget is not None:
+                delta_b = budget(upsilon_b)
+        alpha = step_ratio * delta_b / steps
+        scale = (alpha / threat.normaliser(dual).clamp_min(1e-30)).to(x.dtype)
+        x_adv = threat.project(x_adv + threat.raw_direction(g, dual) * scale, x, delta_b.to(x.dtype))
+    return BatchAttack(x_adv.detach(), upsilon_b, delta_b)

@@ -83,6 +83,8 @@ class Model(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # Deleting a model keeps its row (finished jobs still point at it) but hides it everywhere.
+    deleted_at: Mapped[datetime | None] = _ts()
 
 
 class Dataset(Base):
@@ -141,6 +143,34 @@ class JobEvent(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """One row per live worker process, refreshed every few seconds; /readyz reads it."""
+
+    __tablename__ = "worker_heartbeats"
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname, e.g. gpu0@host
+    queues: Mapped[list[Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+def record_worker_heartbeat(session: Any, worker_id: str, queues: list[str] | None = None) -> None:
+    """Insert or refresh a worker's heartbeat row (the caller commits)."""
+    row = session.get(WorkerHeartbeat, worker_id)
+    if row is None:
+        session.add(WorkerHeartbeat(id=worker_id, queues=queues, heartbeat_at=utcnow()))
+    else:
+        row.heartbeat_at = utcnow()
+        if queues is not None:
+            row.queues = queues
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every timestamp stored here is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
 
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})

@@ -1,0 +1,166 @@
+"""A content-addressed artifact store on a directory, and the rows that describe its files.
+
+Files live at `<root>/sha256/ab/abcdef…` (the first two hex digits fan the folder out), so
+the same bytes are stored once however many rows point at them. Writes are atomic: a temp
+file in the target folder, then os.replace, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.db import Artifact, new_id
+
+_CHUNK = 1024 * 1024
+
+
+def sha256_file(path: str | Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+class ArtifactStore:
+    """Content-addressed files under `root`; relpaths are `sha256/ab/<hex>`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    @staticmethod
+    def relpath_for(sha256: str) -> str:
+        return f"sha256/{sha256[:2]}/{sha256}"
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a stored file; refuses paths that leave the store."""
+        full = (self.root / relpath).resolve()
+        if self.root not in full.parents:
+            raise ValueError(f"artifact path {relpath!r} is outside the store")
+        return full
+
+    def exists(self, relpath: str) -> bool:
+        return self.path(relpath).is_file()
+
+    def temp_file(self, suffix: str = "") -> Path:
+        """An empty temp file inside the store (same filesystem, so put_file can rename it)."""
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def put_file(self, src_path: str | Path, *, move: bool = False) -> tuple[str, int, str]:
+        """Store a file's bytes; returns (sha256, size, relpath). `move` consumes src_path."""
+        src = Path(src_path)
+        sha, size = sha256_file(src)
+        rel = self.relpath_for(sha)
+        dest = self.path(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_file():
+            if move:
+                src.unlink(missing_ok=True)
+            return sha, size, rel
+        if move:
+            os.replace(src, dest)  # callers put their temp files inside the store: same filesystem
+            return sha, size, rel
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return sha, size, rel
+
+    def put_bytes(self, data: bytes) -> tuple[str, int, str]:
+        sha = hashlib.sha256(data).hexdigest()
+        rel = self.relpath_for(sha)
+        dest = self.path(rel)
+        if dest.is_file():
+            return sha, len(data), rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return sha, len(data), rel
+
+    def open(self, relpath: str) -> BinaryIO:
+        return open(self.path(relpath), "rb")
+
+    def delete(self, relpath: str) -> None:
+        """Remove a stored file (callers check first that no other row uses it)."""
+        self.path(relpath).unlink(missing_ok=True)
+
+    def files(self) -> list[Path]:
+        """Every stored file and leftover temp file (tests use it to prove nothing was kept)."""
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.rglob("*") if p.is_file())
+
+
+def artifact_relpath(artifact: Artifact) -> str:
+    return ArtifactStore.relpath_for(artifact.sha256)
+
+
+def record_artifact(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    kind: str,
+    filename: str,
+    content_type: str,
+    src_path: str | Path | None = None,
+    content: bytes | None = None,
+    move: bool = False,
+    owner_key_id: str | None = None,
+    job_id: str | None = None,
+    epoch: int | None = None,
+    is_best: bool | None = None,
+    data: dict | None = None,
+) -> Artifact:
+    """Store a file (src_path) or bytes (content) and add its Artifact row (the caller commits)."""
+    if (src_path is None) == (content is None):
+        raise ValueError("give exactly one of src_path or content")
+    if src_path is not None:
+        sha, size, _ = store.put_file(src_path, move=move)
+    else:
+        sha, size, _ = store.put_bytes(content)  # type: ignore[arg-type]
+    row = Artifact(
+        id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=sha,
+        size=size, content_type=content_type, filename=filename, epoch=epoch, is_best=is_best,
+        data=data,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def delete_artifact(session: Session, store: ArtifactStore, artifact: Artifact) -> None:
+    """Delete a row, and its file when no other row holds the same bytes (the caller commits)."""
+    sha = artifact.sha256
+    session.delete(artifact)
+    session.flush()
+    others = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha))
+    if not others:
+        store.delete(ArtifactStore.relpath_for(sha))

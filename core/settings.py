@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = 2.0
     visibility_timeout_seconds: int = 7 * 24 * 3600
 
+    # Server-Sent Events: how often the stream polls the database, and comment keep-alives
+    # so proxies do not close an idle stream.
+    sse_poll_seconds: float = 0.5
+    sse_keepalive_seconds: float = 15.0
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'robustify.db').resolve()}"

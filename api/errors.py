@@ -1,0 +1,103 @@
+"""RFC 9457 problem details (`application/problem+json`) for every error the API returns."""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import RobustifyError
+
+PROBLEM_JSON = "application/problem+json"
+
+# Codes for errors that Starlette raises itself (unknown routes, wrong methods, ...).
+_STATUS_CODES: dict[int, str] = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "validation_error", 503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a stable code; `extra` adds members to the problem."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, *,
+        headers: dict[str, str] | None = None, **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    return ApiError(404, "not_found", f"{kind} {ident!r} does not exist (or belongs to another API key).")
+
+
+def problem_response(
+    request: Request, status: int, code: str, detail: str, *,
+    headers: dict[str, str] | None = None, **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"urn:robustify:problem:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "instance": request.url.path,
+    }
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        out.append({"loc": loc, "field": ".".join(p for p in loc if p != "body"), "msg": err.get("msg"),
+                    "type": err.get("type")})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return problem_response(request, exc.status, exc.code, exc.detail, headers=exc.headers, **exc.extra)
+
+    @app.exception_handler(RobustifyError)
+    async def _robustify_error(request: Request, exc: RobustifyError) -> JSONResponse:
+        return problem_response(request, exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        fields = ", ".join(sorted({e["field"] or "body" for e in errors}))
+        first = errors[0]["msg"] if errors else "invalid request"
+        return problem_response(
+            request, 422, "validation_error", f"invalid value for {fields}: {first}", errors=errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.url.path}; see /docs for the API."
+        if exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}."
+        return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        import logging
+
+        logging.getLogger("robustify.api").exception("unhandled error on %s", request.url.path)
+        return problem_response(
+            request, 500, "internal_error",
+            "an unexpected error occurred; the server log has the details.",
+        )

@@ -1,0 +1,163 @@
+"""/v1/datasets: upload an .npz (x uint8 images, y int labels); list, get, delete.
+
+Built-in data sets (digits, fashion-mnist, cifar10, cifar100) need no upload.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.bodies import media_type, read_multipart
+from api.deps import Caller, Services, caller, db_session, owned, services
+from api.errors import ApiError, not_found
+from api.routes.common import MAX_PAGE, paginate
+from api.schemas import dataset_object, page
+from core.artifacts import delete_artifact, record_artifact
+from core.db import Artifact, Dataset, Job, TERMINAL_STATES, new_id
+from core.errors import InvalidDataset
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": ".npz with x (uint8, NxHxWxC or NxCxHxW) and y (int labels)"},
+                   "name": {"type": "string"}, "metadata": {"type": "string"}}}}}}}
+
+
+def inspect_npz(path: Path) -> dict[str, Any]:
+    """num_examples, num_classes and image_shape [C,H,W] of a valid .npz; else InvalidDataset."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x", "y"} - set(npz.files)
+            if missing:
+                raise InvalidDataset(f"the .npz has no array named {', '.join(sorted(missing))}; "
+                                     "save it with numpy.savez(path, x=images, y=labels).")
+            x, y = npz["x"], npz["y"]
+    except InvalidDataset:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        # allow_pickle=False makes object arrays a ValueError: never unpickle an upload.
+        raise InvalidDataset(f"not a readable .npz of plain arrays ({exc}); save it with numpy.savez.") from None
+    _validate_arrays(x, y)
+    if x.ndim == 3:
+        shape = [1, int(x.shape[1]), int(x.shape[2])]
+    elif x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        shape = [int(s) for s in x.shape[1:]]
+    else:  # N x H x W x C
+        shape = [int(x.shape[3]), int(x.shape[1]), int(x.shape[2])]
+    return {"num_examples": int(x.shape[0]), "num_classes": int(y.max()) + 1, "image_shape": shape}
+
+
+def _validate_arrays(x: Any, y: Any) -> None:
+    try:
+        from core.npz import validate_npz_arrays  # the data engineer's checks, shared with the worker
+    except ImportError:
+        validate_npz_arrays = None
+    if validate_npz_arrays is not None:
+        validate_npz_arrays(x, y)
+    # The API also needs these to describe the data set, so check them here in any case.
+    import numpy as np
+
+    if x.dtype != np.uint8:
+        raise InvalidDataset(f"x must be uint8 images (0..255), got {x.dtype}.")
+    if x.ndim not in (3, 4) or x.shape[0] == 0:
+        raise InvalidDataset(f"x must be N×H×W, N×H×W×C or N×C×H×W with N ≥ 1, got shape {list(x.shape)}.")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise InvalidDataset(f"y must be a 1-D array of integer labels, got {y.dtype} with shape {list(y.shape)}.")
+    if len(x) != len(y):
+        raise InvalidDataset(f"x has {len(x)} images but y has {len(y)} labels; they must match.")
+    if y.min() < 0:
+        raise InvalidDataset("labels in y must be ≥ 0.")
+
+
+@router.post("", status_code=201, openapi_extra=_OPENAPI, summary="Upload a data set (.npz)")
+async def create_dataset(request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
+                         session: Session = Depends(db_session)) -> dict[str, Any]:
+    if media_type(request) != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "send the .npz as multipart/form-data in a part named `file`.")
+    upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
+    try:
+        return await run_in_threadpool(_create, svc, session, who, upload.fields, upload.file_path, upload.filename)
+    finally:
+        upload.discard()
+
+
+def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str],
+            file_path: Path | None, filename: str | None) -> dict[str, Any]:
+    import json
+
+    if file_path is None:
+        raise ApiError(422, "validation_error", "the `file` part (an .npz) is missing.",
+                       errors=[{"loc": ["body", "file"], "field": "file", "msg": "Field required", "type": "missing"}])
+    meta = None
+    if fields.get("metadata"):
+        try:
+            meta = json.loads(fields["metadata"])
+        except json.JSONDecodeError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise ApiError(422, "validation_error", "metadata must be a JSON object.",
+                           errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": "not a JSON object",
+                                    "type": "value_error"}])
+    info = inspect_npz(file_path)
+    name = (fields.get("name") or filename or "dataset.npz").strip()[:200]
+    art = record_artifact(session, svc.store, kind="dataset", src_path=file_path, move=True,
+                          filename=name if name.endswith(".npz") else f"{name}.npz",
+                          content_type="application/octet-stream", owner_key_id=who.key_id)
+    ds = Dataset(id=new_id("ds"), owner_key_id=who.key_id, name=name, status="ready", artifact_id=art.id,
+                 meta=meta, **info)
+    session.add(ds)
+    session.commit()
+    return dataset_object(ds, art)
+
+
+def _artifact(session: Session, ds: Dataset) -> Artifact | None:
+    return session.get(Artifact, ds.artifact_id) if ds.artifact_id else None
+
+
+def get_owned_dataset(session: Session, who: Caller, dataset_id: str) -> Dataset:
+    ds = session.scalar(select(Dataset).where(Dataset.id == dataset_id, owned(Dataset.owner_key_id, who)))
+    if ds is None:
+        raise not_found("dataset", dataset_id)
+    return ds
+
+
+@router.get("", summary="List uploaded data sets")
+def list_datasets(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
+                  who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    mine = owned(Dataset.owner_key_id, who)
+    rows, more = paginate(session, select(Dataset).where(mine), Dataset, after, limit, after_filter=mine)
+    return page([dataset_object(d, _artifact(session, d)) for d in rows], more)
+
+
+@router.get("/{dataset_id}", summary="Get a data set")
+def get_dataset(dataset_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    ds = get_owned_dataset(session, who, dataset_id)
+    return dataset_object(ds, _artifact(session, ds))
+
+
+@router.delete("/{dataset_id}", summary="Delete a data set")
+def delete_dataset(dataset_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
+                   session: Session = Depends(db_session)) -> dict[str, Any]:
+    ds = get_owned_dataset(session, who, dataset_id)
+    busy = session.scalar(select(Job.id).where(Job.dataset == ds.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
+    if busy:
+        raise ApiError(409, "conflict", f"data set {ds.id} is used by job {busy}, which has not finished; "
+                                        "cancel it or wait for it to finish first.", job_id=busy)
+    art = _artifact(session, ds)
+    session.delete(ds)
+    session.flush()
+    if art is not None:
+        delete_artifact(session, svc.store, art)
+    session.commit()
+    return {"id": dataset_id, "object": "dataset", "deleted": True}

@@ -1,0 +1,329 @@
+"""/v1/jobs: submit, list, get, cancel; events (JSON or Server-Sent Events); checkpoints, report."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.deps import Caller, Services, caller, db_session, owned, services
+from api.errors import ApiError, not_found
+from api.routes.common import MAX_PAGE, artifact_download, paginate
+from api.routes.models import get_owned_model
+from api.schemas import (
+    BUILTIN_DATASETS, JobCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
+)
+from core.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
+from core.db import Artifact, Dataset, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
+from core.queue import enqueue_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+CONFIGS: dict[str, type[pydantic.BaseModel]] = {"finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+
+
+# ------------------------------------------------------------------------------- submit
+def _recipe_config(body: JobCreate) -> pydantic.BaseModel:
+    """The recipe config with the top-level threat_model and seed merged in (they win)."""
+    merged = dict(body.config)
+    if body.threat_model is not None:
+        merged["threat_model"] = body.threat_model.model_dump()
+    if body.seed is not None:
+        merged["seed"] = body.seed
+    try:
+        return CONFIGS[body.type].model_validate(merged)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", "config", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _resolve_model(session: Session, svc: Services, who: Caller, body: JobCreate) -> Model:
+    if body.model_id is not None:
+        m = get_owned_model(session, who, body.model_id)
+    else:
+        m = _robustbench_model(session, svc, who, body.model.robustbench)  # type: ignore[union-attr]
+    if m.status != "ready":
+        why = f" ({m.error.get('message')})" if m.status == "rejected" and m.error else ""
+        raise ApiError(409, "model_not_ready",
+                       f"model {m.id} is {m.status}{why}; a job needs a ready model"
+                       + (": retry once its validation has finished." if m.status == "validating" else "."),
+                       model_id=m.id, model_status=m.status)
+    return m
+
+
+def _robustbench_model(session: Session, svc: Services, who: Caller, ref: RobustBenchRef) -> Model:
+    """An inline RobustBench reference reuses this key's registration, or registers it now."""
+    m = session.scalar(select(Model).where(
+        owned(Model.owner_key_id, who), Model.deleted_at.is_(None),
+        Model.architecture == ROBUSTBENCH_PREFIX + ref.name, Model.dataset == ref.dataset,
+        Model.threat_model == ref.threat_model, Model.status != "rejected",
+    ).order_by(Model.created_at.desc()).limit(1))
+    if m is not None:
+        return m
+    from api.routes.models import _create_robustbench
+    from api.schemas import RobustBenchModelCreate
+
+    created = _create_robustbench(svc, session, who, RobustBenchModelCreate(source="robustbench", **ref.model_dump()))
+    return session.get(Model, created["id"])  # type: ignore[return-value]
+
+
+def _check_dataset(session: Session, who: Caller, dataset: str) -> None:
+    if dataset in BUILTIN_DATASETS:
+        return
+    if dataset.startswith("ds_"):
+        if session.scalar(select(Dataset.id).where(Dataset.id == dataset, owned(Dataset.owner_key_id, who))) is None:
+            raise not_found("dataset", dataset)
+        return
+    raise ApiError(422, "dataset_unavailable",
+                   f"unknown dataset {dataset!r}: use one of {', '.join(BUILTIN_DATASETS)} or the id of an "
+                   "uploaded data set (POST /v1/datasets).")
+
+
+def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, Any]) -> bool:
+    return (job.type == body.type and job.model_id == model_id and job.dataset == body.dataset
+            and job.config == config and (job.meta or None) == (body.metadata or None))
+
+
+@router.post("", status_code=202, summary="Submit a fine-tuning or evaluation job")
+def create_job(body: JobCreate, response: Response, svc: Services = Depends(services),
+               who: Caller = Depends(caller), session: Session = Depends(db_session),
+               idempotency_key: str | None = Header(default=None, max_length=255)) -> dict[str, Any]:
+    cfg = _recipe_config(body)
+    config = cfg.model_dump(mode="json")
+    if idempotency_key:
+        prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
+        if prior is not None:
+            return _replay(prior, body, config, response)
+    m = _resolve_model(session, svc, who, body)
+    _check_dataset(session, who, body.dataset)
+
+    job = Job(
+        id=new_id("job"), owner_key_id=who.key_id, type=body.type, status="queued", model_id=m.id,
+        dataset=body.dataset, threat_model=config["threat_model"], config=config, seed=config["seed"],
+        meta=body.metadata, idempotency_key=idempotency_key, attempt=0,
+        max_attempts=svc.settings.max_attempts, created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same Idempotency-Key won the race
+        session.rollback()
+        prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
+        if prior is None:
+            raise
+        return _replay(prior, body, config, response)
+
+    # Only after the row is committed: a worker that picks the message up must find it.
+    try:
+        enqueue_job(svc.celery, job.id)
+    except Exception as exc:
+        job.status, job.finished_at = "failed", utcnow()
+        job.error = {"code": "broker_unavailable",
+                     "message": f"the job could not be queued ({type(exc).__name__}: {exc}); "
+                                "check the broker (ROBUSTIFY_BROKER_URL) and submit again."}
+        session.add(JobEvent(job_id=job.id, type="status", level="error", message="job could not be queued",
+                             data={"status": "failed", "error": job.error}))
+        session.commit()
+        raise ApiError(503, "broker_unavailable", job.error["message"], job_id=job.id) from None
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_object(job)
+
+
+def _replay(prior: Job, body: JobCreate, config: dict[str, Any], response: Response) -> dict[str, Any]:
+    model_id = body.model_id or prior.model_id
+    if not _same_request(prior, body, model_id, config):
+        raise ApiError(409, "conflict", "this Idempotency-Key was already used for a different request; "
+                                        "use a new key for a new job.", job_id=prior.id)
+    response.headers["Location"] = f"/v1/jobs/{prior.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return job_object(prior)
+
+
+# ------------------------------------------------------------------------------- read
+def get_owned_job(session: Session, who: Caller, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, owned(Job.owner_key_id, who)))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(status: str | None = None, type: str | None = None, model_id: str | None = None,
+              limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
+              who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    mine = owned(Job.owner_key_id, who)
+    stmt = select(Job).where(mine)
+    if status:
+        stmt = stmt.where(Job.status.in_(status.split(",")))
+    if type:
+        stmt = stmt.where(Job.type == type)
+    if model_id:
+        stmt = stmt.where(Job.model_id == model_id)
+    rows, more = paginate(session, stmt, Job, after, limit, after_filter=mine)
+    return page([job_object(j) for j in rows], more)
+
+
+@router.get("/{job_id}", summary="Get a job")
+def get_job(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    return job_object(get_owned_job(session, who, job_id))
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a job (idempotent)")
+def cancel_job(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    get_owned_job(session, who, job_id)
+    # Lock the row: a worker claiming the job at the same moment must see one consistent state.
+    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    assert job is not None
+    now = utcnow()
+    if job.status == "queued":
+        job.status, job.cancel_requested_at, job.finished_at = "cancelled", now, now
+        session.add(JobEvent(job_id=job.id, type="status", message="job cancelled before it started",
+                             data={"status": "cancelled"}))
+    elif job.status == "running":
+        job.status, job.cancel_requested_at = "cancelling", now
+        session.add(JobEvent(job_id=job.id, type="status", message="cancellation requested; the worker stops at its next check",
+                             data={"status": "cancelling"}))
+    session.commit()
+    return job_object(job)
+
+
+# ------------------------------------------------------------------------------- events
+def _events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                                .order_by(JobEvent.id).limit(limit)))
+
+
+@router.get("/{job_id}/events", summary="Job events (JSON, or a Server-Sent Events stream)",
+            responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+def job_events(job_id: str, request: Request, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+               last_event_id: str | None = Header(default=None), svc: Services = Depends(services),
+               who: Caller = Depends(caller), session: Session = Depends(db_session)) -> Any:
+    job = get_owned_job(session, who, job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = after
+        if last_event_id and last_event_id.strip().isdigit():
+            start = max(start, int(last_event_id.strip()))
+        session.close()  # the stream polls with short sessions of its own; hold no connection
+        return StreamingResponse(
+            _sse(request, svc, job.id, start), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    rows = _events_after(session, job.id, after, limit + 1)
+    return page([event_object(e) for e in rows[:limit]], len(rows) > limit)
+
+
+def _poll(svc: Services, job_id: str, after: int) -> tuple[str | None, list[dict[str, Any]]]:
+    with svc.sessionmaker() as session:
+        # Status first, then events: an event written before the job turned terminal is seen.
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        return status, [event_object(e) for e in _events_after(session, job_id, after, 500)]
+
+
+async def _sse(request: Request, svc: Services, job_id: str, after: int) -> AsyncIterator[str]:
+    poll = svc.settings.sse_poll_seconds
+    keepalive = svc.settings.sse_keepalive_seconds
+    last_sent = time.monotonic()
+    yield f"retry: {int(max(poll, 1.0) * 1000)}\n\n"
+    while True:
+        status, events = await run_in_threadpool(_poll, svc, job_id, after)
+        for ev in events:
+            after = ev["id"]
+            yield f"id: {ev['id']}\nevent: {ev['type']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
+            last_sent = time.monotonic()
+        if len(events) == 500:
+            continue  # more are waiting
+        if status is None or status in TERMINAL_STATES:
+            return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_sent >= keepalive:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(poll)
+
+
+# ------------------------------------------------------------------------------- artifacts
+def _checkpoints(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
+                                .order_by(Artifact.created_at, Artifact.id)))
+
+
+@router.get("/{job_id}/checkpoints", summary="The job's checkpoints")
+def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    job = get_owned_job(session, who, job_id)
+    items = [checkpoint_object(a) for a in _checkpoints(session, job.id)]
+    return {"object": "list", "data": items, "has_more": False, "last_id": items[-1]["id"] if items else None}
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/content", summary="Download a checkpoint (safetensors)",
+            responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified"}})
+def checkpoint_content(job_id: str, checkpoint_id: str, request: Request, svc: Services = Depends(services),
+                       who: Caller = Depends(caller), session: Session = Depends(db_session)) -> Response:
+    job = get_owned_job(session, who, job_id)
+    art = session.scalar(select(Artifact).where(Artifact.id == checkpoint_id, Artifact.job_id == job.id,
+                                                Artifact.kind == "checkpoint"))
+    if art is None:
+        raise not_found("checkpoint", checkpoint_id)
+    return artifact_download(request, svc.store, art)
+
+
+def best_checkpoint(session: Session, job: Job) -> Artifact | None:
+    best_id = (job.result or {}).get("best_checkpoint_id")
+    if best_id:
+        art = session.get(Artifact, best_id)
+        if art is not None and art.job_id == job.id:
+            return art
+    return session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == "checkpoint",
+                                                 Artifact.is_best.is_(True))
+                          .order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1))
+
+
+@router.get("/{job_id}/checkpoint", summary="Download the job's best checkpoint (safetensors)",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def job_checkpoint(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
+                   session: Session = Depends(db_session)) -> Response:
+    job = get_owned_job(session, who, job_id)
+    art = best_checkpoint(session, job)
+    if art is None:
+        raise ApiError(404, "not_found", f"job {job.id} has no checkpoint yet (status {job.status}); "
+                                         "one is stored after each epoch of a fine-tune.", job_status=job.status)
+    return artifact_download(request, svc.store, art)
+
+
+def _single(session: Session, job: Job, kind: str) -> Artifact | None:
+    return session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == kind)
+                          .order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1))
+
+
+@router.get("/{job_id}/report", summary="The evaluation report (JSON)")
+def job_report(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
+               session: Session = Depends(db_session)) -> Response:
+    job = get_owned_job(session, who, job_id)
+    art = _single(session, job, "report")
+    if art is None:
+        raise ApiError(404, "not_found", f"job {job.id} has no report yet (status {job.status}); "
+                                         "it is written when the job succeeds.", job_status=job.status)
+    return artifact_download(request, svc.store, art)
+
+
+@router.get("/{job_id}/report.png", summary="Robust accuracy plot (PNG)",
+            responses={200: {"content": {"image/png": {}}}})
+def job_plot(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
+             session: Session = Depends(db_session)) -> Response:
+    job = get_owned_job(session, who, job_id)
+    art = _single(session, job, "plot")
+    if art is None:
+        raise ApiError(404, "not_found", f"job {job.id} has no plot yet (status {job.status}).", job_status=job.status)
+    return artifact_download(request, svc.store, art)
+

@@ -1,0 +1,201 @@
+"""/v1/models: register uploaded safetensors weights or a RobustBench model; list, get, delete."""
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.bodies import read_json, read_multipart, media_type
+from api.deps import Caller, Services, caller, db_session, owned, services
+from api.errors import ApiError, not_found
+from api.routes.common import MAX_PAGE, artifact_download, paginate
+from api.schemas import BUILTIN_DATASETS, ModelUploadForm, RobustBenchModelCreate, model_object, page
+from core.artifacts import delete_artifact, record_artifact
+from core.config import BUILTIN_ARCHITECTURES, ROBUSTBENCH_PREFIX, is_known_architecture_name
+from core.db import Artifact, Dataset, Job, Model, TERMINAL_STATES, new_id, utcnow
+from core.queue import enqueue_model_validation
+from core.uploads import inspect_safetensors
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_UPLOAD_SCHEMA = {
+    "type": "object", "required": ["file", "architecture", "num_classes", "dataset"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "safetensors state dict"},
+        "architecture": {"type": "string", "description": f"one of {', '.join(BUILTIN_ARCHITECTURES)} or robustbench:<name>"},
+        "num_classes": {"type": "integer"}, "dataset": {"type": "string"},
+        "name": {"type": "string"}, "metadata": {"type": "string", "description": "a JSON object"},
+        "input_shape": {"type": "string", "description": "C,H,W; default from the dataset"},
+    },
+}
+_CREATE_OPENAPI = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
+    "application/json": {"schema": RobustBenchModelCreate.model_json_schema()},
+}}}
+
+
+def _validation_error(exc: pydantic.ValidationError) -> RequestValidationError:
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+
+
+def _weights(session: Session, m: Model) -> Artifact | None:
+    return session.get(Artifact, m.weights_artifact_id) if m.weights_artifact_id else None
+
+
+def _enqueue_validation(svc: Services, session: Session, m: Model) -> None:
+    try:
+        enqueue_model_validation(svc.celery, m.id)
+    except Exception as exc:  # the broker is down: say so instead of leaving it validating forever
+        m.status = "rejected"
+        m.error = {"code": "broker_unavailable",
+                   "message": f"could not queue the validation of this model ({exc}); register it again when the broker is back."}
+        session.commit()
+
+
+@router.post("", status_code=201, openapi_extra=_CREATE_OPENAPI, summary="Register a model")
+async def create_model(request: Request, svc: Services = Depends(services),
+                       who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    kind = media_type(request)
+    limit = svc.settings.max_upload_bytes
+    if kind == "application/json":
+        body = await read_json(request, limit)
+        try:
+            spec = RobustBenchModelCreate.model_validate(body)
+        except pydantic.ValidationError as exc:
+            raise _validation_error(exc) from None
+        return await run_in_threadpool(_create_robustbench, svc, session, who, spec)
+    if kind == "multipart/form-data":
+        upload = await read_multipart(request, svc.store, limit)
+        try:
+            return await run_in_threadpool(_create_upload, svc, session, who, upload.fields,
+                                           upload.file_path, upload.filename)
+        finally:
+            upload.discard()  # no-op once the file was moved into the store
+    raise ApiError(415, "unsupported_media_type",
+                   "send multipart/form-data (a safetensors upload) or application/json "
+                   '({"source": "robustbench", ...}).')
+
+
+def _create_robustbench(svc: Services, session: Session, who: Caller, spec: RobustBenchModelCreate) -> dict[str, Any]:
+    m = Model(
+        id=new_id("mdl"), owner_key_id=who.key_id, name=spec.name, source="robustbench",
+        architecture=ROBUSTBENCH_PREFIX + spec.name, num_classes=100 if spec.dataset == "cifar100" else (1000 if spec.dataset == "imagenet" else 10),
+        dataset=spec.dataset, input_shape=[3, 224, 224] if spec.dataset == "imagenet" else [3, 32, 32],
+        threat_model=spec.threat_model, status="validating", meta=spec.metadata,
+    )
+    session.add(m)
+    session.commit()
+    _enqueue_validation(svc, session, m)
+    return model_object(m, None)
+
+
+def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],
+                   file_path: Any, filename: str | None) -> dict[str, Any]:
+    try:
+        form = ModelUploadForm.model_validate(fields)
+    except pydantic.ValidationError as exc:
+        raise _validation_error(exc) from None
+    if file_path is None:
+        raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required: the safetensors file part",
+                                       "type": "missing"}])
+    if not is_known_architecture_name(form.architecture):
+        raise ApiError(422, "unsupported_architecture",
+                       f"unknown architecture {form.architecture!r}: use one of {', '.join(BUILTIN_ARCHITECTURES)} "
+                       f"or {ROBUSTBENCH_PREFIX}<RobustBench model name>.")
+    input_shape = form.input_shape or _default_shape(session, who, form.dataset)
+    inspect_safetensors(file_path)  # InvalidModelFile -> 422, and the temp file is discarded
+    weights = record_artifact(
+        session, svc.store, kind="model_weights", src_path=file_path, move=True,
+        filename=_safe_name(filename) or "model.safetensors", content_type="application/octet-stream",
+        owner_key_id=who.key_id,
+    )
+    m = Model(
+        id=new_id("mdl"), owner_key_id=who.key_id, name=form.name or _safe_name(filename) or form.architecture,
+        source="upload", architecture=form.architecture, num_classes=form.num_classes, dataset=form.dataset,
+        input_shape=input_shape, status="validating", weights_artifact_id=weights.id, meta=form.metadata,
+    )
+    session.add(m)
+    session.commit()
+    _enqueue_validation(svc, session, m)
+    return model_object(m, weights)
+
+
+def _default_shape(session: Session, who: Caller, dataset: str) -> list[int]:
+    if dataset in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[dataset]
+    ds = session.scalar(select(Dataset).where(Dataset.id == dataset, owned(Dataset.owner_key_id, who)))
+    if ds is not None:
+        return list(ds.image_shape)
+    raise RequestValidationError([{
+        "loc": ("body", "input_shape"), "type": "missing",
+        "msg": f"input_shape is required for dataset {dataset!r} (no default shape is known for it), e.g. \"3,32,32\"",
+    }])
+
+
+def _safe_name(filename: str | None) -> str | None:
+    if not filename:
+        return None
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return name[:200] or None
+
+
+@router.get("", summary="List models")
+def list_models(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
+                status: str | None = None, who: Caller = Depends(caller),
+                session: Session = Depends(db_session)) -> dict[str, Any]:
+    visible = [owned(Model.owner_key_id, who), Model.deleted_at.is_(None)]
+    stmt = select(Model).where(*visible)
+    if status:
+        stmt = stmt.where(Model.status == status)
+    rows, more = paginate(session, stmt, Model, after, limit, after_filter=visible[0])
+    return page([model_object(m, _weights(session, m)) for m in rows], more)
+
+
+def get_owned_model(session: Session, who: Caller, model_id: str) -> Model:
+    m = session.scalar(select(Model).where(Model.id == model_id, owned(Model.owner_key_id, who),
+                                           Model.deleted_at.is_(None)))
+    if m is None:
+        raise not_found("model", model_id)
+    return m
+
+
+@router.get("/{model_id}", summary="Get a model")
+def get_model(model_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+    m = get_owned_model(session, who, model_id)
+    return model_object(m, _weights(session, m))
+
+
+@router.delete("/{model_id}", summary="Delete a model")
+def delete_model(model_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
+                 session: Session = Depends(db_session)) -> dict[str, Any]:
+    m = get_owned_model(session, who, model_id)
+    busy = session.scalar(select(Job.id).where(Job.model_id == m.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
+    if busy:
+        raise ApiError(409, "conflict", f"model {m.id} is used by job {busy}, which has not finished; "
+                                        "cancel it or wait for it to finish first.", job_id=busy)
+    weights = _weights(session, m)
+    # The row stays (finished jobs refer to it) but disappears from the API.
+    m.deleted_at = utcnow()
+    m.weights_artifact_id = None
+    session.flush()
+    if weights is not None:
+        delete_artifact(session, svc.store, weights)
+    session.commit()
+    return {"id": m.id, "object": "model", "deleted": True}
+
+
+@router.get("/{model_id}/content", summary="Download the weights (safetensors)",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def model_content(model_id: str, request: Request, svc: Services = Depends(services),
+                  who: Caller = Depends(caller), session: Session = Depends(db_session)) -> Any:
+    m = get_owned_model(session, who, model_id)
+    weights = _weights(session, m)
+    if weights is None:
+        raise ApiError(404, "not_found", f"model {m.id} has no stored weights "
+                                         "(RobustBench models are loaded from the RobustBench zoo by the worker).")
+    return artifact_download(request, svc.store, weights)

@@ -1,0 +1,77 @@
+"""Operations: /healthz (process alive), /readyz (database, broker, workers), /metrics."""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, or_, select, text
+
+from api.deps import Services, services
+from api.errors import problem_response
+from core.db import Job, WorkerHeartbeat, utcnow
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The process is alive")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _check_database(svc: Services) -> dict[str, Any]:
+    try:
+        with svc.sessionmaker() as session:
+            session.execute(text("SELECT 1"))
+        return {"ok": True}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def _check_broker(svc: Services) -> dict[str, Any]:
+    try:
+        with svc.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+        return {"ok": True}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def _check_workers(svc: Services) -> dict[str, Any]:
+    since = utcnow() - timedelta(seconds=svc.settings.stale_heartbeat_seconds)
+    try:
+        with svc.sessionmaker() as session:
+            workers = session.scalar(select(func.count()).select_from(WorkerHeartbeat)
+                                     .where(WorkerHeartbeat.heartbeat_at >= since)) or 0
+            # A worker busy on a job also beats on the job row.
+            busy = session.scalar(select(func.count()).select_from(Job).where(
+                Job.heartbeat_at >= since, or_(Job.status == "running", Job.status == "cancelling"))) or 0
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    if workers or busy:
+        return {"ok": True, "workers": int(workers)}
+    return {"ok": False, "workers": 0,
+            "error": f"no worker heartbeat in the last {svc.settings.stale_heartbeat_seconds:g} s; "
+                     "start one with `robustify worker`."}
+
+
+@router.get("/readyz", summary="Database and broker reachable, workers seen",
+            responses={503: {"description": "Not ready: `checks` says which part failed"}})
+async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
+    checks = {
+        "database": await run_in_threadpool(_check_database, svc),
+        "broker": await run_in_threadpool(_check_broker, svc),
+    }
+    checks["workers"] = (await run_in_threadpool(_check_workers, svc)) if checks["database"]["ok"] else {
+        "ok": False, "error": "unknown: the database is unreachable"}
+    failed = [name for name, c in checks.items() if not c["ok"]]
+    if failed:
+        return problem_response(request, 503, "not_ready", f"not ready: {', '.join(failed)} failed.", checks=checks)
+    return {"status": "ready", "checks": checks}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

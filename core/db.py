@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -179,6 +180,9 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas each backend needs (SQLite: WAL, foreign keys, busy timeout)."""
     if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # first start of the embedded default
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

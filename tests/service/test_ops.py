@@ -1,0 +1,55 @@
+"""/healthz, /readyz, /metrics, problem responses for unknown routes and methods, OpenAPI."""
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from core.db import WorkerHeartbeat, record_worker_heartbeat
+from tests.service.conftest import free_port, make_settings
+from tests.service.test_models_api import assert_problem
+
+
+def test_healthz_and_unknown_routes(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert_problem(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_problem(client.put("/healthz"), 405, "method_not_allowed")
+    spec = client.get("/openapi.json").json()
+    assert "/v1/jobs/{job_id}/events" in spec["paths"]
+    assert "multipart/form-data" in spec["paths"]["/v1/models"]["post"]["requestBody"]["content"]
+
+
+def test_readyz_needs_a_worker_heartbeat(client, db):
+    body = assert_problem(client.get("/readyz"), 503, "not_ready")
+    assert body["checks"]["database"]["ok"] and body["checks"]["broker"]["ok"]
+    assert not body["checks"]["workers"]["ok"] and "robustify worker" in body["checks"]["workers"]["error"]
+    with db.Session() as s:
+        record_worker_heartbeat(s, "gpu0@test", ["gpu"])
+        s.commit()
+    try:
+        ok = client.get("/readyz")
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["checks"]["workers"]["workers"] == 1
+    finally:
+        with db.Session() as s:
+            s.delete(s.get(WorkerHeartbeat, "gpu0@test"))
+            s.commit()
+
+
+def test_readyz_names_a_broken_broker(pg_url, queues, tmp_path):
+    settings = make_settings(tmp_path, pg_url, queues, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(create_app(settings)) as c:
+        body = assert_problem(c.get("/readyz"), 503, "not_ready")
+    assert body["checks"]["database"]["ok"] and not body["checks"]["broker"]["ok"]
+    assert "broker" in body["detail"]
+
+
+def test_metrics_count_requests_by_route_and_jobs_by_status(client, keys, db):
+    model = db.add_model(keys["a"]["id"])
+    db.add_job(keys["a"]["id"], model, status="running")
+    client.get("/v1/jobs/job_x1", headers=keys["a"]["headers"])
+    client.get("/v1/jobs/job_x2", headers=keys["a"]["headers"])
+    text = client.get("/metrics").text
+    assert 'robustify_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 2.0' in text
+    assert "robustify_http_request_duration_seconds_bucket" in text
+    assert 'robustify_jobs{status="running"} 1.0' in text
+    assert 'robustify_jobs{status="queued"} 0.0' in text

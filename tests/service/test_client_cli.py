@@ -1,0 +1,114 @@
+"""`robustify models|datasets|jobs …` against a live uvicorn server on PostgreSQL and Redis."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import pytest
+
+from cli.client import main
+from core.artifacts import ArtifactStore, record_artifact
+from core.db import Job, Model, utcnow
+from tests.service.conftest import LiveServer
+from tests.service.payloads import npz_bytes, pickle_bytes, safetensors_bytes
+
+
+@pytest.fixture(scope="module")
+def live(app):
+    with LiveServer(app) as server:
+        yield server
+
+
+def run(capsys, live, keys, *argv: str, key: str = "a") -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([*argv, "--url", live.url, "--key", keys[key]["key"]])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_models_and_datasets(capsys, live, keys, tmp_path, db):
+    weights = tmp_path / "cnn.safetensors"
+    weights.write_bytes(safetensors_bytes(seed=3))
+    rc, out, _ = run(capsys, live, keys, "models", "upload", str(weights), "--architecture", "small-cnn",
+                     "--num-classes", "10", "--dataset", "digits", "--json")
+    assert rc == 0
+    model = json.loads(out)
+    assert model["status"] == "validating" and model["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    rc, out, _ = run(capsys, live, keys, "models", "list")
+    assert rc == 0 and model["id"] in out
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(pickle_bytes())
+    rc, _, err = run(capsys, live, keys, "models", "upload", str(bad), "--architecture", "small-cnn",
+                     "--num-classes", "10", "--dataset", "digits")
+    assert rc == 1 and "arbitrary code" in err and "invalid_model_file" in err
+
+    data = tmp_path / "tiny.npz"
+    data.write_bytes(npz_bytes(n=12))
+    rc, out, _ = run(capsys, live, keys, "datasets", "upload", str(data))
+    assert rc == 0 and "12 images" in out
+    rc, out, _ = run(capsys, live, keys, "datasets", "list")
+    assert "tiny.npz" in out and "built-in" in out
+
+    capsys.readouterr()
+    assert main(["models", "list", "--url", live.url, "--key", "rk_wrong"]) == 1
+    assert "unauthorized" in capsys.readouterr().err
+
+
+def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp_path):
+    model = db.add_model(keys["a"]["id"], status="ready")
+    rc, out, err = run(capsys, live, keys, "jobs", "submit", "--model", model, "--dataset", "digits",
+                       "--delta", "0.05", "--set", "epochs=2", "--set", "lr=0.02", "--json")
+    assert rc == 0, err
+    job = json.loads(out)
+    assert job["config"]["epochs"] == 2 and job["config"]["lr"] == 0.02 and job["threat_model"]["delta"] == 0.05
+
+    rc, _, err = run(capsys, live, keys, "jobs", "submit", "--model", model, "--dataset", "digits",
+                     "--set", "epochs=0")
+    assert rc == 1 and "config.epochs" in err
+
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    weights = safetensors_bytes(seed=9)
+
+    def fake_worker() -> None:  # what the worker does, written straight into the database
+        db.update(Job, job["id"], status="running", started_at=utcnow())
+        db.add_event(job["id"], "status", {"status": "running"})
+        for frac in (0.25, 0.5, 1.0):
+            time.sleep(0.1)
+            db.update(Job, job["id"], progress={"fraction": frac, "phase": "train"})
+            db.add_event(job["id"], "progress", {"fraction": frac})
+        with db.Session() as s:
+            ck = record_artifact(s, store, kind="checkpoint", content=weights, filename="best.safetensors",
+                                 content_type="application/octet-stream", job_id=job["id"], epoch=2, is_best=True)
+            record_artifact(s, store, kind="report", content=b'{"w2_robust_accuracy": 0.5}',
+                            filename="report.json", content_type="application/json", job_id=job["id"])
+            s.commit()
+            ck_id = ck.id
+        db.update(Job, job["id"], status="succeeded", finished_at=utcnow(),
+                  result={"best_checkpoint_id": ck_id, "after": {"w2_robust_accuracy": 0.5}})
+        db.add_event(job["id"], "status", {"status": "succeeded"})
+
+    t = threading.Thread(target=fake_worker)
+    t.start()
+    rc, out, err = run(capsys, live, keys, "jobs", "watch", job["id"])
+    t.join()
+    assert rc == 0, err
+    assert "succeeded" in out and "100%" in err  # tqdm draws on stderr
+
+    rc, out, _ = run(capsys, live, keys, "jobs", "download", job["id"], "--out", str(tmp_path / "dl"))
+    assert rc == 0
+    assert (tmp_path / "dl" / "best.safetensors").read_bytes() == weights
+    assert json.loads((tmp_path / "dl" / "report.json").read_text()) == {"w2_robust_accuracy": 0.5}
+    assert "(none yet)" in out  # no plot
+
+    rc, out, _ = run(capsys, live, keys, "jobs", "status", job["id"])
+    assert rc == 0 and "succeeded" in out and "best_checkpoint_id" in out
+
+    rc, out, _ = run(capsys, live, keys, "jobs", "submit", "--model", model, "--dataset", "digits", "--json")
+    queued = json.loads(out)["id"]
+    rc, out, _ = run(capsys, live, keys, "jobs", "cancel", queued)
+    assert rc == 0 and "cancelled" in out
+    rc, _, err = run(capsys, live, keys, "jobs", "status", queued, key="b")
+    assert rc == 1 and "not_found" in err

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import RobustifyError
@@ -91,6 +92,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}."
         return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        text = str(getattr(exc, "orig", exc))
+        if "no such table" in text or ("relation" in text and "does not exist" in text):
+            return problem_response(request, 503, "database_not_migrated",
+                                    "the database schema is missing or old: run `robustify migrate` "
+                                    "(alembic upgrade head) against ROBUSTIFY_DATABASE_URL, then retry.")
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            return problem_response(request, 503, "database_unavailable",
+                                    "the database is unreachable right now; retry shortly (see /readyz).")
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -139,7 +139,12 @@ def record_artifact(
     is_best: bool | None = None,
     data: dict | None = None,
 ) -> Artifact:
-    """Store a file (src_path) or bytes (content) and add its Artifact row (the caller commits)."""
+    """Store a file (src_path) or bytes (content) and add its Artifact row (the caller commits).
+
+    `data` is the row's JSON (a checkpoint's metrics); bytes passed as `data` are taken as content.
+    """
+    if isinstance(data, (bytes, bytearray)) and content is None and src_path is None:
+        content, data = bytes(data), None
     if (src_path is None) == (content is None):
         raise ValueError("give exactly one of src_path or content")
     if src_path is not None:
@@ -157,10 +162,12 @@ def record_artifact(
 
 
 def delete_artifact(session: Session, store: ArtifactStore, artifact: Artifact) -> None:
-    """Delete a row, and its file when no other row holds the same bytes (the caller commits)."""
+    """Delete a row and COMMIT (with the caller's pending changes); then remove the file when
+    no other row holds the same bytes. Committing first means a failed commit loses no file."""
     sha = artifact.sha256
     session.delete(artifact)
     session.flush()
     others = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha))
+    session.commit()
     if not others:
         store.delete(ArtifactStore.relpath_for(sha))

@@ -53,3 +53,10 @@ def test_metrics_count_requests_by_route_and_jobs_by_status(client, keys, db):
     assert "robustify_http_request_duration_seconds_bucket" in text
     assert 'robustify_jobs{status="running"} 1.0' in text
     assert 'robustify_jobs{status="queued"} 0.0' in text
+
+
+def test_unmigrated_database_is_a_clear_503(tmp_path, queues):
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}", queues, auth="off")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        body = assert_problem(c.get("/v1/jobs"), 503, "database_not_migrated")
+    assert "robustify migrate" in body["detail"]

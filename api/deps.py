@@ -7,7 +7,8 @@ from typing import Any
 
 from celery import Celery
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import orm
+from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from core.apikeys import authenticate
@@ -20,7 +21,7 @@ class Services:
     """What create_app builds once and every request shares (kept on app.state.services)."""
 
     settings: Settings
-    sessionmaker: sessionmaker
+    sessionmaker: orm.sessionmaker
     store: ArtifactStore
     celery: Celery
 

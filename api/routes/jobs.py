@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 from api.deps import Caller, Services, caller, db_session, owned, services
 from api.errors import ApiError, not_found
 from api.routes.common import MAX_PAGE, artifact_download, paginate
-from api.routes.models import get_owned_model
+from api.routes.models import get_owned_model, register_robustbench_model
 from api.schemas import (
-    BUILTIN_DATASETS, JobCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
+    BUILTIN_DATASETS, JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
 )
 from core.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
 from core.db import Artifact, Dataset, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
@@ -69,11 +69,8 @@ def _robustbench_model(session: Session, svc: Services, who: Caller, ref: Robust
     ).order_by(Model.created_at.desc()).limit(1))
     if m is not None:
         return m
-    from api.routes.models import _create_robustbench
-    from api.schemas import RobustBenchModelCreate
-
-    created = _create_robustbench(svc, session, who, RobustBenchModelCreate(source="robustbench", **ref.model_dump()))
-    return session.get(Model, created["id"])  # type: ignore[return-value]
+    return register_robustbench_model(svc, session, who,
+                                      RobustBenchModelCreate(source="robustbench", **ref.model_dump()))
 
 
 def _check_dataset(session: Session, who: Caller, dataset: str) -> None:

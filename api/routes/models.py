@@ -81,17 +81,29 @@ async def create_model(request: Request, svc: Services = Depends(services),
                    '({"source": "robustbench", ...}).')
 
 
-def _create_robustbench(svc: Services, session: Session, who: Caller, spec: RobustBenchModelCreate) -> dict[str, Any]:
+# What a RobustBench data set implies about a model's head and input.
+_ROBUSTBENCH_SHAPES: dict[str, tuple[int, list[int]]] = {
+    "cifar10": (10, [3, 32, 32]), "cifar100": (100, [3, 32, 32]), "imagenet": (1000, [3, 224, 224]),
+}
+
+
+def register_robustbench_model(svc: Services, session: Session, who: Caller,
+                               spec: RobustBenchModelCreate) -> Model:
+    """A `validating` row for a RobustBench model; the worker fetches and checks the weights."""
+    num_classes, input_shape = _ROBUSTBENCH_SHAPES[spec.dataset]
     m = Model(
         id=new_id("mdl"), owner_key_id=who.key_id, name=spec.name, source="robustbench",
-        architecture=ROBUSTBENCH_PREFIX + spec.name, num_classes=100 if spec.dataset == "cifar100" else (1000 if spec.dataset == "imagenet" else 10),
-        dataset=spec.dataset, input_shape=[3, 224, 224] if spec.dataset == "imagenet" else [3, 32, 32],
-        threat_model=spec.threat_model, status="validating", meta=spec.metadata,
+        architecture=ROBUSTBENCH_PREFIX + spec.name, num_classes=num_classes, dataset=spec.dataset,
+        input_shape=input_shape, threat_model=spec.threat_model, status="validating", meta=spec.metadata,
     )
     session.add(m)
     session.commit()
     _enqueue_validation(svc, session, m)
-    return model_object(m, None)
+    return m
+
+
+def _create_robustbench(svc: Services, session: Session, who: Caller, spec: RobustBenchModelCreate) -> dict[str, Any]:
+    return model_object(register_robustbench_model(svc, session, who, spec), None)
 
 
 def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],

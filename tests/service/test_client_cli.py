@@ -10,7 +10,7 @@ import pytest
 
 from cli.client import main
 from core.artifacts import ArtifactStore, record_artifact
-from core.db import Job, Model, utcnow
+from core.db import Job, utcnow
 from tests.service.conftest import LiveServer
 from tests.service.payloads import npz_bytes, pickle_bytes, safetensors_bytes
 

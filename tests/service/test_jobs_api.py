@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from core.artifacts import ArtifactStore, record_artifact
-from core.db import Artifact, Job, JobEvent, utcnow
+from core.db import Job, JobEvent, utcnow
 from tests.service.conftest import LiveServer
 from tests.service.test_models_api import assert_problem
 

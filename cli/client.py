@@ -251,48 +251,69 @@ def _sse_events(api: Api, job_id: str, last_id: int) -> Iterator[dict[str, Any]]
 
 
 def watch(api: Api, job_id: str, *, quiet: bool = False) -> int:
-    """Live progress bar fed by the event stream (polling if streaming fails); 0 if succeeded."""
+    """Live progress bar; 0 if the job succeeded.
+
+    A background thread follows the event stream (resuming with Last-Event-ID when it breaks)
+    and the bar re-reads the job at most once a second: events mark phases and epochs, the job
+    row carries the fine-grained fraction and ETA.
+    """
+    import queue
+    import threading
+
     from tqdm import tqdm
 
     job = api.json("GET", f"/v1/jobs/{job_id}")
     bar = tqdm(total=100, desc=job["status"], unit="%", disable=quiet,
-               bar_format="{desc:<12} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
-    last_id, failures = 0, 0
+               bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    stop = threading.Event()
 
-    def refresh(j: dict[str, Any]) -> None:
-        frac = (j.get("progress") or {}).get("fraction") or 0.0
-        bar.n = min(100.0, round(100 * float(frac), 1))
-        phase = (j.get("progress") or {}).get("phase")
-        bar.set_description_str(f"{j['status']}" + (f" {phase}" if phase and j["status"] == "running" else ""))
-        metrics = {k: f"{v:.3f}" for k, v in (j.get("latest_metrics") or {}).items() if isinstance(v, float)}
-        bar.set_postfix(metrics, refresh=False)
-        bar.refresh()
-
-    refresh(job)
-    try:
-        while job["status"] not in TERMINAL:
+    def follow() -> None:
+        last_id, failures = 0, 0
+        while not stop.is_set():
             try:
                 for ev in _sse_events(api, job_id, last_id):
                     last_id = ev["id"]
-                    # Progress events may carry the fraction themselves; otherwise re-read the job.
-                    payload = ev["data"].get("data") or {}
-                    if "fraction" in payload:
-                        job.setdefault("progress", {})["fraction"] = payload["fraction"]
-                        refresh(job)
-                    else:
-                        job = api.json("GET", f"/v1/jobs/{job_id}")
-                        refresh(job)
-                failures = 0
-            except (httpx.TransportError, ClientError):
+                    events.put(ev)
+                    if stop.is_set():
+                        return
+                events.put(None)  # the server ends the stream once the job is terminal
+                return
+            except (httpx.HTTPError, ClientError):
                 failures += 1
-                if failures > 20:
-                    raise
-                time.sleep(min(2.0 * failures, 10.0))  # stream broken: poll until it comes back
-            job = api.json("GET", f"/v1/jobs/{job_id}")
-            refresh(job)
-            if job["status"] not in TERMINAL:
-                time.sleep(1.0)
+                if failures > 30:
+                    return  # keep polling in the main loop
+                stop.wait(min(1.0 * failures, 10.0))
+
+    def refresh(j: dict[str, Any]) -> None:
+        progress = j.get("progress") or {}
+        bar.n = min(100.0, round(100 * float(progress.get("fraction") or 0.0), 1))
+        phase = progress.get("phase")
+        bar.set_description_str(j["status"] + (f" {phase}" if phase and j["status"] == "running" else ""))
+        metrics = {k: f"{v:.3f}" for k, v in (j.get("latest_metrics") or {}).items() if isinstance(v, float)}
+        if progress.get("epoch") is not None:
+            metrics = {"epoch": f"{progress['epoch']}/{progress.get('total_epochs')}", **metrics}
+        bar.set_postfix(metrics, refresh=False)
+        bar.refresh()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    refresh(job)
+    last_read = time.monotonic()
+    try:
+        while job["status"] not in TERMINAL:
+            try:
+                ev = events.get(timeout=0.5)
+            except queue.Empty:
+                ev = None
+            if ev is not None and ev["event"] == "warning" and not quiet:
+                bar.write(f"warning: {ev['data'].get('message')}")
+            if ev is not None or time.monotonic() - last_read >= 1.0:
+                job = api.json("GET", f"/v1/jobs/{job_id}")
+                last_read = time.monotonic()
+                refresh(job)
     finally:
+        stop.set()
         bar.close()
     if not quiet:
         print(_summary(job))

@@ -28,7 +28,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options=_transport_options(settings),
         task_routes={
             TASK_RUN_JOB: {"queue": settings.gpu_queue},
             TASK_VALIDATE_MODEL: {"queue": settings.cpu_queue},
@@ -36,6 +36,16 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_queue=settings.cpu_queue,
     )
     return app
+
+
+def _transport_options(settings: Settings) -> dict:
+    """Broker-specific options. kombu's SQLAlchemy transport hands its options to create_engine,
+    so it must not get `visibility_timeout` (Redis/SQS only); on SQLite it gets a busy timeout,
+    since the API and the worker write the broker file at the same time."""
+    url = settings.resolved_broker_url
+    if url.startswith("sqla+"):
+        return {"connect_args": {"timeout": 30}} if url.startswith("sqla+sqlite") else {}
+    return {"visibility_timeout": settings.visibility_timeout_seconds}
 
 
 def enqueue_job(app: Celery, job_id: str) -> None:

@@ -1,0 +1,237 @@
+"""`robustify serve | worker | migrate | keys`: run and administer the service.
+
+serve    migrations, then the API (uvicorn, factory api.app:create_app) and one worker process
+         consuming both queues; Ctrl-C or SIGTERM stops both.
+worker   a Celery worker against ROBUSTIFY_DATABASE_URL / ROBUSTIFY_BROKER_URL (one per GPU).
+migrate  alembic upgrade head on ROBUSTIFY_DATABASE_URL (or the embedded SQLite file).
+keys     create NAME (prints the key once) | list | revoke ID_OR_PREFIX
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings, get_settings
+
+
+def _settings(data_dir: Path | None = None) -> Settings:
+    if data_dir is not None:
+        os.environ["ROBUSTIFY_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+    return get_settings()
+
+
+def migrate(settings: Settings) -> None:
+    import migrations
+
+    if settings.is_embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(settings.resolved_database_url)
+
+
+# ------------------------------------------------------------------------------ worker
+def worker_argv(queues: str, concurrency: int, pool: str, name: str | None, loglevel: str) -> list[str]:
+    argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
+            "--prefetch-multiplier", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if name:
+        argv += ["--hostname", name]
+    return argv
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    if args.migrate:
+        migrate(settings)
+    queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue}"
+    from worker.celery_app import app
+
+    app.worker_main(worker_argv(queues, args.concurrency, args.pool, args.name, args.loglevel))
+    return 0
+
+
+def start_worker_process(queues: str, *, env: dict[str, str] | None = None, loglevel: str = "INFO",
+                         name: str | None = None) -> subprocess.Popen:
+    """A `robustify worker` subprocess in its own process group (so it can be stopped as a whole)."""
+    cmd = [sys.executable, "-m", "cli", "worker", "--queues", queues, "--loglevel", loglevel]
+    if name:
+        cmd += ["--name", name]
+    return subprocess.Popen(cmd, env=env or dict(os.environ), start_new_session=True)
+
+
+def stop_process_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
+    """Stop a worker: cold shutdown (SIGQUIT: a running job's message stays unacknowledged and the
+    next start resumes it from its last checkpoint), then SIGKILL if it does not go."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGQUIT, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ------------------------------------------------------------------------------ serve
+class EmbeddedService:
+    """The API server and one worker process; used by `serve` and by `demo`."""
+
+    def __init__(self, settings: Settings, host: str, port: int, *, worker_loglevel: str = "WARNING") -> None:
+        self.settings, self.host, self.port = settings, host, port
+        self.worker_loglevel = worker_loglevel
+        self.worker: subprocess.Popen | None = None
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start_worker(self) -> None:
+        env = dict(os.environ)
+        env["ROBUSTIFY_DATA_DIR"] = str(self.settings.data_dir)
+        queues = f"{self.settings.gpu_queue},{self.settings.cpu_queue}"
+        self.worker = start_worker_process(queues, env=env, loglevel=self.worker_loglevel,
+                                           name=f"embedded-{os.getpid()}@%h")
+
+    def make_server(self, log_level: str = "warning") -> Any:
+        import uvicorn
+
+        config = uvicorn.Config("api.app:create_app", factory=True, host=self.host, port=self.port,
+                                log_level=log_level, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        return self.server
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            stop_process_group(self.worker)
+
+    def watch_worker(self) -> None:
+        """Stop the API when the worker process dies: a service that never runs jobs must not look up."""
+        import threading
+
+        def watch() -> None:
+            while self.server is not None and not self.server.should_exit:
+                if self.worker is not None and self.worker.poll() is not None:
+                    print(f"robustify: the worker process exited (code {self.worker.returncode}); stopping. "
+                          "See its log above.", file=sys.stderr, flush=True)
+                    self.server.should_exit = True
+                    return
+                time.sleep(1.0)
+
+        threading.Thread(target=watch, name="worker-watch", daemon=True).start()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    os.environ["ROBUSTIFY_HOST"] = host
+    get_settings.cache_clear()
+    settings = get_settings()
+    migrate(settings)
+    svc = EmbeddedService(settings, host, port, worker_loglevel=args.worker_loglevel)
+    server = svc.make_server(args.log_level)
+    if not args.no_worker:
+        svc.start_worker()
+        svc.watch_worker()
+    where = f"data in {settings.data_dir.resolve()}" if settings.is_embedded else "database from ROBUSTIFY_DATABASE_URL"
+    print(f"robustify serving on {svc.url}  (API docs: {svc.url}/docs; {where}; Ctrl-C stops)", flush=True)
+    # uvicorn handles SIGINT/SIGTERM, then re-raises the signal to the handler it found here:
+    # make that a no-op so the worker is still stopped below (the default would kill us first).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        svc.stop_worker()
+        print("robustify stopped.", flush=True)
+    return 0 if svc.worker is None or svc.worker.returncode in (0, -signal.SIGQUIT, -signal.SIGKILL) else 1
+
+
+# ------------------------------------------------------------------------------ migrate, keys
+def run_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    migrate(settings)
+    print(f"database at head: {_redact(settings.resolved_database_url)}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from core.apikeys import create_api_key, list_api_keys, revoke_api_key
+    from core.db import make_engine, make_sessionmaker
+
+    settings = _settings(args.data_dir)
+    migrate(settings) if settings.is_embedded else None
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            if args.action == "create":
+                if not args.name:
+                    print("robustify keys create: give a NAME", file=sys.stderr)
+                    return 2
+                row, plaintext = create_api_key(s, args.name)
+                s.commit()
+                print(plaintext)
+                print(f"(key {row.id} '{row.name}'; shown once, store it now)", file=sys.stderr)
+            elif args.action == "list":
+                for row in list_api_keys(s):
+                    state = "revoked" if row.revoked_at else "active"
+                    print(f"{row.id}  {row.prefix}…  {state:8s} {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+            else:
+                if not args.name:
+                    print("robustify keys revoke: give the key id or its prefix", file=sys.stderr)
+                    return 2
+                ok = revoke_api_key(s, args.name)
+                s.commit()
+                if not ok:
+                    print(f"no active key {args.name!r}", file=sys.stderr)
+                    return 1
+                print(f"revoked {args.name}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+# ------------------------------------------------------------------------------ entry
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"robustify {command}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, help="embedded data directory (default ROBUSTIFY_DATA_DIR or ./robustify-data)")
+    if command == "serve":
+        p.add_argument("--host", help="default ROBUSTIFY_HOST or 127.0.0.1")
+        p.add_argument("--port", type=int, help="default ROBUSTIFY_PORT or 8000")
+        p.add_argument("--log-level", default="info")
+        p.add_argument("--worker-loglevel", default="WARNING")
+        p.add_argument("--no-worker", action="store_true", help="run only the API")
+    elif command == "worker":
+        p.add_argument("--queues", help="comma-separated queues (default: the gpu and cpu queues)")
+        p.add_argument("--concurrency", type=int, default=1, help="processes; keep 1 per GPU")
+        p.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
+        p.add_argument("--name", help="Celery hostname, e.g. gpu0@%%h")
+        p.add_argument("--loglevel", default="INFO")
+        p.add_argument("--migrate", action="store_true", help="apply migrations first")
+    elif command == "keys":
+        p.add_argument("action", choices=["create", "list", "revoke"])
+        p.add_argument("name", nargs="?", help="create: a name for the key; revoke: its id or prefix")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    args = _parser(command).parse_args(rest)
+    return {"serve": run_serve, "worker": run_worker, "migrate": run_migrate, "keys": run_keys}[command](args)

@@ -1,0 +1,88 @@
+"""Claiming a job row: the one place that decides whether this delivery may run the job.
+
+A message is only a hint ("look at job X"); the row decides. The claim runs in one write
+transaction (SELECT … FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite), so two workers
+that receive the same job at the same moment cannot both start it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db import Job, JobEvent, TERMINAL_STATES, utcnow
+from worker.runtime import Runtime, heartbeat_is_stale
+
+log = logging.getLogger("robustify.worker")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome: `run` True means this worker now owns the job with `attempt`."""
+
+    run: bool
+    reason: str
+    attempt: int = 0
+    resume_artifact_id: str | None = None
+
+
+def add_event(session: Session, job_id: str, type: str, message: str, data: dict[str, Any] | None = None,
+              level: str = "info") -> None:
+    session.add(JobEvent(job_id=job_id, type=type, level=level, message=message, data=data, created_at=utcnow()))
+
+
+def begin_write(rt: Runtime, session: Session) -> None:
+    """Start the session's transaction holding the database's write lock (SQLite only needs it)."""
+    if rt.is_sqlite:
+        # pysqlite opens transactions lazily; an explicit BEGIN IMMEDIATE takes the write lock now,
+        # so the read below and the update after it are one atomic step.
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
+    settings = rt.settings
+    with rt.session() as session:
+        begin_write(rt, session)
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None:
+            session.rollback()
+            return Claim(False, "no such job")
+        if job.status in TERMINAL_STATES:
+            session.rollback()
+            return Claim(False, f"already {job.status}")
+        now = utcnow()
+        if job.status in ("running", "cancelling") and not heartbeat_is_stale(job.heartbeat_at, job.worker_id, settings):
+            session.rollback()
+            return Claim(False, f"duplicate delivery: {job.worker_id} is running it")
+        if job.cancel_requested_at is not None or job.status == "cancelling":
+            job.status, job.finished_at = "cancelled", now
+            job.cancel_requested_at = job.cancel_requested_at or now
+            add_event(session, job.id, "status", "job cancelled (its worker had stopped)", {"status": "cancelled"})
+            session.commit()
+            return Claim(False, "cancelled")
+        if job.attempt >= job.max_attempts:
+            job.status, job.finished_at = "failed", now
+            job.error = {"code": "worker_lost",
+                         "message": f"the job's worker stopped {job.attempt} times (limit {job.max_attempts}); "
+                                    "check the worker logs (out of memory? killed?) and submit the job again."}
+            add_event(session, job.id, "status", "job failed: worker lost too many times",
+                      {"status": "failed", "error": job.error}, level="error")
+            session.commit()
+            return Claim(False, "worker_lost")
+        previous, previous_owner = job.status, job.worker_id
+        job.status = "running"
+        job.attempt += 1
+        job.started_at = job.started_at or now
+        job.worker_id = owner
+        job.heartbeat_at = now
+        data = {"status": "running", "attempt": job.attempt, "worker_id": owner}
+        message = f"job started on {owner} (attempt {job.attempt})"
+        if previous == "running":
+            message = f"job restarted on {owner} (attempt {job.attempt}): the previous worker stopped"
+            data["previous_worker"] = previous_owner
+        add_event(session, job.id, "status", message, data)
+        session.commit()
+        return Claim(True, "claimed", job.attempt, job.resume_artifact_id)

@@ -1,0 +1,102 @@
+"""Per-process worker state: settings, the database engine, the artifact store, this worker's id.
+
+Engines are created lazily and per process id: a prefork child must never reuse the parent's
+database connections (they are not safe to share across fork).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.artifacts import ArtifactStore
+from core.db import as_utc, make_engine, make_sessionmaker, utcnow
+from core.settings import Settings, get_settings
+
+HOSTNAME = socket.gethostname()
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessionmaker: sessionmaker
+    store: ArtifactStore
+    pid: int
+
+    def session(self) -> Session:
+        return self.sessionmaker()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The current process's runtime (rebuilt after a fork)."""
+    global _runtime
+    pid = os.getpid()
+    if _runtime is None or _runtime.pid != pid:
+        settings = get_settings()
+        engine = make_engine(settings.resolved_database_url)
+        store = ArtifactStore(settings.resolved_artifact_dir)
+        store.root.mkdir(parents=True, exist_ok=True)
+        _runtime = Runtime(settings, engine, make_sessionmaker(engine), store, pid)
+    return _runtime
+
+
+def reset_after_fork() -> None:
+    """Forget the parent's engine without closing its connections (they belong to the parent)."""
+    global _runtime
+    if _runtime is not None and _runtime.pid != os.getpid():
+        _runtime.engine.dispose(close=False)
+        _runtime = None
+
+
+def worker_id() -> str:
+    """host:pid of the process running a job; the sweep uses it to tell a dead process at once."""
+    return f"{HOSTNAME}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when `owner` (host:pid) is a process on this host that no longer exists."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != HOSTNAME or not pid.isdigit():
+        return False
+    return int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def heartbeat_is_stale(heartbeat_at: datetime | None, owner: str | None, settings: Settings) -> bool:
+    """A running job's owner counts as gone when its heartbeat is old or its process is dead."""
+    hb = as_utc(heartbeat_at)
+    if hb is None or utcnow() - hb > timedelta(seconds=settings.stale_heartbeat_seconds):
+        return True
+    return owner_is_dead(owner)
+
+
+def env_float(name: str, default: float) -> float:
+    """A worker knob not (yet) in core.settings, read from ROBUSTIFY_<NAME>."""
+    raw = os.environ.get(f"ROBUSTIFY_{name}")
+    try:
+        return float(raw) if raw not in (None, "") else default
+    except ValueError:
+        return default

@@ -1,0 +1,105 @@
+"""Recovery sweep: the database, not the broker, decides which jobs still need a worker.
+
+A SIGKILLed worker leaves its message unacknowledged until the broker's visibility timeout
+(days, by design: jobs are long), so every worker re-enqueues, at start and every
+ROBUSTIFY_SWEEP_SECONDS, the jobs whose owner is gone (`running`/`cancelling` with a stale
+heartbeat or a dead local process) and `queued` jobs that waited longer than
+ROBUSTIFY_QUEUED_REQUEUE_SECONDS (their message may be lost). A duplicate message is harmless:
+the claim refuses it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from core.db import Job, as_utc, record_worker_heartbeat, utcnow
+from worker.runtime import Runtime, env_float, heartbeat_is_stale, runtime
+
+log = logging.getLogger("robustify.worker")
+
+
+class Sweeper:
+    def __init__(self, rt: Runtime, enqueue: Callable[[str], None]) -> None:
+        self.rt = rt
+        self.enqueue = enqueue
+        self.queued_after = env_float("QUEUED_REQUEUE_SECONDS", 60.0)
+        # A queued job waiting behind long jobs is re-sent at most this often (not every sweep).
+        self.resend_every = max(self.queued_after, env_float("QUEUED_RESEND_SECONDS", 600.0))
+        self._sent: dict[str, float] = {}
+
+    def sweep(self) -> list[str]:
+        """Re-enqueue the jobs that need a worker; returns their ids."""
+        settings = self.rt.settings
+        now = utcnow()
+        mono = time.monotonic()
+        due: list[str] = []
+        with self.rt.session() as s:
+            rows = s.execute(select(Job.id, Job.status, Job.heartbeat_at, Job.worker_id, Job.created_at)
+                             .where(Job.status.in_(("queued", "running", "cancelling")))).all()
+        for row in rows:
+            if row.status == "queued":
+                waited = now - (as_utc(row.created_at) or now)
+                if waited < timedelta(seconds=self.queued_after):
+                    continue
+                if mono - self._sent.get(row.id, -1e18) < self.resend_every:
+                    continue
+            elif not heartbeat_is_stale(row.heartbeat_at, row.worker_id, settings):
+                continue
+            elif mono - self._sent.get(row.id, -1e18) < settings.stale_heartbeat_seconds:
+                continue  # sent recently; give the claim time to take it
+            due.append(row.id)
+        for job_id in due:
+            try:
+                self.enqueue(job_id)
+                self._sent[job_id] = mono
+                log.warning("recovery sweep: re-enqueued job %s", job_id)
+            except Exception:
+                log.exception("recovery sweep: could not re-enqueue %s", job_id)
+        live = {r.id for r in rows}
+        self._sent = {k: v for k, v in self._sent.items() if k in live}
+        return due
+
+
+class Maintenance:
+    """A thread in the worker's parent process: its own heartbeat row and the recovery sweep."""
+
+    def __init__(self, name: str, queues: list[str], enqueue: Callable[[str], None]) -> None:
+        self.name, self.queues, self.enqueue = name, queues, enqueue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="robustify-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        rt = runtime()
+        sweeper = Sweeper(rt, self.enqueue)
+        beat_every = rt.settings.heartbeat_seconds
+        sweep_every = env_float("SWEEP_SECONDS", 30.0)
+        next_sweep = 0.0  # sweep at once on start
+        while not self._stop.is_set():
+            self._safely(self._beat, rt)
+            if time.monotonic() >= next_sweep:
+                self._safely(sweeper.sweep)
+                next_sweep = time.monotonic() + sweep_every
+            self._stop.wait(min(beat_every, sweep_every))
+
+    def _beat(self, rt: Runtime) -> None:
+        with rt.session() as s:
+            record_worker_heartbeat(s, self.name, self.queues)
+            s.commit()
+
+    @staticmethod
+    def _safely(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # the database may be briefly unreachable; try again next round
+            log.exception("worker maintenance step failed")

@@ -113,13 +113,19 @@ _CIFAR = {
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
 }
 
-# Globals that numpy's array pickles reference (numpy 1 and numpy 2 spellings); nothing else.
+# Globals that numpy's array pickles reference (numpy 1 and numpy 2 spellings), and the one that
+# Python 3 uses to write bytes at pickle protocol 2 (a pure text-to-bytes encoder); nothing else.
 _NUMPY_GLOBALS = {
+    ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -130,10 +136,19 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _NUMPY_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy array data is allowed")
+            raise _RefusedGlobal(f"refusing to load {module}.{name}: only numpy array data is allowed")
+        if module == "_codecs":
+            return _encode_text
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 moved numpy.core
         return super().find_class(module, name)
+
+
+def _encode_text(text: str, encoding: str = "utf-8") -> bytes:
+    # _codecs.encode restricted to text encodings, so a pickle cannot reach the bytes-to-bytes codecs.
+    if not isinstance(text, str):
+        raise _RefusedGlobal("_codecs.encode in a CIFAR pickle may only encode text")
+    return text.encode(encoding)
 
 
 def read_cifar_batch(path: str | Path, label_key: bytes = b"labels") -> tuple[np.ndarray, np.ndarray]:
@@ -141,10 +156,10 @@ def read_cifar_batch(path: str | Path, label_key: bytes = b"labels") -> tuple[np
     try:
         with open(path, "rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise InvalidDataset(f"{path} is not a plain CIFAR batch ({exc}); delete it and download the "
                              "CIFAR files again.") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise InvalidDataset(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); delete it and "
                              "download the CIFAR files again.") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:

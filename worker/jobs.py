@@ -203,7 +203,8 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
                                  code="invalid_model_file")
         path = rt.store.path(ArtifactStore.relpath_for(art.sha256))
         return zoo.load_model_file(path, model_row.architecture, num_classes=model_row.num_classes,
-                                   in_channels=shape[0], image_size=shape[-1], dataset=model_row.dataset)
+                                   in_channels=shape[0], image_size=shape[-1], dataset=model_row.dataset,
+                                   threat_model=model_row.threat_model or "Linf")
     name = model_row.architecture.removeprefix("robustbench:")
     return zoo.load_robustbench_model(name, dataset=model_row.dataset, threat_model=model_row.threat_model or "Linf",
                                       model_dir=rt.settings.resolved_model_dir,

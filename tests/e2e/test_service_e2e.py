@@ -1,0 +1,172 @@
+"""The distributed deployment end to end: uvicorn + Celery workers + PostgreSQL + Redis.
+
+Each test drives the HTTP API only, as a client would; workers are real processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import THREAT, events, submit, wait_status, wait_until
+
+pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
+
+
+def _stream_events(url: str, headers: dict[str, str], job_id: str, sink: list[dict[str, Any]]) -> None:
+    """Read the SSE stream until the server closes it (the job reached a final state)."""
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events",
+                      headers={**headers, "Accept": "text/event-stream"}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                sink.append(json.loads(line[len("data: "):]))
+
+
+def _w2_accuracy(path: Any) -> float:
+    """W2 robust accuracy (W-PGD through the engine's evaluate) of a small-cnn weights file."""
+    import tempfile
+
+    from core.config import EvaluateConfig
+    from core.data import load_dataset
+    from core.recipes.evaluate import evaluate
+    from core.zoo import load_model_file
+
+    model = load_model_file(path, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")
+    data = load_dataset("digits", data_dir=tempfile.gettempdir())
+    cfg = EvaluateConfig(threat_model=THREAT, wpgd_steps=10, linf_attacks=["pgd"], pgd_steps=3)
+    return float(evaluate(cfg, model, data, device="cpu").summary["w2_robust_accuracy"])
+
+
+def test_finetune_job_runs_to_success(client: httpx.Client, api_url: str, ready_model: dict[str, Any],
+                                      workers: Any, queues: dict[str, str], digits_model_file: Any,
+                                      tmp_path: Any) -> None:
+    workers.start(queues["gpu"], "gpu-a")
+    job = submit(client, ready_model["id"], epochs=5)
+    job_id = job["id"]
+    assert job["status"] == "queued"
+
+    streamed: list[dict[str, Any]] = []
+    reader = threading.Thread(target=_stream_events,
+                              args=(api_url, {"Authorization": client.headers["authorization"]}, job_id, streamed), daemon=True)
+    reader.start()
+
+    fractions: list[float] = []
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        cur = client.get(f"/v1/jobs/{job_id}").json()
+        fractions.append(cur["progress"]["fraction"])
+        if cur["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.15)
+    assert cur["status"] == "succeeded", (cur, events(client, job_id))
+    assert cur["attempt"] == 1
+    # progress moved forward over the polls, never backwards
+    distinct = sorted(set(fractions))
+    assert len(distinct) >= 3, fractions
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])), fractions
+    assert cur["progress"]["fraction"] == 1.0
+
+    # the SSE stream delivered the job's events in order and ended with the final status
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the event stream did not end after the job finished"
+    ids = [e["id"] for e in streamed]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    assert [e["id"] for e in events(client, job_id)] == ids
+    types = {e["type"] for e in streamed}
+    assert {"status", "checkpoint", "metrics"} <= types
+    assert streamed[-1]["type"] == "status" and streamed[-1]["data"]["status"] == "succeeded"
+    assert sum(1 for e in streamed if e["type"] == "checkpoint") == 5
+
+    # the result summary, the best checkpoint and its integrity
+    result = cur["result"]
+    assert set(result) >= {"best_checkpoint_id", "best_epoch", "before", "after"}
+    ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["epoch"] for c in ckpts] == [1, 2, 3, 4, 5]
+    best = [c for c in ckpts if c["is_best"]]
+    assert [c["id"] for c in best] == [result["best_checkpoint_id"]]
+    r = client.get(f"/v1/jobs/{job_id}/checkpoint")
+    assert r.status_code == 200
+    digest = hashlib.sha256(r.content).hexdigest()
+    assert r.headers["etag"] == f'"{digest}"' == f'"{best[0]["sha256"]}"'
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(r.content)
+    report = client.get(f"/v1/jobs/{job_id}/report")
+    assert report.status_code == 200 and report.json()["best_epoch"] == result["best_epoch"]
+    plot = client.get(f"/v1/jobs/{job_id}/report.png")
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+    # the fine-tuned model is more robust than the one that went in (independent evaluation)
+    before, after = _w2_accuracy(digits_model_file), _w2_accuracy(path)
+    assert after > before, (before, after)
+
+
+def test_queued_job_cancels_at_once(client: httpx.Client, ready_model: dict[str, Any]) -> None:
+    # no worker consumes the gpu queue in this test: the job stays queued
+    job = submit(client, ready_model["id"])
+    r = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_running_job_cancels_and_keeps_its_checkpoint(client: httpx.Client, ready_model: dict[str, Any],
+                                                      workers: Any, queues: dict[str, str]) -> None:
+    workers.start(queues["gpu"], "gpu-cancel")
+    job_id = submit(client, ready_model["id"], epochs=40, attack_steps=5)["id"]
+    wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120,
+               "the first checkpoint")
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    t0 = time.monotonic()
+    job = wait_status(client, job_id, {"cancelled", "succeeded", "failed"}, 20)
+    assert job["status"] == "cancelled", job
+    assert time.monotonic() - t0 < 10
+    ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert ckpts and ckpts[-1]["epoch"] < 40
+    r = client.get(f"/v1/jobs/{job_id}/checkpoints/{ckpts[-1]['id']}/content")
+    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == ckpts[-1]["sha256"]
+
+
+def test_killed_worker_job_resumes_on_another_worker(client: httpx.Client, ready_model: dict[str, Any],
+                                                     workers: Any, queues: dict[str, str]) -> None:
+    first = workers.start(queues["gpu"], "gpu-doomed")
+    epochs = 12
+    job_id = submit(client, ready_model["id"], epochs=epochs, attack_steps=5)["id"]
+    wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120,
+               "the first checkpoint")
+    running = client.get(f"/v1/jobs/{job_id}").json()
+    assert running["status"] == "running" and running["attempt"] == 1
+    os.killpg(first.pid, signal.SIGKILL)  # the whole worker: parent and the child running the job
+    first.wait(timeout=10)
+    killed_at = time.time()
+    done_before = max(e["data"]["epoch"] for e in events(client, job_id) if e["type"] == "checkpoint")
+    assert done_before < epochs
+
+    workers.start(queues["gpu"], "gpu-rescue")
+    job = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 150)
+    assert job["status"] == "succeeded", job
+    assert job["attempt"] == 2
+
+    evs = events(client, job_id)
+    starts = [e for e in evs if e["type"] == "status" and e["data"].get("status") == "running"]
+    assert [e["data"]["attempt"] for e in starts] == [1, 2]
+    assert starts[0]["data"]["worker_id"] != starts[1]["data"]["worker_id"]
+    resumed = [e for e in evs if "resumed_from_epoch" in (e["data"] or {})]
+    assert len(resumed) == 1 and resumed[0]["data"]["resumed_from_epoch"] >= 1
+    # no epoch was trained twice from scratch: one checkpoint per epoch, epochs in order
+    ckpt_epochs = [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint"]
+    assert ckpt_epochs == list(range(1, epochs + 1)), ckpt_epochs
+    # the second attempt began after the first worker was dead: the two never overlapped
+    second_start = starts[1]["created_at"]
+    from datetime import datetime
+
+    assert datetime.fromisoformat(second_start.replace("Z", "+00:00")).timestamp() >= killed_at - 0.5
+    first_attempt_events = [e for e in evs if e["id"] < starts[1]["id"]]
+    assert all(datetime.fromisoformat(e["created_at"].replace("Z", "+00:00")).timestamp() <= killed_at + 0.5
+               for e in first_attempt_events)

@@ -1,0 +1,96 @@
+"""The embedded default end to end: `robustify serve` with nothing configured but a data folder
+(SQLite database, kombu's SQLAlchemy broker on SQLite, artifacts on disk, auth off on localhost)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import ROOT, events, free_port, submit, upload_model, wait_model_ready, wait_status, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        children = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        out += [int(c) for c in children]
+        todo += [int(c) for c in children]
+    return out
+
+
+def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_file: Path) -> None:
+    data_dir = tmp_path / "robustify-data"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+    env.update({"ROBUSTIFY_DATA_DIR": str(data_dir), "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3",
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert serve.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200  # API, database, broker, worker
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, "robustify serve to be ready")
+        assert f"robustify serving on {url}" in log_path.read_text()
+
+        with httpx.Client(base_url=url, timeout=30) as client:  # no API key: auth is off on localhost
+            model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
+            job_id = submit(client, model["id"], epochs=3)["id"]
+            fractions = []
+
+            def finished() -> bool:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                fractions.append(job["progress"]["fraction"])
+                return job["status"] in ("succeeded", "failed", "cancelled")
+
+            wait_until(finished, 120, "the job to finish", interval=0.15)
+            job = wait_status(client, job_id, {"succeeded"}, 1)
+            assert len(set(fractions)) >= 3 and fractions == sorted(fractions), fractions
+            evs = events(client, job_id)
+            assert [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint"] == [1, 2, 3]
+            r = client.get(f"/v1/jobs/{job_id}/checkpoint")
+            assert r.status_code == 200
+            assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+            best = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+            assert [c["sha256"] for c in best if c["id"] == job["result"]["best_checkpoint_id"]] == \
+                [hashlib.sha256(r.content).hexdigest()]
+        assert (data_dir / "robustify.db").is_file() and (data_dir / "broker.db").is_file()
+        assert any((data_dir / "artifacts").rglob("*"))
+    finally:
+        worker_pids = _descendants(serve.pid)
+        serve.send_signal(signal.SIGTERM)
+        try:
+            rc = serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            raise
+    # a clean stop: exit code 0 and the worker processes gone with it
+    assert rc == 0, log_path.read_text()[-3000:]
+    assert "robustify stopped." in log_path.read_text()
+    assert worker_pids, "serve started no worker process"
+    wait_until(lambda: not any(_alive(p) for p in worker_pids), 10, "the worker processes to exit")

@@ -12,6 +12,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from core.config import EvaluateConfig, FinetuneConfig
 from core.errors import RobustifyError
 from core.settings import get_settings
@@ -205,3 +207,8 @@ def main(argv: list[str]) -> int:
     except RobustifyError as exc:
         print(f"robustify {command}: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"]) or "config"
+            print(f"robustify {command}: validation_error: {field}: {err['msg']}", file=sys.stderr)
+        return 2

@@ -36,8 +36,9 @@ def migrate(settings: Settings) -> None:
 
 
 # ------------------------------------------------------------------------------ worker
-def worker_argv(queues: str, concurrency: int, pool: str, name: str | None, loglevel: str) -> list[str]:
-    argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
+def worker_argv(queues: str, concurrency: int, pool: str, name: str | None, loglevel: str,
+                quiet: bool = False) -> list[str]:
+    argv = (["--quiet"] if quiet else []) + ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
             "--prefetch-multiplier", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if name:
         argv += ["--hostname", name]
@@ -49,18 +50,24 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.migrate:
         migrate(settings)
     queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue}"
+    if args.quiet:  # embedded use (serve, demo): no banner, no root-user lecture
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*superuser privileges.*")
     from worker.celery_app import app
 
-    app.worker_main(worker_argv(queues, args.concurrency, args.pool, args.name, args.loglevel))
+    app.worker_main(worker_argv(queues, args.concurrency, args.pool, args.name, args.loglevel, args.quiet))
     return 0
 
 
 def start_worker_process(queues: str, *, env: dict[str, str] | None = None, loglevel: str = "INFO",
-                         name: str | None = None) -> subprocess.Popen:
+                         name: str | None = None, quiet: bool = False) -> subprocess.Popen:
     """A `robustify worker` subprocess in its own process group (so it can be stopped as a whole)."""
     cmd = [sys.executable, "-m", "cli", "worker", "--queues", queues, "--loglevel", loglevel]
     if name:
         cmd += ["--name", name]
+    if quiet:
+        cmd.append("--quiet")
     return subprocess.Popen(cmd, env=env or dict(os.environ), start_new_session=True)
 
 
@@ -100,7 +107,8 @@ class EmbeddedService:
         env["ROBUSTIFY_DATA_DIR"] = str(self.settings.data_dir)
         queues = f"{self.settings.gpu_queue},{self.settings.cpu_queue}"
         self.worker = start_worker_process(queues, env=env, loglevel=self.worker_loglevel,
-                                           name=f"embedded-{os.getpid()}@%h")
+                                           name=f"embedded-{os.getpid()}@%h",
+                                           quiet=self.worker_loglevel.upper() not in ("INFO", "DEBUG"))
 
     def make_server(self, log_level: str = "warning") -> Any:
         import uvicorn
@@ -225,6 +233,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--name", help="Celery hostname, e.g. gpu0@%%h")
         p.add_argument("--loglevel", default="INFO")
         p.add_argument("--migrate", action="store_true", help="apply migrations first")
+        p.add_argument("--quiet", action="store_true", help="no start-up banner")
     elif command == "keys":
         p.add_argument("action", choices=["create", "list", "revoke"])
         p.add_argument("name", nargs="?", help="create: a name for the key; revoke: its id or prefix")

@@ -1,0 +1,43 @@
+# robustify: one image for the API, the GPU worker and the migrations.
+#   docker build -t robustify .
+#   docker compose up        (see docker-compose.yml)
+# PyPI's torch wheels bring their own CUDA libraries; the CUDA runtime base image supplies the
+# rest of the user-space stack, and the host only needs the NVIDIA driver + container toolkit.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+
+WORKDIR /app
+# Dependencies first (cached while only the source changes): torch pinned as in pyproject.toml.
+COPY pyproject.toml README.md ./
+RUN pip install torch==2.14.1 torchvision==0.29.1
+COPY api ./api
+COPY core ./core
+COPY worker ./worker
+COPY migrations ./migrations
+COPY cli ./cli
+COPY alembic.ini ./
+RUN pip install . && python -c "import api.app, worker.tasks, migrations"
+
+# Unprivileged user; /data holds the artifact store, RobustBench weights and data sets.
+RUN useradd --create-home --uid 10001 robustify && mkdir -p /data && chown robustify /data
+USER robustify
+ENV ROBUSTIFY_DATA_DIR=/data \
+    ROBUSTIFY_HOST=0.0.0.0
+VOLUME ["/data"]
+EXPOSE 8000
+
+ENTRYPOINT ["/usr/bin/tini", "--", "robustify"]
+# Without configuration the image runs the embedded default (SQLite + server-less broker, one worker).
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,122 @@
+"""The job claim and the recovery sweep against real databases (PostgreSQL and SQLite).
+
+Many threads claim the same job at once: exactly one may run it. The sweep re-enqueues exactly
+the jobs whose owner is gone.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.db import Job, JobEvent, Model, make_engine, make_sessionmaker, new_id, utcnow
+from core.settings import Settings
+from worker.claim import claim_job
+from worker.runtime import HOSTNAME, Runtime, worker_id
+from worker.sweep import Sweeper
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def rt(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    import migrations
+    from core.artifacts import ArtifactStore
+
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'claim.db'}"
+        migrations.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, stale_heartbeat_seconds=30, max_attempts=3)
+    engine = make_engine(url)
+    yield Runtime(settings, engine, make_sessionmaker(engine), ArtifactStore(tmp_path / "artifacts"), 0)
+    engine.dispose()
+
+
+def _job(rt: Runtime, **fields: Any) -> str:
+    with rt.session() as s:
+        model = Model(id=new_id("mdl"), name="m", source="upload", architecture="small-cnn", num_classes=10,
+                      dataset="digits", status="ready")
+        s.add(model)
+        s.flush()
+        job = Job(id=new_id("job"), type="finetune", model_id=model.id, dataset="digits", threat_model={},
+                  config={}, max_attempts=3, **{"status": "queued", "attempt": 0, **fields})
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def _get(rt: Runtime, job_id: str) -> Job:
+    with rt.session() as s:
+        return s.get(Job, job_id)
+
+
+def test_concurrent_claims_run_the_job_once(rt: Runtime) -> None:
+    job_id = _job(rt)
+    results: list[Any] = []
+    barrier = threading.Barrier(6)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results.append(claim_job(rt, job_id, f"{HOSTNAME}:{i}-elsewhere"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.run for r in results) == 1, results
+    job = _get(rt, job_id)
+    assert job.status == "running" and job.attempt == 1
+    with rt.session() as s:
+        starts = s.query(JobEvent).filter(JobEvent.job_id == job_id, JobEvent.message.like("job started%")).count()
+    assert starts == 1
+
+
+def test_claim_rules(rt: Runtime) -> None:
+    now = utcnow()
+    # terminal: skipped
+    done = _job(rt, status="succeeded")
+    assert not claim_job(rt, done, worker_id()).run
+    # another live worker's fresh heartbeat: a duplicate delivery is refused
+    busy = _job(rt, status="running", attempt=1, worker_id="other-host:1", heartbeat_at=now)
+    assert not claim_job(rt, busy, worker_id()).run
+    assert _get(rt, busy).attempt == 1
+    # a stale heartbeat: taken over as the next attempt
+    stale = _job(rt, status="running", attempt=1, worker_id="other-host:1", heartbeat_at=now - timedelta(minutes=5))
+    c = claim_job(rt, stale, worker_id())
+    assert c.run and c.attempt == 2 and _get(rt, stale).worker_id == worker_id()
+    # a fresh heartbeat from a process on this host that no longer exists: taken over at once
+    dead = _job(rt, status="running", attempt=1, worker_id=f"{HOSTNAME}:999999", heartbeat_at=now)
+    assert claim_job(rt, dead, worker_id()).run
+    # attempts used up: failed with worker_lost
+    spent = _job(rt, status="running", attempt=3, worker_id="other-host:1", heartbeat_at=now - timedelta(minutes=5))
+    assert not claim_job(rt, spent, worker_id()).run
+    job = _get(rt, spent)
+    assert job.status == "failed" and job.error["code"] == "worker_lost"
+    # cancel requested while its worker was gone: cancelled, not run
+    cancelling = _job(rt, status="cancelling", attempt=1, worker_id="other-host:1",
+                      heartbeat_at=now - timedelta(minutes=5), cancel_requested_at=now)
+    assert not claim_job(rt, cancelling, worker_id()).run
+    assert _get(rt, cancelling).status == "cancelled"
+
+
+def test_sweep_requeues_only_orphaned_jobs(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROBUSTIFY_QUEUED_REQUEUE_SECONDS", "60")
+    now = utcnow()
+    orphan = _job(rt, status="running", attempt=1, worker_id="other-host:1", heartbeat_at=now - timedelta(minutes=5))
+    dead_local = _job(rt, status="cancelling", attempt=1, worker_id=f"{HOSTNAME}:999999", heartbeat_at=now)
+    alive = _job(rt, status="running", attempt=1, worker_id="other-host:1", heartbeat_at=now)
+    old_queued = _job(rt, status="queued", created_at=now - timedelta(minutes=3))
+    new_queued = _job(rt, status="queued", created_at=now)
+    finished = _job(rt, status="failed", heartbeat_at=now - timedelta(hours=1))
+    sent: list[str] = []
+    sweeper = Sweeper(rt, sent.append)
+    mine = {orphan, dead_local, alive, old_queued, new_queued, finished}
+    assert {j for j in sweeper.sweep() if j in mine} == {orphan, dead_local, old_queued}
+    # sent once: the next sweep right after does not flood the queue with duplicates
+    assert not [j for j in sweeper.sweep() if j in mine]

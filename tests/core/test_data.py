@@ -5,6 +5,7 @@ import gzip
 import os
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,17 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
     assert data.num_classes == 100
     assert data.train_y.tolist() == [0, 99, 42, 7, 3] and data.test_y.tolist() == [5, 98]
     assert torch.equal(data.test_x.flatten(1), torch.from_numpy(train[:2]))
+
+
+def test_cifar_pickles_written_by_numpy_1_load(tmp_path: Path) -> None:
+    """The published CIFAR files name numpy.core.multiarray, which numpy 2 moved to numpy._core."""
+    written = _write_cifar10(tmp_path, np.random.default_rng(4))
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    raw = batch.read_bytes()
+    assert b"numpy._core.multiarray" in raw or b"numpy.core.multiarray" in raw
+    batch.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    data = load_dataset("cifar10", data_dir=tmp_path)
+    assert np.array_equal(data.train_x[4:8].flatten(1).numpy(), written["data_batch_2"][0])
 
 
 class _Boom:
@@ -302,3 +314,11 @@ def test_no_padding_means_only_flips() -> None:
 def test_is_cifar_like() -> None:
     assert is_cifar_like((3, 32, 32)) and is_cifar_like(torch.Size([3, 32, 32]))
     assert not is_cifar_like((1, 28, 28)) and not is_cifar_like((3, 64, 64))
+
+
+def test_npz_checks_do_not_import_torch() -> None:
+    """The API validates uploads with core.npz and must stay torch-free."""
+    import subprocess
+
+    code = "import sys, core.npz; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0

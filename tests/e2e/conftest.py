@@ -92,7 +92,8 @@ def queues() -> Iterator[dict[str, str]]:
     try:
         for key in client.scan_iter(match="*"):
             k = key.decode(errors="replace")
-            if tag in k:
+            # our queues and their bindings; the remote-control (pidbox) bindings our workers made
+            if tag in k or k in ("_kombu.binding.celery.pidbox", "_kombu.binding_deadlines"):
                 client.delete(key)
         for hash_key in (b"unacked",):  # kombu's unacked-message hash: drop only our entries
             for field, value in client.hgetall(hash_key).items():

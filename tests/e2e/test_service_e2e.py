@@ -170,3 +170,50 @@ def test_killed_worker_job_resumes_on_another_worker(client: httpx.Client, ready
     first_attempt_events = [e for e in evs if e["id"] < starts[1]["id"]]
     assert all(datetime.fromisoformat(e["created_at"].replace("Z", "+00:00")).timestamp() <= killed_at + 0.5
                for e in first_attempt_events)
+
+
+def test_rejected_upload_keeps_nothing(client: httpx.Client, cpu_worker: Any, service_env: dict[str, str],
+                                       tmp_path: Any) -> None:
+    import torch
+
+    from core.zoo import create_model, save_model_file
+
+    torch.manual_seed(123)
+    path = tmp_path / "ten-classes.safetensors"
+    save_model_file(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits"), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as fh:  # the file has a 10-class head; the form claims 7 classes
+        r = client.post("/v1/models", files={"file": (path.name, fh, "application/octet-stream")},
+                        data={"architecture": "small-cnn", "num_classes": "7", "dataset": "digits",
+                              "input_shape": "1,8,8"})
+    assert r.status_code == 201, r.text
+    model_id = r.json()["id"]
+    store = __import__("pathlib").Path(service_env["ROBUSTIFY_DATA_DIR"]) / "artifacts"
+    assert any(p.name == digest for p in store.rglob("*"))
+
+    m = wait_until(lambda: (lambda m: m if m["status"] != "validating" else None)(
+        client.get(f"/v1/models/{model_id}").json()), 60, "the validation")
+    assert m["status"] == "rejected"
+    assert m["error"]["code"] == "invalid_model_file" and m["error"]["message"]
+    assert client.get(f"/v1/models/{model_id}/content").status_code == 404
+    assert not any(p.name == digest for p in store.rglob("*")), "the rejected upload's file was kept"
+    r = client.post("/v1/jobs", json={"type": "finetune", "model_id": model_id, "dataset": "digits"})
+    assert r.status_code == 409 and r.json()["code"] == "model_not_ready"
+
+
+def test_evaluate_job_writes_a_report(client: httpx.Client, ready_model: dict[str, Any], workers: Any,
+                                      queues: dict[str, str]) -> None:
+    workers.start(queues["gpu"], "gpu-eval")
+    r = client.post("/v1/jobs", json={"type": "evaluate", "model_id": ready_model["id"], "dataset": "digits",
+                                      "threat_model": THREAT,
+                                      "config": {"n_examples": 120, "wpgd_steps": 5, "pgd_steps": 3,
+                                                 "batch_size": 128, "deltas": [0.05, 0.1]}})
+    assert r.status_code == 202, r.text
+    job = wait_status(client, r.json()["id"], {"succeeded", "failed", "cancelled"}, 120)
+    assert job["status"] == "succeeded", job
+    summary = job["result"]["summary"]
+    assert 0.0 <= summary["w2_robust_accuracy"] <= summary["clean_accuracy"] <= 1.0
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["summary"] == summary
+    assert client.get(f"/v1/jobs/{job['id']}/report.png").content.startswith(b"\x89PNG")
+    assert client.get(f"/v1/jobs/{job['id']}/checkpoint").status_code == 404  # evaluation trains nothing

@@ -199,6 +199,7 @@ def _download_cifar(name: str, data_dir: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     spec = CIFAR10 if name == "cifar10" else CIFAR100
+    log.info("downloading %s from %s into %s", name, spec.url, data_dir)
     try:
         download_and_extract_archive(spec.url, str(data_dir), filename=spec.filename, md5=spec.tgz_md5)
     except Exception as exc:  # network errors come in many types (URLError, OSError, RuntimeError...)
@@ -278,6 +279,7 @@ def _download_fashion_mnist(target: Path) -> None:
     from torchvision.datasets import FashionMNIST
     from torchvision.datasets.utils import download_url
 
+    log.info("downloading fashion-mnist into %s", target)
     errors = []
     for filename, md5 in FashionMNIST.resources:
         for mirror in FashionMNIST.mirrors:

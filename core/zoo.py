@@ -202,6 +202,7 @@ def _download_robustbench(name: str, gdrive_id: object, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")  # a failed download must not look like a finished one
+    log.info("downloading RobustBench's %s (Google Drive id %s) to %s", name, gdrive_id, path)
     try:
         download_gdrive_new(gdrive_id, partial)
         if not partial.is_file() or partial.stat().st_size == 0:

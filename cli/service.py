@@ -61,14 +61,20 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def start_worker_process(queues: str, *, env: dict[str, str] | None = None, loglevel: str = "INFO",
-                         name: str | None = None, quiet: bool = False) -> subprocess.Popen:
+                         name: str | None = None, quiet: bool = False, log_path: Path | None = None
+                         ) -> subprocess.Popen:
     """A `robustify worker` subprocess in its own process group (so it can be stopped as a whole)."""
     cmd = [sys.executable, "-m", "cli", "worker", "--queues", queues, "--loglevel", loglevel]
     if name:
         cmd += ["--name", name]
     if quiet:
         cmd.append("--quiet")
-    return subprocess.Popen(cmd, env=env or dict(os.environ), start_new_session=True)
+    if log_path is None:
+        return subprocess.Popen(cmd, env=env or dict(os.environ), start_new_session=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:  # the child keeps its own handle
+        return subprocess.Popen(cmd, env=env or dict(os.environ), start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_process_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
@@ -92,8 +98,10 @@ def stop_process_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
 class EmbeddedService:
     """The API server and one worker process; used by `serve` and by `demo`."""
 
-    def __init__(self, settings: Settings, host: str, port: int, *, worker_loglevel: str = "WARNING") -> None:
+    def __init__(self, settings: Settings, host: str, port: int, *, worker_loglevel: str = "WARNING",
+                 worker_log: Path | None = None) -> None:
         self.settings, self.host, self.port = settings, host, port
+        self.worker_log = worker_log
         self.worker_loglevel = worker_loglevel
         self.worker: subprocess.Popen | None = None
         self.server: Any = None
@@ -108,7 +116,8 @@ class EmbeddedService:
         queues = f"{self.settings.gpu_queue},{self.settings.cpu_queue}"
         self.worker = start_worker_process(queues, env=env, loglevel=self.worker_loglevel,
                                            name=f"embedded-{os.getpid()}@%h",
-                                           quiet=self.worker_loglevel.upper() not in ("INFO", "DEBUG"))
+                                           quiet=self.worker_loglevel.upper() not in ("INFO", "DEBUG"),
+                                           log_path=self.worker_log)
 
     def make_server(self, log_level: str = "warning") -> Any:
         import uvicorn

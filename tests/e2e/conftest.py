@@ -24,7 +24,7 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_DB = int(os.environ.get("ROBUSTIFY_E2E_REDIS_DB", "11"))
 
 # A tiny W-TRADES recipe: a few seconds per job on 2 CPU cores.
-TINY = {"epochs": 4, "batch_size": 128, "attack_steps": 3, "eval_examples": 200, "eval_wpgd_steps": 5,
+TINY = {"epochs": 4, "batch_size": 128, "beta": 3.0, "attack_steps": 3, "eval_examples": 200, "eval_wpgd_steps": 5,
         "eval_pgd_steps": 3, "budget_subset": 256}
 THREAT = {"kind": "w2-linf", "delta": 0.1}
 

@@ -94,3 +94,22 @@ def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_f
     assert "robustify stopped." in log_path.read_text()
     assert worker_pids, "serve started no worker process"
     wait_until(lambda: not any(_alive(p) for p in worker_pids), 10, "the worker processes to exit")
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`robustify demo` (the README's first command), shortened to 2 epochs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    data_dir = tmp_path / "demo-data"
+    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--data-dir", str(data_dir), "--port",
+                           str(free_port()), "--epochs", "2"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=170)
+    out = proc.stdout.replace("\r", "\n")
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert step in out
+    assert "verified" in out and "W2 robust accuracy" in out and "robustify serve" in out
+    weights = data_dir / "demo" / "robust-small-cnn-digits.safetensors"
+    from core.zoo import load_model_file
+
+    load_model_file(weights, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")

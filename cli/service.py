@@ -46,6 +46,10 @@ def worker_argv(queues: str, concurrency: int, pool: str, name: str | None, logl
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        # one worker process per GPU: this process and its pool child see only that device
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        args.name = args.name or f"gpu{args.gpu}@%h"
     settings = _settings(args.data_dir)
     if args.migrate:
         migrate(settings)
@@ -240,6 +244,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--concurrency", type=int, default=1, help="processes; keep 1 per GPU")
         p.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
         p.add_argument("--name", help="Celery hostname, e.g. gpu0@%%h")
+        p.add_argument("--gpu", type=int, help="pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES)")
         p.add_argument("--loglevel", default="INFO")
         p.add_argument("--migrate", action="store_true", help="apply migrations first")
         p.add_argument("--quiet", action="store_true", help="no start-up banner")

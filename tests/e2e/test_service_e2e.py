@@ -217,3 +217,35 @@ def test_evaluate_job_writes_a_report(client: httpx.Client, ready_model: dict[st
     assert report["summary"] == summary
     assert client.get(f"/v1/jobs/{job['id']}/report.png").content.startswith(b"\x89PNG")
     assert client.get(f"/v1/jobs/{job['id']}/checkpoint").status_code == 404  # evaluation trains nothing
+
+
+def test_killed_pool_child_requeues_at_once(client: httpx.Client, ready_model: dict[str, Any], workers: Any,
+                                            queues: dict[str, str]) -> None:
+    """SIGKILL only the prefork child running the job: the same worker's new child resumes it at once
+    (reject_on_worker_lost requeues the message; the claim sees the owner process is dead, so
+    neither waits for the stale-heartbeat threshold)."""
+    proc = workers.start(queues["gpu"], "gpu-child")
+    epochs = 10
+    job_id = submit(client, ready_model["id"], epochs=epochs, attack_steps=5)["id"]
+    wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120, "the first checkpoint")
+    owner = client.get(f"/v1/jobs/{job_id}").json()
+    assert owner["status"] == "running"
+    starts = [e for e in events(client, job_id) if e["type"] == "status" and e["data"].get("status") == "running"]
+    child_pid = int(starts[-1]["data"]["worker_id"].rsplit(":", 1)[1])
+    assert child_pid != proc.pid
+    os.kill(child_pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def restarted() -> bool:
+        return client.get(f"/v1/jobs/{job_id}").json()["attempt"] == 2
+
+    # well before the stale-heartbeat threshold would let the sweep act
+    wait_until(restarted, 30, "the job to be restarted")
+    job = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 120)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert proc.poll() is None, "the worker's parent process survived the child's death"
+    assert "WorkerLostError" in workers.log(proc)
+    evs = events(client, job_id)
+    assert [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint"] == list(range(1, epochs + 1))
+    assert any("resumed_from_epoch" in (e["data"] or {}) for e in evs)
+    assert time.monotonic() - killed < 150

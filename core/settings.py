@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     stale_heartbeat_seconds: float = 60.0
     progress_interval_seconds: float = 2.0
     visibility_timeout_seconds: int = 7 * 24 * 3600
+    # recovery sweep (worker/sweep.py): how often, when a queued job's message counts as lost,
+    # and how often such a job is re-sent at most
+    sweep_seconds: float = 30.0
+    queued_requeue_seconds: float = 60.0
+    queued_resend_seconds: float = 600.0
 
     # Server-Sent Events: how often the stream polls the database, and comment keep-alives
     # so proxies do not close an idle stream.

@@ -91,12 +91,3 @@ def heartbeat_is_stale(heartbeat_at: datetime | None, owner: str | None, setting
     if hb is None or utcnow() - hb > timedelta(seconds=settings.stale_heartbeat_seconds):
         return True
     return owner_is_dead(owner)
-
-
-def env_float(name: str, default: float) -> float:
-    """A worker knob not (yet) in core.settings, read from ROBUSTIFY_<NAME>."""
-    raw = os.environ.get(f"ROBUSTIFY_{name}")
-    try:
-        return float(raw) if raw not in (None, "") else default
-    except ValueError:
-        return default

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from core.db import Job, as_utc, record_worker_heartbeat, utcnow
-from worker.runtime import Runtime, env_float, heartbeat_is_stale, runtime
+from worker.runtime import Runtime, heartbeat_is_stale, runtime
 
 log = logging.getLogger("robustify.worker")
 
@@ -27,9 +27,9 @@ class Sweeper:
     def __init__(self, rt: Runtime, enqueue: Callable[[str], None]) -> None:
         self.rt = rt
         self.enqueue = enqueue
-        self.queued_after = env_float("QUEUED_REQUEUE_SECONDS", 60.0)
+        self.queued_after = rt.settings.queued_requeue_seconds
         # A queued job waiting behind long jobs is re-sent at most this often (not every sweep).
-        self.resend_every = max(self.queued_after, env_float("QUEUED_RESEND_SECONDS", 600.0))
+        self.resend_every = max(self.queued_after, rt.settings.queued_resend_seconds)
         self._sent: dict[str, float] = {}
 
     def sweep(self) -> list[str]:
@@ -83,7 +83,7 @@ class Maintenance:
         rt = runtime()
         sweeper = Sweeper(rt, self.enqueue)
         beat_every = rt.settings.heartbeat_seconds
-        sweep_every = env_float("SWEEP_SECONDS", 30.0)
+        sweep_every = rt.settings.sweep_seconds
         next_sweep = 0.0  # sweep at once on start
         while not self._stop.is_set():
             self._safely(self._beat, rt)

@@ -105,8 +105,8 @@ def test_claim_rules(rt: Runtime) -> None:
     assert _get(rt, cancelling).status == "cancelled"
 
 
-def test_sweep_requeues_only_orphaned_jobs(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ROBUSTIFY_QUEUED_REQUEUE_SECONDS", "60")
+def test_sweep_requeues_only_orphaned_jobs(rt: Runtime) -> None:
+    assert rt.settings.queued_requeue_seconds == 60.0
     now = utcnow()
     orphan = _job(rt, status="running", attempt=1, worker_id="other-host:1", heartbeat_at=now - timedelta(minutes=5))
     dead_local = _job(rt, status="cancelling", attempt=1, worker_id=f"{HOSTNAME}:999999", heartbeat_at=now)

@@ -63,22 +63,26 @@ def _check_labels(y: np.ndarray, num_images: int) -> np.ndarray:
     return np.ascontiguousarray(y, dtype=np.int64)
 
 
-def read_npz_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate the `x` and `y` arrays of an .npz file; never unpickles anything."""
+def read_npz_arrays(path: str | Path, *, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate the `x` and `y` arrays of an .npz file; never unpickles anything.
+
+    `label` names the file in error messages (default: its path).
+    """
+    label = label or str(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = sorted({"x", "y"} - set(npz.files))
             if missing:
-                raise InvalidDataset(f"{path} has no array named {', '.join(missing)}; "
+                raise InvalidDataset(f"{label} has no array named {', '.join(missing)}; "
                                      "save it with numpy.savez(path, x=images, y=labels).")
             x, y = npz["x"], npz["y"]
     except InvalidDataset:
         raise
     except FileNotFoundError:
-        raise InvalidDataset(f"no such file: {path}.") from None
+        raise InvalidDataset(f"no such file: {label}.") from None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         # allow_pickle=False turns object arrays into a ValueError: pickles are never loaded.
-        raise InvalidDataset(f"{path} is not a readable .npz of plain arrays ({exc}); "
+        raise InvalidDataset(f"{label} is not a readable .npz of plain arrays ({exc}); "
                              "save it with numpy.savez(path, x=images, y=labels).") from None
     return validate_npz_arrays(x, y)
 

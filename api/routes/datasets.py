@@ -32,52 +32,11 @@ _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data":
 
 def inspect_npz(path: Path) -> dict[str, Any]:
     """num_examples, num_classes and image_shape [C,H,W] of a valid .npz; else InvalidDataset."""
-    import zipfile
+    from core.npz import read_npz_arrays  # numpy only: the API process stays free of torch
 
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = {"x", "y"} - set(npz.files)
-            if missing:
-                raise InvalidDataset(f"the .npz has no array named {', '.join(sorted(missing))}; "
-                                     "save it with numpy.savez(path, x=images, y=labels).")
-            x, y = npz["x"], npz["y"]
-    except InvalidDataset:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        # allow_pickle=False makes object arrays a ValueError: never unpickle an upload.
-        raise InvalidDataset(f"not a readable .npz of plain arrays ({exc}); save it with numpy.savez.") from None
-    _validate_arrays(x, y)
-    if x.ndim == 3:
-        shape = [1, int(x.shape[1]), int(x.shape[2])]
-    elif x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
-        shape = [int(s) for s in x.shape[1:]]
-    else:  # N x H x W x C
-        shape = [int(x.shape[3]), int(x.shape[1]), int(x.shape[2])]
-    return {"num_examples": int(x.shape[0]), "num_classes": int(y.max()) + 1, "image_shape": shape}
-
-
-def _validate_arrays(x: Any, y: Any) -> None:
-    try:
-        from core.npz import validate_npz_arrays  # the data engineer's checks, shared with the worker
-    except ImportError:
-        validate_npz_arrays = None
-    if validate_npz_arrays is not None:
-        validate_npz_arrays(x, y)
-    # The API also needs these to describe the data set, so check them here in any case.
-    import numpy as np
-
-    if x.dtype != np.uint8:
-        raise InvalidDataset(f"x must be uint8 images (0..255), got {x.dtype}.")
-    if x.ndim not in (3, 4) or x.shape[0] == 0:
-        raise InvalidDataset(f"x must be N×H×W, N×H×W×C or N×C×H×W with N ≥ 1, got shape {list(x.shape)}.")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise InvalidDataset(f"y must be a 1-D array of integer labels, got {y.dtype} with shape {list(y.shape)}.")
-    if len(x) != len(y):
-        raise InvalidDataset(f"x has {len(x)} images but y has {len(y)} labels; they must match.")
-    if y.min() < 0:
-        raise InvalidDataset("labels in y must be ≥ 0.")
+    x, y = read_npz_arrays(path, label="the uploaded .npz")
+    return {"num_examples": int(x.shape[0]), "num_classes": int(y.max()) + 1,
+            "image_shape": [int(s) for s in x.shape[1:]]}
 
 
 @router.post("", status_code=201, openapi_extra=_OPENAPI, summary="Upload a data set (.npz)")

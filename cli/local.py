@@ -102,6 +102,9 @@ def _load(args: argparse.Namespace):
     elif args.pretrain > 0:
         from core.recipes.standard import accuracy, train_standard
 
+        import torch
+
+        torch.manual_seed(args.seed or 0)   # the same starting model on every run
         model = create_model(args.architecture, num_classes=data.num_classes, in_channels=c, image_size=h,
                              dataset=args.dataset)
         print(f"pre-training {args.architecture} on {args.dataset} for {args.pretrain} epochs (plain CE)...")
@@ -135,10 +138,12 @@ class _Bar:
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
     keys = [k for k in ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
-                        "w2_robust_to_clean_ratio", "linf_robust_to_clean_ratio") if any(k in r for r in rows.values())]
-    lines = [f"{'':28s}" + "".join(f"{name:>10s}" for name in rows)]
+                        "w2_robust_to_clean_ratio", "linf_robust_to_clean_ratio", "l2_robust_to_clean_ratio")
+            if any(k in r for r in rows.values())]
+    widths = [max(10, len(name) + 2) for name in rows]
+    lines = [f"{'':28s}" + "".join(f"{name:>{w}s}" for name, w in zip(rows, widths))]
     for k in keys:
-        lines.append(f"{k:28s}" + "".join(f"{r.get(k, float('nan')):10.4f}" for r in rows.values()))
+        lines.append(f"{k:28s}" + "".join(f"{r.get(k, float('nan')):{w}.4f}" for r, w in zip(rows.values(), widths)))
     return "\n".join(lines)
 
 

@@ -29,13 +29,21 @@ class EvaluationReport:
     stopped: bool = False
 
     @property
+    def headline(self) -> dict[str, Any] | None:
+        """The W-PGD row at the threat model's δ (the first radius if the curve does not contain it)."""
+        delta = self.config.get("threat_model", {}).get("delta")
+        return next((r for r in self.w2 if r["delta"] == delta), self.w2[0] if self.w2 else None)
+
+    @property
     def summary(self) -> dict[str, float]:
-        """Headline metrics at the threat model's δ (the first radius)."""
+        """Headline metrics at the threat model's δ."""
         out: dict[str, float] = {"clean_accuracy": self.clean_accuracy}
-        if self.w2:
-            out["w2_robust_accuracy"] = self.w2[0]["robust_accuracy"]
-            out["w2_robust_to_clean_ratio"] = self.w2[0]["robust_to_clean_ratio"]
-        at_delta = [p for p in self.pointwise if self.w2 and p["delta"] == self.w2[0]["delta"]]
+        row = self.headline
+        if row is None:
+            return out
+        out["w2_robust_accuracy"] = row["robust_accuracy"]
+        out["w2_robust_to_clean_ratio"] = row["robust_to_clean_ratio"]
+        at_delta = [p for p in self.pointwise if p["delta"] == row["delta"]]
         if at_delta:
             strongest = min(at_delta, key=lambda p: p["robust_accuracy"])
             ground = "linf" if strongest["threat"] == "linf" else "l2"

@@ -155,7 +155,10 @@ def test_evaluation_report_curve_ratios_and_plot(base_model, digits_data) -> Non
         assert row["robust_to_clean_ratio"] == pytest.approx(row["robust_accuracy"] / report.clean_accuracy)
         assert len(row["accuracy_trajectory"]) == 21
         assert row["first_order_estimate"] == pytest.approx(row["loss_clean"] + row["delta"] * row["sensitivity"])
-    assert report.summary["w2_robust_accuracy"] == w2[0]
+    assert report.summary["w2_robust_accuracy"] == w2[0]   # δ = 4/255 is not on the curve: the first radius
+    config.threat_model.delta = 8 / 255
+    headline = evaluate(config, _fresh(base_model), digits_data).summary
+    assert headline["w2_robust_accuracy"] == pytest.approx(w2[1])   # the row at the threat model's δ
     assert any(p.startswith("w-pgd") for p in phases) and phases[-1] == "done"
     assert report.plot_png().startswith(b"\x89PNG")
 

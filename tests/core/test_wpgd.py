@@ -11,25 +11,33 @@ from core.losses import redlr
 from core.threats import Threat
 
 
-def _reference_w_pgd(model, x, y, delta: float, steps: int, ratio: float) -> list[float]:
-    """algorithm.md's W-PGD written plainly (w2-linf, ReDLR): whole set in one batch, a separate
-    evaluation pass after every step, float64."""
+def _reference_w_pgd(model, x, y, delta: float, steps: int, ratio: float, ground: str = "linf") -> list[float]:
+    """algorithm.md's W-PGD written plainly (ReDLR; W2 with l∞ or l2 ground cost): whole set in one
+    batch, a separate evaluation pass after every step, float64."""
     alpha = ratio * delta / steps
     x_adv = x.clone()
     accuracies = [float((model(x_adv).argmax(1) == y).double().mean())]
     for _ in range(steps):
         xa = x_adv.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(redlr(model(xa), y).sum(), xa)
-        l1 = g.flatten(1).abs().sum(1)                               # ‖g_i‖_1
-        h = g.sign() * l1[:, None, None, None]                       # h_i = sgn(g_i)·‖g_i‖_1
-        big_n = torch.sqrt(torch.mean(h.flatten(1).abs().amax(1) ** 2))   # N = (mean ‖h_i‖_∞²)^½
+        if ground == "linf":
+            l1 = g.flatten(1).abs().sum(1)                              # ‖g_i‖_1
+            h = g.sign() * l1[:, None, None, None]                      # h_i = sgn(g_i)·‖g_i‖_1
+            big_n = torch.sqrt(torch.mean(h.flatten(1).abs().amax(1) ** 2))   # N = (mean ‖h_i‖_∞²)^½
+        else:
+            h = g                                                       # s = 2: h_i = g_i
+            big_n = torch.sqrt(torch.mean(h.flatten(1).norm(dim=1) ** 2))
         cand = x_adv + alpha * h / big_n
         e = cand - x
-        linf = e.flatten(1).abs().amax(1)
-        dist = torch.sqrt(torch.mean(linf ** 2))
+        norms = e.flatten(1).abs().amax(1) if ground == "linf" else e.flatten(1).norm(dim=1)
+        dist = torch.sqrt(torch.mean(norms ** 2))
         rho = min(1.0, delta / (float(dist) + 1e-12))
-        bound = (rho * linf)[:, None, None, None]
-        x_adv = (x + torch.maximum(torch.minimum(e, bound), -bound)).clamp(0, 1).detach()
+        if ground == "linf":
+            bound = (rho * norms)[:, None, None, None]
+            e = torch.maximum(torch.minimum(e, bound), -bound)
+        else:
+            e = rho * e
+        x_adv = (x + e).clamp(0, 1).detach()
         with torch.no_grad():
             accuracies.append(float((model(x_adv).argmax(1) == y).double().mean()))
     return accuracies
@@ -55,6 +63,15 @@ def test_fused_w_pgd_matches_plain_reference_step_by_step(model64, test_set64, d
     assert fused.accuracy_trajectory == pytest.approx(ref, abs=1e-12)
     assert fused.robust_accuracy == min(ref)
     assert fused.clean_accuracy == ref[0]
+    assert fused.robust_accuracy < fused.clean_accuracy
+
+
+@pytest.mark.parametrize("delta", [0.2, 0.8])
+def test_fused_w_pgd_matches_plain_reference_with_l2_ground_cost(model64, test_set64, delta: float) -> None:
+    x, y = test_set64
+    fused = w_pgd(model64, x, y, Threat("w2-l2", delta), steps=10, batch_size=128)
+    ref = _reference_w_pgd(model64, x, y, delta, 10, 1.875, ground="l2")
+    assert fused.accuracy_trajectory == pytest.approx(ref, abs=1e-12)
     assert fused.robust_accuracy < fused.clean_accuracy
 
 
@@ -113,3 +130,13 @@ def test_pgd_linf_moves_points_within_ball_and_lowers_accuracy(trained_tiny, dig
     weak = pgd(trained_tiny, x, y, Threat("linf", 1 / 255), steps=10, generator=torch.Generator().manual_seed(0))
     strong = pgd(trained_tiny, x, y, Threat("linf", 16 / 255), steps=10, generator=torch.Generator().manual_seed(0))
     assert strong.robust_accuracy < weak.robust_accuracy <= weak.clean_accuracy
+
+
+def test_pgd_l2_and_the_w2_l2_ball_that_contains_it(trained_tiny, digits) -> None:
+    _, _, x, y = digits
+    gen = torch.Generator().manual_seed(0)
+    small = pgd(trained_tiny, x, y, Threat("l2", 0.25), steps=10, generator=gen)
+    large = pgd(trained_tiny, x, y, Threat("l2", 1.0), steps=10, generator=gen)
+    assert large.robust_accuracy < small.robust_accuracy < small.clean_accuracy
+    w2 = w_pgd(trained_tiny, x, y, Threat("w2-l2", 1.0), steps=30)
+    assert w2.robust_accuracy <= large.robust_accuracy

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
-    create_engine, event,
+    create_engine, event, text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -106,6 +106,10 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner_key_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
+        # NULLs are distinct in the constraint above, so with auth off (no owner) only this
+        # partial index stops two concurrent submissions with one Idempotency-Key.
+        Index("uq_jobs_idempotency_no_owner", "idempotency_key", unique=True,
+              postgresql_where=text("owner_key_id IS NULL"), sqlite_where=text("owner_key_id IS NULL")),
         Index("ix_jobs_owner_created", "owner_key_id", "created_at"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -109,10 +109,10 @@ def create_job(body: JobCreate, response: Response, svc: Services = Depends(serv
         meta=body.metadata, idempotency_key=idempotency_key, attempt=0,
         max_attempts=svc.settings.max_attempts, created_at=utcnow(),
     )
-    session.add(job)
-    session.flush()
-    session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
     try:
+        session.add(job)
+        session.flush()  # the unique indexes on the key fire here (or at commit)
+        session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
         session.commit()
     except IntegrityError:  # a concurrent retry with the same Idempotency-Key won the race
         session.rollback()

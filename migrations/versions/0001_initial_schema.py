@@ -139,6 +139,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_jobs_model_id", "jobs", ["model_id"])
     op.create_index("ix_jobs_owner_created", "jobs", ["owner_key_id", "created_at"])
+    # NULL owners (auth off) escape uq_jobs_owner_idempotency; this index guards them.
+    no_owner = sa.text("owner_key_id IS NULL")
+    op.create_index("uq_jobs_idempotency_no_owner", "jobs", ["idempotency_key"], unique=True,
+                    postgresql_where=no_owner, sqlite_where=no_owner)
     op.create_index("ix_jobs_status", "jobs", ["status"])
     if not sqlite:
         op.create_foreign_key(_FK_ARTIFACT_JOB, "artifacts", "jobs", ["job_id"], ["id"], ondelete="CASCADE")

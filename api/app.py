@@ -13,6 +13,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
 from api.routes import datasets, jobs, models, ops
+from api.schemas import add_recipe_schemas
 from core.artifacts import ArtifactStore
 from core.db import make_engine, make_sessionmaker
 from core.queue import make_celery
@@ -48,4 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (models.router, datasets.router, jobs.router, ops.router):
         app.include_router(router)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_recipe_schemas(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -10,8 +10,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import models_json_schema
 
-from core.config import ThreatModelSpec
+from core.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
 from core.db import Artifact, Dataset, Job, JobEvent, Model, as_utc
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
@@ -23,6 +24,21 @@ BUILTIN_DATASETS: dict[str, list[int]] = {
 }
 ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "imagenet")
 ROBUSTBENCH_THREATS = ("Linf", "L2", "corruptions")
+
+
+_COMPONENTS = "#/components/schemas/"
+RECIPE_CONFIGS: tuple[type[BaseModel], ...] = (FinetuneConfig, EvaluateConfig)
+
+
+def add_recipe_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Put the recipe configs (and the models they use) into the OpenAPI components, which
+    JobCreate.config refers to; FastAPI only adds models that a route declares itself."""
+    _, defs = models_json_schema([(m, "validation") for m in RECIPE_CONFIGS],
+                                 ref_template=_COMPONENTS + "{model}")
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in defs.get("$defs", {}).items():
+        components.setdefault(name, schema)
+    return openapi
 
 
 class _Body(BaseModel):
@@ -96,7 +112,14 @@ class JobCreate(_Body):
     dataset: str = Field(min_length=1, max_length=100,
                          description="A built-in data set (digits, fashion-mnist, cifar10, cifar100) or a dataset id.")
     threat_model: ThreatModelSpec | None = None
-    config: dict[str, Any] = Field(default_factory=dict, description="Recipe fields; each may be omitted.")
+    # A plain object here: the route validates it with the model that `type` names, so a bad
+    # value is a 422 naming body.config.<field>. The schema below documents both recipes.
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Recipe fields, each optional (defaults shown): FinetuneConfig when type is finetune, "
+                    "EvaluateConfig when type is evaluate.",
+        json_schema_extra={"anyOf": [{"$ref": f"{_COMPONENTS}{m.__name__}"} for m in RECIPE_CONFIGS]},
+    )
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, Any] | None = None
 

@@ -16,7 +16,7 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from api.errors import ApiError
+from api.errors import ApiError, invalid_json
 from core.artifacts import ArtifactStore
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (name, metadata JSON, ...)
@@ -55,7 +55,7 @@ async def read_json(request: Request, limit: int) -> Any:
     try:
         return json.loads(b"".join(chunks) or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+        raise invalid_json(exc) from None
 
 
 @dataclass

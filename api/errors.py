@@ -1,6 +1,7 @@
 """RFC 9457 problem details (`application/problem+json`) for every error the API returns."""
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 from typing import Any
 
@@ -40,6 +41,15 @@ def not_found(kind: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"{kind} {ident!r} does not exist (or belongs to another API key).")
 
 
+def invalid_json(exc: json.JSONDecodeError | UnicodeDecodeError) -> ApiError:
+    """400 for a body that does not parse, with where the parser stopped (same for every route)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return ApiError(400, "bad_request", f"the body is not valid JSON: it is not UTF-8 text ({exc.reason} "
+                        f"at byte {exc.start}); send a UTF-8 JSON document.", position=exc.start)
+    return ApiError(400, "bad_request", f"the body is not valid JSON: {exc}; send a JSON document.",
+                    position=exc.pos, line=exc.lineno, column=exc.colno)
+
+
 def problem_response(
     request: Request, status: int, code: str, detail: str, *,
     headers: dict[str, str] | None = None, **extra: Any,
@@ -76,6 +86,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        raw = exc.errors()
+        if raw and raw[0].get("type") == "json_invalid":
+            # FastAPI reports a body that does not parse as a validation error; it is a bad request.
+            doc, pos = getattr(exc, "body", None), raw[0]["loc"][-1]
+            if isinstance(doc, str) and isinstance(pos, int):
+                bad = invalid_json(json.JSONDecodeError(str(raw[0].get("ctx", {}).get("error", "")), doc, pos))
+            else:
+                bad = ApiError(400, "bad_request", "the body is not valid JSON; send a JSON document.")
+            return problem_response(request, bad.status, bad.code, bad.detail, **bad.extra)
         errors = _validation_errors(exc)
         fields = ", ".join(sorted({e["field"] or "body" for e in errors}))
         first = errors[0]["msg"] if errors else "invalid request"
@@ -89,6 +108,9 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path}; see /docs for the API."
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            # FastAPI's words for a JSON body that is not even text (e.g. not UTF-8).
+            detail = "the body is not valid JSON: it could not be decoded as text; send a UTF-8 JSON document."
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}."
         return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))

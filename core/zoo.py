@@ -46,31 +46,36 @@ def create_model(architecture: str, *, num_classes: int, in_channels: int = 3, i
 
 # --- safetensors files ---------------------------------------------------------------------------
 
-def _refuse_pickle(path: Path, head: bytes) -> None:
+def _refuse_pickle(path: Path, head: bytes, name: str | None = None) -> None:
     # torch.save writes a zip archive (PK..); older torch and plain pickle start with the PROTO opcode 0x80.
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise InvalidModelFile(
-            f"{path.name} is a pickle file; pickle is refused because loading it runs arbitrary code; "
+            f"{name or path.name} is a pickle file; pickle is refused because loading it runs arbitrary code; "
             "save the state dict with safetensors.torch.save_file(model.state_dict(), 'model.safetensors').")
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors state dict (CPU tensors). Pickles, truncated or garbled files → InvalidModelFile."""
+def load_state_dict_file(path: str | Path, *, label: str | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors state dict (CPU tensors). Pickles, truncated or garbled files → InvalidModelFile.
+
+    `label` names the file in error messages (e.g. the user's upload name, where `path` is a
+    content-addressed store path that would mean nothing to them); by default the file's name.
+    """
     path = Path(path)
+    name = label or path.name
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as exc:
         raise InvalidModelFile(f"cannot read the model file {path}: {exc.strerror or exc}.") from None
-    _refuse_pickle(path, head)
+    _refuse_pickle(path, head, name)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InvalidModelFile(
-            f"{path.name} is not a valid safetensors file ({exc}); it may be truncated or corrupt: "
+            f"{name} is not a valid safetensors file ({exc}); it may be truncated or corrupt: "
             "save it again with safetensors.torch.save_file(model.state_dict(), path).") from None
     if not state:
-        raise InvalidModelFile(f"{path.name} holds no tensors; save the model's state_dict() into it.")
+        raise InvalidModelFile(f"{name} holds no tensors; save the model's state_dict() into it.")
     return state
 
 
@@ -131,16 +136,18 @@ def _check_forward(model: nn.Module, *, num_classes: int, in_channels: int, imag
 
 
 def load_model_file(path: str | Path, architecture: str, *, num_classes: int, in_channels: int = 3,
-                    image_size: int = 32, dataset: str = "cifar10", threat_model: str = "Linf") -> nn.Module:
+                    image_size: int = 32, dataset: str = "cifar10", threat_model: str = "Linf",
+                    label: str | None = None) -> nn.Module:
     """Build `architecture`, load the safetensors weights at `path` strictly, check one forward pass.
 
-    Returns the model in eval mode on the CPU.
+    `label` is how error messages name the file (default: its file name). Returns the model in
+    eval mode on the CPU.
     """
-    state = load_state_dict_file(path)
+    state = load_state_dict_file(path, label=label)
     model = create_model(architecture, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                          dataset=dataset, threat_model=threat_model)
     state = _align_prefixes(state, model.state_dict())
-    what = f"the weights in {Path(path).name}"
+    what = f"the weights in {label or Path(path).name}"
     check_state_dict(model, state, what=what)
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -202,9 +202,13 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
             raise RobustifyError(f"the weights of model {model_row.id} are missing; register the model again.",
                                  code="invalid_model_file")
         path = rt.store.path(ArtifactStore.relpath_for(art.sha256))
+        # errors name the user's file, not the content-addressed store path
+        label = art.filename or model_row.name
+        if model_row.name and model_row.name != label:
+            label += f" (model {model_row.name!r})"
         return zoo.load_model_file(path, model_row.architecture, num_classes=model_row.num_classes,
                                    in_channels=shape[0], image_size=shape[-1], dataset=model_row.dataset,
-                                   threat_model=model_row.threat_model or "Linf")
+                                   threat_model=model_row.threat_model or "Linf", label=label)
     name = model_row.architecture.removeprefix("robustbench:")
     return zoo.load_robustbench_model(name, dataset=model_row.dataset, threat_model=model_row.threat_model or "Linf",
                                       model_dir=rt.settings.resolved_model_dir,

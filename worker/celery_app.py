@@ -16,6 +16,9 @@ log = logging.getLogger("robustify.worker")
 
 app = make_celery()
 app.conf.include = ["worker.tasks"]
+# The service never uses Celery's remote control (cancellation, liveness and recovery go through
+# the database), so workers create no pidbox queues: no broker-wide bindings that outlive them.
+app.conf.worker_enable_remote_control = False
 
 _maintenance: Any = None
 

@@ -3,6 +3,7 @@ a live uvicorn server and live Celery worker processes, all as subprocesses with
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,26 +82,51 @@ def pg_url() -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------------ Redis
+def _mentions(client: Any, key: bytes, tag: bytes) -> bool:
+    """Whether a key's name or any of its members/fields/values carries `tag`."""
+    if tag in key:
+        return True
+    kind = client.type(key)
+    if kind == b"set":
+        items: Any = client.smembers(key)
+    elif kind == b"zset":
+        items = client.zrange(key, 0, -1)
+    elif kind == b"hash":
+        items = [b for pair in client.hgetall(key).items() for b in pair]
+    elif kind == b"list":
+        items = client.lrange(key, 0, -1)
+    elif kind == b"string":
+        items = [client.get(key) or b""]
+    else:
+        items = []
+    return any(tag in item for item in items)
+
+
 @pytest.fixture(scope="module")
 def queues() -> Iterator[dict[str, str]]:
-    """Unique queue names on their own Redis db index; their keys are removed afterwards."""
+    """Unique queue and worker names on their own Redis db index.
+
+    Afterwards the keys named after this run are deleted, and so are this run's entries in kombu's
+    shared unacked hash (a SIGKILLed worker leaves them). Nothing global is deleted: other runs may
+    share the db. The workers run without remote control, mingle and gossip, so no other key may
+    mention this run; the teardown checks that.
+    """
     import redis
 
     tag = secrets.token_hex(4)
-    names = {"gpu": f"e2e-gpu-{tag}", "cpu": f"e2e-cpu-{tag}"}
+    names = {"gpu": f"e2e-gpu-{tag}", "cpu": f"e2e-cpu-{tag}", "tag": tag}
     yield names
     client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
     try:
-        for key in client.scan_iter(match="*"):
-            k = key.decode(errors="replace")
-            # our queues and their bindings; the remote-control (pidbox) bindings our workers made
-            if tag in k or k in ("_kombu.binding.celery.pidbox", "_kombu.binding_deadlines"):
-                client.delete(key)
-        for hash_key in (b"unacked",):  # kombu's unacked-message hash: drop only our entries
-            for field, value in client.hgetall(hash_key).items():
-                if tag.encode() in value:
-                    client.hdel(hash_key, field)
-                    client.zrem(b"unacked_index", field)
+        btag = tag.encode()
+        for key in client.scan_iter(match=f"*{tag}*"):
+            client.delete(key)
+        for field, value in client.hgetall(b"unacked").items():  # kombu's unacked-message hash
+            if btag in value:
+                client.hdel(b"unacked", field)
+                client.zrem(b"unacked_index", field)
+        left = [k.decode(errors="replace") for k in client.scan_iter(match="*") if _mentions(client, k, btag)]
+        assert not left, f"Redis keys still mention this run ({tag}): {left}"
     finally:
         client.close()
 
@@ -175,16 +202,18 @@ def client(api_url: str, api_key: str) -> Iterator[httpx.Client]:
 
 
 class Workers:
-    """Starts `robustify worker` processes (each its own process group) and stops them all."""
+    """Starts `robustify worker` processes (each its own process group) and stops them all.
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env, self.log_dir = env, log_dir
+    Worker names carry the run's tag, so any broker key a worker leaves behind can be traced to it."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, tag: str) -> None:
+        self.env, self.log_dir, self.tag = env, log_dir, tag
         self.procs: list[subprocess.Popen] = []
 
     def start(self, queues: str, name: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--queues", queues, "--name", f"{name}@%h",
+            [sys.executable, "-m", "cli", "worker", "--queues", queues, "--name", f"{name}-{self.tag}@%h",
              "--loglevel", "INFO"],
             env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         proc.log_path = self.log_dir / f"{name}.log"  # type: ignore[attr-defined]
@@ -200,8 +229,8 @@ class Workers:
 
 
 @pytest.fixture
-def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(service_env, tmp_path)
+def workers(service_env: dict[str, str], queues: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(service_env, tmp_path, queues["tag"])
     try:
         yield w
     finally:
@@ -212,7 +241,7 @@ def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
 def cpu_worker(service_env: dict[str, str], queues: dict[str, str], tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[subprocess.Popen]:
     """Validates uploads for the whole module (it does not take fine-tuning jobs)."""
-    w = Workers(service_env, tmp_path_factory.mktemp("cpu-worker"))
+    w = Workers(service_env, tmp_path_factory.mktemp("cpu-worker"), queues["tag"])
     proc = w.start(queues["cpu"], f"cpu-{secrets.token_hex(3)}")
     try:
         yield proc
@@ -291,3 +320,140 @@ def wait_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: 
     except AssertionError:
         job = client.get(f"/v1/jobs/{job_id}").json()
         raise AssertionError(f"job ended as {json.dumps(job)[:2000]}\nevents: {events(client, job_id)}") from None
+
+
+# ------------------------------------------------------------------------------ the fine-tuning flow
+# The distributed and the embedded deployments run the same flow through these helpers.
+def stream_events(url: str, headers: dict[str, str], job_id: str, sink: list[dict[str, Any]]) -> None:
+    """Read the SSE stream until the server closes it (the job reached a final state)."""
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events",
+                      headers={**headers, "Accept": "text/event-stream"}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                sink.append(json.loads(line[len("data: "):]))
+
+
+def start_event_stream(url: str, headers: dict[str, str], job_id: str
+                       ) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    streamed: list[dict[str, Any]] = []
+    reader = threading.Thread(target=stream_events, args=(url, headers, job_id, streamed), daemon=True)
+    reader.start()
+    return reader, streamed
+
+
+def w2_accuracy(path: Path) -> float:
+    """W2 robust accuracy (W-PGD through the engine's evaluate) of a small-cnn weights file."""
+    import tempfile
+
+    from core.config import EvaluateConfig
+    from core.data import load_dataset
+    from core.recipes.evaluate import evaluate
+    from core.zoo import load_model_file
+
+    model = load_model_file(path, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")
+    data = load_dataset("digits", data_dir=tempfile.gettempdir())
+    cfg = EvaluateConfig(threat_model=THREAT, wpgd_steps=10, linf_attacks=["pgd"], pgd_steps=3)
+    return float(evaluate(cfg, model, data, device="cpu").summary["w2_robust_accuracy"])
+
+
+def poll_job(client: httpx.Client, job_id: str, timeout: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Poll the job until it ends; returns the final job and every job object seen on the way."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cur = client.get(f"/v1/jobs/{job_id}").json()
+        seen.append(cur)
+        if cur["status"] in ("succeeded", "failed", "cancelled"):
+            return cur, seen
+        time.sleep(0.15)
+    raise AssertionError(f"job {job_id} did not end in {timeout:.0f} s: {json.dumps(seen[-1])[:2000]}")
+
+
+def check_progress(seen: list[dict[str, Any]], final: dict[str, Any], epochs: int,
+                   metrics_events: list[dict[str, Any]]) -> None:
+    """The worker's progress (fraction, phase, epoch, ETA) and latest metrics, while running and at the end."""
+    fractions = [j["progress"]["fraction"] for j in seen]
+    assert len(set(fractions)) >= 3, fractions  # moved forward over the polls ...
+    assert fractions == sorted(fractions), fractions  # ... never backwards
+    running = [j for j in seen if j["status"] == "running" and (j["progress"]["epoch"] or 0) >= 1]
+    assert running, "no poll saw the job running an epoch"
+    for j in running:
+        p = j["progress"]
+        assert p["phase"] in ("train", "evaluate"), p
+        assert 1 <= p["epoch"] <= p["total_epochs"] == epochs, p
+        assert 0.0 < p["fraction"] <= 1.0, p
+        # the ETA is estimated from the progress made since the job (or its resumption) began
+        assert isinstance(p["eta_seconds"], (int, float)) and p["eta_seconds"] >= 0, p
+        if p["phase"] == "train" and p["step"] is not None:
+            assert 1 <= p["step"] <= p["total_steps"], p
+    epochs_seen = [j["progress"]["epoch"] for j in running]
+    assert epochs_seen == sorted(epochs_seen), epochs_seen
+    # once an epoch was evaluated, its metrics are the job's latest metrics
+    evaluated = [j for j in running if j["latest_metrics"]["w2_robust_accuracy"] is not None]
+    assert evaluated, "no poll saw latest_metrics while the job ran"
+    for j in evaluated:
+        m = j["latest_metrics"]
+        assert 0.0 <= m["w2_robust_accuracy"] <= 1.0 and 0.0 <= m["clean_accuracy"] <= 1.0, m
+        assert isinstance(m["train_loss"], float), m
+    # at the end: done, and the latest metrics are the last epoch's
+    assert final["progress"]["phase"] == "done" and final["progress"]["fraction"] == 1.0, final["progress"]
+    assert final["progress"]["eta_seconds"] == 0.0, final["progress"]
+    assert final["progress"]["epoch"] == final["progress"]["total_epochs"] == epochs, final["progress"]
+    last = metrics_events[-1]["data"]
+    assert last["epoch"] == epochs
+    assert final["latest_metrics"]["w2_robust_accuracy"] == pytest.approx(last["w2_robust_accuracy"])
+    assert final["latest_metrics"]["clean_accuracy"] == pytest.approx(last["clean_accuracy"])
+
+
+def run_finetune_flow(client: httpx.Client, url: str, model_id: str, upload: Path, tmp_path: Path,
+                      epochs: int = 5, timeout: float = 150) -> dict[str, Any]:
+    """Submit a fine-tuning job and follow it to success as a client would: SSE stream, polled progress,
+    checkpoints, report, and the downloaded best checkpoint, which must load and be more W2-robust
+    than `upload`. Returns the final job."""
+    job = submit(client, model_id, epochs=epochs)
+    job_id = job["id"]
+    assert job["status"] == "queued"
+    auth = {"Authorization": client.headers["authorization"]} if "authorization" in client.headers else {}
+    reader, streamed = start_event_stream(url, auth, job_id)
+
+    cur, seen = poll_job(client, job_id, timeout)
+    assert cur["status"] == "succeeded", (cur, events(client, job_id))
+    assert cur["attempt"] == 1
+
+    # the SSE stream delivered the job's events in order and ended with the final status
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the event stream did not end after the job finished"
+    ids = [e["id"] for e in streamed]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    assert [e["id"] for e in events(client, job_id)] == ids
+    assert {"status", "checkpoint", "metrics", "progress"} <= {e["type"] for e in streamed}
+    assert streamed[-1]["type"] == "status" and streamed[-1]["data"]["status"] == "succeeded"
+    assert [e["data"]["epoch"] for e in streamed if e["type"] == "checkpoint"] == list(range(1, epochs + 1))
+    metrics_events = [e for e in streamed if e["type"] == "metrics"]
+    assert [e["data"]["epoch"] for e in metrics_events] == list(range(1, epochs + 1))
+
+    check_progress(seen, cur, epochs, metrics_events)
+
+    # the result summary, the best checkpoint and its integrity
+    result = cur["result"]
+    assert set(result) >= {"best_checkpoint_id", "best_epoch", "before", "after"}
+    ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["epoch"] for c in ckpts] == list(range(1, epochs + 1))
+    best = [c for c in ckpts if c["is_best"]]
+    assert [c["id"] for c in best] == [result["best_checkpoint_id"]]
+    r = client.get(f"/v1/jobs/{job_id}/checkpoint")
+    assert r.status_code == 200
+    digest = hashlib.sha256(r.content).hexdigest()
+    assert r.headers["etag"] == f'"{digest}"' == f'"{best[0]["sha256"]}"'
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(r.content)
+    report = client.get(f"/v1/jobs/{job_id}/report")
+    assert report.status_code == 200 and report.json()["best_epoch"] == result["best_epoch"]
+    plot = client.get(f"/v1/jobs/{job_id}/report.png")
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+    # the downloaded checkpoint loads and is more robust than the upload (independent evaluation)
+    before, after = w2_accuracy(upload), w2_accuracy(path)
+    assert after > before, (before, after)
+    return cur

@@ -2,7 +2,6 @@
 (SQLite database, kombu's SQLAlchemy broker on SQLite, artifacts on disk, auth off on localhost)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -13,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, events, free_port, submit, upload_model, wait_model_ready, wait_status, wait_until
+from tests.e2e.conftest import free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(240)
 
 
 def _alive(pid: int) -> bool:
@@ -60,25 +59,8 @@ def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_f
 
         with httpx.Client(base_url=url, timeout=30) as client:  # no API key: auth is off on localhost
             model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
-            job_id = submit(client, model["id"], epochs=3)["id"]
-            fractions = []
-
-            def finished() -> bool:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                fractions.append(job["progress"]["fraction"])
-                return job["status"] in ("succeeded", "failed", "cancelled")
-
-            wait_until(finished, 120, "the job to finish", interval=0.15)
-            job = wait_status(client, job_id, {"succeeded"}, 1)
-            assert len(set(fractions)) >= 3 and fractions == sorted(fractions), fractions
-            evs = events(client, job_id)
-            assert [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint"] == [1, 2, 3]
-            r = client.get(f"/v1/jobs/{job_id}/checkpoint")
-            assert r.status_code == 200
-            assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
-            best = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-            assert [c["sha256"] for c in best if c["id"] == job["result"]["best_checkpoint_id"]] == \
-                [hashlib.sha256(r.content).hexdigest()]
+            # the same flow as the distributed deployment's: SSE, progress, checkpoints, a more robust model
+            run_finetune_flow(client, url, model["id"], digits_model_file, tmp_path, epochs=5)
         assert (data_dir / "robustify.db").is_file() and (data_dir / "broker.db").is_file()
         assert any((data_dir / "artifacts").rglob("*"))
     finally:

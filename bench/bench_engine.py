@@ -9,7 +9,7 @@ pass, everything on the device). The baseline is algorithm.md written plainly: f
 batch 32, gradients copied to the host for the whole-set normalisation and projection, and a
 separate evaluation pass after every step.
 
-W-TRADES training (images per second): ours is core.recipes.finetune's inner+outer step; the
+W-TRADES training (images per second): ours is core.recipes.finetune.w_trades_step; the
 baseline runs the same mathematics with float32, batch 32, and the clean forward recomputed
 in every inner step (as the TRADES reference code does), gradients copied to the host.
 """
@@ -22,9 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from core.attacks.wpgd import attack_batch, w_pgd
+from core.attacks.wpgd import w_pgd
+from core.config import FinetuneConfig
 from core.device import Compute
-from core.losses import attack_loss, kl_divergence, redlr
+from core.losses import kl_divergence, redlr
+from core.recipes.finetune import RandomWeightPerturbation, w_trades_step
 from core.threats import Threat
 
 
@@ -106,21 +108,12 @@ def baseline_trades_step(model, opt, x, y, delta: float, steps: int, beta: float
 
 def ours_trades_step(model, opt, x, y, threat: Threat, steps: int, compute: Compute, beta: float = 6.0,
                      loss_name: str = "kl") -> None:
-    model.eval()
-    if loss_name == "kl":
-        with torch.no_grad(), compute.autocast():
-            fn = attack_loss("kl", logits_clean=model(x).float())
-    else:
-        fn = attack_loss(loss_name)
-    adv = attack_batch(model, x, y, threat, loss_fn=fn, steps=steps, step_ratio=2.0, compute=compute,
-                       start_noise=0.001 if loss_name == "kl" else 0.0)
-    model.train()
-    with compute.autocast():
-        ln, la = model(x), model(adv.x_adv)
-    loss = F.cross_entropy(ln.float(), y) + beta * kl_divergence(ln, la).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    """The recipe's own step (core.recipes.finetune.w_trades_step) with the baseline's settings:
+    fixed budget, no weight perturbation, same K, β and inner loss."""
+    config = FinetuneConfig(threat_model={"kind": threat.kind, "delta": threat.delta}, attack_steps=steps,
+                            beta=beta, attack_loss=loss_name, budget="fixed", weight_perturbation=0.0)
+    w_trades_step(model, opt, x, y, threat=threat, config=config, compute=compute,
+                  perturbation=RandomWeightPerturbation(model, 0.0), generator=None, upsilon_ema=None)
 
 
 def timed(fn, device) -> float:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from core.attacks.pgd import pgd
-from core.attacks.wpgd import attack_batch, w_pgd
+from core.attacks.wpgd import BatchAttack, attack_batch, w_pgd
 from core.checkpoint import TrainingCheckpoint
 from core.config import FinetuneConfig
 from core.data import ImageData, augment_crop_flip, is_cifar_like, to_unit_float
@@ -143,6 +143,46 @@ class RandomWeightPerturbation:
             self.saved = []
 
 
+def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  *, threat: Threat, config: FinetuneConfig, compute: Compute,
+                  perturbation: RandomWeightPerturbation, generator: torch.Generator,
+                  upsilon_ema: torch.Tensor | None) -> tuple[torch.Tensor, BatchAttack, torch.Tensor | None]:
+    """One W-TRADES step on a batch (the scheduler is the caller's).
+
+    Inner attack in eval mode with the split loss; with `upsilon_ema` = Ῡ the batch gets
+    δ_B = δ·Υ_B/Ῡ clamped to [0, cap·δ] (W-PGD-Budget), with None the fixed δ. Outer step:
+    CE + β·KL(p(x) ‖ p(x')) in train mode, its gradient taken at randomly perturbed weights.
+    Returns the detached loss, the attack, and the updated Ῡ (None when fixed).
+    """
+    model.eval()
+    budget = None
+    if upsilon_ema is not None:
+        ema = upsilon_ema
+
+        def budget(upsilon_b: torch.Tensor) -> torch.Tensor:
+            delta_b = threat.delta * upsilon_b / ema.clamp_min(1e-30)
+            delta_b = torch.where(ema > 0, delta_b, torch.full_like(delta_b, threat.delta))
+            return delta_b.clamp(0.0, config.budget_cap * threat.delta)
+
+    adv = attack_batch(model, x, y, threat, loss_fn=_attack_loss_fn(model, x, config, compute),
+                       steps=config.attack_steps, step_ratio=config.attack_step_ratio, compute=compute,
+                       budget=budget, start_noise=_start_noise(config), generator=generator)
+    if upsilon_ema is not None:
+        upsilon_ema = config.budget_ema_decay * upsilon_ema + (1 - config.budget_ema_decay) * adv.sensitivity
+
+    model.train()
+    perturbation.apply(generator)
+    with compute.autocast():
+        logits_nat = model(x)
+        logits_adv = model(adv.x_adv)
+    loss = F.cross_entropy(logits_nat.float(), y) + config.beta * kl_divergence(logits_nat, logits_adv).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    perturbation.restore()
+    optimizer.step()
+    return loss.detach(), adv, upsilon_ema
+
+
 def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
              *, device: str | torch.device | None = None,
              resume: TrainingCheckpoint | None = None) -> FinetuneResult:
@@ -210,36 +250,15 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
                 x = augment_crop_flip(x, generator=generator)
             x = compute.images(x)
 
-            # inner attack, model in eval mode; δ_B from the first step's Υ_B (W-PGD-Budget)
-            model.eval()
-            ema = upsilon_ema
-
-            def budget(upsilon_b: torch.Tensor) -> torch.Tensor:
-                delta_b = threat.delta * upsilon_b / ema.clamp_min(1e-30)
-                delta_b = torch.where(ema > 0, delta_b, torch.full_like(delta_b, threat.delta))
-                return delta_b.clamp(0.0, config.budget_cap * threat.delta)
-
-            adv = attack_batch(model, x, y, threat, loss_fn=_attack_loss_fn(model, x, config, compute),
-                               steps=config.attack_steps, step_ratio=config.attack_step_ratio,
-                               compute=compute, budget=budget if dynamic_budget else None,
-                               start_noise=_start_noise(config), generator=generator)
-            if dynamic_budget:
-                upsilon_ema = config.budget_ema_decay * upsilon_ema + (1 - config.budget_ema_decay) * adv.sensitivity
+            loss, adv, new_ema = w_trades_step(
+                model, optimizer, x, y, threat=threat, config=config, compute=compute,
+                perturbation=perturbation, generator=generator,
+                upsilon_ema=upsilon_ema if dynamic_budget else None)
+            if new_ema is not None:
+                upsilon_ema = new_ema
             budget_sum += adv.delta
-
-            # outer step: CE + β·KL, gradient taken at randomly perturbed weights
-            model.train()
-            perturbation.apply(generator)
-            with compute.autocast():
-                logits_nat = model(x)
-                logits_adv = model(adv.x_adv)
-            loss = F.cross_entropy(logits_nat.float(), y) + config.beta * kl_divergence(logits_nat, logits_adv).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            perturbation.restore()
-            optimizer.step()
             scheduler.step()
-            loss_sum += loss.detach().double()
+            loss_sum += loss.double()
             steps_done = step + 1
 
             if step % 5 == 4 or step == steps_per_epoch - 1:

@@ -135,7 +135,7 @@ def main() -> None:
     if args.cpu_tiny or not torch.cuda.is_available():
         device = torch.device("cpu")
         model = TinyCifarNet()
-        n_eval, steps, batch_ours, train_batches, train_bs = 512, 5, 32, 2, 128
+        n_eval, steps, batch_ours, train_batches, train_bs = 512, 5, 32, 8, 32
         compute = Compute.resolve("cpu", amp="off")
         label = "cpu, TinyCifarNet"
     else:

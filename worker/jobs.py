@@ -137,7 +137,7 @@ class JobHooks:
         from core.checkpoint import save_weights
 
         store: ArtifactStore = self.rt.store
-        partial = "partial_epoch" in (ckpt.extra or {})
+        partial = "partial" in (ckpt.extra or {})   # stopped inside an epoch
         weights_tmp = store.temp_file(".safetensors")
         state_tmp = store.temp_file(".safetensors")
         try:

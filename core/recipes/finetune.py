@@ -86,23 +86,26 @@ def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
     }
 
 
-def estimate_global_sensitivity(model: torch.nn.Module, data: ImageData, threat: Threat,
-                                config: FinetuneConfig, compute: Compute,
-                                generator: torch.Generator) -> torch.Tensor:
-    """Ῡ on a random subset of the training data: (mean_i ‖g_i‖_s²)^{1/2} of the attack loss."""
+def estimate_global_sensitivity(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+                                threat: Threat, config: FinetuneConfig, compute: Compute,
+                                generator: torch.Generator, augment: bool) -> torch.Tensor:
+    """Ῡ on a random subset of the training images (uint8, on the device), augmented as the
+    training batches are: (mean_i ‖g_i‖_s²)^{1/2} of the attack loss at the start point."""
     model.eval()
-    n = data.train_x.shape[0]
-    idx = torch.randperm(n, generator=generator, device=compute.device)[: config.budget_subset]
-    x = to_unit_float(data.train_x[idx.cpu()], compute.device)
-    y = data.train_y[idx.cpu()].to(compute.device)
+    idx = torch.randperm(train_x.shape[0], generator=generator, device=train_x.device)[: config.budget_subset]
+    x_all, y_all = train_x[idx], train_y[idx]
     squares = torch.zeros((), device=compute.device, dtype=torch.float64)
-    for b in batches(x.shape[0], config.batch_size):
-        attack = attack_batch(model, compute.images(x[b]), y[b], threat.with_delta(0.0),
-                              loss_fn=_attack_loss_fn(model, x[b], config, compute), steps=1,
+    for b in batches(x_all.shape[0], config.batch_size):
+        x = to_unit_float(x_all[b], compute.device)
+        if augment:
+            x = augment_crop_flip(x, generator=generator)
+        x = compute.images(x)
+        attack = attack_batch(model, x, y_all[b], threat.with_delta(0.0),
+                              loss_fn=_attack_loss_fn(model, x, config, compute), steps=1,
                               step_ratio=1.0, compute=compute, start_noise=_start_noise(config),
                               generator=generator)
         squares += attack.sensitivity.square() * (b.stop - b.start)
-    return (squares / x.shape[0]).sqrt()
+    return (squares / x_all.shape[0]).sqrt()
 
 
 def _start_noise(config: FinetuneConfig) -> float:
@@ -219,7 +222,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         history: list[dict[str, Any]] = []
         best_epoch, best_metrics, best_state = 0, before, _state_copy(model)
         start_epoch = 0
-        upsilon_ema = (estimate_global_sensitivity(model, data, threat, config, compute, generator)
+        upsilon_ema = (estimate_global_sensitivity(model, train_x, train_y, threat, config, compute, generator,
+                                                   augment)
                        if dynamic_budget else torch.zeros((), device=compute.device, dtype=torch.float64))
     else:
         model.load_state_dict(resume.model_state)
@@ -232,17 +236,30 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         best_state = resume.best_model_state
         start_epoch = resume.epoch
         upsilon_ema = torch.tensor(extra["upsilon_ema"], device=compute.device, dtype=torch.float64)
+    partial = resume.extra.get("partial") if resume is not None else None   # stopped inside an epoch
 
     last_metrics = history[-1] if history else before
     stopped = False
     epoch = start_epoch
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(n_train, generator=generator, device=compute.device)
         loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
         budget_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
         steps_done = 0
-        for step in range(steps_per_epoch):
+        if partial is None:
+            epoch_rng = generator.get_state()
+            perm = torch.randperm(n_train, generator=generator, device=compute.device)
+        else:
+            # replay this epoch's shuffle, then continue from where the stopped run left off
+            epoch_rng = resume.rng_state["epoch_start"]
+            generator.set_state(epoch_rng)
+            perm = torch.randperm(n_train, generator=generator, device=compute.device)
+            generator.set_state(resume.rng_state["generator"])
+            steps_done = partial["steps_done"]
+            loss_sum += partial["loss_sum"]
+            budget_sum += partial["budget_sum"]
+            partial = None
+        for step in range(steps_done, steps_per_epoch):
             idx = perm[step * batch_size:(step + 1) * batch_size]
             x = to_unit_float(train_x[idx], compute.device)
             y = train_y[idx]
@@ -271,14 +288,17 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
 
         train_loss = float(loss_sum / max(steps_done, 1))
         if stopped:
+            # everything needed to finish this epoch exactly as an uninterrupted run would
             hooks.checkpoint(TrainingCheckpoint(
                 epoch=epoch - 1, model_state=_state_copy(model), best_model_state=best_state,
                 optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                rng_state={"generator": generator.get_state()}, metrics={"train_loss": train_loss},
+                rng_state={"generator": generator.get_state(), "epoch_start": epoch_rng},
+                metrics={"train_loss": train_loss},
                 extra={"before": before, "history": history, "best_epoch": best_epoch,
                        "best_metrics": best_metrics, "upsilon_ema": float(upsilon_ema),
-                       "partial_epoch": epoch, "steps_done": steps_done}, total_epochs=config.epochs,
-                final=True))
+                       "partial": {"epoch": epoch, "steps_done": steps_done, "loss_sum": float(loss_sum),
+                                   "budget_sum": float(budget_sum)}},
+                total_epochs=config.epochs, final=True))
             epoch -= 1
             break
 

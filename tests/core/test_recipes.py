@@ -117,8 +117,35 @@ def test_cancellation_stops_within_an_epoch_and_saves_a_checkpoint(base_model, d
     assert result.stopped
     assert result.epochs_completed == 1
     assert saved[0].epoch == 1 and not saved[0].final
-    assert saved[-1].final and saved[-1].extra["partial_epoch"] == 2
+    assert saved[-1].final and saved[-1].extra["partial"]["epoch"] == 2
     assert len(saved) == 2
+
+
+def test_run_stopped_inside_an_epoch_resumes_exactly(base_model, digits_data, tmp_path) -> None:
+    """A cancel or a lost worker mid-epoch saves a state from which the epoch finishes as if
+    nothing had happened: same shuffle, same random draws, schedule not replayed."""
+    config = _config(epochs=2, eval_examples=100, eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=2)
+    uninterrupted = finetune(config, _fresh(base_model), digits_data)
+    seen = {"epoch": 0, "step": 0}
+
+    def progress(fraction: float, phase: str, metrics: dict) -> None:
+        seen["epoch"], seen["step"] = metrics.get("epoch", 0), metrics.get("step", 0)
+
+    saved = []
+    stopped = finetune(config, _fresh(base_model), digits_data,
+                       Hooks(progress=progress, should_stop=lambda: seen["epoch"] == 2 and seen["step"] >= 10,
+                             checkpoint=saved.append))
+    assert stopped.stopped and saved[-1].extra["partial"] == {**saved[-1].extra["partial"], "epoch": 2,
+                                                              "steps_done": 10}
+    path = tmp_path / "partial.safetensors"
+    saved[-1].save(path)
+    resumed = finetune(config, create_model("small-cnn", num_classes=10, in_channels=1, image_size=8),
+                       digits_data, resume=load_training_checkpoint(path))
+    assert resumed.epochs_completed == 2 and len(resumed.history) == 2
+    for key, value in uninterrupted.last_model_state.items():
+        assert torch.equal(value, resumed.last_model_state[key]), key
+    assert resumed.history[-1]["train_loss"] == pytest.approx(uninterrupted.history[-1]["train_loss"], rel=1e-12)
+    assert resumed.history[-1]["lr"] == uninterrupted.history[-1]["lr"]
 
 
 def test_plain_trades_is_the_same_loop_with_a_pointwise_threat(base_model, digits_data) -> None:

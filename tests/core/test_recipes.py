@@ -43,7 +43,8 @@ def _fresh(base_model) -> torch.nn.Module:
 
 
 def _config(**overrides) -> FinetuneConfig:
-    fields = dict(threat_model={"kind": "w2-linf", "delta": DELTA}, epochs=8, batch_size=64, lr=0.003,
+    # β = 3: with β = 6 this small CNN's first W-TRADES epoch can collapse on some numerical paths
+    fields = dict(threat_model={"kind": "w2-linf", "delta": DELTA}, epochs=8, batch_size=64, lr=0.003, beta=3.0,
                   attack_steps=5, eval_examples=400, eval_wpgd_steps=20, eval_pgd_steps=10, seed=0)
     fields.update(overrides)
     return FinetuneConfig(**fields)
@@ -60,13 +61,14 @@ def test_w_trades_gains_w2_robustness_and_keeps_linf(base_model, digits_data) ->
     assert len(result.history) == 8
     assert result.best["w2_robust_accuracy"] == max(h["w2_robust_accuracy"] for h in result.history)
 
-    # Judge the result with the evaluation recipe (50-step W-PGD, 20-step PGD) on the whole test set.
+    # Judge the last epoch's weights (no selection on the judged images) with the evaluation recipe
+    # (50-step W-PGD, 20-step PGD) on the whole test split.
     robust = _fresh(base_model)
-    robust.load_state_dict(result.best_model_state)
+    robust.load_state_dict(result.last_model_state)
     before = evaluate(_eval_config(), _fresh(base_model), digits_data).summary
     after = evaluate(_eval_config(), robust, digits_data).summary
-    # measured (held-out 400 images, 20-step W-PGD): W2 0.46 → 0.61, l∞ 0.54 → 0.76, clean 0.97 → 0.96;
-    # assert well inside that margin
+    # measured over seeds 0-2 with one and two torch threads: W2 +0.15 … +0.24 (e.g. 0.45 → 0.60),
+    # l∞ +0.20 … +0.25, clean −0.01; assert half the smallest gain
     assert after["w2_robust_accuracy"] >= before["w2_robust_accuracy"] + 0.08
     assert after["linf_robust_accuracy"] >= before["linf_robust_accuracy"]
     assert after["w2_robust_accuracy"] <= after["linf_robust_accuracy"]

@@ -37,6 +37,11 @@ class WebhookTargetRefused(RobustifyError):
     status = 422
 
 
+class WebhookTargetUnresolvable(RobustifyError):
+    code = "webhook_target_unresolvable"
+    status = 422
+
+
 def new_secret() -> str:
     """A signing secret as Standard Webhooks serialises it: whsec_ + base64 of 32 random bytes."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -72,8 +77,8 @@ def check_target(url: str, *, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise RobustifyError(f"webhook host {parts.hostname!r} does not resolve ({exc}); check the URL.",
-                             code="webhook_target_unresolvable") from None
+        raise WebhookTargetUnresolvable(f"webhook host {parts.hostname!r} does not resolve ({exc}); "
+                                        "check the URL.") from None
     if allow_private:
         return
     for info in infos:

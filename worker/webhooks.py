@@ -18,8 +18,7 @@ import httpx
 from sqlalchemy import or_, select, update
 
 from core.db import WebhookDelivery, WebhookEndpoint, utcnow
-from core.errors import RobustifyError
-from core.webhooks import check_target
+from core.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target
 from robustify.webhooks import sign
 from worker.runtime import Runtime, runtime
 
@@ -118,8 +117,10 @@ class WebhookDispatcher:
                 if not 200 <= status_code < 300:
                     error = f"HTTP {status_code}"
                     retry_after = _seconds(response.headers.get("retry-after"))
-            except RobustifyError as exc:  # the target is refused now (e.g. its name resolves inwards)
+            except WebhookTargetRefused as exc:  # refused now (e.g. its name resolves inwards): no retry
                 error, final = f"{exc.code}: {exc.message}", True
+            except WebhookTargetUnresolvable as exc:  # DNS may come back: retried like a failed send
+                error = f"{exc.code}: {exc.message}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500]
         self._record(delivery_id, status_code, error, final, retry_after, int(1000 * (time.monotonic() - started)))

@@ -106,3 +106,5 @@ def configure_logging(*, fmt: LogFormat, component: str, level: str = "INFO",
             lg.propagate = True
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel((library_level or level).upper())
+    # httpx logs every request at INFO; the webhook dispatcher logs each delivery itself
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import logging
 import secrets
 import socket
 from typing import Any, Literal, get_args
@@ -23,6 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import Job, JobEvent, WebhookDelivery, utcnow
 from core.errors import RobustifyError
 from core.settings import get_settings
+
+log = logging.getLogger("robustify.webhooks")
 
 WebhookEventType = Literal["job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled"]
 WEBHOOK_EVENT_TYPES: tuple[str, ...] = get_args(WebhookEventType)
@@ -118,7 +121,7 @@ def message_body(job: Any, event_type: str, job_event: Any, public_url: str | No
         data["error"] = job.error
     when = job_event.created_at or utcnow()
     body = {"type": event_type, "timestamp": when.isoformat().replace("+00:00", "Z"), "data": data}
-    return json.dumps(body, separators=(",", ":"), default=str, allow_nan=False)
+    return json.dumps(body, separators=(",", ":"), default=str)
 
 
 # ------------------------------------------------------------------------------ the outbox
@@ -136,10 +139,14 @@ def _queue_deliveries(session: Session, _flush_context: Any, _instances: Any) ->
                 continue
             if job.webhook_events is not None and event_type not in job.webhook_events:
                 continue
+            try:
+                payload = message_body(job, event_type, job_event, get_settings().public_url)
+            except (TypeError, ValueError):  # a webhook must never break the job's own write
+                log.exception("webhook %s of job %s could not be serialised; not sent", event_type, job.id)
+                continue
             session.add(WebhookDelivery(
                 id=new_message_id(), endpoint_id=job.webhook_endpoint_id, job_id=job.id,
-                event_type=event_type, status="pending", attempts=0, attempt_log=[],
-                payload=message_body(job, event_type, job_event, get_settings().public_url),
+                event_type=event_type, status="pending", attempts=0, attempt_log=[], payload=payload,
                 next_attempt_at=job_event.created_at or utcnow(),
             ))
 

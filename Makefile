@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo serve test test-fast bench clean
+.PHONY: install demo serve test test-fast bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch and torchvision first: the exact CUDA build that the dependency pins name
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,docs]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -26,5 +26,8 @@ test: install          ## the whole suite (unit, integration against PostgreSQL/
 bench: install         ## engine throughput against a plain baseline (GPU when present, else a tiny CPU run)
 	$(BIN)/python bench/bench_engine.py
 
+docs: install          ## build the documentation site into site/ (warnings are errors)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) robustify-data .pytest_cache
+	rm -rf $(VENV) robustify-data .pytest_cache site

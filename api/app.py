@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
-from api.routes import datasets, jobs, models, ops
+from api.routes import datasets, jobs, models, ops, webhooks
 from api.schemas import add_recipe_schemas
 from core.artifacts import ArtifactStore
 from core.db import make_engine, make_sessionmaker
+from core.logs import configure_logging
 from core.queue import make_celery
 from core.settings import Settings, get_settings
 
@@ -26,6 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     The schema must already be migrated (`robustify migrate`, or migrations.upgrade(url)).
     """
     settings = settings or get_settings()
+    if settings.log_format == "json":
+        configure_logging(fmt="json", component="api", level=settings.log_level)
     engine = make_engine(settings.resolved_database_url)
     store = ArtifactStore(settings.resolved_artifact_dir)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -47,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = svc
     app.state.metrics_registry = install_metrics(app, svc.sessionmaker)
     install_error_handlers(app)
-    for router in (models.router, datasets.router, jobs.router, ops.router):
+    for router in (models.router, datasets.router, jobs.router, webhooks.router, ops.router):
         app.include_router(router)
 
     default_openapi = app.openapi

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import models_json_schema
 
 from core.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
-from core.db import Artifact, Dataset, Job, JobEvent, Model, as_utc
+from core.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
+from core.webhooks import WebhookEventType
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
     # name -> the input shape [C, H, W] of its images
@@ -105,6 +106,23 @@ class InlineModelRef(_Body):
     robustbench: RobustBenchRef
 
 
+class JobWebhook(_Body):
+    url: str = Field(min_length=1, max_length=2048, examples=["https://ci.example.com/robustify-hook"],
+                     description="Where to POST the job's webhooks (registered as an endpoint of this API key "
+                                 "on first use; its signing secret is on GET /v1/webhooks).")
+    events: list[WebhookEventType] | None = Field(
+        default=None, min_length=1, description="Event types to send; omitted: the endpoint's (default every type).")
+
+
+class WebhookEndpointCreate(_Body):
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[WebhookEventType] | None = Field(default=None, min_length=1,
+                                                  description="Event types to send; omitted: every type.")
+    default: bool = Field(default=False, description="Send the webhooks of every job of this API key that "
+                                                     "names no webhook here (one default per key).")
+    description: str | None = Field(default=None, max_length=200)
+
+
 class JobCreate(_Body):
     type: Literal["finetune", "evaluate"]
     model_id: str | None = Field(default=None, max_length=40)
@@ -122,6 +140,8 @@ class JobCreate(_Body):
     )
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, Any] | None = None
+    webhook: JobWebhook | None = Field(default=None, description="Signed webhooks for this job (default: the "
+                                                                 "API key's default endpoint, if any).")
 
     @model_validator(mode="after")
     def _one_model(self) -> "JobCreate":
@@ -176,6 +196,7 @@ def job_object(j: Job) -> dict[str, Any]:
         "finished_at": ts(j.finished_at), "progress": progress, "latest_metrics": metrics,
         "result": j.result, "error": j.error, "attempt": j.attempt, "max_attempts": j.max_attempts,
         "cancel_requested_at": ts(j.cancel_requested_at),
+        "webhook": {"endpoint_id": j.webhook_endpoint_id, "events": j.webhook_events} if j.webhook_endpoint_id else None,
         "urls": {"self": base, "cancel": f"{base}/cancel", "events": f"{base}/events",
                  "checkpoint": f"{base}/checkpoint", "report": f"{base}/report"},
     }
@@ -195,6 +216,18 @@ def checkpoint_object(a: Artifact) -> dict[str, Any]:
         "filename": a.filename, "created_at": ts(a.created_at),
         "urls": {"content": f"/v1/jobs/{a.job_id}/checkpoints/{a.id}/content"},
     }
+
+
+def webhook_endpoint_object(e: WebhookEndpoint) -> dict[str, Any]:
+    return {"id": e.id, "object": "webhook_endpoint", "url": e.url, "secret": e.secret, "events": e.events,
+            "default": bool(e.is_default), "description": e.description, "created_at": ts(e.created_at)}
+
+
+def webhook_delivery_object(d: WebhookDelivery) -> dict[str, Any]:
+    return {"id": d.id, "object": "webhook_delivery", "job_id": d.job_id, "endpoint_id": d.endpoint_id,
+            "event_type": d.event_type, "status": d.status, "attempts": d.attempt_log or [],
+            "next_attempt_at": ts(d.next_attempt_at) if d.status == "pending" else None,
+            "delivered_at": ts(d.delivered_at), "created_at": ts(d.created_at)}
 
 
 def page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`robustify serve | worker | migrate | keys`: run and administer the service.
 
 serve    migrations, then the API (uvicorn, factory api.app:create_app) and one worker process
-         consuming both queues; Ctrl-C or SIGTERM stops both.
+         consuming both queues; Ctrl-C or SIGTERM stops both. The worker's job lines (claimed,
+         epoch done, succeeded/failed) show; access-log lines only with --access-log.
 worker   a Celery worker against ROBUSTIFY_DATABASE_URL / ROBUSTIFY_BROKER_URL (one per GPU).
 migrate  alembic upgrade head on ROBUSTIFY_DATABASE_URL (or the embedded SQLite file).
 keys     create NAME (prints the key once) | list | revoke ID_OR_PREFIX
@@ -58,8 +59,10 @@ def run_worker(args: argparse.Namespace) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", message=".*superuser privileges.*")
+    import worker.celery_app as celery_app
     from worker.celery_app import app
 
+    celery_app.quiet_libraries = args.quiet  # set before worker_main configures logging
     app.worker_main(worker_argv(queues, args.concurrency, args.pool, args.name, args.loglevel, args.quiet))
     return 0
 
@@ -102,7 +105,7 @@ def stop_process_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
 class EmbeddedService:
     """The API server and one worker process; used by `serve` and by `demo`."""
 
-    def __init__(self, settings: Settings, host: str, port: int, *, worker_loglevel: str = "WARNING",
+    def __init__(self, settings: Settings, host: str, port: int, *, worker_loglevel: str = "INFO",
                  worker_log: Path | None = None) -> None:
         self.settings, self.host, self.port = settings, host, port
         self.worker_log = worker_log
@@ -120,14 +123,14 @@ class EmbeddedService:
         queues = f"{self.settings.gpu_queue},{self.settings.cpu_queue}"
         self.worker = start_worker_process(queues, env=env, loglevel=self.worker_loglevel,
                                            name=f"embedded-{os.getpid()}@%h",
-                                           quiet=self.worker_loglevel.upper() not in ("INFO", "DEBUG"),
+                                           quiet=self.worker_loglevel.upper() != "DEBUG",
                                            log_path=self.worker_log)
 
-    def make_server(self, log_level: str = "warning") -> Any:
+    def make_server(self, log_level: str = "warning", access_log: bool = False) -> Any:
         import uvicorn
 
         config = uvicorn.Config("api.app:create_app", factory=True, host=self.host, port=self.port,
-                                log_level=log_level, timeout_graceful_shutdown=5)
+                                log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         return self.server
 
@@ -160,7 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     migrate(settings)
     svc = EmbeddedService(settings, host, port, worker_loglevel=args.worker_loglevel)
-    server = svc.make_server(args.log_level)
+    server = svc.make_server(args.log_level, access_log=args.access_log)
     if not args.no_worker:
         svc.start_worker()
         svc.watch_worker()
@@ -236,8 +239,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "serve":
         p.add_argument("--host", help="default ROBUSTIFY_HOST or 127.0.0.1")
         p.add_argument("--port", type=int, help="default ROBUSTIFY_PORT or 8000")
-        p.add_argument("--log-level", default="info")
-        p.add_argument("--worker-loglevel", default="WARNING")
+        p.add_argument("--log-level", default="info", help="the API server's log level")
+        p.add_argument("--access-log", action="store_true", help="log every HTTP request (off by default)")
+        p.add_argument("--worker-loglevel", default="INFO",
+                       help="the worker's: INFO shows each job's lifecycle; DEBUG adds Celery's own lines")
         p.add_argument("--no-worker", action="store_true", help="run only the API")
     elif command == "worker":
         p.add_argument("--queues", help="comma-separated queues (default: the gpu and cpu queues)")

@@ -2,7 +2,7 @@
 
 These pydantic models validate the HTTP request, document the OpenAPI schema and drive the
 recipes; the module imports no torch, so the API process can use it. Every field has the
-default of ../shared/design/algorithm.md.
+default documented in docs/concepts.md.
 """
 from __future__ import annotations
 

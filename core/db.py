@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: API keys, models, data sets, jobs, job events, artifacts.
+"""SQLAlchemy 2 models: API keys, models, data sets, jobs, job events, artifacts, webhooks.
 
 The job row is the single source of truth of a job's state (never Celery's result backend).
 The schema changes only through Alembic migrations (migrations/versions); a test compares the
@@ -137,6 +137,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = _ts()
     finished_at: Mapped[datetime | None] = _ts()
     cancel_requested_at: Mapped[datetime | None] = _ts()
+    # where this job's webhooks go (a webhook_endpoints id) and which event types; see core/webhooks.py
+    webhook_endpoint_id: Mapped[str | None] = mapped_column(String(40))
+    webhook_events: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
 class JobEvent(Base):
@@ -158,6 +161,41 @@ class WorkerHeartbeat(Base):
     queues: Mapped[list[Any] | None] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class WebhookEndpoint(Base):
+    """A URL that receives signed webhooks, with its signing secret (per endpoint, as Standard
+    Webhooks asks). `is_default`: every job of the owner that names no webhook uses it."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(100))          # whsec_<base64>; HMAC needs it in clear
+    events: Mapped[list[Any] | None] = mapped_column(JSON)    # None: every event type
+    is_default: Mapped[bool] = mapped_column(default=False)
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = _ts()
+
+
+class WebhookDelivery(Base):
+    """One webhook message and its delivery attempts (the outbox the worker's dispatcher drains)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_…: the webhook-id header
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[str] = mapped_column(Text)                  # the exact body that is signed
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempt_log: Mapped[list[Any] | None] = mapped_column(JSON)  # [{at, status_code, error, duration_ms}]
+    next_attempt_at: Mapped[datetime | None] = _ts()
+    locked_until: Mapped[datetime | None] = _ts()               # a dispatcher's lease on the row
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = _ts()
 
 
 def record_worker_heartbeat(session: Any, worker_id: str, queues: list[str] | None = None) -> None:
@@ -202,4 +240,8 @@ def make_engine(url: str) -> Engine:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+    from core.webhooks import install_outbox
+
+    maker = sessionmaker(engine, expire_on_commit=False)
+    install_outbox(maker)  # job events that a webhook listens to queue a delivery in the same commit
+    return maker

@@ -1,7 +1,7 @@
 """Per-sample losses on logits (vectorised; every function returns a tensor of shape (B,)).
 
 CE, DLR (AutoAttack's difference of logits ratio), ReDLR = min(DLR, 0) and the TRADES KL
-regulariser. Formulas: ../shared/design/algorithm.md, "Losses".
+regulariser. Formulas: docs/concepts.md.
 """
 from __future__ import annotations
 

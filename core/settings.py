@@ -47,6 +47,22 @@ class Settings(BaseSettings):
     sse_poll_seconds: float = 0.5
     sse_keepalive_seconds: float = 15.0
 
+    # Logs (core/logs.py): "json" writes one JSON object a line, with the job context.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    # Webhooks (core/webhooks.py, worker/webhooks.py). Targets on loopback, private and
+    # link-local addresses are refused unless webhook_allow_private (SSRF: the workers sit
+    # inside the operator's network).
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = 15.0
+    webhook_max_attempts: int = 8
+    webhook_retry_base_seconds: float = 5.0      # first retry after about this, doubling each time
+    webhook_retry_max_seconds: float = 6 * 3600.0
+    webhook_poll_seconds: float = 1.0
+    # The address clients reach the API at, for absolute links in webhook payloads.
+    public_url: str | None = None
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'robustify.db').resolve()}"

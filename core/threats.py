@@ -3,7 +3,7 @@
 After MadryLab's `attack_steps`: each threat knows its ground norm, how to turn per-sample
 input gradients into a step direction, its sensitivity Υ, its distance and its projection.
 W2 threats (p = 2) normalise and project over the whole set; pointwise threats (W∞) act on
-each image alone. Formulas: ../shared/design/algorithm.md.
+each image alone. Formulas: docs/concepts.md.
 """
 from __future__ import annotations
 

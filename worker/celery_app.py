@@ -21,6 +21,21 @@ app.conf.include = ["worker.tasks"]
 app.conf.worker_enable_remote_control = False
 
 _maintenance: Any = None
+_webhooks: Any = None
+# `robustify serve` and `demo` quiet Celery's own INFO lines, keeping the job lifecycle lines.
+quiet_libraries = False
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    """Our handler and format (text, or JSON with the job context) instead of Celery's."""
+    from core.logs import configure_logging
+    from core.settings import get_settings
+
+    settings = get_settings()
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or settings.log_level)
+    configure_logging(fmt=settings.log_format, component="worker", level=str(level),
+                      library_level="WARNING" if quiet_libraries else None)
 
 
 @signals.worker_process_init.connect
@@ -31,14 +46,16 @@ def _child_started(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
-    """In the parent process: heartbeat row and recovery sweep (no torch, no CUDA here)."""
-    global _maintenance
+    """In the parent process: heartbeat row, recovery sweep, webhook dispatch (no torch, no CUDA here)."""
+    global _maintenance, _webhooks
     from worker.sweep import Maintenance
+    from worker.webhooks import WebhookDispatcher
 
     queues = sorted(sender.app.amqp.queues.consume_from.keys()) if sender is not None else []
     name = getattr(sender, "hostname", None) or "worker"
     _maintenance = Maintenance(name, queues, lambda job_id: enqueue_job(app, job_id))
     _maintenance.start()
+    _webhooks = WebhookDispatcher().start()
     log.info("worker %s ready on queues %s", name, queues)
 
 
@@ -46,3 +63,5 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
 def _worker_shutdown(**_: Any) -> None:
     if _maintenance is not None:
         _maintenance.stop()
+    if _webhooks is not None:
+        _webhooks.stop()

@@ -7,6 +7,7 @@ that was declared lost (and replaced) can never overwrite its successor's work.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from sqlalchemy import select, update
 from core.artifacts import ArtifactStore, delete_artifact, record_artifact
 from core.db import Artifact, Dataset, Job, Model, utcnow
 from core.errors import RobustifyError
+from core.logs import job_context
 from worker.claim import add_event, claim_job
 from worker.runtime import Runtime, runtime, worker_id
 
@@ -41,15 +43,19 @@ class Heartbeat:
         self.cancel_requested = False
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "Heartbeat":
+        # in a copy of the current context, so the thread's log lines carry the job context too
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
+                                        name=f"heartbeat-{self.job_id}", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def beat(self) -> None:
         with self.rt.session() as s:
@@ -117,6 +123,8 @@ class JobHooks:
             if phase != self._last_phase:
                 add_event(s, self.job_id, "progress", f"phase: {phase}", prog)
             if epoch_done:
+                log.info("epoch %s/%s done: %s", metrics["epoch"], metrics.get("total_epochs"), ", ".join(
+                    f"{k} {float(metrics[k]):.4f}" for k in _METRIC_KEYS if isinstance(metrics.get(k), (int, float))))
                 add_event(s, self.job_id, "metrics", f"epoch {metrics['epoch']} metrics",
                           {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
             s.commit()
@@ -238,11 +246,13 @@ def run_job(job_id: str) -> str:
     if not claim.run:
         log.info("job %s not run: %s", job_id, claim.reason)
         return claim.reason
-    log.info("job %s claimed by %s (attempt %d)", job_id, owner, claim.attempt)
     hb = Heartbeat(rt, job_id, owner)
-    with hb:
+    with job_context(job_id, claim.attempt, owner), hb:
+        log.info("job %s claimed by %s (attempt %d)", job_id, owner, claim.attempt)
         try:
-            return _execute(rt, job_id, owner, hb, claim.resume_artifact_id)
+            outcome = _execute(rt, job_id, owner, hb, claim.resume_artifact_id)
+            log.info("job %s %s", job_id, outcome)
+            return outcome
         except LostOwnership:
             log.warning("job %s: another worker took it over; this run stops without writing", job_id)
             return "lost"

@@ -20,6 +20,7 @@ from api.deps import Caller, Services, caller, db_session, owned, services
 from api.errors import ApiError, not_found
 from api.routes.common import MAX_PAGE, artifact_download, paginate
 from api.routes.models import get_owned_model, register_robustbench_model
+from api.routes.webhooks import job_webhook
 from api.schemas import (
     BUILTIN_DATASETS, JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
 )
@@ -102,12 +103,14 @@ def create_job(body: JobCreate, response: Response, svc: Services = Depends(serv
             return _replay(prior, body, config, response)
     m = _resolve_model(session, svc, who, body)
     _check_dataset(session, who, body.dataset)
+    webhook_endpoint_id, webhook_events = job_webhook(session, svc, who, body.webhook)
 
     job = Job(
         id=new_id("job"), owner_key_id=who.key_id, type=body.type, status="queued", model_id=m.id,
         dataset=body.dataset, threat_model=config["threat_model"], config=config, seed=config["seed"],
         meta=body.metadata, idempotency_key=idempotency_key, attempt=0,
         max_attempts=svc.settings.max_attempts, created_at=utcnow(),
+        webhook_endpoint_id=webhook_endpoint_id, webhook_events=webhook_events,
     )
     try:
         session.add(job)

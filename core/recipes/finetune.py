@@ -5,7 +5,7 @@
 
 The split loss of the 2025 paper: the inner attack maximises `attack_loss` (ReDLR by default)
 and the outer step minimises CE + β·KL(p(x) ‖ p(x')). Plain TRADES is the same loop with a
-pointwise threat and attack_loss="kl". Formulas and defaults: ../shared/design/algorithm.md.
+pointwise threat and attack_loss="kl". Formulas and defaults: docs/concepts.md.
 """
 from __future__ import annotations
 

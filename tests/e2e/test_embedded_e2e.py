@@ -62,6 +62,11 @@ def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_f
             # the same flow as the distributed deployment's: SSE, progress, checkpoints, a more robust model
             run_finetune_flow(client, url, model["id"], digits_model_file, tmp_path, epochs=5)
         assert (data_dir / "robustify.db").is_file() and (data_dir / "broker.db").is_file()
+        # the worker's job lifecycle shows by default; the access log and Celery's chatter do not
+        log = log_path.read_text()
+        assert "claimed by" in log and "epoch 5/5 done: clean_accuracy" in log and " succeeded" in log
+        assert "robustify.worker [job_" in log  # text lines name the job, attempt and worker
+        assert '"GET /v1/jobs/' not in log and "Task robustify.run_job" not in log
         assert any((data_dir / "artifacts").rglob("*"))
     finally:
         worker_pids = _descendants(serve.pid)

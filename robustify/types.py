@@ -1,0 +1,166 @@
+"""The objects the API returns, as typed pydantic models.
+
+Unknown fields are kept (a newer server may add some; read them as attributes or from
+`model_extra`), and every field has a default, so an SDK older than the server keeps working.
+Open-ended parts (config, metrics, result, metadata) stay dictionaries.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class ApiObject(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), populate_by_name=True)
+
+
+class ErrorInfo(ApiObject):
+    """Why a job failed or a model was rejected: a stable code and a message saying what to do."""
+
+    code: str = "error"
+    message: str = ""
+
+
+class Progress(ApiObject):
+    fraction: float | None = None
+    phase: str | None = None
+    epoch: int | None = None
+    total_epochs: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    eta_seconds: float | None = None
+
+
+class Job(ApiObject):
+    id: str
+    object: str = "job"
+    type: str | None = None                  # finetune | evaluate
+    status: str = "queued"                   # queued | running | cancelling | succeeded | failed | cancelled
+    model_id: str | None = None
+    dataset: str | None = None
+    threat_model: dict[str, Any] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+    metadata: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress = Field(default_factory=Progress)
+    latest_metrics: dict[str, Any] = Field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    attempt: int = 0
+    max_attempts: int | None = None
+    cancel_requested_at: datetime | None = None
+    webhook: dict[str, Any] | None = None
+    urls: dict[str, str | None] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """True once the job reached a final status (succeeded, failed or cancelled)."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+
+class Model(ApiObject):
+    id: str
+    object: str = "model"
+    name: str | None = None
+    source: str | None = None                # upload | robustbench | job
+    architecture: str | None = None
+    num_classes: int | None = None
+    dataset: str | None = None
+    input_shape: list[int] | None = None
+    threat_model: str | None = None
+    status: str = "validating"               # validating | ready | rejected
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] | None = None
+    sha256: str | None = None
+    size: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    urls: dict[str, str | None] = Field(default_factory=dict)
+
+
+class Dataset(ApiObject):
+    id: str
+    object: str = "dataset"
+    name: str | None = None
+    status: str | None = None
+    num_examples: int | None = None
+    num_classes: int | None = None
+    image_shape: list[int] | None = None
+    sha256: str | None = None
+    size: int | None = None
+    metadata: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    urls: dict[str, str | None] = Field(default_factory=dict)
+
+
+class Event(ApiObject):
+    id: int
+    object: str = "event"
+    job_id: str | None = None
+    type: str = "status"                     # status | progress | metrics | checkpoint | warning | log
+    level: str = "info"
+    message: str = ""
+    data: dict[str, Any] | None = None
+    created_at: datetime | None = None
+
+
+class Checkpoint(ApiObject):
+    id: str
+    object: str = "checkpoint"
+    job_id: str | None = None
+    epoch: int | None = None
+    is_best: bool = False
+    metrics: dict[str, Any] | None = None
+    sha256: str | None = None
+    size: int | None = None
+    filename: str | None = None
+    created_at: datetime | None = None
+    urls: dict[str, str | None] = Field(default_factory=dict)
+
+
+class WebhookEndpoint(ApiObject):
+    id: str
+    object: str = "webhook_endpoint"
+    url: str = ""
+    secret: str | None = None                # whsec_…: verify signatures with it (robustify.webhooks.verify)
+    events: list[str] | None = None          # None: every event type
+    default: bool = False
+    description: str | None = None
+    created_at: datetime | None = None
+
+
+class WebhookAttempt(ApiObject):
+    at: datetime | None = None
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int | None = None
+
+
+class WebhookDelivery(ApiObject):
+    id: str                                  # the webhook-id header: the same on every retry
+    object: str = "webhook_delivery"
+    job_id: str | None = None
+    endpoint_id: str | None = None
+    event_type: str | None = None
+    status: str = "pending"                  # pending | succeeded | failed
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    created_at: datetime | None = None
+
+
+class Deleted(ApiObject):
+    id: str
+    object: str | None = None
+    deleted: bool = True

@@ -60,7 +60,7 @@ function draw(spec, width) {
   const svg = s("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": spec.title || "chart", "data-chart": spec.id || "" });
   const grid = s("g", { class: "grid" });
   const axis = s("g", { class: "axis" });
-  for (const v of ticks(y0, y1, Math.max(3, Math.round(height / 55)))) {
+  for (const v of ticks(y0, y1, Math.max(5, Math.round(height / 50)))) {
     grid.append(s("line", { x1: m.left, x2: width - m.right, y1: py(v), y2: py(v) }));
     axis.append(s("text", { x: m.left - 6, y: py(v), "text-anchor": "end", "dominant-baseline": "middle" }, fy(v)));
   }

@@ -8,7 +8,10 @@ export function h(tag, attrs = {}, ...children) {
     if (k.startsWith("on") && typeof v === "function") el.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(el.dataset, v);
     else if (k === "style") Object.assign(el.style, v);   // CSSOM: the CSP forbids style="" attributes
-    else if (k === "value" || k === "checked" || k === "selected") el[k] = v;
+    // as attributes too, so that form.reset() returns to them
+    else if (k === "value") { el.value = v; if (el instanceof HTMLInputElement) el.defaultValue = String(v); }
+    else if (k === "checked") { el.checked = !!v; el.defaultChecked = !!v; }
+    else if (k === "selected") { el.selected = !!v; el.defaultSelected = !!v; }
     else el.setAttribute(k, v === true ? "" : String(v));
   }
   el.append(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)
@@ -68,6 +71,9 @@ export function table(headers, body, attrs = {}) {
   return h("div", { class: "table-wrap" }, h("table", attrs,
     h("thead", {}, h("tr", {}, headers.map((c) => (c instanceof Node ? c : h("th", {}, c))))), tbody));
 }
+
+/** A header cell over a column of numbers (right-aligned like them). */
+export const numHead = (text, cls = "") => h("th", { class: `num ${cls}`.trim() }, text);
 
 /** A message box: kind "error" | "warn" | "info". */
 export const note = (kind, ...text) => h("div", { class: `note ${kind}`, role: kind === "error" ? "alert" : "status" }, ...text);

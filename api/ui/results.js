@@ -112,7 +112,8 @@ export function robustnessCurves(report) {
     const a = num(row?.robust_accuracy);
     if (d === null || a === null) continue;
     const threat = row.threat === "l2" ? "l2" : "l∞";
-    const name = `${threat} ${ATTACK_NAMES[row.attack] || row.attack || "attack"}`;
+    const attack = String(row.attack || "attack");
+    const name = `${threat} ${ATTACK_NAMES[attack] || (attack.startsWith("autoattack") ? "AutoAttack" : attack)}`;
     if (!groups.has(name)) groups.set(name, { name, attack: row.attack, threat, points: [] });
     groups.get(name).points.push([d, a]);
   }

@@ -4,7 +4,7 @@
 
 import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
-import { card, errorNote, fill, h, link, note, pct, short, table } from "../dom.js";
+import { card, errorNote, fill, h, link, note, numHead, pct, short, table } from "../dom.js";
 import { finetunePoints, fmtDelta, robustnessCurves } from "../results.js";
 
 const dashFor = (curve) => (curve.attack === "w-pgd" ? "solid" : curve.attack === "pgd" ? "dashed" : "dotted");
@@ -114,6 +114,6 @@ function comparison(entries) {
     card("Robust accuracy against δ", shown.length
       ? lineChart({ id: "compare", xLabel: "radius δ", yLabel: "accuracy", xName: "δ", xMin: 0, xFormat: fmtDelta, series, refs, legend })
       : note("info", "None of the picked items has robustness numbers yet.")),
-    card("Table", table(["", "Attack", "Clean", ...deltas.map((d) => `δ = ${fmtDelta(d)}`)], rows, { id: "compare-table" })),
+    card("Table", table(["", "Attack", numHead("Clean"), ...deltas.map((d) => numHead(`δ = ${fmtDelta(d)}`))], rows, { id: "compare-table" })),
   ];
 }

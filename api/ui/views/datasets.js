@@ -1,7 +1,7 @@
 // Data sets: the built-in ones, uploaded ones (list, upload, delete).
 
 import * as api from "../api.js";
-import { ago, bytes, card, errorNote, every, fill, h, short, swap, table } from "../dom.js";
+import { ago, bytes, card, errorNote, every, fill, h, numHead, short, swap, table } from "../dom.js";
 import { schemaFields } from "../form.js";
 import { bodySchema, deleteThing, multipart, registerForm } from "./models.js";
 import { builtinDatasets } from "./newjob.js";
@@ -32,8 +32,8 @@ export async function datasetsView(root, { signal }) {
     h("div", { class: "page-head" }, h("h1", {}, "Data sets")),
     builtins.length ? h("p", {}, "Built in (no upload needed): ", builtins.map((b, i) => [i ? ", " : "", h("code", {}, b)]), ".") : null,
     status,
-    table(["Name", h("th", { class: "hide-sm" }, "ID"), "Images", "Classes", h("th", { class: "hide-sm" }, "Image shape"),
-      h("th", { class: "hide-sm" }, "Size"), h("th", { class: "hide-sm" }, "Uploaded"), ""], rows, { id: "datasets-table" }),
+    table(["Name", h("th", { class: "hide-sm" }, "ID"), numHead("Images"), numHead("Classes"), h("th", { class: "hide-sm" }, "Image shape"),
+      numHead("Size", "hide-sm"), h("th", { class: "hide-sm" }, "Uploaded"), ""], rows, { id: "datasets-table" }),
     card("Upload a data set", form));
   await every(10000, refresh, signal, (err) => status.replaceChildren(errorNote(err)));
 }

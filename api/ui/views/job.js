@@ -3,7 +3,7 @@
 
 import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
-import { ago, badge, bytes, card, clock, duration, errorNote, every, fill, h, note, pct, points, progressBar, swap, table } from "../dom.js";
+import { ago, badge, bytes, card, clock, duration, errorNote, every, fill, h, note, numHead, pct, points, progressBar, swap, table } from "../dom.js";
 import { beforeAfter, epochHistory, epochMetrics, fmtDelta, progressOf, robustnessCurves, selectedEpoch, threatText } from "../results.js";
 
 const ACTIVE = new Set(["queued", "running", "cancelling"]);
@@ -82,7 +82,7 @@ export async function jobView(root, { match, signal }) {
     }
     const epoch = ba.epoch === null ? "" : ` (epoch ${ba.epoch})`;
     return card("Before and after",
-      table(["Held-out accuracy", "Input model", `Selected checkpoint${epoch}`, "Change"],
+      table(["Held-out accuracy", numHead("Input model"), numHead(`Selected checkpoint${epoch}`), numHead("Change")],
         ba.rows.map((r) => h("tr", { "data-metric": r.key },
           h("th", {}, r.key === "clean_accuracy" ? "Clean" : `${r.label} at δ = ${fmtDelta(ba.threat.delta)}`),
           h("td", { class: "num" }, pct(r.before)), h("td", { class: "num" }, pct(r.after)),
@@ -106,7 +106,7 @@ export async function jobView(root, { match, signal }) {
       metrics.map((m) => h("td", { class: "num" }, pct(c.metrics?.[m.key]))),
       h("td", { class: "num hide-sm" }, bytes(c.size)),
       h("td", {}, h("button", { type: "button", class: "small", onclick: () => api.download(c.urls?.content || `v1/jobs/${id}/checkpoints/${c.id}/content`, c.filename) }, "Download"))));
-    return rows.length ? table(["Epoch", ...metrics.map((m) => m.label), h("th", { class: "hide-sm" }, "Size"), ""], rows, { id: "checkpoints" })
+    return rows.length ? table(["Epoch", ...metrics.map((m) => numHead(m.label)), numHead("Size", "hide-sm"), ""], rows, { id: "checkpoints" })
       : h("p", { class: "muted" }, "A checkpoint is stored after each epoch.");
   };
 
@@ -123,7 +123,7 @@ export async function jobView(root, { match, signal }) {
         series: curves.curves.map((c, i) => ({ ...c, color: PALETTE[i + 1] })),
         refs: curves.clean === null ? [] : [{ name: "clean", y: curves.clean, color: PALETTE[0] }],
       }),
-      table(["δ", ...curves.curves.map((c) => c.name)], deltas.map((d) => h("tr", {},
+      table(["δ", ...curves.curves.map((c) => numHead(c.name))], deltas.map((d) => h("tr", {},
         h("th", {}, fmtDelta(d)),
         curves.curves.map((c) => h("td", { class: "num" }, pct(c.points.find((p) => p[0] === d)?.[1]))))), { id: "robustness-table" }),
       h("p", { class: "caption" }, `Clean accuracy ${pct(curves.clean)}${curves.examples ? ` on ${curves.examples} test images` : ""}; `,
@@ -153,7 +153,7 @@ export async function jobView(root, { match, signal }) {
     requestAnimationFrame(() => { pending = false; drawAll(); });
   };
   const onEvent = (event) => {
-    state.events.push(event);
+    if (event.type === "metrics" || event.type === "checkpoint") state.events.push(event);   // what the curves need
     appendLog(log, logBox, event);
     if (event.type === "checkpoint" || event.type === "status") {
       Promise.all([loadJob(), loadCheckpoints()]).then(loadReport).then(redraw).catch(() => {});

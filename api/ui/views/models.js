@@ -1,7 +1,7 @@
 // Models: the list, registering one (an uploaded safetensors file, or a RobustBench ID), deleting.
 
 import * as api from "../api.js";
-import { ago, badge, bytes, card, errorNote, every, fill, h, note, progressBar, short, swap, table } from "../dom.js";
+import { ago, badge, bytes, card, errorNote, every, fill, h, note, numHead, progressBar, short, swap, table } from "../dom.js";
 import { deref, readFields, schemaFields, showFieldErrors } from "../form.js";
 import { builtinDatasets } from "./newjob.js";
 
@@ -96,7 +96,7 @@ export async function modelsView(root, { signal }) {
     h("div", { class: "page-head" }, h("h1", {}, "Models")),
     status,
     table(["Name", h("th", { class: "hide-sm" }, "ID"), "Architecture", "Data set", h("th", { class: "hide-sm" }, "Input"),
-      "Status", h("th", { class: "hide-sm" }, "Size"), ""], rows, { id: "models-table" }),
+      "Status", numHead("Size", "hide-sm"), ""], rows, { id: "models-table" }),
     card("Register a model", tabs));
   // Validation takes a few seconds: keep the list live.
   await every(3000, refresh, signal, (err) => status.replaceChildren(errorNote(err)));

@@ -3,7 +3,7 @@
 
 import * as api from "../api.js";
 import { errorNote, fill, h, link, note } from "../dom.js";
-import { deref, readFields, schemaField, schemaFields, showFieldErrors } from "../form.js";
+import { deref, readFields, schemaFields, showFieldErrors } from "../form.js";
 
 const RECIPES = { finetune: "FinetuneConfig", evaluate: "EvaluateConfig" };
 // Shown first; every other setting is under "More settings". Names missing from the schema are skipped.

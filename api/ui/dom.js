@@ -83,7 +83,8 @@ export function errorNote(err) {
   const p = err?.problem || {};
   const fields = Array.isArray(p.errors) && p.errors.length
     ? h("ul", {}, p.errors.map((e) => h("li", {}, `${e.field || (e.loc || []).join(".")}: ${e.msg}`))) : null;
-  return note("error", h("strong", {}, p.code ? `${p.code}: ` : ""), err?.message || String(err), fields);
+  const again = err?.status === 401 ? " Reload the page to enter an API key." : "";
+  return note("error", h("strong", {}, p.code ? `${p.code}: ` : ""), err?.message || String(err), again, fields);
 }
 
 export const short = (id) => (typeof id === "string" && id.length > 14 ? `${id.slice(0, 12)}…` : id || "—");

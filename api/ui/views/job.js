@@ -24,7 +24,7 @@ export async function jobView(root, { match, signal }) {
     curves: h("div"), beforeAfter: h("div"), checkpoints: h("div"), evaluation: h("div"),
   };
   const epochChart = finetune ? lineChart(epochSpec(state)) : null;
-  fill(root, ...[
+  fill(root,
     h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "← Jobs")),
     head, problems, alerts,
     finetune ? card("Held-out accuracy per epoch", epochChart, parts.curves) : null,
@@ -32,8 +32,7 @@ export async function jobView(root, { match, signal }) {
     finetune ? parts.checkpoints : null,
     card("Events", logBox),
     card("Configuration", h("details", {}, h("summary", {}, "Recipe settings (defaults filled in by the server)"),
-      h("pre", { class: "config" }, JSON.stringify({ threat_model: state.job.threat_model, config: state.job.config, seed: state.job.seed }, null, 2)))),
-  ].filter(Boolean));
+      h("pre", { class: "config" }, JSON.stringify({ threat_model: state.job.threat_model, config: state.job.config, seed: state.job.seed }, null, 2)))));
 
   // ------------------------------------------------------------------ drawing
   const top = h("div");

@@ -108,6 +108,7 @@ class Page:
         self.page.goto(f"{self.url}/ui/{hash_}")
 
     def shot(self, name: str) -> None:
+        self.page.evaluate("window.scrollTo(0, 0)")   # else the sticky header lands mid-picture
         self.page.screenshot(path=self.shots / f"{name}.png", full_page=True)
 
     def fill_form(self, form: str, values: dict[str, str], prefix: str = "") -> None:

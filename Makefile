@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo serve test test-fast bench docs clean
+.PHONY: install browser demo serve test test-browser test-fast bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,25 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The dashboard's browser tests drive Debian's Chromium through Playwright (from the test extra);
+# Playwright's own browser downloads are never used.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:               ## Chromium for the browser tests (apt-get install when missing)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the dashboard's browser tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
 demo: install          ## start the embedded service, fine-tune on digits over HTTP, show the result
 	$(BIN)/robustify demo
 
 serve: install         ## run the API and one worker on the embedded default (SQLite, no broker server)
 	$(BIN)/robustify serve
 
-test: install          ## the whole suite (unit, integration against PostgreSQL/Redis, end to end)
+test: install browser  ## the whole suite (unit, integration against PostgreSQL/Redis, end to end, browser)
 	$(BIN)/python -m pytest -q
+
+test-browser: install browser  ## only the dashboard's tests in a real browser
+	$(BIN)/python -m pytest -q tests/e2e/test_dashboard.py tests/service/test_dashboard_static.py
 
 bench: install         ## engine throughput against a plain baseline (GPU when present, else a tiny CPU run)
 	$(BIN)/python bench/bench_engine.py

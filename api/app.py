@@ -13,6 +13,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
 from api.routes import datasets, jobs, models, ops, webhooks
+from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
 from core.artifacts import ArtifactStore
 from core.db import make_engine, make_sessionmaker
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (models.router, datasets.router, jobs.router, webhooks.router, ops.router):
         app.include_router(router)
+    install_dashboard(app)
 
     default_openapi = app.openapi
 

@@ -127,7 +127,7 @@ class JobCreate(_Body):
     type: Literal["finetune", "evaluate"]
     model_id: str | None = Field(default=None, max_length=40)
     model: InlineModelRef | None = None
-    dataset: str = Field(min_length=1, max_length=100,
+    dataset: str = Field(min_length=1, max_length=100, examples=list(BUILTIN_DATASETS),
                          description="A built-in data set (digits, fashion-mnist, cifar10, cifar100) or a dataset id.")
     threat_model: ThreatModelSpec | None = None
     # A plain object here: the route validates it with the model that `type` names, so a bad

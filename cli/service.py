@@ -168,7 +168,8 @@ def run_serve(args: argparse.Namespace) -> int:
         svc.start_worker()
         svc.watch_worker()
     where = f"data in {settings.data_dir.resolve()}" if settings.is_embedded else "database from ROBUSTIFY_DATABASE_URL"
-    print(f"robustify serving on {svc.url}  (API docs: {svc.url}/docs; {where}; Ctrl-C stops)", flush=True)
+    print(f"robustify serving on {svc.url}  (dashboard: {svc.url}/ui/; API docs: {svc.url}/docs; {where}; "
+          "Ctrl-C stops)", flush=True)
     # uvicorn handles SIGINT/SIGTERM, then re-raises the signal to the handler it found here:
     # make that a no-op so the worker is still stopped below (the default would kill us first).
     for sig in (signal.SIGINT, signal.SIGTERM):

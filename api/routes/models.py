@@ -27,7 +27,8 @@ _UPLOAD_SCHEMA = {
     "type": "object", "required": ["file", "architecture", "num_classes", "dataset"],
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "safetensors state dict"},
-        "architecture": {"type": "string", "description": f"one of {', '.join(BUILTIN_ARCHITECTURES)} or robustbench:<name>"},
+        "architecture": {"type": "string", "description": f"one of {', '.join(BUILTIN_ARCHITECTURES)} or robustbench:<name>",
+                         "examples": list(BUILTIN_ARCHITECTURES)},
         "num_classes": {"type": "integer"}, "dataset": {"type": "string"},
         "name": {"type": "string"}, "metadata": {"type": "string", "description": "a JSON object"},
         "input_shape": {"type": "string", "description": "C,H,W; default from the dataset"},

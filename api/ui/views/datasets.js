@@ -1,0 +1,39 @@
+// Data sets: the built-in ones, uploaded ones (list, upload, delete).
+
+import * as api from "../api.js";
+import { ago, bytes, card, errorNote, every, fill, h, numHead, short, swap, table } from "../dom.js";
+import { schemaFields } from "../form.js";
+import { bodySchema, deleteThing, multipart, registerForm } from "./models.js";
+import { builtinDatasets } from "./newjob.js";
+
+export async function datasetsView(root, { signal }) {
+  const openapi = await api.schema();
+  const rows = h("tbody");
+  const status = h("div");
+  const refresh = async () => {
+    const datasets = await api.getAll("v1/datasets");
+    swap(rows, datasets, () => (datasets.length ? datasets.map((d) => h("tr", { "data-dataset": d.id },
+      h("td", {}, d.name), h("td", { class: "mono hide-sm", title: d.id }, short(d.id)),
+      h("td", { class: "num" }, d.num_examples ?? "—"), h("td", { class: "num" }, d.num_classes ?? "—"),
+      h("td", { class: "hide-sm" }, Array.isArray(d.image_shape) ? d.image_shape.join("×") : "—"),
+      h("td", { class: "num hide-sm" }, bytes(d.size)), h("td", { class: "hide-sm" }, ago(d.created_at)),
+      h("td", {}, h("button", { type: "button", class: "small danger", onclick: () => deleteThing(`v1/datasets/${d.id}`, `data set ${d.name}`, refresh) }, "Delete"))))
+      : h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No uploaded data sets."))));
+    status.replaceChildren();
+  };
+  const fields = schemaFields(bodySchema(openapi, "/v1/datasets", "multipart/form-data"), openapi);
+  const form = registerForm({
+    id: "dataset-upload", fields, submitLabel: "Upload",
+    send: (values, progress) => api.upload("v1/datasets", multipart(values), progress),
+    done: (d) => { refresh(); return `Uploaded ${d.name} (${d.id}): ${d.num_examples} images, ${d.num_classes} classes.`; },
+  });
+  const builtins = builtinDatasets(openapi);
+  fill(root, 
+    h("div", { class: "page-head" }, h("h1", {}, "Data sets")),
+    builtins.length ? h("p", {}, "Built in (no upload needed): ", builtins.map((b, i) => [i ? ", " : "", h("code", {}, b)]), ".") : null,
+    status,
+    table(["Name", h("th", { class: "hide-sm" }, "ID"), numHead("Images"), numHead("Classes"), h("th", { class: "hide-sm" }, "Image shape"),
+      numHead("Size", "hide-sm"), h("th", { class: "hide-sm" }, "Uploaded"), ""], rows, { id: "datasets-table" }),
+    card("Upload a data set", form));
+  await every(10000, refresh, signal, (err) => status.replaceChildren(errorNote(err)));
+}

@@ -1,0 +1,221 @@
+// One job: live progress, per-epoch curves (fine-tune) or robustness against δ (evaluation),
+// the before/after table, checkpoints to download, the event log, cancel.
+
+import * as api from "../api.js";
+import { lineChart, PALETTE } from "../chart.js";
+import { ago, badge, bytes, card, clock, duration, errorNote, every, fill, h, note, numHead, pct, points, progressBar, swap, table } from "../dom.js";
+import { beforeAfter, epochHistory, epochMetrics, fmtDelta, progressOf, robustnessCurves, selectedEpoch, threatText } from "../results.js";
+
+const ACTIVE = new Set(["queued", "running", "cancelling"]);
+const MAX_LOG = 400;
+
+export async function jobView(root, { match, signal }) {
+  const id = match[1];
+  const state = { job: await api.get(`v1/jobs/${id}`, null, signal), events: [], checkpoints: [], report: null };
+  const model = (await api.modelIndex([state.job.model_id])).get(state.job.model_id);
+  const finetune = state.job.type === "finetune";
+
+  const head = h("div", { class: "job-head" });
+  const problems = h("div");
+  const alerts = h("div");   // failures of this page's own requests
+  const log = h("ol", { class: "log", id: "event-log" });
+  const logBox = h("div", { class: "log-box" }, log);
+  const parts = {
+    curves: h("div"), beforeAfter: h("div"), checkpoints: h("div"), evaluation: h("div"),
+  };
+  const epochChart = finetune ? lineChart(epochSpec(state)) : null;
+  fill(root,
+    h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "← Jobs")),
+    head, problems, alerts,
+    finetune ? card("Held-out accuracy per epoch", epochChart, parts.curves) : null,
+    finetune ? parts.beforeAfter : parts.evaluation,
+    finetune ? parts.checkpoints : null,
+    card("Events", logBox),
+    card("Configuration", h("details", {}, h("summary", {}, "Recipe settings (defaults filled in by the server)"),
+      h("pre", { class: "config" }, JSON.stringify({ threat_model: state.job.threat_model, config: state.job.config, seed: state.job.seed }, null, 2)))));
+
+  // ------------------------------------------------------------------ drawing
+  const top = h("div");
+  const facts = h("div");
+  const bar = h("div");
+  head.append(top, facts, bar);
+  const drawHead = () => {
+    const { job } = state;
+    const p = progressOf(job);
+    const active = ACTIVE.has(job.status);
+    // Parts with buttons are rebuilt only when what they show changes, so a click is never lost.
+    swap(top, job.status, () => h("div", { class: "page-head" },
+      h("h1", {}, finetune ? "Fine-tune " : "Evaluation ", h("span", { class: "mono" }, job.id)),
+      h("div", { class: "head-actions" }, badge(job.status),
+        active && job.status !== "cancelling"
+          ? h("button", { type: "button", class: "danger", id: "cancel-job", onclick: () => cancelJob(state, drawAll) }, "Cancel job") : null)));
+    swap(facts, [job.status, job.started_at, job.finished_at, job.attempt], () => h("dl", { class: "facts" },
+      fact("Model", model ? `${model.name || ""} (${model.id})` : job.model_id),
+      fact("Data set", job.dataset),
+      fact("Threat model", threatText(job.threat_model)),
+      fact("Created", ago(job.created_at)),
+      job.started_at && job.finished_at ? fact("Ran for", duration((Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000)) : null,
+      job.attempt > 1 ? fact("Attempt", `${job.attempt} of ${job.max_attempts}`) : null));
+    bar.replaceChildren(progressBar(p.fraction, `${Math.round(100 * p.fraction)} %${p.text ? ` · ${p.text}` : ""}${active && p.eta !== null ? ` · about ${duration(p.eta)} left` : ""}`));
+    swap(problems, [job.status, job.error, job.result?.improved], () => [
+      job.error ? note("error", h("strong", {}, `${job.error.code || "error"}: `), job.error.message || "") : null,
+      job.status === "cancelling" ? note("info", "Cancelling: the worker stops at its next check and keeps the checkpoints written so far.") : null,
+      job.result?.improved === false ? note("warn", h("strong", {}, "No improvement. "),
+        "No fine-tuned epoch beat the input model under the selection rule, so the checkpoint this job hands back is the input model itself.") : null]);
+  };
+
+  const drawCurves = () => {
+    epochChart.update(epochSpec(state));
+    const c = state.job.config || {};
+    parts.curves.replaceChildren(h("p", { class: "caption" },
+      `Accuracy on ${c.eval_examples ?? "the"} held-out images after each epoch; epoch 0 is the input model. `,
+      `Robust accuracies under ${threatText(state.job.threat_model)}: W2 by W-PGD (${c.eval_wpgd_steps ?? "?"} steps), `,
+      `the pointwise ball of the same radius by PGD (${c.eval_pgd_steps ?? "?"} steps).`));
+  };
+
+  const drawBeforeAfter = () => swap(parts.beforeAfter, [state.job.status, state.job.result], () => {
+    const ba = beforeAfter(state.job);
+    if (!ba) {
+      return card("Before and after", h("p", { class: "muted" },
+        ACTIVE.has(state.job.status) ? "The before/after comparison appears when the job finishes." : "This job has no result."));
+    }
+    const epoch = ba.epoch === null ? "" : ` (epoch ${ba.epoch})`;
+    return card("Before and after",
+      table(["Held-out accuracy", numHead("Input model"), numHead(`Selected checkpoint${epoch}`), numHead("Change")],
+        ba.rows.map((r) => h("tr", { "data-metric": r.key },
+          h("th", {}, r.key === "clean_accuracy" ? "Clean" : `${r.label} at δ = ${fmtDelta(ba.threat.delta)}`),
+          h("td", { class: "num" }, pct(r.before)), h("td", { class: "num" }, pct(r.after)),
+          h("td", { class: `num ${r.change > 0 ? "up" : r.change < 0 ? "down" : ""}` }, points(r.change)))),
+        { id: "before-after" }),
+      h("p", { class: "caption", id: "before-after-threat" },
+        `Threat model: ${threatText(ba.threat)}${ba.examples ? `; ${ba.examples} held-out images` : ""}.`),
+      h("div", { class: "actions" },
+        h("button", { type: "button", class: "primary", id: "download-selected", onclick: () => api.download(`v1/jobs/${id}/checkpoint`) }, "Download the selected checkpoint"),
+        state.job.status === "succeeded" ? h("button", { type: "button", onclick: () => api.download(`v1/jobs/${id}/report`, `${id}-report.json`) }, "Report (JSON)") : null));
+  });
+
+  const drawCheckpoints = () => {
+    const metrics = epochMetrics(state.job.threat_model);
+    const sel = selectedEpoch(state.job, state.checkpoints, state.events);
+    swap(parts.checkpoints, [sel, state.checkpoints.map((c) => c.id)], () => card("Checkpoints", checkpointTable(metrics, sel)));
+  };
+  const checkpointTable = (metrics, sel) => {
+    const rows = state.checkpoints.map((c) => h("tr", { "data-checkpoint": c.id, class: sel?.epoch === c.epoch ? "selected" : null },
+      h("td", {}, `${c.epoch}`, sel?.epoch === c.epoch ? h("span", { class: "tag" }, sel.final ? "selected" : "best so far") : null),
+      metrics.map((m) => h("td", { class: "num" }, pct(c.metrics?.[m.key]))),
+      h("td", { class: "num hide-sm" }, bytes(c.size)),
+      h("td", {}, h("button", { type: "button", class: "small", onclick: () => api.download(c.urls?.content || `v1/jobs/${id}/checkpoints/${c.id}/content`, c.filename) }, "Download"))));
+    return rows.length ? table(["Epoch", ...metrics.map((m) => numHead(m.label)), numHead("Size", "hide-sm"), ""], rows, { id: "checkpoints" })
+      : h("p", { class: "muted" }, "A checkpoint is stored after each epoch.");
+  };
+
+  const drawEvaluation = () => swap(parts.evaluation, [state.job.status, !!state.report], () => {
+    const curves = robustnessCurves(state.report);
+    if (!curves) {
+      return card("Robust accuracy against δ", h("p", { class: "muted" },
+        ACTIVE.has(state.job.status) ? "The curves appear when the evaluation finishes." : "This evaluation has no report."));
+    }
+    const deltas = [...new Set(curves.curves.flatMap((c) => c.points.map((p) => p[0])))].sort((a, b) => a - b);
+    return card("Robust accuracy against δ",
+      lineChart({
+        id: "robustness", xLabel: "radius δ", yLabel: "accuracy", xName: "δ", xMin: 0, xFormat: fmtDelta,
+        series: curves.curves.map((c, i) => ({ ...c, color: PALETTE[i + 1] })),
+        refs: curves.clean === null ? [] : [{ name: "clean", y: curves.clean, color: PALETTE[0] }],
+      }),
+      table(["δ", ...curves.curves.map((c) => numHead(c.name))], deltas.map((d) => h("tr", {},
+        h("th", {}, fmtDelta(d)),
+        curves.curves.map((c) => h("td", { class: "num" }, pct(c.points.find((p) => p[0] === d)?.[1]))))), { id: "robustness-table" }),
+      h("p", { class: "caption" }, `Clean accuracy ${pct(curves.clean)}${curves.examples ? ` on ${curves.examples} test images` : ""}; `,
+        `threat model of the job: ${threatText(state.job.threat_model)}.`));
+  });
+
+  const drawAll = () => {
+    drawHead();
+    if (finetune) { drawCurves(); drawBeforeAfter(); drawCheckpoints(); } else drawEvaluation();
+  };
+
+  // ------------------------------------------------------------------ data
+  const loadJob = async () => { state.job = await api.get(`v1/jobs/${id}`, null, signal); };
+  const loadCheckpoints = async () => { if (finetune) state.checkpoints = (await api.get(`v1/jobs/${id}/checkpoints`, null, signal)).data || []; };
+  const loadReport = async () => {
+    if (finetune || state.job.status !== "succeeded" || state.report) return;
+    state.report = await api.get(`v1/jobs/${id}/report`, null, signal);
+  };
+  await Promise.all([loadCheckpoints(), loadReport()]);
+  drawAll();
+
+  // Redraws are batched to one per frame however fast the events come.
+  let pending = false;
+  const redraw = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; drawAll(); });
+  };
+  const onEvent = (event) => {
+    if (event.type === "metrics" || event.type === "checkpoint") state.events.push(event);   // what the curves need
+    appendLog(log, logBox, event);
+    if (event.type === "checkpoint" || event.type === "status") {
+      Promise.all([loadJob(), loadCheckpoints()]).then(loadReport).then(redraw).catch(() => {});
+    } else {
+      redraw();
+    }
+  };
+  api.followEvents(id, onEvent, signal)
+    .then(() => Promise.all([loadJob(), loadCheckpoints()]).then(loadReport).then(redraw))
+    .catch((err) => { if (err.name !== "AbortError") alerts.replaceChildren(errorNote(err)); });
+  // Progress (fraction, ETA) changes between events: poll the job while it is active.
+  every(1500, async () => {
+    if (!ACTIVE.has(state.job.status)) return;
+    await loadJob();
+    redraw();
+  }, signal, (err) => alerts.replaceChildren(errorNote(err)));
+}
+
+const fact = (term, value) => [h("dt", {}, term), h("dd", {}, value)];
+
+
+function epochSpec({ job, events, checkpoints }) {
+  const history = epochHistory(job, events, checkpoints);
+  const sel = selectedEpoch(job, checkpoints, events);
+  const delta = job.threat_model?.delta;
+  return {
+    id: "epochs", xLabel: "epoch (0 = input model)", yLabel: "held-out accuracy", xName: "epoch", xInteger: true,
+    xMin: 0, xMax: job.config?.epochs ?? job.progress?.total_epochs ?? undefined,
+    empty: "waiting for the first epoch…",
+    series: epochMetrics(job.threat_model).map((m, i) => ({
+      name: m.key === "clean_accuracy" ? m.label : `${m.label} (δ = ${fmtDelta(delta)})`,
+      color: PALETTE[i], dash: i === 0 ? "dashed" : null,
+      points: history.filter((r) => typeof r[m.key] === "number").map((r) => [r.epoch, r[m.key]]),
+    })),
+    marker: sel ? { x: sel.epoch, label: `${sel.final ? "selected" : "best so far"}: epoch ${sel.epoch}`, legend: "selected checkpoint" } : null,
+  };
+}
+
+async function cancelJob(state, redraw) {
+  if (!confirm(`Cancel job ${state.job.id}? Checkpoints written so far are kept.`)) return;
+  try {
+    state.job = await api.post(`v1/jobs/${state.job.id}/cancel`);
+    redraw();
+  } catch (err) {
+    alert(err.message);
+  }
+}
+
+function describe(event) {
+  const d = event.data || {};
+  if (event.type === "metrics") {
+    return `epoch ${d.epoch}: clean ${pct(d.clean_accuracy)}, W2 ${pct(d.w2_robust_accuracy)}, `
+      + `${"l2_robust_accuracy" in d ? "l2" : "l∞"} ${pct(d.l2_robust_accuracy ?? d.linf_robust_accuracy)}`;
+  }
+  return event.message || event.type;
+}
+
+function appendLog(log, box, event) {
+  const atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
+  log.append(h("li", { class: `lvl-${event.level || "info"}`, "data-type": event.type },
+    h("time", { datetime: event.created_at }, clock(event.created_at)),
+    h("span", { class: "etype" }, event.type),
+    h("span", {}, describe(event))));
+  while (log.childElementCount > MAX_LOG) log.firstElementChild.remove();
+  if (atEnd) box.scrollTop = box.scrollHeight;
+}

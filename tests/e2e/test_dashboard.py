@@ -1,0 +1,372 @@
+"""The dashboard in a real browser: Debian's Chromium, headless, driven by Playwright, against a
+live `robustify serve` on the embedded default (its own data folder and port). The page's
+Content-Security-Policy forbids eval, so the tests wait on selectors, never on script strings.
+
+One user's path through the page (register a model through the form, fine-tune it and watch the
+curve grow, download the checkpoint, register that, evaluate both, compare them), then the
+key prompt of a server with auth on and the message when the API goes away.
+Screenshots of each step go to a temporary folder (printed with -s).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.e2e.conftest import free_port, kill_group, wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-sync"]
+# A tiny W-TRADES recipe (about a second per epoch here), typed into the form.
+TINY = {"epochs": "6", "batch_size": "128", "beta": "3", "attack_steps": "3", "eval_examples": "200"}
+TINY_MORE = {"eval_wpgd_steps": "5", "eval_pgd_steps": "3", "budget_subset": "256"}
+EVAL = {"deltas": "0.05, 0.1, 0.2", "n_examples": "200", "wpgd_steps": "5", "pgd_steps": "3"}
+
+
+# ------------------------------------------------------------------------------ a live server
+@contextmanager
+def serve(data_dir: Path, port: int, log: Path, *args: str, **env: str) -> Iterator[subprocess.Popen]:
+    """`robustify serve` (API and, unless --no-worker, one worker) until the block ends."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+    full_env.update({"ROBUSTIFY_DATA_DIR": str(data_dir), "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3",
+                     "ROBUSTIFY_SSE_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env})
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), *args], env=full_env,
+                                cwd=data_dir.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            # with a worker: ready means it has been seen too (it then validates uploads at once)
+            return httpx.get(f"{url}/{'healthz' if '--no-worker' in args else 'readyz'}", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 90, "robustify serve")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).is_file(), "the browser tests need Debian's Chromium: apt-get install -y chromium"
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # ROBUSTIFY_UI_SCREENSHOTS keeps them somewhere of your choosing (never commit them)
+    chosen = os.environ.get("ROBUSTIFY_UI_SCREENSHOTS")
+    where = Path(chosen) if chosen else tmp_path_factory.mktemp("dashboard-screenshots")
+    where.mkdir(parents=True, exist_ok=True)
+    print(f"\ndashboard screenshots: {where}")
+    return where
+
+
+class Page:
+    """A Playwright page that records script errors, plus the few steps the tests repeat."""
+
+    def __init__(self, browser: Any, url: str, shots: Path, **context: Any) -> None:
+        self.ctx = browser.new_context(accept_downloads=True, **context)
+        self.page = self.ctx.new_page()
+        self.url, self.shots = url, shots
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+
+    def go(self, hash_: str) -> None:
+        self.page.goto(f"{self.url}/ui/{hash_}")
+
+    def shot(self, name: str) -> None:
+        self.page.evaluate("window.scrollTo(0, 0)")   # else the sticky header lands mid-picture
+        self.page.screenshot(path=self.shots / f"{name}.png", full_page=True)
+
+    def fill_form(self, form: str, values: dict[str, str], prefix: str = "") -> None:
+        for name, value in values.items():
+            self.page.fill(f'{form} [name="{prefix}{name}"]', value)
+
+    def upload_model(self, path: Path, name: str) -> None:
+        self.go("#/models")
+        form = "#model-upload"
+        self.page.set_input_files(f'{form} [name="file"]', str(path))
+        self.fill_form(form, {"architecture": "small-cnn", "num_classes": "10", "dataset": "digits",
+                              "input_shape": "1,8,8", "name": name})
+        self.page.click(f"{form} button[type=submit]")
+        self.page.wait_for_selector(f"{form} .note.info", timeout=30_000)
+        # the worker checks the weights; the list turns the model ready by itself
+        self.page.wait_for_selector(f'#models-table tr[data-name="{name}"] [data-status="ready"]', timeout=90_000)
+
+    def model_id(self, name: str) -> str:
+        return self.page.get_attribute(f'#models-table tr[data-name="{name}"]', "data-model")
+
+    def job_status(self) -> str | None:
+        return self.page.evaluate("document.querySelector('.job-head .badge')?.dataset.status ?? null")
+
+    def wait_job(self, status: str, timeout: float = 120) -> None:
+        self.page.wait_for_selector(f'.job-head [data-status="{status}"]', timeout=timeout * 1000)
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def _points(page: Any, chart: str, series: str) -> int | None:
+    n = page.evaluate(f"""document.querySelector('[data-chart="{chart}"] g.series[data-name^="{series}"]')?.dataset.n ?? null""")
+    return None if n is None else int(n)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ the tests
+def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, shots: Path, digits_model_file: Path,
+                                                               tmp_path: Path) -> None:
+    port = free_port()
+    with serve(tmp_path / "data", port, tmp_path / "serve.log"):
+        url = f"http://127.0.0.1:{port}"
+        api = httpx.Client(base_url=url, timeout=30)   # the test's own view of the truth (auth is off on localhost)
+        ui = Page(browser, url, shots, viewport={"width": 1280, "height": 900})
+        page = ui.page
+
+        # / leads to the dashboard; the first load is small and comes from this server only
+        requests: list[Any] = []
+        record = lambda r: requests.append(r)  # noqa: E731 (Playwright cannot wrap a builtin method)
+        page.on("requestfinished", record)
+        page.goto(url + "/")
+        assert page.url == f"{url}/ui/"
+        page.wait_for_selector("#jobs-table td.empty")
+        page.wait_for_load_state("networkidle")
+        page.remove_listener("requestfinished", record)
+        assert requests and all(r.url.startswith(url + "/") for r in requests), [r.url for r in requests]
+        shell = sum(r.sizes()["responseBodySize"] for r in requests if "/ui/" in r.url)
+        print(f"first load: {len(requests)} requests, {shell} bytes of dashboard files, "
+              f"{sum(r.sizes()['responseBodySize'] for r in requests)} bytes in all")
+        assert shell < 120_000
+
+        # register the model through the form (the worker validates it)
+        ui.upload_model(digits_model_file, "digits-cnn")
+        model_id = ui.model_id("digits-cnn")
+        ui.shot("1-models")
+
+        # start a fine-tune from its row; the form's fields and defaults come from the OpenAPI schema
+        page.click(f'#models-table tr[data-model="{model_id}"] a:text("Fine-tune")')
+        page.wait_for_selector("#new-job")
+        assert page.input_value('[name="config.epochs"]') == str(
+            api.get("/openapi.json").json()["components"]["schemas"]["FinetuneConfig"]["properties"]["epochs"]["default"])
+        assert page.input_value("#f-model") == model_id
+        page.select_option('[name="threat_model.kind"]', "w2-linf")
+        page.fill('[name="threat_model.delta"]', "0.1")
+        ui.fill_form("#new-job", TINY, "config.")
+        page.click("#new-job details > summary")
+        ui.fill_form("#new-job", TINY_MORE, "config.")
+        ui.shot("2-new-job")
+        page.click("#new-job button[type=submit]")
+        page.wait_for_url("**/ui/#/jobs/job_*")
+        job_id = page.url.rsplit("/", 1)[1]
+
+        # the curve gains points while the job runs, without a reload
+        seen: list[tuple[str | None, int | None]] = []
+        deadline = time.monotonic() + 150
+        shot_running = False
+        while time.monotonic() < deadline:
+            status, n = ui.job_status(), _points(page, "epochs", "W2 robust")
+            seen.append((status, n))
+            if status == "running" and n and not shot_running:
+                ui.shot("3-job-running")
+                shot_running = True
+            if status in ("succeeded", "failed", "cancelled"):
+                break
+            page.wait_for_timeout(60)
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded", job
+        page.wait_for_selector("#before-after")
+        counts = [n for _, n in seen if n is not None]
+        assert counts == sorted(counts), "the curve lost points"
+        assert any(s == "running" and n is not None and 1 <= n < 6 for s, n in seen), f"no partial curve seen: {seen}"
+        # epochs 0 (the input model) to 6, and the selected checkpoint marked
+        page.wait_for_selector('[data-chart="epochs"] g.series[data-name^="W2"][data-n="7"]')
+        assert _points(page, "epochs", "Clean") == 7
+        result = job["result"]
+        assert page.get_attribute('[data-chart="epochs"] g.marker', "data-x") == str(result["best_epoch"])
+        # the before/after table: the API's numbers, with δ and the threat model named
+        for key, label in (("clean_accuracy", "Clean"), ("w2_robust_accuracy", "W2 robust at δ = 0.1")):
+            cells = page.locator(f'#before-after tr[data-metric="{key}"] > *').all_inner_texts()
+            assert cells[:3] == [label, _pct(result["before"][key]), _pct(result["after"][key])], cells
+        assert "W2 ball, l∞ ground cost, δ = 0.1" in page.inner_text("#before-after-threat")
+        assert page.locator("#event-log li[data-type=metrics]").count() == 6
+        ui.shot("4-job-succeeded")
+
+        # download the selected checkpoint: the same bytes as the API's best checkpoint
+        with page.expect_download() as download:
+            page.click("#download-selected")
+        robust = tmp_path / "robust.safetensors"
+        download.value.save_as(robust)
+        best = [c for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"] if c["is_best"]][0]
+        assert _sha256(robust) == best["sha256"]
+
+        # register the download as a second model, evaluate both along δ, compare them
+        ui.upload_model(robust, "digits-cnn-robust")
+        robust_id = ui.model_id("digits-cnn-robust")
+        eval_jobs = []
+        for mid in (model_id, robust_id):
+            ui.go(f"#/new?type=evaluate&model={mid}")
+            page.wait_for_selector("#new-job")
+            page.fill('[name="threat_model.delta"]', "0.1")
+            ui.fill_form("#new-job", EVAL, "config.")
+            page.click("#new-job button[type=submit]")
+            page.wait_for_url("**/ui/#/jobs/job_*")
+            ui.wait_job("succeeded")
+            eval_jobs.append(page.url.rsplit("/", 1)[1])
+            page.wait_for_selector('[data-chart="robustness"] g.ref[data-name="clean"]')
+            assert _points(page, "robustness", "W2") == 3
+        ui.shot("5-evaluation")
+
+        ui.go("#/compare")
+        for mid in (model_id, robust_id):
+            page.check(f'.picker input[value="{mid}"]')
+        page.wait_for_selector(f'#compare-table tr[data-entry="{robust_id}"][data-attack="W2 (W-PGD)"]')
+        assert page.locator('[data-chart="compare"] g.series').count() == 4   # two models × (W2, l∞ PGD)
+        assert page.locator('[data-chart="compare"] g.ref').count() == 2      # their clean accuracies
+        for mid, ev in zip((model_id, robust_id), eval_jobs):
+            report = api.get(f"/v1/jobs/{ev}/report").json()
+            row = f'#compare-table tr[data-entry="{mid}"][data-attack="W2 (W-PGD)"]'
+            for w2 in report["w2"]:
+                assert page.inner_text(f'{row} td[data-delta="{w2["delta"]}"]') == _pct(w2["robust_accuracy"])
+            assert page.inner_text(f"{row} td[data-clean]") == _pct(report["clean_accuracy"])
+        assert f"ids={model_id},{robust_id}" in page.url   # the comparison can be shared as a link
+        ui.shot("6-compare")
+
+        # the jobs list: filters and paging (two per page here)
+        ui.go("#/jobs?type=evaluate")
+        page.wait_for_selector("#jobs-table tr[data-job]")
+        assert sorted(page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")) == sorted(eval_jobs)
+        ui.go("#/jobs?limit=2")
+        page.wait_for_selector("#jobs-table tr[data-job]")
+        first = page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")
+        page.click("text=Older →")
+        page.wait_for_selector(".pager :text('page 2')")
+        second = page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")
+        assert first + second == [j["id"] for j in api.get("/v1/jobs", params={"limit": 10}).json()["data"]]
+        ui.shot("7-jobs")
+
+        # a long fine-tune, cancelled from its page
+        ui.go(f"#/new?type=finetune&model={robust_id}")
+        page.wait_for_selector("#new-job")
+        ui.fill_form("#new-job", {**TINY, "epochs": "200"}, "config.")
+        page.click("#new-job button[type=submit]")
+        page.wait_for_url("**/ui/#/jobs/job_*")
+        ui.wait_job("running", timeout=60)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#cancel-job")
+        ui.wait_job("cancelled", timeout=60)
+
+        # a data set: uploaded through the form, then deleted
+        x, y = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 4
+        npz = tmp_path / "tiny.npz"
+        np.savez(npz, x=x, y=y)
+        ui.go("#/datasets")
+        page.set_input_files('#dataset-upload [name="file"]', str(npz))
+        page.click("#dataset-upload button[type=submit]")
+        page.wait_for_selector("#datasets-table tr[data-dataset]")
+        assert "40 images, 4 classes" in page.inner_text("#dataset-upload .note")
+        page.once("dialog", lambda d: d.accept())
+        page.click("#datasets-table tr[data-dataset] button.danger")
+        page.wait_for_selector("#datasets-table td.empty")
+        assert api.get("/v1/datasets").json()["data"] == []
+
+        # the same job page on a phone
+        phone = Page(browser, url, shots, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+        phone.go(f"#/jobs/{job_id}")
+        phone.page.wait_for_selector("#before-after")
+        assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390, "the page scrolls sideways on a phone"
+        phone.shot("8-job-phone")
+        phone.close()
+
+        assert not ui.errors, ui.errors
+        ui.close()
+        api.close()
+
+
+def test_key_prompt_and_unreachable_api(browser: Any, shots: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+    made = subprocess.run([sys.executable, "-m", "cli", "keys", "create", "browser"], capture_output=True, text=True,
+                          env={**env, "ROBUSTIFY_DATA_DIR": str(data)}, cwd=tmp_path, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.split()[0]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with serve(data, port, log, "--no-worker", ROBUSTIFY_AUTH="on") as server:
+        # the shell needs no key, the data does
+        assert httpx.get(f"{url}/ui/app.js").status_code == 200
+        assert httpx.get(f"{url}/v1/jobs").status_code == 401
+
+        ui = Page(browser, url, shots, viewport={"width": 1280, "height": 800})
+        page = ui.page
+        ui.go("#/jobs")
+        page.wait_for_selector("#key-dialog[open]")
+        ui.shot("9-key-prompt")
+        page.fill("#key-input", "rk_not_a_key")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#key-error:has-text('refused')")
+        assert page.is_visible("#key-dialog[open]")
+        page.fill("#key-input", key)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#jobs-table td.empty")
+        assert not page.is_visible("#key-dialog[open]")
+        assert page.evaluate("sessionStorage.getItem('robustify.apiKey')") == key
+        # asked once: a reload and other pages use the stored key
+        page.reload()
+        ui.go("#/models")
+        page.wait_for_selector("#models-table td.empty")
+        assert not page.is_visible("#key-dialog[open]")
+
+        # the API goes away: the page says so, then carries on when it is back
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        page.wait_for_selector("#banner:not([hidden])", timeout=15_000)
+        assert "unreachable" in page.inner_text("#banner")
+        ui.shot("10-api-unreachable")
+        with serve(data, port, log, "--no-worker", ROBUSTIFY_AUTH="on"):
+            page.wait_for_selector("#banner", state="hidden", timeout=15_000)
+            page.wait_for_selector("#models-table td.empty")
+            assert not page.is_visible("#key-dialog[open]")   # the stored key still works
+        # the refused key and the outage log failed requests to the console; scripts must not fail
+        script_errors = [e for e in ui.errors if e.startswith("page error")]
+        assert not script_errors, script_errors
+        ui.close()

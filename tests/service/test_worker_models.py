@@ -4,33 +4,16 @@ set, registering a fine-tune's checkpoint as a model, and events a recipe report
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import pytest
 import torch
 
 from core.artifacts import ArtifactStore, delete_artifact, record_artifact
 from core.checkpoint import save_weights
-from core.db import Artifact, Job, JobEvent, Model, make_engine, make_sessionmaker, new_id, utcnow
-from core.settings import Settings
+from core.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from tests.e2e.test_claim import rt  # noqa: F401  (the worker runtime on PostgreSQL and on SQLite)
 from worker.chain import register_finetuned_model
 from worker.jobs import Heartbeat, JobHooks, load_data_for, load_model_for
 from worker.runtime import Runtime, worker_id
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def rt(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    import migrations
-
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'w.db'}"
-        migrations.upgrade(url)
-    engine = make_engine(url)
-    yield Runtime(Settings(data_dir=tmp_path, database_url=url), engine, make_sessionmaker(engine),
-                  ArtifactStore(tmp_path / "artifacts"), 0)
-    engine.dispose()
 
 
 def _model_with_weights(rt: Runtime, tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:

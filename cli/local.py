@@ -141,6 +141,10 @@ class _Bar:
             self.bar.set_postfix(shown, refresh=False)
         self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
 
+    def event(self, type: str, message: str, data: dict[str, Any]) -> None:
+        """A recipe's event (e.g. a batch halved after a CUDA out-of-memory error), above the bar."""
+        self.bar.write(f"{type}: {message}")
+
     def close(self) -> None:
         self.bar.close()
 
@@ -174,7 +178,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     resume = load_training_checkpoint(args.resume) if args.resume else None
     bar = _Bar()
     try:
-        result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint),
+        result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint, event=bar.event),
                           device=args.device, resume=resume)
     finally:
         bar.close()
@@ -196,7 +200,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bar = _Bar()
     try:
-        report = evaluate(config, model, data, Hooks(progress=bar), device=args.device)
+        report = evaluate(config, model, data, Hooks(progress=bar, event=bar.event), device=args.device)
     finally:
         bar.close()
     (args.out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))

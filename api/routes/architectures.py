@@ -73,7 +73,8 @@ async def list_architectures(family: str | None = Query(None, description="built
     if after:
         ids = [e["id"] for e in items]
         if after not in ids:
-            raise ApiError(422, "validation_error", f"unknown cursor after={after!r}: pass the last_id of a previous page.")
+            raise ApiError(422, "validation_error",
+                           f"unknown cursor after={after!r}: pass the last_id of a previous page.")
         items = items[ids.index(after) + 1:]
     page = items[:limit]
     return {"object": "list", "data": page, "has_more": len(items) > limit,

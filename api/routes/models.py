@@ -160,17 +160,17 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
         raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required: the safetensors file part",
                                        "type": "missing"}])
     if not is_known_architecture_name(form.architecture):
+        name = form.architecture
         families = ", ".join(f"{p}<name>" for p in FAMILY_PREFIXES)
-        hint = "" if ":" in form.architecture else \
-            f" (for timm's or torchvision's {form.architecture}: timm:{form.architecture} or torchvision:{form.architecture})"
+        hint = "" if ":" in name else f" (for timm's or torchvision's {name}: timm:{name} or torchvision:{name})"
         raise ApiError(422, "unsupported_architecture",
-                       f"unknown architecture {form.architecture!r}{hint}: use one of "
-                       f"{', '.join(BUILTIN_ARCHITECTURES)} or a family: {families}; GET /v1/architectures lists them.")
+                       f"unknown architecture {name!r}{hint}: use one of {', '.join(BUILTIN_ARCHITECTURES)} or a "
+                       f"family: {families}; GET /v1/architectures lists them.")
     if form.architecture.startswith("timm:hf-hub:"):
         raise ApiError(422, "unsupported_architecture",
-                       'register a Hugging Face Hub model with a JSON body {"source": "hf-hub", "name": "<org>/<repo>", '
-                       '"num_classes": ..., "dataset": ...}; to upload your own weights for its architecture, name '
-                       "the architecture in its config.json as timm:<architecture>.")
+                       'register a Hugging Face Hub model with a JSON body {"source": "hf-hub", "name": '
+                       '"<org>/<repo>", "num_classes": ..., "dataset": ...}; to upload your own weights for its '
+                       "architecture, name the architecture in its config.json as timm:<architecture>.")
     input_shape = form.input_size or _default_shape(session, who, form.dataset)
     input_mean, input_std = _input_contract(form.architecture, form.dataset, input_shape, form)
     inspect_safetensors(file_path)  # InvalidModelFile -> 422, and the temp file is discarded

@@ -226,14 +226,7 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
                                    threat_model=model_row.threat_model or "Linf", label=label,
                                    input_mean=model_row.input_mean, input_std=model_row.input_std)
     if model_row.source == "hf-hub":
-        from core.hub import load_hub_model, parse_hub_architecture
-
-        repo, revision = parse_hub_architecture(model_row.architecture)
-        model, _ = load_hub_model(repo, revision=revision, num_classes=model_row.num_classes,
-                                  input_size=model_row.input_shape, input_mean=model_row.input_mean,
-                                  input_std=model_row.input_std, dataset=model_row.dataset,
-                                  allow_download=rt.settings.allow_download)
-        return model
+        return _load_hub_model(rt, model_row)
     name = model_row.architecture.removeprefix("robustbench:")
     return zoo.load_robustbench_model(name, dataset=model_row.dataset, threat_model=model_row.threat_model or "Linf",
                                       model_dir=rt.settings.resolved_model_dir,
@@ -449,10 +442,7 @@ def validate_model(model_id: str) -> str:
         if m is None or m.status != "validating":
             return "skipped"
         try:
-            if m.source == "hf-hub" and m.weights_artifact_id is None:
-                model = _load_hub_for_validation(rt, m)
-            else:
-                model = load_model_for(rt, s, m)
+            model = load_model_for(rt, s, m)
             _forward_check(model, m)
             if m.weights_artifact_id is None:  # RobustBench, Hub: keep its weights as safetensors
                 m.weights_artifact_id = _store_state_dict(rt, s, m, model).id
@@ -481,10 +471,10 @@ def validate_model(model_id: str) -> str:
             return "rejected"
 
 
-def _load_hub_for_validation(rt: Runtime, m: Model) -> Any:
-    """Load a Hub model and write down what its config fixed: the timm architecture (from now on
-    the stored weights load like an upload's; the model's name stays the repository id) and the
-    input size, mean and std left to it."""
+def _load_hub_model(rt: Runtime, m: Model) -> Any:
+    """Load a Hub model and write on its row what the hub's config fixed: the timm architecture
+    (once validation has stored the weights, they load like an upload's; the model's name stays
+    the repository id) and the input size, mean and std the registration left to it."""
     from core.hub import load_hub_model, parse_hub_architecture
 
     repo, revision = parse_hub_architecture(m.architecture)

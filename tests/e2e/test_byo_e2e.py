@@ -122,6 +122,12 @@ def test_own_models_and_image_folders_end_to_end(tmp_path: Path) -> None:
         rejected = _validated(client, missing["id"])
         assert rejected["error"]["code"] == "model_download_failed"
         assert "ROBUSTIFY_ALLOW_DOWNLOAD" in rejected["error"]["message"]
+        with open(paths["timm"], "rb") as fh:   # a misspelt family name: rejected with timm's close names
+            typo = client.post("/v1/models", files={"file": ("m.safetensors", fh)},
+                               data={"architecture": "timm:resnet-18", "num_classes": "3", "dataset": small["id"]})
+        rejected = _validated(client, typo.json()["id"])
+        assert rejected["error"]["code"] == "unsupported_architecture"
+        assert "Did you mean timm:resnet18" in rejected["error"]["message"]
 
         # --- one epoch of W-TRADES at 224×224: the best checkpoint becomes a model -------------------------
         ft = _run(client, {"type": "finetune", "model_id": timm_model["id"], "dataset": big["id"],

@@ -1,8 +1,8 @@
 """Names of the architecture families for GET /v1/architectures, with no torch in the API process.
 
 Importing timm or torchvision to list their names would put torch into the API process (measured
-on the 2-core CI machine: `import timm` takes ~5 s and raises the resident set from 76 MB, the
-whole API, to 708 MB). Instead a family's names come from a subprocess,
+on the shared 2-core machine: after `import api.app` (76 MB resident), `import timm` takes 5-12 s
+and brings the process to 708-753 MB). Instead a family's names come from a subprocess,
 `python -m core.architectures.catalog <family>`, once; they are kept in memory and in
 <data_dir>/cache, keyed by the installed package versions, so a restarted server reads them back
 without a subprocess.

@@ -2,9 +2,9 @@
 
 Built-ins: CIFAR-10/100 (torchvision's on-disk format, read with a restricted unpickler),
 Fashion-MNIST (IDX files), scikit-learn's digits (bundled, no download). Anything else is a
-path to an `.npz` with `x` (uint8 images) and `y` (integer labels), and optionally its own
-test split (`x_test`, `y_test`) and `class_names`, as image-folder uploads are stored. The whole data set is
-kept as one tensor so that training moves it to the device once and augments it there.
+path to an `.npz` with `x` (uint8 images) and `y` (integer labels), and optionally its own test
+split (`x_test`, `y_test`) and `class_names`, as image-folder uploads are stored. The whole data
+set is kept as one tensor so that training moves it to the device once and augments it there.
 """
 from __future__ import annotations
 

@@ -115,4 +115,4 @@ def test_alembic_command_line_from_any_directory(tmp_path, cwd):
     out = subprocess.run([sys.executable, "-m", "alembic", "-c", str(root / "alembic.ini"), "upgrade", "head"],
                          cwd=cwd or root, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert migrations.current(url) == _head() == "0002"
+    assert migrations.current(url) == _head()

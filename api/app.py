@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
-from api.routes import datasets, jobs, models, ops, webhooks
+from api.routes import architectures, datasets, jobs, models, ops, webhooks
 from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
 from core.artifacts import ArtifactStore
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = svc
     app.state.metrics_registry = install_metrics(app, svc.sessionmaker)
     install_error_handlers(app)
-    for router in (models.router, datasets.router, jobs.router, webhooks.router, ops.router):
+    for router in (models.router, architectures.router, datasets.router, jobs.router, webhooks.router, ops.router):
         app.include_router(router)
     install_dashboard(app)
 

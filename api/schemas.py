@@ -61,7 +61,81 @@ class RobustBenchModelCreate(RobustBenchRef):
     metadata: dict[str, Any] | None = None
 
 
-class ModelUploadForm(_Body):
+def _json_object(value: Any) -> Any:
+    """A form field holding a JSON object (or nothing)."""
+    import json
+
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"metadata must be a JSON object ({exc})") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError("metadata must be a JSON object")
+    return value
+
+
+def _number_list(value: Any, what: str, example: str) -> Any:
+    """"1,8,8", "1x8x8", "[1, 8, 8]" or a list → a list of numbers (None when empty)."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]")
+        if not text:
+            return None
+        parse = int if what == "input_size" else float
+        try:
+            return [parse(p) for p in text.replace("x", ",").split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f'{what} must look like "{example}"') from None
+    return value
+
+
+def _image_size(value: Any, what: str) -> Any:
+    value = _number_list(value, "input_size", "3,224,224")
+    if value is not None and (len(value) != 3 or any(int(v) < 1 or int(v) > 4096 for v in value)):
+        raise ValueError(f"{what} must be three positive sizes: channels, height, width")
+    return value
+
+
+class InputContract(_Body):
+    """What the model takes: input_size [C, H, W] and the per-channel mean/std it was trained with.
+
+    The engine feeds the network (x - input_mean) / input_std with x in [0, 1]; omitted, the mean
+    and std default to the data set's statistics for timm:/torchvision: architectures (cifar10,
+    cifar100, imagenet) and to identity otherwise (built-in architectures normalise inside).
+    """
+
+    input_size: list[int] | None = Field(default=None, description="[C, H, W]; default from the dataset",
+                                         examples=[[3, 224, 224]])
+    input_mean: list[float] | None = Field(default=None, examples=[[0.485, 0.456, 0.406]])
+    input_std: list[float] | None = Field(default=None, examples=[[0.229, 0.224, 0.225]])
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _image_size(value, "input_size")
+
+    @field_validator("input_mean", "input_std", mode="before")
+    @classmethod
+    def _stats(cls, value: Any, info: Any) -> Any:
+        return _number_list(value, info.field_name, "0.485,0.456,0.406")
+
+    @model_validator(mode="after")
+    def _stats_per_channel(self) -> "InputContract":
+        from core.input_contract import check_input_stats
+
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("give both input_mean and input_std, or neither")
+        if self.input_mean is not None and self.input_std is not None:
+            channels = self.input_size[0] if self.input_size else len(self.input_mean)
+            problem = check_input_stats(self.input_mean, self.input_std, channels)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
+class ModelUploadForm(InputContract):
     """The text fields of the multipart upload (the weights come as the `file` part)."""
 
     architecture: str = Field(min_length=1, max_length=200)
@@ -69,36 +143,50 @@ class ModelUploadForm(_Body):
     dataset: str = Field(min_length=1, max_length=100)
     name: str | None = Field(default=None, max_length=200)
     metadata: dict[str, Any] | None = None
-    input_shape: list[int] | None = None
+    input_shape: list[int] | None = Field(default=None, description="the former name of input_size")
 
     @field_validator("metadata", mode="before")
     @classmethod
     def _json_metadata(cls, value: Any) -> Any:
-        import json
-
-        if isinstance(value, str):
-            if not value.strip():
-                return None
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"metadata must be a JSON object ({exc})") from None
-        if value is not None and not isinstance(value, dict):
-            raise ValueError("metadata must be a JSON object")
-        return value
+        return _json_object(value)
 
     @field_validator("input_shape", mode="before")
     @classmethod
     def _shape(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                return None
-            try:
-                value = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
-            except ValueError:
-                raise ValueError('input_shape must look like "1,8,8" (channels, height, width)') from None
-        if value is not None and (len(value) != 3 or any(int(v) < 1 or int(v) > 4096 for v in value)):
-            raise ValueError("input_shape must be three positive sizes: channels, height, width")
+        return _image_size(value, "input_shape")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "ModelUploadForm":
+        if self.input_shape is not None:
+            if self.input_size is not None and self.input_size != self.input_shape:
+                raise ValueError("input_shape is the former name of input_size; give one of them")
+            self.input_size = self.input_shape
+        return self
+
+
+class HubModelCreate(InputContract):
+    """POST /v1/models with a JSON body {"source": "hf-hub", ...} registers a timm model on the Hugging Face Hub.
+
+    Its config.json and model.safetensors are read from the worker's Hugging Face cache
+    (downloaded when downloads are allowed). input_size, input_mean and input_std default to the
+    hub config's pretrained_cfg.
+    """
+
+    source: Literal["hf-hub"]
+    name: str = Field(min_length=1, max_length=160, examples=["timm/resnet18.a1_in1k"],
+                      description="the repository id, org/name")
+    revision: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9._/-]+$")
+    num_classes: int = Field(ge=2, le=100000)
+    dataset: str = Field(min_length=1, max_length=100, description="what it was trained on")
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        from core.hub import REPO_ID
+
+        if not REPO_ID.match(value):
+            raise ValueError("name must be a Hugging Face repository id such as timm/resnet18.a1_in1k")
         return value
 
 
@@ -160,7 +248,10 @@ def model_object(m: Model, weights: Artifact | None) -> dict[str, Any]:
     return {
         "id": m.id, "object": "model", "name": m.name, "source": m.source,
         "architecture": m.architecture, "num_classes": m.num_classes, "dataset": m.dataset,
-        "input_shape": m.input_shape, "threat_model": m.threat_model, "status": m.status,
+        "input_size": m.input_shape, "input_shape": m.input_shape,
+        "input_mean": m.input_mean, "input_std": m.input_std,
+        "threat_model": m.threat_model, "status": m.status,
+        "parent_model_id": m.parent_model_id, "source_job_id": m.source_job_id,
         "error": m.error, "metadata": m.meta,
         "sha256": weights.sha256 if weights else None, "size": weights.size if weights else None,
         "created_at": ts(m.created_at), "updated_at": ts(m.updated_at),
@@ -173,6 +264,7 @@ def dataset_object(d: Dataset, artifact: Artifact | None) -> dict[str, Any]:
     return {
         "id": d.id, "object": "dataset", "name": d.name, "status": d.status,
         "num_examples": d.num_examples, "num_classes": d.num_classes, "image_shape": d.image_shape,
+        "class_names": d.class_names, "splits": d.splits,
         "sha256": artifact.sha256 if artifact else None, "size": artifact.size if artifact else None,
         "metadata": d.meta, "created_at": ts(d.created_at), "urls": {"self": f"/v1/datasets/{d.id}"},
     }

@@ -1,4 +1,4 @@
-"""`robustify models|datasets|jobs …`: the command-line client of a running robustify server.
+"""`robustify models|datasets|jobs|architectures …`: the command-line client of a running robustify server.
 
 The server is --url (or ROBUSTIFY_URL, default http://127.0.0.1:8000) and the key --key (or
 ROBUSTIFY_API_KEY). Problem responses print their message and code and exit with status 1.
@@ -75,12 +75,23 @@ def models_add(api: Api, args: argparse.Namespace) -> int:
     return _show_model(api, m, args)
 
 
+def models_hub(api: Api, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"source": "hf-hub", "name": args.repo, "num_classes": args.num_classes,
+                            "dataset": args.dataset}
+    for field in ("revision", "input_size", "input_mean", "input_std"):
+        if getattr(args, field):
+            body[field] = getattr(args, field)
+    if args.metadata:
+        body["metadata"] = json.loads(args.metadata)
+    return _show_model(api, api.json("POST", "/v1/models", json=body), args)
+
+
 def models_upload(api: Api, args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ClientError(f"no such file: {path}")
     data = {"architecture": args.architecture, "num_classes": str(args.num_classes), "dataset": args.dataset}
-    for field in ("name", "input_shape", "metadata"):
+    for field in ("name", "input_size", "input_mean", "input_std", "metadata"):
         if getattr(args, field):
             data[field] = getattr(args, field)
     with open(path, "rb") as fh:
@@ -98,6 +109,8 @@ def _show_model(api: Api, m: dict[str, Any], args: argparse.Namespace) -> int:
         _print(m)
     else:
         print(f"{m['id']}  {m['status']}  {m['architecture']}  {m['dataset']}  {m['name']}")
+        if m["status"] == "ready" and m.get("input_size"):
+            print(f"  input {m['input_size']}  mean {m.get('input_mean')}  std {m.get('input_std')}")
         if m.get("error"):
             print(f"  rejected: {m['error'].get('message')}", file=sys.stderr)
     return 1 if m["status"] == "rejected" else 0
@@ -128,13 +141,18 @@ def datasets_upload(api: Api, args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ClientError(f"no such file: {path}")
+    data = {"name": args.name or path.name}
+    for field in ("image_size", "channels", "test_fraction", "seed"):   # image-folder archives only
+        if getattr(args, field) is not None:
+            data[field] = str(getattr(args, field))
     with open(path, "rb") as fh:
-        d = api.json("POST", "/v1/datasets", data={"name": args.name or path.name},
-                     files={"file": (path.name, fh, "application/octet-stream")})
+        d = api.json("POST", "/v1/datasets", data=data, files={"file": (path.name, fh, "application/octet-stream")})
     if args.json:
         _print(d)
     else:
         print(f"{d['id']}  {d['num_examples']} images {d['image_shape']}  {d['num_classes']} classes  {d['name']}")
+        if d.get("class_names"):
+            print(f"  classes {', '.join(d['class_names'])}  split {d.get('splits')}")
     return 0
 
 
@@ -146,6 +164,21 @@ def datasets_list(api: Api, args: argparse.Namespace) -> int:
     print("built-in: digits, fashion-mnist, cifar10, cifar100")
     for d in rows:
         print(f"{d['id']}  {d['num_examples']:>8} images  {d['image_shape']}  {d['num_classes']} classes  {d['name']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- architectures
+def architectures_list(api: Api, args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("family", args.family), ("q", args.q)) if v}
+    rows = list(_pages(api, "/v1/architectures", {**params, "limit": 100}))
+    if args.json:
+        _print(rows)
+        return 0
+    for a in rows:
+        if a["object"] == "architecture_family":
+            print(f"{a['pattern']:<34}  {a['description']}")
+        else:
+            print(a["id"])
     return 0
 
 
@@ -214,6 +247,9 @@ def _summary(job: dict[str, Any]) -> str:
         lines.append(f"  error [{job['error'].get('code')}]: {job['error'].get('message')}")
     if job.get("result"):
         lines.append("  result " + json.dumps(job["result"]))
+        if job["result"].get("model_id"):
+            lines.append(f"  registered model {job['result']['model_id']}: robustify jobs submit --type evaluate "
+                         f"--model {job['result']['model_id']} --dataset {job['dataset']}")
     return "\n".join(lines)
 
 
@@ -403,18 +439,40 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             q.add_argument("--wait", action="store_true", help="wait until validation has finished")
             q.add_argument("--wait-timeout", type=float, default=600.0)
         u.add_argument("file", help="a .safetensors state dict (pickle files are refused)")
-        u.add_argument("--architecture", required=True, help="small-cnn, preact-resnet-18, wide-resnet-28-10, …")
+        u.add_argument("--architecture", required=True,
+                       help="small-cnn, preact-resnet-18, …, timm:<name>, torchvision:<name> (robustify architectures list)")
         u.add_argument("--num-classes", type=int, required=True)
         u.add_argument("--dataset", required=True, help="what it was trained on: digits, cifar10, … or a dataset id")
         u.add_argument("--name")
-        u.add_argument("--input-shape", help='C,H,W, e.g. "1,8,8" (default from the dataset)')
-        u.add_argument("--metadata", help="a JSON object")
+        h = add("hub", models_hub, "register a timm model from the Hugging Face Hub (read from the worker's HF cache)")
+        h.add_argument("repo", help="the repository id, e.g. timm/resnet18.a1_in1k")
+        h.add_argument("--revision")
+        h.add_argument("--num-classes", type=int, required=True)
+        h.add_argument("--dataset", required=True, help="what it was trained on: imagenet, cifar10, … or a dataset id")
+        h.add_argument("--wait", action="store_true", help="wait until validation has finished")
+        h.add_argument("--wait-timeout", type=float, default=600.0)
+        for q in (u, h):
+            q.add_argument("--input-size", "--input-shape", dest="input_size",
+                           help='C,H,W, e.g. "3,224,224" (default from the dataset)')
+            q.add_argument("--mean", dest="input_mean", help="per-channel mean of the normalisation the model was "
+                                                             'trained with, e.g. "0.485,0.456,0.406"')
+            q.add_argument("--std", dest="input_std", help='per-channel std, e.g. "0.229,0.224,0.225"')
+            q.add_argument("--metadata", help="a JSON object")
         add("list", models_list, "list models")
     elif command == "datasets":
-        p = add("upload", datasets_upload, "upload an .npz (x uint8 images, y int labels)")
+        p = add("upload", datasets_upload, "upload an .npz (x uint8 images, y int labels) or a .zip / .tar of "
+                                           "class folders")
         p.add_argument("file")
         p.add_argument("--name")
+        p.add_argument("--image-size", help="archives: resize to S or H,W (cover and centre-crop)")
+        p.add_argument("--channels", type=int, choices=[1, 3], help="archives: 1 grayscale or 3 RGB (default 3)")
+        p.add_argument("--test-fraction", type=float, help="archives of class folders: held-out share (0.2)")
+        p.add_argument("--seed", type=int, help="archives of class folders: seed of the split (0)")
         add("list", datasets_list, "list data sets")
+    elif command == "architectures":
+        p = add("list", architectures_list, "the built-ins and families, or a family's names")
+        p.add_argument("--family", choices=["builtin", "timm", "torchvision", "robustbench"])
+        p.add_argument("--q", help="part of a name, or a pattern with * and ?")
     elif command == "jobs":
         p = add("submit", jobs_submit, "submit a fine-tune or evaluation job")
         p.add_argument("--type", choices=["finetune", "evaluate"], default="finetune")
@@ -441,7 +499,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], http: httpx.Client | None = None) -> int:
-    """argv[0] is models, datasets or jobs. `http` lets tests pass a client of their own."""
+    """argv[0] is models, datasets, jobs or architectures. `http` lets tests pass a client of their own."""
     command, rest = argv[0], argv[1:]
     args = build_parser(command).parse_args(rest)
     api = Api(args.url, args.key, http)

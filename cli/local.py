@@ -24,6 +24,11 @@ def _radius(text: str) -> float:
     return float(Fraction(text.strip())) if "/" in text else float(text)
 
 
+def _floats(text: str) -> list[float]:
+    """'0.485,0.456,0.406' → [0.485, 0.456, 0.406]."""
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def _value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -38,11 +43,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
     src = p.add_argument_group("model")
     src.add_argument("--model", type=Path, help="safetensors state dict of the model")
     src.add_argument("--architecture", default="small-cnn",
-                     help="built-in architecture or robustbench:<name> (default small-cnn)")
+                     help="built-in architecture, timm:<name>, torchvision:<name> or robustbench:<name> "
+                          "(default small-cnn)")
     src.add_argument("--robustbench", metavar="NAME", help="a RobustBench model ID instead of --model")
     src.add_argument("--robustbench-threat", default="Linf", help="RobustBench threat model (default Linf)")
     src.add_argument("--pretrain", type=int, default=0, metavar="EPOCHS",
                      help="without --model: train the architecture normally for EPOCHS first")
+    src.add_argument("--mean", type=_floats, help="per-channel mean the model normalises its input with, e.g. "
+                                                  "0.485,0.456,0.406 (default: none)")
+    src.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
     p.add_argument("--dataset", default="digits", help="cifar10 | cifar100 | fashion-mnist | digits | path.npz")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--config", type=Path, help="JSON file with recipe fields")
@@ -89,24 +98,24 @@ def _config(args: argparse.Namespace, cls: type) -> Any:
 
 def _load(args: argparse.Namespace):
     from core.data import load_dataset
-    from core.zoo import create_model, load_model_file, load_robustbench_model
+    from core.zoo import create_model, load_model_file, load_robustbench_model, with_pixel_input
 
     data = load_dataset(args.dataset, data_dir=args.data_dir, allow_download=args.allow_download)
-    c, h, _ = data.image_shape
+    c, h, w = data.image_shape
     if args.robustbench:
         model = load_robustbench_model(args.robustbench, dataset=args.dataset, threat_model=args.robustbench_threat,
                                        model_dir=args.model_dir, allow_download=args.allow_download)
     elif args.model:
         model = load_model_file(args.model, args.architecture, num_classes=data.num_classes, in_channels=c,
-                                image_size=h, dataset=args.dataset)
+                                image_size=(h, w), dataset=args.dataset, input_mean=args.mean, input_std=args.std)
     elif args.pretrain > 0:
         from core.recipes.standard import accuracy, train_standard
 
         import torch
 
         torch.manual_seed(args.seed or 0)   # the same starting model on every run
-        model = create_model(args.architecture, num_classes=data.num_classes, in_channels=c, image_size=h,
-                             dataset=args.dataset)
+        model = with_pixel_input(create_model(args.architecture, num_classes=data.num_classes, in_channels=c,
+                                              image_size=(h, w), dataset=args.dataset), args.mean, args.std)
         print(f"pre-training {args.architecture} on {args.dataset} for {args.pretrain} epochs (plain CE)...")
         model = train_standard(model, data, epochs=args.pretrain, device=args.device)
         print(f"clean test accuracy after pre-training: {accuracy(model, data):.4f}")
@@ -131,6 +140,10 @@ class _Bar:
         if shown:
             self.bar.set_postfix(shown, refresh=False)
         self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
+
+    def event(self, type: str, message: str, data: dict[str, Any]) -> None:
+        """A recipe's event (e.g. a batch halved after a CUDA out-of-memory error), above the bar."""
+        self.bar.write(f"{type}: {message}")
 
     def close(self) -> None:
         self.bar.close()
@@ -165,7 +178,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     resume = load_training_checkpoint(args.resume) if args.resume else None
     bar = _Bar()
     try:
-        result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint),
+        result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint, event=bar.event),
                           device=args.device, resume=resume)
     finally:
         bar.close()
@@ -187,7 +200,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bar = _Bar()
     try:
-        report = evaluate(config, model, data, Hooks(progress=bar), device=args.device)
+        report = evaluate(config, model, data, Hooks(progress=bar, event=bar.event), device=args.device)
     finally:
         bar.close()
     (args.out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))

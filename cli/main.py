@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "models": "cli.client",
     "datasets": "cli.client",
     "jobs": "cli.client",
+    "architectures": "cli.client",
 }
 
 USAGE = """usage: robustify <command> [options]
@@ -30,9 +31,10 @@ Service:
   keys         manage API keys (keys create NAME)
   demo         start the embedded service, fine-tune on digits over HTTP, show the result
 Client of a running server (--url, --key or ROBUSTIFY_URL, ROBUSTIFY_API_KEY):
-  models       add | upload | list
-  datasets     upload | list
+  models       add | hub | upload | list
+  datasets     upload | list   (.npz, or a .zip / .tar of class folders)
   jobs         submit | status | watch | cancel | download
+  architectures list [--family timm --q resnet]
 
 Run `robustify <command> --help` for the options of one command."""
 

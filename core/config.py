@@ -107,16 +107,18 @@ class EvaluateConfig(_Strict):
         return list(self.deltas) if self.deltas else [float(self.threat_model.delta)]
 
 
-# Architectures the zoo builds itself (core/zoo.py registers exactly these names). A RobustBench
-# architecture is named "robustbench:<model name>", e.g. "robustbench:Wang2023Better_WRN-28-10".
+# Architectures the zoo builds itself (core/zoo.py registers exactly these names). Families
+# resolve the rest of a name: "robustbench:<model name>" (e.g. "robustbench:Wang2023Better_WRN-28-10"),
+# "timm:<timm model name>" and "torchvision:<classification model name>".
 BUILTIN_ARCHITECTURES: tuple[str, ...] = (
     "small-cnn", "preact-resnet-18", "wide-resnet-28-10", "wide-resnet-34-10",
 )
 ROBUSTBENCH_PREFIX = "robustbench:"
+FAMILY_PREFIXES: tuple[str, ...] = (ROBUSTBENCH_PREFIX, "timm:", "torchvision:")
 
 
 def is_known_architecture_name(name: str) -> bool:
-    """Cheap, torch-free check the API runs before storing an upload."""
-    return name in BUILTIN_ARCHITECTURES or (
-        name.startswith(ROBUSTBENCH_PREFIX) and len(name) > len(ROBUSTBENCH_PREFIX)
-    )
+    """Cheap, torch-free check the API runs before storing an upload (the worker checks the
+    family's own names and suggests close ones)."""
+    return name in BUILTIN_ARCHITECTURES or any(
+        name.startswith(prefix) and len(name) > len(prefix) for prefix in FAMILY_PREFIXES)

@@ -2,8 +2,9 @@
 
 Built-ins: CIFAR-10/100 (torchvision's on-disk format, read with a restricted unpickler),
 Fashion-MNIST (IDX files), scikit-learn's digits (bundled, no download). Anything else is a
-path to an `.npz` with `x` (uint8 images) and `y` (integer labels). The whole data set is
-kept as one tensor so that training moves it to the device once and augments it there.
+path to an `.npz` with `x` (uint8 images) and `y` (integer labels), and optionally its own test
+split (`x_test`, `y_test`) and `class_names`, as image-folder uploads are stored. The whole data
+set is kept as one tensor so that training moves it to the device once and augments it there.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import DatasetUnavailable, InvalidDataset
-from core.npz import read_npz_arrays, stratified_split, validate_npz_arrays
+from core.npz import read_npz_dataset, stratified_split, validate_npz_arrays
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageData", "augment_crop_flip", "is_cifar_like", "load_dataset", "load_npz",
@@ -43,6 +44,7 @@ class ImageData:
     test_x: torch.Tensor    # uint8 (M, C, H, W)
     test_y: torch.Tensor    # int64 (M,)
     num_classes: int
+    class_names: list[str] | None = None   # label i is class_names[i], when the data set names them
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -85,11 +87,19 @@ def load_dataset(name: str, *, data_dir: str | Path, allow_download: bool = Fals
 # --- .npz ----------------------------------------------------------------------------------------
 
 def load_npz(path: str | Path, *, name: str | None = None, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
-    """An .npz of `x` and `y`, split per class into train and test (deterministic for a seed)."""
-    x, y = read_npz_arrays(path)
-    train_idx, test_idx = stratified_split(y, test_fraction=test_fraction, seed=seed)
-    return _image_data(name or Path(path).stem, x[train_idx], y[train_idx], x[test_idx], y[test_idx],
-                       num_classes=int(y.max()) + 1)
+    """An .npz of `x` and `y`, split per class into train and test (deterministic for a seed),
+    or with its own `x_test` and `y_test` (an image-folder upload), and `class_names` if named."""
+    npz = read_npz_dataset(path)
+    name = name or Path(path).stem
+    if npz.x_test is not None and npz.y_test is not None:
+        x, y, x_test, y_test = npz.x, npz.y, npz.x_test, npz.y_test
+    else:
+        train_idx, test_idx = stratified_split(npz.y, test_fraction=test_fraction, seed=seed)
+        x, y, x_test, y_test = npz.x[train_idx], npz.y[train_idx], npz.x[test_idx], npz.y[test_idx]
+    num_classes = len(npz.class_names) if npz.class_names else int(max(y.max(), y_test.max())) + 1
+    data = _image_data(name, x, y, x_test, y_test, num_classes=num_classes)
+    data.class_names = npz.class_names
+    return data
 
 
 # --- digits --------------------------------------------------------------------------------------

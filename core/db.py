@@ -72,11 +72,18 @@ class Model(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    source: Mapped[str] = mapped_column(String(20))  # upload | robustbench | job
+    source: Mapped[str] = mapped_column(String(20))  # upload | robustbench | hf-hub | job
     architecture: Mapped[str] = mapped_column(String(200))
     num_classes: Mapped[int] = mapped_column(Integer)
     dataset: Mapped[str] = mapped_column(String(100))
-    input_shape: Mapped[list[Any] | None] = mapped_column(JSON)
+    input_shape: Mapped[list[Any] | None] = mapped_column(JSON)  # [C, H, W]; the API calls it input_size
+    # The engine feeds the network (x - input_mean) / input_std for x in [0, 1] (core/input_contract.py).
+    input_mean: Mapped[list[Any] | None] = mapped_column(JSON)
+    input_std: Mapped[list[Any] | None] = mapped_column(JSON)
+    # A fine-tune's result: the model it started from and the job that made it. Plain ids, no
+    # foreign keys: models are only ever soft-deleted and jobs are kept, so both rows stay.
+    parent_model_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    source_job_id: Mapped[str | None] = mapped_column(String(40), index=True)
     threat_model: Mapped[str | None] = mapped_column(String(40))  # RobustBench threat model, e.g. Linf
     status: Mapped[str] = mapped_column(String(20), default="validating")  # validating | ready | rejected
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -97,6 +104,8 @@ class Dataset(Base):
     num_examples: Mapped[int] = mapped_column(Integer)
     num_classes: Mapped[int] = mapped_column(Integer)
     image_shape: Mapped[list[Any]] = mapped_column(JSON)  # [C, H, W]
+    class_names: Mapped[list[Any] | None] = mapped_column(JSON)  # label i is class_names[i] (image folders)
+    splits: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"train": n, "test": m} when stored split
     artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -146,7 +155,7 @@ class JobEvent(Base):
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    type: Mapped[str] = mapped_column(String(40))  # status | progress | metrics | checkpoint | warning | log
+    type: Mapped[str] = mapped_column(String(40))  # status | progress | metrics | checkpoint | model | warning | log
     level: Mapped[str] = mapped_column(String(10), default="info")
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -6,6 +6,7 @@ worker's `core.data.load_npz` uses the same ones, so an upload that the API acce
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,47 @@ def read_npz_arrays(path: str | Path, *, label: str | None = None) -> tuple[np.n
         raise InvalidDataset(f"{label} is not a readable .npz of plain arrays ({exc}); "
                              "save it with numpy.savez(path, x=images, y=labels).") from None
     return validate_npz_arrays(x, y)
+
+
+@dataclass
+class NpzDataset:
+    """An .npz data set: x and y, optionally a stored test split and the class names."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+
+def read_npz_dataset(path: str | Path, *, label: str | None = None) -> NpzDataset:
+    """x and y (read_npz_arrays), plus the optional `x_test`/`y_test` (a stored split, e.g. of an
+    image-folder upload) and `class_names` (text; label i is class_names[i])."""
+    x, y = read_npz_arrays(path, label=label)
+    label = label or str(path)
+    data = NpzDataset(x, y)
+    with np.load(path, allow_pickle=False) as npz:
+        files = set(npz.files)
+        if ("x_test" in files) != ("y_test" in files):
+            raise InvalidDataset(f"{label} has only one of x_test and y_test; store both or neither.")
+        try:
+            if "x_test" in files:
+                data.x_test, data.y_test = validate_npz_arrays(npz["x_test"], npz["y_test"])
+            names = npz["class_names"] if "class_names" in files else None
+        except ValueError as exc:  # an object array (a pickle) is refused by allow_pickle=False
+            raise InvalidDataset(f"{label}: {exc}; store plain arrays.") from None
+    if data.x_test is not None and data.x_test.shape[1:] != x.shape[1:]:
+        raise InvalidDataset(f"{label}: test images are {list(data.x_test.shape[1:])} but training images are "
+                             f"{list(x.shape[1:])}; they must have one shape.")
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind != "U":
+            raise InvalidDataset(f"{label}: class_names must be a 1-D array of text, got {names.dtype} "
+                                 f"{list(names.shape)}.")
+        most = max(int(y.max()), int(data.y_test.max()) if data.y_test is not None else 0) + 1
+        if len(names) < most:
+            raise InvalidDataset(f"{label} names {len(names)} classes but its labels go up to {most - 1}.")
+        data.class_names = [str(n) for n in names]
+    return data
 
 
 def stratified_split(y: np.ndarray, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 512 * 1024 * 1024
+    # image-folder uploads (.zip / .tar, core/imagefolder.py): the members' uncompressed total,
+    # width × height of one image (Pillow's own decompression-bomb limit), and the decoded arrays
+    max_archive_bytes: int = 2 * 1024 * 1024 * 1024
+    max_image_pixels: int = 89_478_485
+    max_dataset_bytes: int = 2 * 1024 * 1024 * 1024
 
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -16,13 +16,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.architectures import _registry, import_robustbench, list_architectures, register_architecture
+from core.architectures._layers import PixelInputModel, with_pixel_input
 from core.architectures.robustbench_zoo import robustbench_entry
 from core.checkpoint import save_weights
 from core.errors import InvalidModelFile, ModelDownloadFailed, ValidationError
 
 __all__ = [
-    "create_model", "import_robustbench", "list_architectures", "load_model_file", "load_robustbench_model",
-    "load_state_dict_file", "register_architecture", "save_model_file",
+    "PixelInputModel", "check_forward", "create_model", "image_hw", "import_robustbench", "list_architectures",
+    "load_model_file", "load_robustbench_model", "load_state_dict_file", "register_architecture", "save_model_file",
+    "with_pixel_input",
 ]
 
 log = logging.getLogger(__name__)
@@ -31,17 +33,33 @@ MIN_IMAGE_SIZE = 8
 _LISTED_KEYS = 8  # keys named in an error message; the rest are counted
 
 
-def create_model(architecture: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32,
+ImageSize = int | tuple[int, int]
+
+
+def image_hw(image_size: ImageSize) -> tuple[int, int]:
+    """(height, width) of an image size given as one side (square) or as (height, width)."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+def create_model(architecture: str, *, num_classes: int, in_channels: int = 3, image_size: ImageSize = 32,
                  dataset: str = "cifar10", threat_model: str = "Linf") -> nn.Module:
-    """A freshly initialised model (train mode) taking images in [0, 1] and returning logits."""
+    """A freshly initialised network (train mode) returning logits.
+
+    Built-in and RobustBench architectures take images in [0, 1]; timm: and torchvision: ones take
+    what they were trained on (wrap them with with_pixel_input for [0, 1] pixels).
+    """
     if num_classes < 2:
         raise ValidationError(f"a classifier needs at least 2 classes, got num_classes={num_classes}.")
     if in_channels < 1:
         raise ValidationError(f"in_channels must be ≥ 1, got {in_channels}.")
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValidationError(f"images must be at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE}, got image_size={image_size}.")
-    return _registry.build(architecture, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                           dataset=dataset, threat_model=threat_model)
+    height, width = image_hw(image_size)
+    if min(height, width) < MIN_IMAGE_SIZE:
+        raise ValidationError(f"images must be at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE}, got {height}×{width}.")
+    return _registry.build(architecture, num_classes=num_classes, in_channels=in_channels,
+                           image_size=(height, width), dataset=dataset, threat_model=threat_model)
 
 
 # --- safetensors files ---------------------------------------------------------------------------
@@ -119,13 +137,14 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, wha
 
 
 @torch.no_grad()
-def _check_forward(model: nn.Module, *, num_classes: int, in_channels: int, image_size: int, what: str) -> None:
+def check_forward(model: nn.Module, *, num_classes: int, in_channels: int, image_size: ImageSize, what: str) -> None:
     """One forward pass on a blank image: the output must be (1, num_classes) and finite."""
+    height, width = image_hw(image_size)
     try:
-        logits = model(torch.zeros(1, in_channels, image_size, image_size))
-    except RuntimeError as exc:
-        raise InvalidModelFile(f"{what} fails on a {in_channels}×{image_size}×{image_size} input ({exc}); "
-                               "check the declared input shape.") from None
+        logits = model(torch.zeros(1, in_channels, height, width))
+    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts on input sizes it cannot take
+        raise InvalidModelFile(f"{what} fails on a {in_channels}×{height}×{width} input ({exc}); "
+                               "check the declared input size.") from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, num_classes):
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise InvalidModelFile(f"{what} returns {shape} for one image; expected [1, {num_classes}] logits. "
@@ -136,12 +155,14 @@ def _check_forward(model: nn.Module, *, num_classes: int, in_channels: int, imag
 
 
 def load_model_file(path: str | Path, architecture: str, *, num_classes: int, in_channels: int = 3,
-                    image_size: int = 32, dataset: str = "cifar10", threat_model: str = "Linf",
-                    label: str | None = None) -> nn.Module:
+                    image_size: ImageSize = 32, dataset: str = "cifar10", threat_model: str = "Linf",
+                    label: str | None = None, input_mean: Sequence[float] | None = None,
+                    input_std: Sequence[float] | None = None) -> nn.Module:
     """Build `architecture`, load the safetensors weights at `path` strictly, check one forward pass.
 
-    `label` is how error messages name the file (default: its file name). Returns the model in
-    eval mode on the CPU.
+    `label` is how error messages name the file (default: its file name). With `input_mean` /
+    `input_std` the network is wrapped to take [0, 1] pixels (its state dict keeps the
+    architecture's keys). Returns the model in eval mode on the CPU.
     """
     state = load_state_dict_file(path, label=label)
     model = create_model(architecture, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
@@ -150,9 +171,9 @@ def load_model_file(path: str | Path, architecture: str, *, num_classes: int, in
     what = f"the weights in {label or Path(path).name}"
     check_state_dict(model, state, what=what)
     model.load_state_dict(state, strict=True)
-    model.eval()
-    _check_forward(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                   what=f"{architecture} with {what}")
+    model = with_pixel_input(model, input_mean, input_std).eval()
+    check_forward(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                  what=f"{architecture} with {what}")
     return model
 
 

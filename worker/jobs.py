@@ -188,10 +188,19 @@ class JobHooks:
             weights_tmp.unlink(missing_ok=True)
             state_tmp.unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------ events
+    def event(self, type: str, message: str, data: dict[str, Any]) -> None:
+        """An event the recipe reports (e.g. a batch halved after a CUDA out-of-memory error)."""
+        with self.rt.session() as s:
+            self._owned(s)
+            add_event(s, self.job_id, type, message, _json_safe(data), level="warning" if type == "warning" else "info")
+            s.commit()
+
     def as_hooks(self) -> Any:
         from core.hooks import Hooks
 
-        return Hooks(progress=self.progress, should_stop=self.should_stop, checkpoint=self.checkpoint)
+        return Hooks(progress=self.progress, should_stop=self.should_stop, checkpoint=self.checkpoint,
+                     event=self.event)
 
 
 def _json_safe(value: Any) -> Any:
@@ -199,11 +208,17 @@ def _json_safe(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- loading inputs
+def _input_size(model_row: Model) -> list[int]:
+    return list(model_row.input_shape or [3, 32, 32])
+
+
 def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
-    """The nn.Module of a model row: its stored safetensors weights, or the RobustBench zoo."""
+    """The nn.Module of a model row, taking [0, 1] pixels: its stored safetensors weights (an
+    upload, a fine-tune's result, or a validated RobustBench or Hub model), the RobustBench zoo,
+    or the Hugging Face Hub cache (a Hub model before its validation stored the weights)."""
     from core import zoo
 
-    shape = list(model_row.input_shape or [3, 32, 32])
+    shape = _input_size(model_row)
     if model_row.weights_artifact_id:
         art = session.get(Artifact, model_row.weights_artifact_id)
         if art is None:
@@ -215,8 +230,11 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
         if model_row.name and model_row.name != label:
             label += f" (model {model_row.name!r})"
         return zoo.load_model_file(path, model_row.architecture, num_classes=model_row.num_classes,
-                                   in_channels=shape[0], image_size=shape[-1], dataset=model_row.dataset,
-                                   threat_model=model_row.threat_model or "Linf", label=label)
+                                   in_channels=shape[0], image_size=(shape[1], shape[2]), dataset=model_row.dataset,
+                                   threat_model=model_row.threat_model or "Linf", label=label,
+                                   input_mean=model_row.input_mean, input_std=model_row.input_std)
+    if model_row.source == "hf-hub":
+        return _load_hub_model(rt, model_row)
     name = model_row.architecture.removeprefix("robustbench:")
     return zoo.load_robustbench_model(name, dataset=model_row.dataset, threat_model=model_row.threat_model or "Linf",
                                       model_dir=rt.settings.resolved_model_dir,
@@ -224,6 +242,8 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
 
 
 def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
+    """A built-in data set, or an uploaded one (an .npz, or an image folder stored as one, with
+    its own test split and class names)."""
     from core import data
 
     if dataset.startswith("ds_"):
@@ -232,7 +252,7 @@ def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
         if art is None:
             raise RobustifyError(f"uploaded data set {dataset} is missing its file; upload it again.",
                                  code="dataset_unavailable")
-        return data.load_npz(rt.store.path(ArtifactStore.relpath_for(art.sha256)))
+        return data.load_npz(rt.store.path(ArtifactStore.relpath_for(art.sha256)), name=row.name)
     return data.load_dataset(dataset, data_dir=rt.settings.resolved_datasets_dir,
                              allow_download=rt.settings.allow_download)
 
@@ -350,9 +370,21 @@ def _finish_finetune(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, resu
         else:
             job.status = "succeeded"
             job.progress = {**(job.progress or {}), "fraction": 1.0, "phase": "done", "eta_seconds": 0.0}
+            _chain(s, rt, job, best)
             add_event(s, job_id, "status", "job succeeded", {"status": "succeeded", **job.result})
         s.commit()
         return job.status
+
+
+def _chain(s: Any, rt: Runtime, job: Job, best: Artifact | None) -> None:
+    """Register the best checkpoint as a new model (worker/chain.py): result.model_id."""
+    from worker.chain import register_finetuned_model
+
+    model = register_finetuned_model(s, rt.store, job, best) if best is not None else None
+    job.result = {**(job.result or {}), "model_id": model.id if model else None}
+    if model is not None:
+        add_event(s, job.id, "model", f"registered the best checkpoint as model {model.id}",
+                  {"model_id": model.id, "parent_model_id": job.model_id, "checkpoint_id": best.id})
 
 
 def _finish_evaluate(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, report: Any) -> str:
@@ -422,8 +454,10 @@ def validate_model(model_id: str) -> str:
         try:
             model = load_model_for(rt, s, m)
             _forward_check(model, m)
-            if m.weights_artifact_id is None:  # RobustBench: keep its weights as safetensors
+            if m.weights_artifact_id is None:  # RobustBench, Hub: keep its weights as safetensors
                 m.weights_artifact_id = _store_state_dict(rt, s, m, model).id
+            if m.input_mean is None:  # RobustBench models normalise inside: identity
+                m.input_mean, m.input_std = [0.0] * _input_size(m)[0], [1.0] * _input_size(m)[0]
             m.status, m.error = "ready", None
             s.commit()
             return "ready"
@@ -447,10 +481,25 @@ def validate_model(model_id: str) -> str:
             return "rejected"
 
 
+def _load_hub_model(rt: Runtime, m: Model) -> Any:
+    """Load a Hub model and write on its row what the hub's config fixed: the timm architecture
+    (once validation has stored the weights, they load like an upload's; the model's name stays
+    the repository id) and the input size, mean and std the registration left to it."""
+    from core.hub import load_hub_model, parse_hub_architecture
+
+    repo, revision = parse_hub_architecture(m.architecture)
+    model, resolved = load_hub_model(repo, revision=revision, num_classes=m.num_classes, input_size=m.input_shape,
+                                     input_mean=m.input_mean, input_std=m.input_std, dataset=m.dataset,
+                                     allow_download=rt.settings.allow_download)
+    m.architecture, m.input_shape = resolved.architecture, resolved.input_size
+    m.input_mean, m.input_std = resolved.mean, resolved.std
+    return model
+
+
 def _forward_check(model: Any, m: Model) -> None:
     import torch
 
-    shape = list(m.input_shape or [3, 32, 32])
+    shape = _input_size(m)
     model.eval()
     with torch.no_grad():
         out = model(torch.rand(2, *shape))
@@ -467,7 +516,8 @@ def _store_state_dict(rt: Runtime, s: Any, m: Model, model: Any) -> Artifact:
     try:
         save_weights(model.state_dict(), tmp)
         return record_artifact(s, rt.store, kind="model_weights", src_path=tmp, move=True,
-                               filename=f"{m.name}.safetensors", content_type="application/octet-stream",
+                               filename=f"{m.name.replace('/', '--')}.safetensors",
+                               content_type="application/octet-stream",
                                owner_key_id=m.owner_key_id)
     finally:
         tmp.unlink(missing_ok=True)

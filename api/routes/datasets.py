@@ -1,6 +1,9 @@
-"""/v1/datasets: upload an .npz (x uint8 images, y int labels); list, get, delete.
+"""/v1/datasets: upload an .npz (x uint8 images, y int labels) or a .zip / .tar of class folders;
+list, get, delete.
 
-Built-in data sets (digits, fashion-mnist, cifar10, cifar100) need no upload.
+Built-in data sets (digits, fashion-mnist, cifar10, cifar100) need no upload. An image-folder
+archive is decoded here (core/imagefolder.py, numpy and Pillow) and stored as the project's own
+.npz with its train/test split and class names.
 """
 from __future__ import annotations
 
@@ -26,8 +29,17 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary",
-                            "description": ".npz with x (uint8, NxHxWxC or NxCxHxW) and y (int labels)"},
-                   "name": {"type": "string"}, "metadata": {"type": "string"}}}}}}}
+                            "description": ".npz with x (uint8, NxHxWxC or NxCxHxW) and y (int labels); or a .zip "
+                                           "or .tar of class folders (train/<class>/..., test/<class>/... or "
+                                           "<class>/...)"},
+                   "name": {"type": "string"}, "metadata": {"type": "string"},
+                   "image_size": {"type": "string", "description": "archives: resize to S (square) or H,W: "
+                                  "scaled to cover, centre-cropped; default: keep (all images one size)"},
+                   "channels": {"type": "integer", "enum": [1, 3], "default": 3,
+                                "description": "archives: 1 grayscale or 3 RGB"},
+                   "test_fraction": {"type": "number", "default": 0.2,
+                                     "description": "archives of class folders only: held-out share per class"},
+                   "seed": {"type": "integer", "default": 0, "description": "archives: seed of that split"}}}}}}}
 
 
 def inspect_npz(path: Path) -> dict[str, Any]:
@@ -68,9 +80,19 @@ def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str]
             raise ApiError(422, "validation_error", "metadata must be a JSON object.",
                            errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": "not a JSON object",
                                     "type": "value_error"}])
-    info = inspect_npz(file_path)
     name = (fields.get("name") or filename or "dataset.npz").strip()[:200]
-    art = record_artifact(session, svc.store, kind="dataset", src_path=file_path, move=True,
+    if upload_kind(file_path, filename) == "archive":
+        return _create_from_archive(svc, session, who, fields, file_path, name, meta)
+    if set(fields) & set(ARCHIVE_FIELDS):
+        raise ApiError(422, "validation_error", f"{', '.join(sorted(set(fields) & set(ARCHIVE_FIELDS)))} apply to "
+                                                ".zip / .tar image folders, not to an .npz upload.")
+    info = inspect_npz(file_path)
+    return _store(svc, session, who, file_path, name, meta, info)
+
+
+def _store(svc: Services, session: Session, who: Caller, npz_path: Path, name: str, meta: dict[str, Any] | None,
+           info: dict[str, Any]) -> dict[str, Any]:
+    art = record_artifact(session, svc.store, kind="dataset", src_path=npz_path, move=True,
                           filename=name if name.endswith(".npz") else f"{name}.npz",
                           content_type="application/octet-stream", owner_key_id=who.key_id)
     ds = Dataset(id=new_id("ds"), owner_key_id=who.key_id, name=name, status="ready", artifact_id=art.id,
@@ -78,6 +100,79 @@ def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str]
     session.add(ds)
     session.commit()
     return dataset_object(ds, art)
+
+
+# ------------------------------------------------------------------------------- image folders
+ARCHIVE_FIELDS = ("image_size", "channels", "test_fraction", "seed")
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
+
+
+def upload_kind(path: Path, filename: str | None) -> str:
+    """"archive" for a .zip or .tar of image folders, "npz" otherwise (an .npz is a zip of .npy files)."""
+    import zipfile
+
+    from core.imagefolder import archive_format
+
+    kind = archive_format(path)
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:  # a broken zip: its name says which reader should report it
+            return "npz" if (filename or "").lower().endswith(".npz") else "archive"
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "archive"
+    return "archive" if kind == "tar" else "npz"
+
+
+def _archive_options(fields: dict[str, str]) -> dict[str, Any]:
+    def bad(field: str, msg: str) -> ApiError:
+        return ApiError(422, "validation_error", f"invalid value for {field}: {msg}",
+                        errors=[{"loc": ["body", field], "field": field, "msg": msg, "type": "value_error"}])
+
+    options: dict[str, Any] = {"image_size": None, "channels": 3, "test_fraction": 0.2, "seed": 0}
+    raw = fields.get("image_size", "").strip()
+    if raw:
+        try:
+            sides = [int(v) for v in raw.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            raise bad("image_size", 'give one side ("224") or height,width ("224,160")') from None
+        if len(sides) not in (1, 2) or not all(8 <= v <= 4096 for v in sides):
+            raise bad("image_size", "one or two sides, each between 8 and 4096 pixels")
+        options["image_size"] = (sides[0], sides[-1])
+    for field, parse, ok, rule in (("channels", int, lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)"),
+                                   ("test_fraction", float, lambda v: 0.0 < v < 1.0, "between 0 and 1"),
+                                   ("seed", int, lambda v: 0 <= v < 2**31, "an integer ≥ 0")):
+        if fields.get(field, "").strip():
+            try:
+                value = parse(fields[field])
+            except ValueError:
+                raise bad(field, rule) from None
+            if not ok(value):
+                raise bad(field, rule)
+            options[field] = value
+    return options
+
+
+def _create_from_archive(svc: Services, session: Session, who: Caller, fields: dict[str, str], archive: Path,
+                         name: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Decode an image-folder archive into the project's .npz (nothing is kept when it is refused)."""
+    from core.imagefolder import ImageFolderLimits, read_image_folder
+
+    settings = svc.settings
+    limits = ImageFolderLimits(max_uncompressed_bytes=settings.max_archive_bytes,
+                               max_image_pixels=settings.max_image_pixels,
+                               max_dataset_bytes=settings.max_dataset_bytes)
+    data = read_image_folder(archive, limits=limits, **_archive_options(fields))
+    npz_path = svc.store.temp_file(".npz")
+    try:
+        data.save_npz(npz_path)
+        info = {"num_examples": len(data.y) + len(data.y_test), "num_classes": len(data.class_names),
+                "image_shape": data.image_shape, "class_names": data.class_names,
+                "splits": {"train": len(data.y), "test": len(data.y_test)}}
+        suffix = next((x for x in _ARCHIVE_SUFFIXES if name.lower().endswith(x)), "")
+        return _store(svc, session, who, npz_path, name[:len(name) - len(suffix)] or name, meta, info)
+    finally:
+        npz_path.unlink(missing_ok=True)
 
 
 def _artifact(session: Session, ds: Dataset) -> Artifact | None:

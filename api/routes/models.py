@@ -1,4 +1,5 @@
-"""/v1/models: register uploaded safetensors weights or a RobustBench model; list, get, delete."""
+"""/v1/models: register uploaded safetensors weights, a RobustBench model or a Hugging Face Hub
+timm model; list, get, delete. Fine-tunes register their result here too (worker/chain.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,9 +15,13 @@ from api.bodies import read_json, read_multipart, media_type
 from api.deps import Caller, Services, caller, db_session, owned, services
 from api.errors import ApiError, not_found
 from api.routes.common import MAX_PAGE, artifact_download, paginate
-from api.schemas import BUILTIN_DATASETS, ModelUploadForm, RobustBenchModelCreate, model_object, page
+from api.schemas import (
+    BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate, model_object, page,
+)
 from core.artifacts import delete_artifact, record_artifact
-from core.config import BUILTIN_ARCHITECTURES, ROBUSTBENCH_PREFIX, is_known_architecture_name
+from core.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
+from core.hub import hub_architecture
+from core.input_contract import default_input_stats
 from core.db import Artifact, Dataset, Job, Model, TERMINAL_STATES, new_id, utcnow
 from core.queue import enqueue_model_validation
 from core.uploads import inspect_safetensors
@@ -27,16 +32,20 @@ _UPLOAD_SCHEMA = {
     "type": "object", "required": ["file", "architecture", "num_classes", "dataset"],
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "safetensors state dict"},
-        "architecture": {"type": "string", "description": f"one of {', '.join(BUILTIN_ARCHITECTURES)} or robustbench:<name>",
+        "architecture": {"type": "string", "description": f"one of {', '.join(BUILTIN_ARCHITECTURES)}, "
+                         "timm:<name>, torchvision:<name> or robustbench:<name> (GET /v1/architectures)",
                          "examples": list(BUILTIN_ARCHITECTURES)},
         "num_classes": {"type": "integer"}, "dataset": {"type": "string"},
         "name": {"type": "string"}, "metadata": {"type": "string", "description": "a JSON object"},
-        "input_shape": {"type": "string", "description": "C,H,W; default from the dataset"},
+        "input_size": {"type": "string", "description": "C,H,W; default from the dataset (input_shape: old name)"},
+        "input_mean": {"type": "string", "description": "per channel, e.g. 0.485,0.456,0.406 (see InputContract)"},
+        "input_std": {"type": "string", "description": "per channel, e.g. 0.229,0.224,0.225"},
     },
 }
 _CREATE_OPENAPI = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
-    "application/json": {"schema": RobustBenchModelCreate.model_json_schema()},
+    "application/json": {"schema": {"oneOf": [RobustBenchModelCreate.model_json_schema(),
+                                              HubModelCreate.model_json_schema()]}},
 }}}
 
 
@@ -65,6 +74,12 @@ async def create_model(request: Request, svc: Services = Depends(services),
     limit = svc.settings.max_upload_bytes
     if kind == "application/json":
         body = await read_json(request, limit)
+        if isinstance(body, dict) and body.get("source") == "hf-hub":
+            try:
+                hub = HubModelCreate.model_validate(body)
+            except pydantic.ValidationError as exc:
+                raise _validation_error(exc) from None
+            return await run_in_threadpool(_create_hub, svc, session, who, hub)
         try:
             spec = RobustBenchModelCreate.model_validate(body)
         except pydantic.ValidationError as exc:
@@ -79,7 +94,7 @@ async def create_model(request: Request, svc: Services = Depends(services),
             upload.discard()  # no-op once the file was moved into the store
     raise ApiError(415, "unsupported_media_type",
                    "send multipart/form-data (a safetensors upload) or application/json "
-                   '({"source": "robustbench", ...}).')
+                   '({"source": "robustbench", ...} or {"source": "hf-hub", ...}).')
 
 
 # What a RobustBench data set implies about a model's head and input.
@@ -107,6 +122,35 @@ def _create_robustbench(svc: Services, session: Session, who: Caller, spec: Robu
     return model_object(register_robustbench_model(svc, session, who, spec), None)
 
 
+def _create_hub(svc: Services, session: Session, who: Caller, spec: HubModelCreate) -> dict[str, Any]:
+    """A `validating` row for a Hub model; the worker reads its config and weights, and fills in
+    the input size, mean and std that the registration left to the hub's config."""
+    size = spec.input_size or BUILTIN_DATASETS.get(spec.dataset) or _uploaded_shape(session, who, spec.dataset)
+    m = Model(
+        id=new_id("mdl"), owner_key_id=who.key_id, name=spec.name, source="hf-hub",
+        architecture=hub_architecture(spec.name, spec.revision), num_classes=spec.num_classes,
+        dataset=spec.dataset, input_shape=size, input_mean=spec.input_mean, input_std=spec.input_std,
+        status="validating", meta=spec.metadata,
+    )
+    session.add(m)
+    session.commit()
+    _enqueue_validation(svc, session, m)
+    return model_object(m, None)
+
+
+def _input_contract(architecture: str, dataset: str, size: list[int], form: InputContract
+                    ) -> tuple[list[float], list[float]]:
+    """The stated mean/std, else the defaults of core.input_contract; checked against the channels."""
+    if form.input_mean is None or form.input_std is None:
+        return default_input_stats(architecture, dataset, size[0])
+    if len(form.input_mean) != size[0]:
+        raise RequestValidationError([{
+            "loc": ("body", "input_mean"), "type": "value_error",
+            "msg": f"input_mean and input_std have {len(form.input_mean)} values but the input has {size[0]} "
+                   f"channels (input_size {size})"}])
+    return list(form.input_mean), list(form.input_std)
+
+
 def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],
                    file_path: Any, filename: str | None) -> dict[str, Any]:
     try:
@@ -117,10 +161,19 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
         raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required: the safetensors file part",
                                        "type": "missing"}])
     if not is_known_architecture_name(form.architecture):
+        name = form.architecture
+        families = ", ".join(f"{p}<name>" for p in FAMILY_PREFIXES)
+        hint = "" if ":" in name else f" (for timm's or torchvision's {name}: timm:{name} or torchvision:{name})"
         raise ApiError(422, "unsupported_architecture",
-                       f"unknown architecture {form.architecture!r}: use one of {', '.join(BUILTIN_ARCHITECTURES)} "
-                       f"or {ROBUSTBENCH_PREFIX}<RobustBench model name>.")
-    input_shape = form.input_shape or _default_shape(session, who, form.dataset)
+                       f"unknown architecture {name!r}{hint}: use one of {', '.join(BUILTIN_ARCHITECTURES)} or a "
+                       f"family: {families}; GET /v1/architectures lists them.")
+    if form.architecture.startswith("timm:hf-hub:"):
+        raise ApiError(422, "unsupported_architecture",
+                       'register a Hugging Face Hub model with a JSON body {"source": "hf-hub", "name": '
+                       '"<org>/<repo>", "num_classes": ..., "dataset": ...}; to upload your own weights for its '
+                       "architecture, name the architecture in its config.json as timm:<architecture>.")
+    input_shape = form.input_size or _default_shape(session, who, form.dataset)
+    input_mean, input_std = _input_contract(form.architecture, form.dataset, input_shape, form)
     inspect_safetensors(file_path)  # InvalidModelFile -> 422, and the temp file is discarded
     weights = record_artifact(
         session, svc.store, kind="model_weights", src_path=file_path, move=True,
@@ -130,7 +183,8 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
     m = Model(
         id=new_id("mdl"), owner_key_id=who.key_id, name=form.name or _safe_name(filename) or form.architecture,
         source="upload", architecture=form.architecture, num_classes=form.num_classes, dataset=form.dataset,
-        input_shape=input_shape, status="validating", weights_artifact_id=weights.id, meta=form.metadata,
+        input_shape=input_shape, input_mean=input_mean, input_std=input_std, status="validating",
+        weights_artifact_id=weights.id, meta=form.metadata,
     )
     session.add(m)
     session.commit()
@@ -138,15 +192,18 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
     return model_object(m, weights)
 
 
-def _default_shape(session: Session, who: Caller, dataset: str) -> list[int]:
-    if dataset in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[dataset]
+def _uploaded_shape(session: Session, who: Caller, dataset: str) -> list[int] | None:
     ds = session.scalar(select(Dataset).where(Dataset.id == dataset, owned(Dataset.owner_key_id, who)))
-    if ds is not None:
-        return list(ds.image_shape)
+    return list(ds.image_shape) if ds is not None else None
+
+
+def _default_shape(session: Session, who: Caller, dataset: str) -> list[int]:
+    shape = BUILTIN_DATASETS.get(dataset) or _uploaded_shape(session, who, dataset)
+    if shape is not None:
+        return shape
     raise RequestValidationError([{
-        "loc": ("body", "input_shape"), "type": "missing",
-        "msg": f"input_shape is required for dataset {dataset!r} (no default shape is known for it), e.g. \"3,32,32\"",
+        "loc": ("body", "input_size"), "type": "missing",
+        "msg": f"input_size is required for dataset {dataset!r} (no default size is known for it), e.g. \"3,224,224\"",
     }])
 
 

@@ -7,9 +7,11 @@ from core.architectures._registry import list_architectures, list_families, regi
 from core.architectures.preact_resnet import PreActResNet
 from core.architectures.robustbench_zoo import import_robustbench, robustbench_entry
 from core.architectures.small_cnn import SmallCNN
+from core.architectures.timm_family import timm_architecture
+from core.architectures.torchvision_family import torchvision_architecture
 from core.architectures.wide_resnet import WideResNet
 
 __all__ = [
     "PreActResNet", "SmallCNN", "WideResNet", "import_robustbench", "list_architectures", "list_families",
-    "register_architecture", "register_family", "robustbench_entry",
+    "register_architecture", "register_family", "robustbench_entry", "timm_architecture", "torchvision_architecture",
 ]

@@ -1,14 +1,13 @@
 """Pieces shared by the architecture families: input normalisation and weight initialisation."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-# Per-channel statistics of the training sets (the values used throughout the robustness literature).
-DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+from core.input_contract import BUILTIN_NORMALIZED_DATASETS, DATASET_STATS, is_identity
 
 
 class InputNormalization(nn.Module):
@@ -29,10 +28,45 @@ class InputNormalization(nn.Module):
 
 def input_normalization(dataset: str, in_channels: int) -> nn.Module:
     """The normalisation for a known data set's images; identity otherwise."""
-    stats = DATASET_STATS.get(dataset)
+    stats = DATASET_STATS.get(dataset) if dataset in BUILTIN_NORMALIZED_DATASETS else None
     if stats is None or len(stats[0]) != in_channels:
         return nn.Identity()
     return InputNormalization(*stats)
+
+
+class PixelInputModel(nn.Module):
+    """A network that expects normalised inputs, made to take pixels in [0, 1]: (x - mean) / std, then the network.
+
+    Attacks, perturbation budgets δ and the data pipeline all work on [0, 1] pixels, so a model
+    trained on normalised inputs is wrapped once, here. The state dict is the network's own (the
+    same keys as `net.state_dict()`, without the mean and std), so checkpoints load into the
+    user's architecture unchanged.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std need one value per channel and std > 0, got {list(mean)}, {list(std)}")
+        self.net = net
+        self.normalize = InputNormalization(tuple(mean), tuple(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def with_pixel_input(net: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
+    """`net` taking [0, 1] pixels: wrapped in PixelInputModel unless mean 0 and std 1 (then as it is)."""
+    if is_identity(mean, std):
+        return net
+    channels = len(mean if mean is not None else std)  # type: ignore[arg-type]
+    return PixelInputModel(net, list(mean) if mean is not None else [0.0] * channels,
+                           list(std) if std is not None else [1.0] * channels)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -6,6 +6,7 @@ that callers use; this module only records and looks up.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Protocol
 
 from torch import nn
@@ -13,14 +14,15 @@ from torch import nn
 from core.errors import UnsupportedArchitecture
 
 
+# Constructors receive image_size as (height, width).
 class ModelConstructor(Protocol):
-    def __call__(self, *, num_classes: int, in_channels: int, image_size: int, dataset: str,
+    def __call__(self, *, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
                  threat_model: str) -> nn.Module: ...
 
 
 class FamilyResolver(Protocol):
-    def __call__(self, name: str, *, num_classes: int, in_channels: int, image_size: int, dataset: str,
-                 threat_model: str) -> nn.Module: ...
+    def __call__(self, name: str, *, num_classes: int, in_channels: int, image_size: tuple[int, int],
+                 dataset: str, threat_model: str) -> nn.Module: ...
 
 
 _architectures: dict[str, ModelConstructor] = {}
@@ -56,7 +58,7 @@ def list_families() -> list[str]:
     return sorted(_families)
 
 
-def build(name: str, *, num_classes: int, in_channels: int, image_size: int, dataset: str,
+def build(name: str, *, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
           threat_model: str) -> nn.Module:
     kwargs = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size, dataset=dataset,
                   threat_model=threat_model)
@@ -66,4 +68,6 @@ def build(name: str, *, num_classes: int, in_channels: int, image_size: int, dat
         if name.startswith(prefix) and len(name) > len(prefix):
             return resolver(name[len(prefix):], **kwargs)
     known = ", ".join(list_architectures() + [f"{p}<model name>" for p in list_families()])
-    raise UnsupportedArchitecture(f"unknown architecture {name!r}; known architectures: {known}.")
+    close = difflib.get_close_matches(name, list_architectures(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnsupportedArchitecture(f"unknown architecture {name!r}.{hint} Known architectures: {known}.")

@@ -62,7 +62,7 @@ class PreActResNet(nn.Module):
 
 
 @register_architecture("preact-resnet-18")
-def preact_resnet_18(*, num_classes: int, in_channels: int, image_size: int, dataset: str,
+def preact_resnet_18(*, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
                      threat_model: str) -> nn.Module:
     return PreActResNet(blocks=(2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels,
                         normalize=input_normalization(dataset, in_channels))

@@ -64,13 +64,14 @@ def robustbench_entry(name: str, *, dataset: str, threat_model: str) -> dict[str
 
 
 @register_family("robustbench:")
-def robustbench_architecture(name: str, *, num_classes: int, in_channels: int, image_size: int, dataset: str,
-                             threat_model: str) -> nn.Module:
+def robustbench_architecture(name: str, *, num_classes: int, in_channels: int, image_size: tuple[int, int],
+                             dataset: str, threat_model: str) -> nn.Module:
     entry = robustbench_entry(name, dataset=dataset, threat_model=threat_model)
-    expected = (ROBUSTBENCH_DATASETS[dataset], 3, _IMAGE_SIZE[dataset])
-    if (num_classes, in_channels, image_size) != expected:
+    size = _IMAGE_SIZE[dataset]
+    expected = (ROBUSTBENCH_DATASETS[dataset], 3, (size, size))
+    if (num_classes, in_channels, tuple(image_size)) != expected:
         raise UnsupportedArchitecture(
-            f"RobustBench's {name} takes {expected[1]}×{expected[2]}×{expected[2]} images and predicts "
-            f"{expected[0]} classes; this model was declared with {in_channels}×{image_size}×{image_size} "
+            f"RobustBench's {name} takes 3×{size}×{size} images and predicts "
+            f"{expected[0]} classes; this model was declared with {in_channels}×{image_size[0]}×{image_size[1]} "
             f"images and {num_classes} classes.")
     return entry["model"]()

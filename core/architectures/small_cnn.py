@@ -34,6 +34,7 @@ class SmallCNN(nn.Module):
 
 
 @register_architecture("small-cnn")
-def small_cnn(*, num_classes: int, in_channels: int, image_size: int, dataset: str, threat_model: str) -> nn.Module:
+def small_cnn(*, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
+              threat_model: str) -> nn.Module:
     return SmallCNN(num_classes=num_classes, in_channels=in_channels,
                     normalize=input_normalization(dataset, in_channels))

@@ -68,7 +68,7 @@ class WideResNet(nn.Module):
 
 
 def _wide_resnet(depth: int, widen_factor: int):
-    def construct(*, num_classes: int, in_channels: int, image_size: int, dataset: str,
+    def construct(*, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
                   threat_model: str) -> nn.Module:
         return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes, in_channels=in_channels,
                           normalize=input_normalization(dataset, in_channels))

@@ -15,6 +15,7 @@ from core.config import EvaluateConfig
 from core.data import ImageData, to_unit_float
 from core.device import Compute
 from core.hooks import Hooks
+from core.oom import AdaptiveBatch, report_halving
 from core.plots import robustness_curve_png
 from core.threats import Threat
 
@@ -81,14 +82,14 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
     done = 0
     report = EvaluationReport(config=config.model_dump(mode="json"), n_examples=n, clean_accuracy=0.0)
 
+    batch = AdaptiveBatch(config.batch_size, report_halving(hooks.event))
     for delta in radii:
         phase = f"w-pgd δ={delta:.4g}"
-        res = w_pgd(model, x, y, w2_base.with_delta(delta), steps=config.wpgd_steps,
-                    step_ratio=config.wpgd_step_ratio, loss=config.attack_loss,
-                    batch_size=config.batch_size, compute=compute,
-                    progress=lambda t, T: hooks.progress((done + t / T) / units, phase,
-                                                         {"step": t, "total_steps": T}),
-                    should_stop=hooks.should_stop)
+        res = batch.run(phase, lambda size: w_pgd(
+            model, x, y, w2_base.with_delta(delta), steps=config.wpgd_steps, step_ratio=config.wpgd_step_ratio,
+            loss=config.attack_loss, batch_size=size, compute=compute,
+            progress=lambda t, T: hooks.progress((done + t / T) / units, phase, {"step": t, "total_steps": T}),
+            should_stop=hooks.should_stop))
         report.clean_accuracy = res.clean_accuracy
         report.w2.append(res.to_dict())
         done += 1
@@ -98,19 +99,20 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
             report.stopped = True
             return report
         if "pgd" in config.linf_attacks:
-            gen = torch.Generator(device=compute.device).manual_seed(config.seed)
-            p = pgd(model, x, y, w2_base.pointwise.with_delta(delta), steps=config.pgd_steps,
-                    step_size=config.pgd_step_size * delta / w2_base.delta if base.ground == "linf" else None,
-                    loss=config.pgd_loss, batch_size=config.batch_size, compute=compute, generator=gen)
+            p = batch.run(f"pgd δ={delta:.4g}", lambda size: pgd(
+                model, x, y, w2_base.pointwise.with_delta(delta), steps=config.pgd_steps,
+                step_size=config.pgd_step_size * delta / w2_base.delta if base.ground == "linf" else None,
+                loss=config.pgd_loss, batch_size=size, compute=compute,
+                generator=torch.Generator(device=compute.device).manual_seed(config.seed)))
             report.pointwise.append(p.to_dict())
             done += 1
             hooks.progress(done / units, f"pgd δ={delta:.4g}", {})
 
     if use_aa:
         m = min(config.autoattack_examples, n)
-        result = autoattack(model, x[:m], y[:m], w2_base.pointwise, batch_size=config.batch_size, seed=config.seed,
-                            on_attack=lambda name, k, total: hooks.progress((done + k) / units,
-                                                                            f"autoattack: {name}", {}))
+        result = batch.run("autoattack", lambda size: autoattack(
+            model, x[:m], y[:m], w2_base.pointwise, batch_size=size, seed=config.seed,
+            on_attack=lambda name, k, total: hooks.progress((done + k) / units, f"autoattack: {name}", {})))
         report.pointwise.append({**result.to_dict(), "threat": w2_base.ground})
     hooks.progress(1.0, "done", report.summary)
     return report

@@ -24,6 +24,7 @@ from core.data import ImageData, augment_crop_flip, is_cifar_like, to_unit_float
 from core.device import Compute, batches
 from core.hooks import Hooks
 from core.losses import attack_loss, kl_divergence
+from core.oom import AdaptiveBatch, report_halving
 from core.plots import training_curve_png
 from core.threats import Threat
 
@@ -65,15 +66,18 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
-                     config: FinetuneConfig, compute: Compute, seed: int) -> dict[str, float]:
-    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on the held-out slice."""
+                     config: FinetuneConfig, compute: Compute, seed: int,
+                     batch: AdaptiveBatch | None = None) -> dict[str, float]:
+    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on the held-out slice (the batch
+    halves on a CUDA out-of-memory error)."""
     model.eval()
+    batch = batch or AdaptiveBatch(max(config.batch_size, 256))
     w2 = threat if threat.distributional else Threat(f"w2-{threat.ground}", threat.delta)
-    wres = w_pgd(model, x, y, w2, steps=config.eval_wpgd_steps, loss="redlr",
-                 batch_size=max(config.batch_size, 256), compute=compute)
-    gen = torch.Generator(device=compute.device).manual_seed(seed)
-    pres = pgd(model, x, y, threat.pointwise, steps=config.eval_pgd_steps, loss="ce",
-               batch_size=max(config.batch_size, 256), compute=compute, generator=gen)
+    wres = batch.run("held-out w-pgd", lambda size: w_pgd(model, x, y, w2, steps=config.eval_wpgd_steps,
+                                                          loss="redlr", batch_size=size, compute=compute))
+    pres = batch.run("held-out pgd", lambda size: pgd(
+        model, x, y, threat.pointwise, steps=config.eval_pgd_steps, loss="ce", batch_size=size, compute=compute,
+        generator=torch.Generator(device=compute.device).manual_seed(seed)))
     clean = wres.clean_accuracy
     name = f"{threat.ground}_robust_accuracy"
     return {
@@ -215,10 +219,11 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     perturbation = RandomWeightPerturbation(model, config.weight_perturbation)
     dynamic_budget = config.budget == "dynamic" and threat.distributional
+    eval_batch = AdaptiveBatch(max(config.batch_size, 256), report_halving(hooks.event))
 
     if resume is None:
         hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": config.epochs})
-        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed)
+        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed, batch=eval_batch)
         history: list[dict[str, Any]] = []
         best_epoch, best_metrics, best_state = 0, before, _state_copy(model)
         start_epoch = 0
@@ -303,7 +308,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
             break
 
         hooks.progress((epoch - 0.05) / config.epochs, "evaluate", {"epoch": epoch, "total_epochs": config.epochs})
-        metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch)
+        metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch,
+                                   batch=eval_batch)
         row = {"epoch": epoch, "train_loss": train_loss, **metrics,
                "mean_batch_delta": float(budget_sum / max(steps_done, 1)),
                "upsilon_ema": float(upsilon_ema), "lr": scheduler.get_last_lr()[0],

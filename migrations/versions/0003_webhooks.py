@@ -2,7 +2,7 @@
 job's webhook (endpoint and event filter).
 
 Revision ID: 0003
-Revises: 0001 (until 0002 is merged; then 0002)
+Revises: 0002
 Create Date: 2026-12-03
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

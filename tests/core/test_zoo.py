@@ -1,4 +1,5 @@
-"""The model zoo: registry, safetensors-only loading with named key/shape errors, RobustBench files offline."""
+"""The model zoo: registry, safetensors-only loading with named key/shape errors, RobustBench files offline,
+timm and torchvision families, and the input normalisation in front of them."""
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ from core.architectures import PreActResNet, SmallCNN, WideResNet
 from core.config import BUILTIN_ARCHITECTURES
 from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture, ValidationError
 from core.zoo import (
-    create_model, import_robustbench, list_architectures, load_model_file, load_robustbench_model,
-    load_state_dict_file, save_model_file,
+    PixelInputModel, create_model, import_robustbench, list_architectures, load_model_file, load_robustbench_model,
+    load_state_dict_file, save_model_file, with_pixel_input,
 )
 
 RB_NAME = "Wang2023Better_WRN-28-10"
@@ -267,3 +268,84 @@ def test_robustbench_architecture_needs_its_own_input_shape() -> None:
         create_model(f"robustbench:{RB_NAME}", num_classes=10, in_channels=1, image_size=28)
     with pytest.raises(UnsupportedArchitecture, match="not for the data set 'digits'"):
         create_model(f"robustbench:{RB_NAME}", num_classes=10, dataset="digits")
+
+
+# --- timm and torchvision families, and the input contract -----------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("architecture, build", [
+    ("timm:resnet18", lambda: __import__("timm").create_model("resnet18", num_classes=3)),
+    ("torchvision:resnet18", lambda: __import__("torchvision").models.resnet18(num_classes=3)),
+])
+def test_a_plain_state_dict_of_timm_or_torchvision_loads_as_is(tmp_path: Path, architecture: str, build) -> None:
+    """The user's own library writes the file; the zoo loads it unchanged and normalises in front of it."""
+    torch.manual_seed(0)
+    net = build().eval()
+    save_file(net.state_dict(), str(tmp_path / "net.safetensors"))   # exactly what a user would run
+    model = load_model_file(tmp_path / "net.safetensors", architecture, num_classes=3, image_size=(32, 48),
+                            input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD)
+    assert isinstance(model, PixelInputModel) and not model.training
+    x = torch.rand(2, 3, 32, 48)
+    normalised = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net(normalised), atol=1e-5)
+    # its state dict is the architecture's own: the keys the user saved, no mean/std, no wrapper prefix
+    assert list(model.state_dict()) == list(net.state_dict())
+    fresh = build()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_a_224_model_and_a_32_model_take_their_sizes() -> None:
+    with torch.no_grad():
+        big = create_model("timm:resnet18", num_classes=4, image_size=224).eval()
+        assert big(torch.rand(1, 3, 224, 224)).shape == (1, 4)
+        vit = create_model("timm:vit_tiny_patch16_224", num_classes=5, in_channels=1, image_size=32).eval()
+        assert vit(torch.rand(2, 1, 32, 32)).shape == (2, 5)   # a fixed-size model is built for 32×32
+        tv_vit = create_model("torchvision:vit_b_32", num_classes=3, image_size=64).eval()
+        assert tv_vit(torch.rand(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_torchvision_grayscale_rebuilds_the_first_convolution(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    gray = create_model("torchvision:resnet18", num_classes=10, in_channels=1, image_size=28)
+    assert tuple(gray.conv1.weight.shape) == (64, 1, 7, 7) and gray.conv1.stride == (2, 2)
+    save_model_file(gray, tmp_path / "gray.safetensors")
+    loaded = load_model_file(tmp_path / "gray.safetensors", "torchvision:resnet18", num_classes=10, in_channels=1,
+                             image_size=28)
+    assert torch.equal(loaded.conv1.weight, gray.conv1.weight)
+    # an RGB state dict does not fit a grayscale declaration: the error names the layer and both shapes
+    save_model_file(create_model("torchvision:resnet18", num_classes=10, image_size=28), tmp_path / "rgb.safetensors")
+    with pytest.raises(InvalidModelFile, match=r"conv1.weight: expected shape \[64, 1, 7, 7\], found \[64, 3, 7, 7\]"):
+        load_model_file(tmp_path / "rgb.safetensors", "torchvision:resnet18", num_classes=10, in_channels=1,
+                        image_size=28)
+
+
+def test_timm_missing_and_unexpected_keys_are_named(tmp_path: Path) -> None:
+    state = create_model("timm:resnet18", num_classes=3).state_dict()
+    del state["fc.bias"]
+    state["head.extra"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "m.safetensors"))
+    with pytest.raises(InvalidModelFile) as info:
+        load_model_file(tmp_path / "m.safetensors", "timm:resnet18", num_classes=3)
+    assert "missing keys: fc.bias" in info.value.message and "unexpected keys: head.extra" in info.value.message
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("timm:resnet-18", "timm:resnet18"), ("torchvision:resnet_18", "torchvision:resnet18"),
+    ("small_cnn", "small-cnn"), ("timm:hf-hub:timm/resnet18.a1_in1k", '"source": "hf-hub"'),
+])
+def test_unknown_family_names_suggest_close_ones(name: str, suggestion: str) -> None:
+    with pytest.raises(UnsupportedArchitecture) as info:
+        create_model(name, num_classes=3)
+    assert suggestion in info.value.message
+
+
+def test_identity_statistics_leave_the_network_unwrapped() -> None:
+    net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    assert with_pixel_input(net, [0.0], [1.0]) is net and with_pixel_input(net, None, None) is net
+    wrapped = with_pixel_input(net, [0.5], [0.25])
+    assert isinstance(wrapped, PixelInputModel) and "normalize.mean" not in wrapped.state_dict()
+    with pytest.raises(ValueError, match="std > 0"):
+        PixelInputModel(net, [0.5], [0.0])

@@ -457,3 +457,74 @@ def run_finetune_flow(client: httpx.Client, url: str, model_id: str, upload: Pat
     before, after = w2_accuracy(upload), w2_accuracy(path)
     assert after > before, (before, after)
     return cur
+
+
+# ------------------------------------------------------------------------------ the embedded default
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        children = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        out += [int(c) for c in children]
+        todo += [int(c) for c in children]
+    return out
+
+
+class EmbeddedServe:
+    """`robustify serve` with nothing configured but a data folder (SQLite, kombu's SQLAlchemy broker,
+    artifacts on disk, auth off on localhost), ready on entry; stopped with SIGTERM on exit, after
+    which `rc` and `worker_pids` tell how it stopped."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 60) -> None:
+        self.data_dir = tmp_path / "robustify-data"
+        self.log_path = tmp_path / "serve.log"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+        self.env.update({"ROBUSTIFY_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                         **(env or {})})
+        self.cwd, self.ready_timeout = tmp_path, ready_timeout
+        self.rc: int | None = None
+        self.worker_pids: list[int] = []
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> "EmbeddedServe":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", self.url.rsplit(":", 1)[1]],
+                                         env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+        def up() -> bool:
+            assert self.proc.poll() is None, self.log()[-3000:]
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200  # API, database, broker, worker
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(up, self.ready_timeout, "robustify serve to be ready")
+        except BaseException:
+            kill_group(self.proc)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.worker_pids = _descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def workers_gone(self) -> bool:
+        return not any(_process_alive(p) for p in self.worker_pids)

@@ -3,84 +3,37 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until
+from tests.e2e.conftest import EmbeddedServe, free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        children = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
-        out += [int(c) for c in children]
-        todo += [int(c) for c in children]
-    return out
-
-
 def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_file: Path) -> None:
-    data_dir = tmp_path / "robustify-data"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
-    env.update({"ROBUSTIFY_DATA_DIR": str(data_dir), "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3",
-                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            assert serve.poll() is None, log_path.read_text()[-3000:]
-            try:
-                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200  # API, database, broker, worker
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "robustify serve to be ready")
-        assert f"robustify serving on {url}" in log_path.read_text()
-
-        with httpx.Client(base_url=url, timeout=30) as client:  # no API key: auth is off on localhost
+    with EmbeddedServe(tmp_path, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}) as serve:
+        assert f"robustify serving on {serve.url}" in serve.log()
+        with httpx.Client(base_url=serve.url, timeout=30) as client:  # no API key: auth is off on localhost
             model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
             # the same flow as the distributed deployment's: SSE, progress, checkpoints, a more robust model
-            run_finetune_flow(client, url, model["id"], digits_model_file, tmp_path, epochs=5)
-        assert (data_dir / "robustify.db").is_file() and (data_dir / "broker.db").is_file()
+            run_finetune_flow(client, serve.url, model["id"], digits_model_file, tmp_path, epochs=5)
+        assert (serve.data_dir / "robustify.db").is_file() and (serve.data_dir / "broker.db").is_file()
+        assert any((serve.data_dir / "artifacts").rglob("*"))
         # the worker's job lifecycle shows by default; the access log and Celery's chatter do not
-        log = log_path.read_text()
+        log = serve.log()
         assert "claimed by" in log and "epoch 5/5 done: clean_accuracy" in log and " succeeded" in log
         assert "robustify.worker [job_" in log  # text lines name the job, attempt and worker
         assert '"GET /v1/jobs/' not in log and "Task robustify.run_job" not in log
-        assert any((data_dir / "artifacts").rglob("*"))
-    finally:
-        worker_pids = _descendants(serve.pid)
-        serve.send_signal(signal.SIGTERM)
-        try:
-            rc = serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            raise
     # a clean stop: exit code 0 and the worker processes gone with it
-    assert rc == 0, log_path.read_text()[-3000:]
-    assert "robustify stopped." in log_path.read_text()
-    assert worker_pids, "serve started no worker process"
-    wait_until(lambda: not any(_alive(p) for p in worker_pids), 10, "the worker processes to exit")
+    assert serve.rc == 0, serve.log()[-3000:]
+    assert "robustify stopped." in serve.log()
+    assert serve.worker_pids, "serve started no worker process"
+    wait_until(serve.workers_gone, 10, "the worker processes to exit")
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`robustify models|datasets|jobs …` against a live uvicorn server on PostgreSQL and Redis."""
+"""`robustify models|datasets|jobs|architectures …` against a live uvicorn server on PostgreSQL and Redis."""
 from __future__ import annotations
 
 import hashlib
@@ -55,6 +55,35 @@ def test_models_and_datasets(capsys, live, keys, tmp_path, db):
     capsys.readouterr()
     assert main(["models", "list", "--url", live.url, "--key", "rk_wrong"]) == 1
     assert "unauthorized" in capsys.readouterr().err
+
+
+def test_byo_commands(capsys, live, keys, tmp_path):
+    """Image-folder upload options, the input contract, Hub registration and the architecture list."""
+    from tests.archives import CLASSES, folder_entries, zip_bytes
+
+    photos = tmp_path / "photos.zip"
+    photos.write_bytes(zip_bytes(folder_entries(per_class=3)))
+    rc, out, _ = run(capsys, live, keys, "datasets", "upload", str(photos), "--image-size", "16", "--channels", "1",
+                     "--test-fraction", "0.34", "--seed", "2")
+    assert rc == 0 and "[1, 16, 16]" in out and f"classes {', '.join(CLASSES)}" in out
+    assert "{'train': 6, 'test': 3}" in out
+
+    weights = tmp_path / "timm.safetensors"
+    weights.write_bytes(safetensors_bytes(seed=4))
+    rc, out, _ = run(capsys, live, keys, "models", "upload", str(weights), "--architecture", "timm:resnet18",
+                     "--num-classes", "3", "--dataset", "imagenet", "--input-size", "3,224,224",
+                     "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--json")
+    model = json.loads(out)
+    assert rc == 0 and model["input_size"] == [3, 224, 224] and model["input_std"] == [0.229, 0.224, 0.225]
+    rc, out, _ = run(capsys, live, keys, "models", "hub", "acme/tiny", "--num-classes", "3", "--dataset",
+                     "imagenet", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--json")
+    hub = json.loads(out)
+    assert rc == 0 and hub["architecture"] == "timm:hf-hub:acme/tiny" and hub["input_mean"] == [0.5, 0.5, 0.5]
+
+    rc, out, _ = run(capsys, live, keys, "architectures", "list")
+    assert rc == 0 and "small-cnn" in out and "timm:<model name>" in out
+    rc, out, _ = run(capsys, live, keys, "architectures", "list", "--family", "builtin", "--q", "wide")
+    assert rc == 0 and out.split() == ["wide-resnet-28-10", "wide-resnet-34-10"]
 
 
 def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp_path):

@@ -1,5 +1,5 @@
 """The schema comes from Alembic alone: upgrade head gives exactly the models' schema, and
-downgrade base removes every table, on PostgreSQL and on SQLite."""
+downgrade base removes every table, on PostgreSQL and on SQLite; rows survive 0001 → 0002 → 0001."""
 from __future__ import annotations
 
 import subprocess
@@ -45,8 +45,40 @@ def _head() -> str:
     return ScriptDirectory.from_config(migrations.alembic_config()).get_current_head()
 
 
+def _upgrade_keeps_rows_of_0001(url: str) -> None:
+    """A database at 0001 with a model and a data set upgrades with both kept, the new columns empty."""
+    from sqlalchemy import text
+
+    migrations.upgrade(url, "0001")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO models (id, name, source, architecture, num_classes, dataset, status, created_at, "
+                "updated_at) VALUES ('mdl_old', 'old', 'upload', 'small-cnn', 10, 'digits', 'ready', "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO datasets (id, name, status, num_examples, num_classes, image_shape, created_at) "
+                "VALUES ('ds_old', 'old', 'ready', 5, 2, '[1, 8, 8]', CURRENT_TIMESTAMP)"))
+        migrations.upgrade(url, "0002")
+        with engine.connect() as conn:
+            model = conn.execute(text("SELECT architecture, input_mean, input_std, parent_model_id, source_job_id "
+                                      "FROM models WHERE id = 'mdl_old'")).one()
+            dataset = conn.execute(text("SELECT num_classes, class_names, splits FROM datasets")).one()
+        assert tuple(model) == ("small-cnn", None, None, None, None)
+        assert tuple(dataset) == (2, None, None)
+        migrations.downgrade(url, "0001")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id FROM models")).scalar_one() == "mdl_old"
+            assert "input_mean" not in {c["name"] for c in inspect(conn).get_columns("models")}
+        migrations.downgrade(url)
+    finally:
+        engine.dispose()
+
+
 def _roundtrip(url: str) -> None:
     assert migrations.current(url) is None
+    _upgrade_keeps_rows_of_0001(url)
     migrations.upgrade(url)
     diff, tables = _diff_and_tables(url)
     assert diff == []

@@ -91,7 +91,7 @@ def test_unknown_architecture_and_bad_fields(client, keys, db, settings):
     assert body["errors"][0]["field"] == "num_classes"
     body = assert_problem(upload(client, keys["a"]["headers"], safetensors_bytes(), {**FIELDS, "dataset": "imagenet-ish"}),
                           422, "validation_error")
-    assert body["errors"][0]["field"] == "input_shape"
+    assert body["errors"][0]["field"] == "input_size"
     assert db.count(Model) == rows and db.count(Artifact) == arts and store_files(settings) == files
 
 
@@ -177,3 +177,71 @@ def test_delete_model_conflicts_while_a_job_runs(client, keys, db, settings):
     assert_problem(client.get(f"/v1/models/{m['id']}", headers=h), 404, "not_found")
     assert not stored.exists()  # no other artifact held those bytes
     assert db.get(Job, job).model_id == m["id"]  # the finished job keeps its reference
+
+
+# --- the input contract, families and Hub registrations ---------------------------------------------
+
+IMAGENET = {"input_mean": "0.485,0.456,0.406", "input_std": "0.229,0.224,0.225"}
+
+
+def test_input_contract_is_stored_with_defaults_per_family(client, keys):
+    h = keys["a"]["headers"]
+    timm = upload(client, h, safetensors_bytes(seed=60), {"architecture": "timm:resnet18", "num_classes": "1000",
+                                                          "dataset": "imagenet", "input_size": "3,224,224", **IMAGENET})
+    assert timm.status_code == 201, timm.text
+    m = timm.json()
+    assert m["input_size"] == [3, 224, 224] and m["input_mean"] == [0.485, 0.456, 0.406]
+    assert m["input_std"] == [0.229, 0.224, 0.225] and m["parent_model_id"] is None and m["source_job_id"] is None
+    # omitted: a family model on a known data set gets that data set's statistics ...
+    cifar = upload(client, h, safetensors_bytes(seed=61), {"architecture": "torchvision:resnet18", "num_classes": "10",
+                                                           "dataset": "cifar10"}).json()
+    assert cifar["input_mean"] == [0.4914, 0.4822, 0.4465] and cifar["input_size"] == [3, 32, 32]
+    # ... a built-in one identity (it normalises inside), and so does an unknown data set
+    builtin = upload(client, h, safetensors_bytes(seed=62), {**FIELDS}).json()
+    assert builtin["input_mean"] == [0.0] and builtin["input_std"] == [1.0]
+    other = upload(client, h, safetensors_bytes(seed=63), {"architecture": "timm:resnet18", "num_classes": "3",
+                                                           "dataset": "mine", "input_size": "1,64,64"}).json()
+    assert other["input_mean"] == [0.0] and other["input_std"] == [1.0]
+
+
+@pytest.mark.parametrize("fields, field, words", [
+    ({"input_mean": "0.5,0.5", "input_std": "0.2,0.2"}, "input_mean", "3 channels"),
+    ({"input_mean": "0.5,0.5,0.5"}, "body", "both input_mean and input_std"),
+    ({"input_mean": "0.5,0.5,0.5", "input_std": "0.2,0,0.2"}, "body", "> 0"),
+    ({"input_mean": "a,b,c", "input_std": "1,1,1"}, "input_mean", "0.485"),
+    ({"input_size": "3,224"}, "input_size", "three positive sizes"),
+    ({"input_size": "3,224,224", "input_shape": "3,32,32"}, "body", "give one of them"),
+])
+def test_bad_input_contracts_are_422_and_store_nothing(client, keys, db, settings, fields, field, words):
+    rows, files = db.count(Model), store_files(settings)
+    resp = upload(client, keys["a"]["headers"], safetensors_bytes(seed=64),
+                  {"architecture": "timm:resnet18", "num_classes": "3", "dataset": "cifar10", **fields})
+    body = assert_problem(resp, 422, "validation_error")
+    assert body["errors"][0]["field"] in (field, "") and words in body["detail"]
+    assert db.count(Model) == rows and store_files(settings) == files
+
+
+def test_family_names_are_checked_cheaply_and_hub_names_are_pointed_to_json(client, keys):
+    h = keys["a"]["headers"]
+    body = assert_problem(upload(client, h, safetensors_bytes(), {**FIELDS, "architecture": "resnet18"}),
+                          422, "unsupported_architecture")
+    assert "timm:resnet18 or torchvision:resnet18" in body["detail"] and "/v1/architectures" in body["detail"]
+    body = assert_problem(upload(client, h, safetensors_bytes(), {**FIELDS, "architecture": "timm:hf-hub:acme/x"}),
+                          422, "unsupported_architecture")
+    assert '"source": "hf-hub"' in body["detail"]
+
+
+def test_hub_registration_is_validated_by_the_worker(client, keys, queues):
+    h = keys["a"]["headers"]
+    before = queues.length(queues.cpu)
+    resp = client.post("/v1/models", headers=h, json={"source": "hf-hub", "name": "acme/tiny-resnet",
+                                                       "revision": "v1", "num_classes": 3, "dataset": "imagenet"})
+    assert resp.status_code == 201, resp.text
+    m = resp.json()
+    assert m["source"] == "hf-hub" and m["status"] == "validating" and m["name"] == "acme/tiny-resnet"
+    assert m["architecture"] == "timm:hf-hub:acme/tiny-resnet@v1"
+    assert m["input_size"] is None and m["input_mean"] is None   # left to the hub's config.json
+    assert queues.length(queues.cpu) == before + 1
+    for bad in ({"name": "../etc"}, {"name": "a--b/c"}, {"num_classes": 1}, {"input_mean": [0.5], "input_std": [0]}):
+        body = {"source": "hf-hub", "name": "acme/tiny-resnet", "num_classes": 3, "dataset": "imagenet", **bad}
+        assert_problem(client.post("/v1/models", headers=h, json=body), 422, "validation_error")

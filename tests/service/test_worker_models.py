@@ -1,0 +1,108 @@
+"""The worker's side of bring-your-own models and data, on real databases (PostgreSQL and SQLite)
+and a real artifact store: loading a model row with its input contract and an image-folder data
+set, registering a fine-tune's checkpoint as a model, and events a recipe reports."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from core.artifacts import ArtifactStore, delete_artifact, record_artifact
+from core.checkpoint import save_weights
+from core.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from tests.e2e.test_claim import rt  # noqa: F401  (the worker runtime on PostgreSQL and on SQLite)
+from worker.chain import register_finetuned_model
+from worker.jobs import Heartbeat, JobHooks, load_data_for, load_model_for
+from worker.runtime import Runtime, worker_id
+
+
+def _model_with_weights(rt: Runtime, tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    from core.zoo import create_model
+
+    torch.manual_seed(0)
+    state = create_model("small-cnn", num_classes=3, in_channels=3, image_size=16).state_dict()
+    save_weights(state, tmp_path / "cnn.safetensors")
+    with rt.session() as s:
+        art = record_artifact(s, rt.store, kind="model_weights", src_path=tmp_path / "cnn.safetensors",
+                              filename="cnn.safetensors", content_type="application/octet-stream")
+        m = Model(id=new_id("mdl"), name="cnn", source="upload", architecture="small-cnn", num_classes=3,
+                  dataset="mine", input_shape=[3, 16, 16], input_mean=[0.485, 0.456, 0.406],
+                  input_std=[0.229, 0.224, 0.225], status="ready", weights_artifact_id=art.id)
+        s.add(m)
+        s.commit()
+        return m.id, state
+
+
+def _job(rt: Runtime, model_id: str) -> str:
+    with rt.session() as s:
+        job = Job(id=new_id("job"), type="finetune", status="running", model_id=model_id, dataset="digits",
+                  threat_model={}, config={}, attempt=1, max_attempts=3, worker_id=worker_id(), created_at=utcnow())
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def test_a_model_row_loads_with_its_input_contract_and_data_with_its_classes(rt: Runtime, tmp_path: Path) -> None:
+    from tests.archives import CLASSES, folder_entries, zip_bytes
+    from core.imagefolder import ImageFolderLimits, read_image_folder
+    from core.db import Dataset
+
+    model_id, state = _model_with_weights(rt, tmp_path)
+    with rt.session() as s:
+        model = load_model_for(rt, s, s.get(Model, model_id))
+    assert type(model).__name__ == "PixelInputModel" and list(model.state_dict()) == list(state)
+    assert torch.allclose(model.normalize.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+    (tmp_path / "p.zip").write_bytes(zip_bytes(folder_entries(per_class=4, split=True)))
+    folder = read_image_folder(tmp_path / "p.zip", limits=ImageFolderLimits(10**7, 10**7, 10**8), image_size=(16, 16))
+    folder.save_npz(tmp_path / "p.npz")
+    with rt.session() as s:
+        art = record_artifact(s, rt.store, kind="dataset", src_path=tmp_path / "p.npz", filename="p.npz",
+                              content_type="application/octet-stream")
+        s.add(Dataset(id="ds_photos", name="photos", status="ready", num_examples=18, num_classes=3,
+                      image_shape=[3, 16, 16], artifact_id=art.id, class_names=list(CLASSES)))
+        s.commit()
+        data = load_data_for(rt, s, "ds_photos")
+    assert data.class_names == list(CLASSES) and data.name == "photos"
+    assert tuple(data.train_x.shape) == (12, 3, 16, 16) and tuple(data.test_x.shape) == (6, 3, 16, 16)
+
+
+def test_the_best_checkpoint_becomes_a_ready_model_that_outlives_its_deletion(rt: Runtime, tmp_path: Path) -> None:
+    model_id, state = _model_with_weights(rt, tmp_path)
+    job_id = _job(rt, model_id)
+    save_weights({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "best.safetensors")
+    with rt.session() as s:
+        ckpt = record_artifact(s, rt.store, kind="checkpoint", src_path=tmp_path / "best.safetensors",
+                               filename=f"{job_id}-epoch1.safetensors", content_type="application/octet-stream",
+                               job_id=job_id, epoch=1, is_best=True)
+        child = register_finetuned_model(s, rt.store, s.get(Job, job_id), ckpt)
+        s.commit()
+        child_id, ckpt_sha = child.id, ckpt.sha256
+    with rt.session() as s:
+        child = s.get(Model, child_id)
+        parent = s.get(Model, model_id)
+        assert (child.status, child.source, child.parent_model_id, child.source_job_id) == (
+            "ready", "job", model_id, job_id)
+        for field in ("architecture", "num_classes", "dataset", "input_shape", "input_mean", "input_std"):
+            assert getattr(child, field) == getattr(parent, field), field
+        weights = s.get(Artifact, child.weights_artifact_id)
+        assert weights.sha256 == ckpt_sha and weights.kind == "model_weights" and weights.job_id is None
+        loaded = load_model_for(rt, s, child)
+        assert torch.equal(loaded.state_dict()["classifier.3.bias"], state["classifier.3.bias"] + 1)
+        # deleting the model's weights (as DELETE /v1/models does) leaves the job's checkpoint file in place
+        child.weights_artifact_id = None
+        delete_artifact(s, rt.store, weights)
+    assert rt.store.exists(ArtifactStore.relpath_for(ckpt_sha))
+
+
+def test_recipe_events_are_job_events(rt: Runtime, tmp_path: Path) -> None:
+    model_id, _ = _model_with_weights(rt, tmp_path)
+    job_id = _job(rt, model_id)
+    with rt.session() as s:
+        job = s.get(Job, job_id)
+    hooks = JobHooks(rt, job, worker_id(), Heartbeat(rt, job_id, worker_id())).as_hooks()
+    hooks.event("warning", "CUDA out of memory in w-pgd with batch size 64; retrying with batch size 32",
+                {"batch_size": 32, "previous_batch_size": 64})
+    with rt.session() as s:
+        (event,) = s.query(JobEvent).filter(JobEvent.job_id == job_id).all()
+    assert (event.type, event.level, event.data) == ("warning", "warning", {"batch_size": 32, "previous_batch_size": 64})

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 
@@ -32,7 +33,10 @@ class Api:
     def __init__(self, url: str, key: str | None, http: httpx.Client | None = None) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = url.rstrip("/")
-        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0))
+        # redirects: downloads may answer 307 to a presigned object-storage URL (httpx then drops
+        # the Authorization header, as it must for another host)
+        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0),
+                                         follow_redirects=True)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
@@ -361,8 +365,14 @@ def jobs_watch(api: Api, args: argparse.Namespace) -> int:
 
 
 def _filename(resp: httpx.Response, default: str) -> str:
-    match = re.search(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)"?', resp.headers.get("content-disposition", ""))
-    name = match.group(1) if match else default
+    """The name in Content-Disposition: filename*=utf-8''<percent-encoded> (RFC 6266) or filename="..."."""
+    header = resp.headers.get("content-disposition", "")
+    match = re.search(r"filename\*=utf-8''([^;]+)", header, re.IGNORECASE)
+    if match:
+        name = unquote(match.group(1).strip())
+    else:
+        match = re.search(r'filename="?([^";]+)"?', header)
+        name = match.group(1) if match else default
     return Path(name).name or default
 
 
@@ -380,7 +390,8 @@ def _save(api: Api, path: str, out_dir: Path, default: str, verify: bool) -> Pat
             for chunk in resp.iter_bytes():
                 digest.update(chunk)
                 fh.write(chunk)
-        etag = resp.headers.get("etag", "").strip('"')
+        # the API's ETag is the sha256; after a redirect the bucket's own ETag (an MD5) is not
+        etag = (resp.history[0] if resp.history else resp).headers.get("etag", "").strip('"')
     if verify and etag and etag != digest.hexdigest():
         tmp.unlink(missing_ok=True)
         raise ClientError(f"{path}: sha256 {digest.hexdigest()} does not match the server's ETag {etag}; "

@@ -191,7 +191,26 @@ def _s3_app(tmp_path: Path, pg_url: str, queues, endpoint: str, bucket: str, **o
                                     s3_addressing_style="path", s3_prefix="api/", s3_max_attempts=1, **over))
 
 
-def test_api_keeps_uploads_in_the_bucket_and_serves_them(pg_url, queues, keys, s3_endpoint, s3_bucket, tmp_path):
+def _cli_download_follows_the_redirect(app, keys, db, tmp_path: Path) -> None:  # noqa: ANN001
+    """`robustify jobs download` through a presigned redirect: the bytes come from the bucket and
+    are checked against the API's ETag (the sha256), not the bucket's own ETag."""
+    from cli.client import main
+    from tests.service.conftest import LiveServer
+
+    store = app.state.services.store
+    job = db.add_job(keys["a"]["id"], db.add_model(keys["a"]["id"]), status="succeeded")
+    with db.Session() as s:
+        ck = record_artifact(s, store, kind="checkpoint", content=b"robust weights", filename="best.safetensors",
+                             content_type="application/octet-stream", job_id=job, epoch=1, is_best=True)
+        s.commit()
+    with LiveServer(app) as live:
+        assert main(["jobs", "download", job, "--out", str(tmp_path / "dl"), "--url", live.url,
+                     "--key", keys["a"]["key"]]) == 0
+    assert (tmp_path / "dl" / "best.safetensors").read_bytes() == b"robust weights"
+    assert ck.sha256 == hashlib.sha256(b"robust weights").hexdigest()
+
+
+def test_api_keeps_uploads_in_the_bucket_and_serves_them(pg_url, queues, keys, db, s3_endpoint, s3_bucket, tmp_path):
     from fastapi.testclient import TestClient
 
     from tests.service.payloads import safetensors_bytes
@@ -225,6 +244,7 @@ def test_api_keeps_uploads_in_the_bucket_and_serves_them(pg_url, queues, keys, s
         url = r.headers["location"]
         assert url.startswith(f"{s3_endpoint}/{s3_bucket}/api/sha256/") and "X-Amz-Expires=120" in url
         assert httpx.get(url).content == data
+        _cli_download_follows_the_redirect(client.app, keys, db, tmp_path)
         s3.delete_object(Bucket=s3_bucket, Key=f"api/sha256/{sha[:2]}/{sha}")  # lost behind the API's back
         assert_problem(client.get(f"/v1/models/{m['id']}/content", headers=h), 410, "artifact_missing")
 

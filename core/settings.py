@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = 89_478_485
     max_dataset_bytes: int = 2 * 1024 * 1024 * 1024
 
+    # GPUs one fine-tuning job uses when it does not say (`devices`): with CUDA_VISIBLE_DEVICES=0,1,2,3
+    # and 4 here, one worker runs each job on all four GPUs (worker/ddp.py).
+    devices_per_job: int = 1
+
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
     max_attempts: int = 3

@@ -287,7 +287,13 @@ def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifac
     import torch
 
     from core.config import EvaluateConfig, FinetuneConfig
+    from worker.ddp import devices_for, run_distributed
 
+    with rt.session() as s:
+        job = s.get(Job, job_id)
+        devices = devices_for(rt.settings, job.type, job.config) if job is not None else 1
+    if devices > 1:  # one process per device, started and supervised from here
+        return run_distributed(rt, job_id, owner, hb, devices, resume_artifact_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with rt.session() as s:
         job = s.get(Job, job_id)

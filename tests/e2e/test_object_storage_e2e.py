@@ -11,11 +11,12 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Workers, events, submit, upload_model, wait_model_ready, wait_status, wait_until
+from tests.e2e.conftest import Workers, events, submit, wait_status, wait_until
 from tests.s3server import S3_ENV, bucket, s3_client
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
@@ -52,10 +53,11 @@ def _recorded_sha256(pg_url: str) -> set[str]:
         engine.dispose()
 
 
-def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, api_url: str, service_env: dict[str, str],
-                                                        queues: dict[str, str], module_bucket: str,
-                                                        s3_endpoint: str, digits_model_file: Path,
-                                                        pg_url: str, tmp_path: Path) -> None:
+def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, service_env: dict[str, str],
+                                                        queues: dict[str, str], module_bucket: str, s3_endpoint: str,
+                                                        ready_model: dict[str, Any], pg_url: str,
+                                                        tmp_path: Path) -> None:
+    """The upload was validated by another worker (the module's CPU worker), which read it from the bucket."""
     machines: dict[str, tuple[Workers, Path]] = {}
     for name in ("node-a", "node-b"):
         data_dir = tmp_path / name
@@ -65,8 +67,8 @@ def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, ap
     procs = {}
     try:
         for name, (w, _) in machines.items():
-            procs[name] = w.start(f"{queues['gpu']},{queues['cpu']}", name)
-        model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
+            procs[name] = w.start(queues["gpu"], name)
+        model = ready_model
         epochs = 4
         job_id = submit(client, model["id"], epochs=epochs)["id"]
         wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120, "the first checkpoint")
@@ -116,3 +118,39 @@ def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, ap
     finally:
         for w, _ in machines.values():
             w.stop_all()
+
+
+def test_job_on_two_devices_survives_a_killed_rank(client: httpx.Client, service_env: dict[str, str],
+                                                   queues: dict[str, str], ready_model: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    """`devices: 2`: the task runs two DDP ranks (gloo on the CPU). SIGKILL one rank: the attempt ends
+    cleanly (the other rank is stopped, the job is re-queued) and the next attempt resumes from the
+    checkpoint in the bucket, again on two ranks."""
+    data_dir = tmp_path / "node-c"
+    w = Workers({**service_env, "ROBUSTIFY_DATA_DIR": str(data_dir)}, tmp_path, queues["tag"])
+    try:
+        w.start(queues["gpu"], "node-c")
+        epochs = 3
+        job_id = submit(client, ready_model["id"], epochs=epochs, devices=2)["id"]
+        assert client.get(f"/v1/jobs/{job_id}").json()["config"]["devices"] == 2
+        wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 150, "the first checkpoint")
+        launches = [e for e in events(client, job_id) if e["type"] == "log" and "devices" in (e["data"] or {})]
+        assert len(launches) == 1 and launches[0]["data"]["devices"] == 2 and launches[0]["data"]["backend"] == "gloo"
+        first_ranks = [int(r.rsplit(":", 1)[1]) for r in launches[0]["data"]["ranks"]]
+        os.kill(first_ranks[1], signal.SIGKILL)
+
+        job = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 180)
+        assert job["status"] == "succeeded" and job["attempt"] == 2, job
+        evs = events(client, job_id)
+        ended = [e for e in evs if e["type"] == "status" and e["data"].get("status") == "queued" and "reason" in e["data"]]
+        assert len(ended) == 1 and "rank 1 of 2 died (signal 9)" in ended[0]["message"], ended
+        launches = [e for e in evs if e["type"] == "log" and "devices" in (e["data"] or {})]
+        assert len(launches) == 2  # the second attempt ran on two ranks again
+        resumed = [e for e in evs if "resumed_from_epoch" in (e["data"] or {})]
+        assert len(resumed) == 1 and resumed[0]["id"] > ended[0]["id"] and resumed[0]["data"]["resumed_from_epoch"] >= 1
+        assert [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint"] == list(range(1, epochs + 1))
+        for pid in first_ranks:  # the surviving rank of the first attempt was stopped, not left running
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert client.get(f"/v1/jobs/{job_id}/checkpoint").status_code == 200
+    finally:
+        w.stop_all()

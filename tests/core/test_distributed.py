@@ -8,7 +8,6 @@ bit for bit; accuracies, counts of whole images, agree exactly.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -111,4 +110,3 @@ def test_wtrades_first_epoch_on_two_ranks_matches_one_process(tmp_path):
         assert epoch["upsilon_ema"] == pytest.approx(ref["upsilon_ema"], rel=1e-5)            # from global Υ_B
         # the l∞ PGD's random start is drawn per shard, so that number is only close
         assert abs(epoch["linf_robust_accuracy"] - ref["linf_robust_accuracy"]) <= 0.03
-    print(json.dumps({"one": one.history[0], "two": ranks[0]["epoch"]}, default=str))

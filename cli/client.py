@@ -9,13 +9,11 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import httpx
 
@@ -365,15 +363,9 @@ def jobs_watch(api: Api, args: argparse.Namespace) -> int:
 
 
 def _filename(resp: httpx.Response, default: str) -> str:
-    """The name in Content-Disposition: filename*=utf-8''<percent-encoded> (RFC 6266) or filename="..."."""
-    header = resp.headers.get("content-disposition", "")
-    match = re.search(r"filename\*=utf-8''([^;]+)", header, re.IGNORECASE)
-    if match:
-        name = unquote(match.group(1).strip())
-    else:
-        match = re.search(r'filename="?([^";]+)"?', header)
-        name = match.group(1) if match else default
-    return Path(name).name or default
+    from robustify._transport import filename_of
+
+    return filename_of(resp, default)
 
 
 def _save(api: Api, path: str, out_dir: Path, default: str, verify: bool) -> Path | None:

@@ -191,10 +191,11 @@ def _s3_app(tmp_path: Path, pg_url: str, queues, endpoint: str, bucket: str, **o
                                     s3_addressing_style="path", s3_prefix="api/", s3_max_attempts=1, **over))
 
 
-def _cli_download_follows_the_redirect(app, keys, db, tmp_path: Path) -> None:  # noqa: ANN001
-    """`robustify jobs download` through a presigned redirect: the bytes come from the bucket and
-    are checked against the API's ETag (the sha256), not the bucket's own ETag."""
+def _clients_follow_the_redirect(app, keys, db, tmp_path: Path) -> None:  # noqa: ANN001
+    """`robustify jobs download` and the SDK through a presigned redirect: the bytes come from the
+    bucket and are checked against the API's ETag (the sha256), not the bucket's own ETag."""
     from cli.client import main
+    from robustify import Client
     from tests.service.conftest import LiveServer
 
     store = app.state.services.store
@@ -206,7 +207,10 @@ def _cli_download_follows_the_redirect(app, keys, db, tmp_path: Path) -> None:  
     with LiveServer(app) as live:
         assert main(["jobs", "download", job, "--out", str(tmp_path / "dl"), "--url", live.url,
                      "--key", keys["a"]["key"]]) == 0
+        with Client(live.url, api_key=keys["a"]["key"]) as sdk:
+            got = sdk.jobs.download(job, tmp_path / "sdk")
     assert (tmp_path / "dl" / "best.safetensors").read_bytes() == b"robust weights"
+    assert got.checkpoint == tmp_path / "sdk" / "best.safetensors" and got.checkpoint.read_bytes() == b"robust weights"
     assert ck.sha256 == hashlib.sha256(b"robust weights").hexdigest()
 
 
@@ -244,7 +248,7 @@ def test_api_keeps_uploads_in_the_bucket_and_serves_them(pg_url, queues, keys, d
         url = r.headers["location"]
         assert url.startswith(f"{s3_endpoint}/{s3_bucket}/api/sha256/") and "X-Amz-Expires=120" in url
         assert httpx.get(url).content == data
-        _cli_download_follows_the_redirect(client.app, keys, db, tmp_path)
+        _clients_follow_the_redirect(client.app, keys, db, tmp_path)
         s3.delete_object(Bucket=s3_bucket, Key=f"api/sha256/{sha[:2]}/{sha}")  # lost behind the API's back
         assert_problem(client.get(f"/v1/models/{m['id']}/content", headers=h), 410, "artifact_missing")
 

@@ -72,8 +72,9 @@ class FinetuneConfig(_Strict):
     seed: int = 0
     devices: int | None = Field(
         default=None, ge=1, le=64,
-        description="Devices (GPUs) to train on, one DistributedDataParallel process each; every global batch "
-                    "is split between them. Default: the worker's ROBUSTIFY_DEVICES_PER_JOB (1).")
+        description="Devices (GPUs) a service job trains on, one DistributedDataParallel process each; every "
+                    "global batch is split between them. Default: the worker's ROBUSTIFY_DEVICES_PER_JOB (1). "
+                    "The local `robustify finetune` runs on one device.")
 
     @model_validator(mode="after")
     def _check_devices(self) -> "FinetuneConfig":

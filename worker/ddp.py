@@ -3,7 +3,7 @@ by the Celery task that claimed the job.
 
 The task keeps the job's claim and heartbeat. It fills this node's artifact cache with the
 job's inputs, then starts one fresh interpreter per device (`python -m worker.ddp`; not forks:
-a forked child cannot use CUDA), which meet through a file rendezvous in a temp folder: NCCL on
+a forked child cannot use CUDA), which meet through a file rendezvous under the cache folder: NCCL on
 CUDA (rank r on cuda:r of CUDA_VISIBLE_DEVICES), gloo on the CPU. Every rank loads the model, the
 data and the resume state itself and runs core.recipes.finetune with its World; rank 0 alone
 reports progress, events and checkpoints and finishes the job, all under the task's owner id,
@@ -63,7 +63,7 @@ def run_distributed(rt: Runtime, job_id: str, owner: str, hb: Any, devices: int,
 
     backend = _check_devices(devices)
     _prefetch(rt, job_id, resume_artifact_id)
-    work = Path(tempfile.mkdtemp(prefix=f"robustify-ddp-{job_id}-"))
+    work = _work_dir(rt.settings.resolved_cache_dir / "ddp")
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(devices):
@@ -105,6 +105,19 @@ def _check_devices(devices: int) -> str:
                              "(CUDA_VISIBLE_DEVICES); submit it with fewer `devices`, or run a worker with more GPUs.",
                              code="not_enough_devices")
     return "nccl"
+
+
+def _work_dir(root: Path) -> Path:
+    """A fresh folder for one attempt's rendezvous and error reports, named after this process;
+    folders left by processes that died (a worker killed before it could clean up) go first."""
+    from worker.runtime import _pid_alive
+
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("pid*-*"):
+        pid = old.name[3:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=root))
 
 
 def _prefetch(rt: Runtime, job_id: str, resume_artifact_id: str | None) -> None:

@@ -71,3 +71,18 @@ def test_devices_come_from_the_job_or_the_worker() -> None:
     assert FinetuneConfig(batch_size=96, devices=3).devices == 3
     with pytest.raises(ValueError, match="batch_size 100 must be a multiple of devices 3"):
         FinetuneConfig(batch_size=100, devices=3)
+
+
+def test_work_folders_of_dead_processes_are_cleared(tmp_path: Path) -> None:
+    from worker.ddp import _work_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"pid{gone.pid}-abc"
+    stale.mkdir()
+    (stale / "rendezvous").write_text("x")
+    alive = tmp_path / f"pid{os.getppid()}-def"   # a live process (this test's parent)
+    alive.mkdir()
+    mine = _work_dir(tmp_path)
+    assert mine.parent == tmp_path and mine.name.startswith(f"pid{os.getpid()}-") and mine.is_dir()
+    assert not stale.exists() and alive.exists()

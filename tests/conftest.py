@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+
+import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Two cores, and end-to-end tests run worker processes beside the test process: one thread
@@ -11,11 +14,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 # ------------------------------------------------------------------------------ object storage
-import pytest  # noqa: E402
-
-
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone S3 server for the whole session, with credentials in the environment."""
     from tests.s3server import S3_ENV, s3_server
 
@@ -33,7 +33,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 @pytest.fixture
-def s3_bucket(s3_endpoint: str):  # noqa: ANN201
+def s3_bucket(s3_endpoint: str) -> Iterator[str]:
     from tests.s3server import bucket
 
     with bucket(s3_endpoint) as name:

@@ -254,6 +254,17 @@ def record_artifact(
     return row
 
 
+def record_same_bytes(session: Session, source: Artifact, *, kind: str, owner_key_id: str | None = None,
+                      filename: str | None = None, job_id: str | None = None) -> Artifact:
+    """Another row over bytes already stored (content addressing: nothing is copied or uploaded,
+    and each row keeps the bytes alive until the last one is deleted). The caller commits."""
+    row = Artifact(id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=source.sha256,
+                   size=source.size, content_type=source.content_type, filename=filename or source.filename)
+    session.add(row)
+    session.flush()
+    return row
+
+
 def delete_artifact(session: Session, store: Store, artifact: Artifact) -> None:
     """Delete a row and COMMIT (with the caller's pending changes); then remove the file when
     no other row holds the same bytes. Committing first means a failed commit loses no file."""

@@ -386,7 +386,7 @@ def _chain(s: Any, rt: Runtime, job: Job, best: Artifact | None) -> None:
     """Register the best checkpoint as a new model (worker/chain.py): result.model_id."""
     from worker.chain import register_finetuned_model
 
-    model = register_finetuned_model(s, rt.store, job, best) if best is not None else None
+    model = register_finetuned_model(s, job, best) if best is not None else None
     job.result = {**(job.result or {}), "model_id": model.id if model else None}
     if model is not None:
         add_event(s, job.id, "model", f"registered the best checkpoint as model {model.id}",

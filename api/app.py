@@ -15,7 +15,7 @@ from api.metrics import install_metrics
 from api.routes import architectures, datasets, jobs, models, ops, webhooks
 from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
-from core.artifacts import ArtifactStore
+from core.artifacts import open_store
 from core.db import make_engine, make_sessionmaker
 from core.logs import configure_logging
 from core.queue import make_celery
@@ -31,9 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.log_format == "json":
         configure_logging(fmt="json", component="api", level=settings.log_level)
     engine = make_engine(settings.resolved_database_url)
-    store = ArtifactStore(settings.resolved_artifact_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    svc = Services(settings=settings, sessionmaker=make_sessionmaker(engine), store=store,
+    svc = Services(settings=settings, sessionmaker=make_sessionmaker(engine), store=open_store(settings),
                    celery=make_celery(settings))
 
     @asynccontextmanager

@@ -2,8 +2,8 @@
 
 The cap is checked against Content-Length before anything is read, and bytes are counted
 while streaming (a chunked upload has no Content-Length), so an oversize body is a 413 with
-nothing left on disk. The file part of a multipart form goes straight to a temp file inside
-the artifact store; the caller validates it and then moves it into the store or deletes it.
+nothing left on disk. The file part of a multipart form goes straight to the artifact store's
+local temp folder; the caller validates it and then moves it into the store or deletes it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError, invalid_json
-from core.artifacts import ArtifactStore
+from core.artifacts import Store
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (name, metadata JSON, ...)
 
@@ -61,7 +61,7 @@ async def read_json(request: Request, limit: int) -> Any:
 @dataclass
 class MultipartUpload:
     fields: dict[str, str] = field(default_factory=dict)
-    file_path: Path | None = None    # temp file inside the artifact store
+    file_path: Path | None = None    # the artifact store's temp file
     filename: str | None = None
     file_size: int = 0
 
@@ -72,7 +72,7 @@ class MultipartUpload:
 
 
 async def read_multipart(
-    request: Request, store: ArtifactStore, limit: int, *, file_field: str = "file",
+    request: Request, store: Store, limit: int, *, file_field: str = "file",
 ) -> MultipartUpload:
     """Parse a multipart/form-data body; the `file_field` part is written to a temp file."""
     check_content_length(request, limit)

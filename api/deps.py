@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from core.apikeys import authenticate
-from core.artifacts import ArtifactStore
+from core.artifacts import Store
 from core.settings import Settings
 
 
@@ -22,7 +22,7 @@ class Services:
 
     settings: Settings
     sessionmaker: orm.sessionmaker
-    store: ArtifactStore
+    store: Store
     celery: Celery
 
 

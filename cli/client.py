@@ -9,7 +9,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +31,10 @@ class Api:
     def __init__(self, url: str, key: str | None, http: httpx.Client | None = None) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = url.rstrip("/")
-        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0))
+        # redirects: downloads may answer 307 to a presigned object-storage URL (httpx then drops
+        # the Authorization header, as it must for another host)
+        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0),
+                                         follow_redirects=True)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
@@ -361,9 +363,9 @@ def jobs_watch(api: Api, args: argparse.Namespace) -> int:
 
 
 def _filename(resp: httpx.Response, default: str) -> str:
-    match = re.search(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)"?', resp.headers.get("content-disposition", ""))
-    name = match.group(1) if match else default
-    return Path(name).name or default
+    from robustify._transport import filename_of
+
+    return filename_of(resp, default)
 
 
 def _save(api: Api, path: str, out_dir: Path, default: str, verify: bool) -> Path | None:
@@ -380,7 +382,8 @@ def _save(api: Api, path: str, out_dir: Path, default: str, verify: bool) -> Pat
             for chunk in resp.iter_bytes():
                 digest.update(chunk)
                 fh.write(chunk)
-        etag = resp.headers.get("etag", "").strip('"')
+        # the API's ETag is the sha256; after a redirect the bucket's own ETag (an MD5) is not
+        etag = (resp.history[0] if resp.history else resp).headers.get("etag", "").strip('"')
     if verify and etag and etag != digest.hexdigest():
         tmp.unlink(missing_ok=True)
         raise ClientError(f"{path}: sha256 {digest.hexdigest()} does not match the server's ETag {etag}; "

@@ -1,23 +1,32 @@
-"""A content-addressed artifact store on a directory, and the rows that describe its files.
+"""The content-addressed artifact store, and the rows that describe its files.
 
-Files live at `<root>/sha256/ab/abcdef…` (the first two hex digits fan the folder out), so
-the same bytes are stored once however many rows point at them. Writes are atomic: a temp
-file in the target folder, then os.replace, so a reader never sees half a file.
+Every stored file is named by its bytes: `sha256/ab/abcdef…` (the first two hex digits fan a
+folder out), so the same bytes are stored once however many rows point at them. Two backends
+keep these files behind one interface (`Store`): a directory (`ArtifactStore`, the embedded
+default, also right for a shared filesystem) and S3-compatible object storage
+(`core.s3store.S3ArtifactStore`), chosen by settings in `open_store`. Writes are atomic in
+both: a reader never sees half a file.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.db import Artifact, new_id
+from core.errors import ArtifactMissing
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 _CHUNK = 1024 * 1024
+_RELPATH = re.compile(r"sha256/([0-9a-f]{2})/(\1[0-9a-f]{62})")
 
 
 def sha256_file(path: str | Path) -> tuple[str, int]:
@@ -31,15 +40,56 @@ def sha256_file(path: str | Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def relpath_for(sha256: str) -> str:
+    return f"sha256/{sha256[:2]}/{sha256}"
+
+
+def sha256_of(relpath: str) -> str:
+    """The digest a store relpath names; refuses anything that is not `sha256/ab/<hex>`."""
+    m = _RELPATH.fullmatch(relpath)
+    if m is None:
+        raise ValueError(f"{relpath!r} is not a content-addressed artifact path (sha256/ab/<hex>)")
+    return m.group(2)
+
+
+class Store(Protocol):
+    """What the API and the workers need of an artifact store, whatever keeps the bytes."""
+
+    def temp_file(self, suffix: str = "") -> Path:
+        """An empty local temp file that put_file(move=True) can consume cheaply."""
+
+    def put_file(self, src_path: str | Path, *, move: bool = False) -> tuple[str, int, str]:
+        """Store a file's bytes (streamed, never held in memory); returns (sha256, size, relpath)."""
+
+    def put_bytes(self, data: bytes) -> tuple[str, int, str]: ...
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def open(self, relpath: str) -> BinaryIO:
+        """A reader of the stored bytes; ArtifactMissing when they are gone."""
+
+    def delete(self, relpath: str) -> None: ...
+
+    def local_path(self, relpath: str) -> Path:
+        """A file on this machine with the stored bytes (a verified cached copy for remote stores)."""
+
+    def on_disk(self, relpath: str) -> Path | None:
+        """The stored file itself when this store keeps it on a local disk, else None."""
+
+    def presigned_url(self, relpath: str, *, filename: str, content_type: str) -> str | None:
+        """A short-lived URL a client can download from directly, or None (serve through the API)."""
+
+    def check(self) -> dict[str, Any]:
+        """Readiness: {"ok": bool, ...}; never raises."""
+
+
 class ArtifactStore:
-    """Content-addressed files under `root`; relpaths are `sha256/ab/<hex>`."""
+    """Content-addressed files under a local (or shared, mounted) directory `root`."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
 
-    @staticmethod
-    def relpath_for(sha256: str) -> str:
-        return f"sha256/{sha256[:2]}/{sha256}"
+    relpath_for = staticmethod(relpath_for)
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a stored file; refuses paths that leave the store."""
@@ -106,7 +156,32 @@ class ArtifactStore:
         return sha, len(data), rel
 
     def open(self, relpath: str) -> BinaryIO:
-        return open(self.path(relpath), "rb")
+        try:
+            return open(self.path(relpath), "rb")
+        except FileNotFoundError:
+            raise _missing(relpath, f"the directory {self.root}") from None
+
+    def local_path(self, relpath: str) -> Path:
+        path = self.path(relpath)
+        if not path.is_file():
+            raise _missing(relpath, f"the directory {self.root}")
+        return path
+
+    def on_disk(self, relpath: str) -> Path | None:
+        path = self.path(relpath)
+        return path if path.is_file() else None
+
+    def presigned_url(self, relpath: str, *, filename: str, content_type: str) -> str | None:
+        return None
+
+    def check(self) -> dict[str, Any]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.temp_file(".probe")
+            probe.unlink()
+            return {"ok": True, "backend": "directory"}
+        except OSError as exc:
+            return {"ok": False, "backend": "directory", "error": f"{type(exc).__name__}: {exc}"[:500]}
 
     def delete(self, relpath: str) -> None:
         """Remove a stored file (callers check first that no other row uses it)."""
@@ -119,13 +194,31 @@ class ArtifactStore:
         return sorted(p for p in self.root.rglob("*") if p.is_file())
 
 
+def _missing(relpath: str, where: str) -> ArtifactMissing:
+    return ArtifactMissing(
+        f"the stored file {relpath} is recorded but missing from {where}; it may have been cleaned up, or this "
+        "process is not configured with the same artifact store as the others (check ROBUSTIFY_ARTIFACT_DIR "
+        "or ROBUSTIFY_S3_BUCKET / ROBUSTIFY_S3_PREFIX). Upload the file again.")
+
+
+def open_store(settings: "Settings") -> Store:
+    """The store that settings choose: an S3 bucket when ROBUSTIFY_S3_BUCKET is set, else a directory."""
+    if settings.s3_bucket:
+        from core.s3store import S3ArtifactStore  # boto3 only where object storage is used
+
+        return S3ArtifactStore.from_settings(settings)
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    return store
+
+
 def artifact_relpath(artifact: Artifact) -> str:
-    return ArtifactStore.relpath_for(artifact.sha256)
+    return relpath_for(artifact.sha256)
 
 
 def record_artifact(
     session: Session,
-    store: ArtifactStore,
+    store: Store,
     *,
     kind: str,
     filename: str,
@@ -161,7 +254,18 @@ def record_artifact(
     return row
 
 
-def delete_artifact(session: Session, store: ArtifactStore, artifact: Artifact) -> None:
+def record_same_bytes(session: Session, source: Artifact, *, kind: str, owner_key_id: str | None = None,
+                      filename: str | None = None, job_id: str | None = None) -> Artifact:
+    """Another row over bytes already stored (content addressing: nothing is copied or uploaded,
+    and each row keeps the bytes alive until the last one is deleted). The caller commits."""
+    row = Artifact(id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=source.sha256,
+                   size=source.size, content_type=source.content_type, filename=filename or source.filename)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def delete_artifact(session: Session, store: Store, artifact: Artifact) -> None:
     """Delete a row and COMMIT (with the caller's pending changes); then remove the file when
     no other row holds the same bytes. Committing first means a failed commit loses no file."""
     sha = artifact.sha256
@@ -170,4 +274,4 @@ def delete_artifact(session: Session, store: ArtifactStore, artifact: Artifact) 
     others = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha))
     session.commit()
     if not others:
-        store.delete(ArtifactStore.relpath_for(sha))
+        store.delete(relpath_for(sha))

@@ -70,6 +70,18 @@ class FinetuneConfig(_Strict):
     amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 on CUDA, float32 on CPU.")
     channels_last: bool = True
     seed: int = 0
+    devices: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Devices (GPUs) a service job trains on, one DistributedDataParallel process each; every "
+                    "global batch is split between them. Default: the worker's ROBUSTIFY_DEVICES_PER_JOB (1). "
+                    "The local `robustify finetune` runs on one device.")
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> "FinetuneConfig":
+        if self.devices and isinstance(self.batch_size, int) and self.batch_size % self.devices:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of devices {self.devices}: "
+                             "each device takes an equal share of every batch")
+        return self
 
 
 class EvaluateConfig(_Strict):

@@ -48,3 +48,21 @@ class DatasetUnavailable(RobustifyError):
 class InvalidDataset(RobustifyError):
     code = "validation_error"
     status = 422
+
+
+class ArtifactMissing(RobustifyError):
+    """A row names a stored file that the artifact store no longer has."""
+    code = "artifact_missing"
+    status = 410
+
+
+class ArtifactCorrupt(RobustifyError):
+    """A stored file's bytes do not hash to the sha256 its row records."""
+    code = "artifact_corrupt"
+    status = 502
+
+
+class StorageUnavailable(RobustifyError):
+    """The artifact store (a bucket, a directory) cannot be reached or refused the request."""
+    code = "storage_unavailable"
+    status = 503

@@ -2,7 +2,9 @@
 
 With nothing set, everything lives under one data directory (the embedded default): a SQLite
 database, a server-less broker and the artifact store. ROBUSTIFY_DATABASE_URL (PostgreSQL) and
-ROBUSTIFY_BROKER_URL (Redis) switch the same code to the distributed deployment.
+ROBUSTIFY_BROKER_URL (Redis) switch the same code to the distributed deployment, and
+ROBUSTIFY_S3_BUCKET moves the artifacts to S3-compatible object storage, so that workers on
+other machines share nothing with the API but the database, the broker and the bucket.
 """
 from __future__ import annotations
 
@@ -24,6 +26,25 @@ class Settings(BaseSettings):
     datasets_dir: Path | None = None   # cifar-10-batches-py, fashion-mnist IDX files, ...
     allow_download: bool = True
 
+    # Object storage (docs/deployment-cluster.md). Credentials, and the endpoint when
+    # s3_endpoint_url is unset, come from boto3's standard chain: AWS_ACCESS_KEY_ID /
+    # AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/*, AWS_ENDPOINT_URL_S3, instance or pod roles.
+    s3_bucket: str | None = None
+    s3_prefix: str = ""                            # e.g. "robustify/": keys are <prefix>sha256/ab/<hex>
+    s3_endpoint_url: str | None = None             # MinIO, Ceph RGW, R2, ...; None: AWS or the env chain
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"   # most MinIO setups need "path"
+    s3_multipart_chunk_bytes: int = 64 * 1024 * 1024  # files above this upload and download in parts
+    s3_max_concurrency: int = 8                    # parts in flight per transfer
+    s3_max_attempts: int = 5                       # per request, with backoff (botocore "standard" retries)
+    # Downloads: 0 streams the bytes through the API (clients need no route to the bucket);
+    # N > 0 answers 307 with a presigned URL valid N seconds (the API moves no artifact bytes).
+    s3_presign_seconds: int = 0
+    s3_presign_endpoint_url: str | None = None     # the bucket's address as clients see it, if different
+    # A worker's local copies of models, data sets and training states (keyed by sha256).
+    cache_dir: Path | None = None
+    cache_max_bytes: int = 20 * 1024 ** 3
+
     auth: Literal["auto", "on", "off"] = "auto"  # auto: off only for the embedded default on localhost
     host: str = "127.0.0.1"
     port: int = 8000
@@ -33,6 +54,10 @@ class Settings(BaseSettings):
     max_archive_bytes: int = 2 * 1024 * 1024 * 1024
     max_image_pixels: int = 89_478_485
     max_dataset_bytes: int = 2 * 1024 * 1024 * 1024
+
+    # GPUs one fine-tuning job uses when it does not say (`devices`): with CUDA_VISIBLE_DEVICES=0,1,2,3
+    # and 4 here, one worker runs each job on all four GPUs (worker/ddp.py).
+    devices_per_job: int = 1
 
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
@@ -83,6 +108,10 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache").resolve()
 
     @property
     def resolved_model_dir(self) -> Path:

@@ -3,16 +3,18 @@
 After MadryLab's `attack_steps`: each threat knows its ground norm, how to turn per-sample
 input gradients into a step direction, its sensitivity Υ, its distance and its projection.
 W2 threats (p = 2) normalise and project over the whole set; pointwise threats (W∞) act on
-each image alone. Formulas: docs/concepts.md.
+each image alone. Formulas: docs/concepts.md. When a set is split across processes,
+`across(world)` makes every whole-set quantity (means over the set) global: see core.distributed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from core.config import ThreatModelSpec
+from core.distributed import SINGLE, World
 
 _EPS = 1e-12
 
@@ -30,13 +32,19 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class Threat:
     kind: Literal["w2-linf", "w2-l2", "linf", "l2"]
     delta: float
+    # the processes holding the set (SINGLE: this one holds all of it)
+    world: World = field(default=SINGLE, compare=False, repr=False)
 
     @classmethod
     def from_spec(cls, spec: ThreatModelSpec, delta: float | None = None) -> "Threat":
         return cls(kind=spec.kind, delta=float(spec.delta if delta is None else delta))
 
     def with_delta(self, delta: float) -> "Threat":
-        return Threat(self.kind, float(delta))
+        return replace(self, delta=float(delta))
+
+    def across(self, world: World) -> "Threat":
+        """The same threat on a set whose shards live on `world`'s ranks."""
+        return replace(self, world=world)
 
     @property
     def distributional(self) -> bool:
@@ -47,9 +55,14 @@ class Threat:
         return "linf" if self.kind.endswith("linf") else "l2"
 
     @property
+    def w2(self) -> "Threat":
+        """The W2 threat with the same ground norm and radius (itself if distributional)."""
+        return self if self.distributional else replace(self, kind=f"w2-{self.ground}")
+
+    @property
     def pointwise(self) -> "Threat":
         """The pointwise threat with the same ground norm and radius (its ball lies inside ours)."""
-        return Threat(self.ground, self.delta)
+        return replace(self, kind=self.ground)
 
     # --- norms --------------------------------------------------------------------------
     def norms(self, e: torch.Tensor) -> torch.Tensor:
@@ -65,7 +78,7 @@ class Threat:
     def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> float:
         """W_p distance with the identity coupling: (mean_i ‖x'_i − x_i‖_r^2)^{1/2}; W∞ for pointwise."""
         n = self.norms(x_adv - x).double()
-        return float(n.square().mean().sqrt()) if self.distributional else float(n.max())
+        return float(self.world.mean(n.square()).sqrt()) if self.distributional else float(self.world.max(n))
 
     # --- the first-order step ---------------------------------------------------------
     def raw_direction(self, g: torch.Tensor, dual: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,12 +103,12 @@ class Threat:
         directions need no normalisation (N = 1)."""
         if not self.distributional:
             return torch.ones((), device=dual_all.device, dtype=torch.float64)
-        return dual_all.double().square().mean().sqrt()
+        return self.world.mean(dual_all.double().square()).sqrt()
 
     def sensitivity(self, dual_all: torch.Tensor) -> torch.Tensor:
         """Υ = (mean_i ‖g_i‖_s^q)^{1/q}: q = 2 for W2 threats, q = 1 for pointwise (W∞) ones."""
         d = dual_all.double()
-        return d.square().mean().sqrt() if self.distributional else d.mean()
+        return self.world.mean(d.square()).sqrt() if self.distributional else self.world.mean(d)
 
     # --- projection -------------------------------------------------------------------
     def project(self, x_adv: torch.Tensor, x: torch.Tensor,
@@ -110,7 +123,7 @@ class Threat:
         e = x_adv - x
         if self.distributional:
             n = self.norms(e)
-            dist = n.double().square().mean().sqrt()
+            dist = self.world.mean(n.double().square()).sqrt()
             rho = (delta / (dist + _EPS)).clamp(max=1.0).to(e.dtype)
             if self.ground == "linf":
                 bound = _per_sample(rho * n, e)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 
@@ -46,7 +47,10 @@ class Transport:
             headers["Authorization"] = f"Bearer {api_key}"
         timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=min(10.0, timeout))
         self._owns_http = http_client is None
-        self.http = http_client or httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        # redirects: a download may answer 307 to a presigned object-storage URL (httpx drops the
+        # Authorization header on the way to another host, as it must)
+        self.http = http_client or httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                                follow_redirects=True)
         if not self._owns_http:
             self.http.headers.update(headers)
 
@@ -167,7 +171,9 @@ class Transport:
                     for chunk in response.iter_bytes():
                         digest.update(chunk)
                         fh.write(chunk)
-                etag = response.headers.get("etag", "").removeprefix("W/").strip('"')
+                # the API's ETag is the sha256; after a redirect, the bucket's own ETag (an MD5) is not
+                first = response.history[0] if response.history else response
+                etag = first.headers.get("etag", "").removeprefix("W/").strip('"')
         except NotFoundError:
             if missing_ok:
                 return None
@@ -183,5 +189,12 @@ class Transport:
 
 
 def filename_of(response: httpx.Response, default: str) -> str:
-    match = re.search(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)"?', response.headers.get("content-disposition", ""))
-    return Path(match.group(1) if match else default).name or default
+    """The name in Content-Disposition: filename*=utf-8''<percent-encoded> (RFC 6266) or filename="..."."""
+    header = response.headers.get("content-disposition", "")
+    match = re.search(r"filename\*=utf-8''([^;]+)", header, re.IGNORECASE)
+    if match:
+        name = unquote(match.group(1).strip())
+    else:
+        match = re.search(r'filename="?([^";]+)"?', header)
+        name = match.group(1) if match else default
+    return Path(name).name or default

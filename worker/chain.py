@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.artifacts import ArtifactStore, record_artifact
+from core.artifacts import record_same_bytes
 from core.db import Artifact, Job, Model, new_id
 
-def register_finetuned_model(session: Any, store: ArtifactStore, job: Job, checkpoint: Artifact) -> Model:
+def register_finetuned_model(session: Any, job: Job, checkpoint: Artifact) -> Model:
     """Add a ready model for `checkpoint` of fine-tune `job` (the caller commits)."""
     parent = session.get(Model, job.model_id)
     assert parent is not None, f"job {job.id} refers to a missing model {job.model_id}"
-    weights = record_artifact(session, store, kind="model_weights", src_path=store.path(ArtifactStore.relpath_for(
-        checkpoint.sha256)), filename=checkpoint.filename, content_type=checkpoint.content_type,
-        owner_key_id=job.owner_key_id)
+    weights = record_same_bytes(session, checkpoint, kind="model_weights", owner_key_id=job.owner_key_id)
     model = Model(
         id=new_id("mdl"), owner_key_id=job.owner_key_id, name=f"{parent.name[:150]} (W-TRADES, {job.id})", source="job",
         architecture=parent.architecture, num_classes=parent.num_classes, dataset=parent.dataset,

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from core.artifacts import ArtifactStore, delete_artifact, record_artifact
+from core.artifacts import Store, artifact_relpath, delete_artifact, record_artifact
 from core.db import Artifact, Dataset, Job, Model, utcnow
 from core.errors import RobustifyError
 from core.logs import job_context
@@ -144,7 +144,7 @@ class JobHooks:
     def checkpoint(self, ckpt: Any) -> None:
         from core.checkpoint import save_weights
 
-        store: ArtifactStore = self.rt.store
+        store: Store = self.rt.store
         partial = "partial" in (ckpt.extra or {})   # stopped inside an epoch
         weights_tmp = store.temp_file(".safetensors")
         state_tmp = store.temp_file(".safetensors")
@@ -224,7 +224,7 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
         if art is None:
             raise RobustifyError(f"the weights of model {model_row.id} are missing; register the model again.",
                                  code="invalid_model_file")
-        path = rt.store.path(ArtifactStore.relpath_for(art.sha256))
+        path = rt.store.local_path(artifact_relpath(art))  # a verified local copy with object storage
         # errors name the user's file, not the content-addressed store path
         label = art.filename or model_row.name
         if model_row.name and model_row.name != label:
@@ -252,7 +252,7 @@ def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
         if art is None:
             raise RobustifyError(f"uploaded data set {dataset} is missing its file; upload it again.",
                                  code="dataset_unavailable")
-        return data.load_npz(rt.store.path(ArtifactStore.relpath_for(art.sha256)), name=row.name)
+        return data.load_npz(rt.store.local_path(artifact_relpath(art)), name=row.name)
     return data.load_dataset(dataset, data_dir=rt.settings.resolved_datasets_dir,
                              allow_download=rt.settings.allow_download)
 
@@ -287,7 +287,13 @@ def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifac
     import torch
 
     from core.config import EvaluateConfig, FinetuneConfig
+    from worker.ddp import devices_for, run_distributed
 
+    with rt.session() as s:
+        job = s.get(Job, job_id)
+        devices = devices_for(rt.settings, job.type, job.config) if job is not None else 1
+    if devices > 1:  # one process per device, started and supervised from here
+        return run_distributed(rt, job_id, owner, hb, devices, resume_artifact_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with rt.session() as s:
         job = s.get(Job, job_id)
@@ -325,7 +331,7 @@ def _load_resume(rt: Runtime, s: Any, job_id: str, artifact_id: str, hooks: JobH
     art = s.get(Artifact, artifact_id)
     if art is None:
         return None
-    ckpt = load_training_checkpoint(rt.store.path(ArtifactStore.relpath_for(art.sha256)))
+    ckpt = load_training_checkpoint(rt.store.local_path(artifact_relpath(art)))
     best = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint",
                                            Artifact.is_best.is_(True))
                     .order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1))
@@ -380,7 +386,7 @@ def _chain(s: Any, rt: Runtime, job: Job, best: Artifact | None) -> None:
     """Register the best checkpoint as a new model (worker/chain.py): result.model_id."""
     from worker.chain import register_finetuned_model
 
-    model = register_finetuned_model(s, rt.store, job, best) if best is not None else None
+    model = register_finetuned_model(s, job, best) if best is not None else None
     job.result = {**(job.result or {}), "model_id": model.id if model else None}
     if model is not None:
         add_event(s, job.id, "model", f"registered the best checkpoint as model {model.id}",

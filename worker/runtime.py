@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.artifacts import ArtifactStore
+from core.artifacts import Store, open_store
 from core.db import as_utc, make_engine, make_sessionmaker, utcnow
 from core.settings import Settings, get_settings
 
@@ -25,7 +25,7 @@ class Runtime:
     settings: Settings
     engine: Engine
     sessionmaker: sessionmaker
-    store: ArtifactStore
+    store: Store
     pid: int
 
     def session(self) -> Session:
@@ -46,9 +46,7 @@ def runtime() -> Runtime:
     if _runtime is None or _runtime.pid != pid:
         settings = get_settings()
         engine = make_engine(settings.resolved_database_url)
-        store = ArtifactStore(settings.resolved_artifact_dir)
-        store.root.mkdir(parents=True, exist_ok=True)
-        _runtime = Runtime(settings, engine, make_sessionmaker(engine), store, pid)
+        _runtime = Runtime(settings, engine, make_sessionmaker(engine), open_store(settings), pid)
     return _runtime
 
 

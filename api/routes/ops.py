@@ -1,4 +1,4 @@
-"""Operations: /healthz (process alive), /readyz (database, broker, workers), /metrics."""
+"""Operations: /healthz (process alive), /readyz (database, broker, artifact store, workers), /metrics."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -57,12 +57,13 @@ def _check_workers(svc: Services) -> dict[str, Any]:
                      "start one with `robustify worker`."}
 
 
-@router.get("/readyz", summary="Database and broker reachable, workers seen",
+@router.get("/readyz", summary="Database, broker and artifact store reachable, workers seen",
             responses={503: {"description": "Not ready: `checks` says which part failed"}})
 async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
     checks = {
         "database": await run_in_threadpool(_check_database, svc),
         "broker": await run_in_threadpool(_check_broker, svc),
+        "artifacts": await run_in_threadpool(svc.store.check),
     }
     checks["workers"] = (await run_in_threadpool(_check_workers, svc)) if checks["database"]["ok"] else {
         "ok": False, "error": "unknown: the database is unreachable"}

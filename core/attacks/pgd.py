@@ -65,4 +65,6 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
         robust[b] = ok
         if progress is not None:
             progress(i + 1, len(chunks))
-    return PGDResult(threat.kind, threat.delta, steps, float(robust.float().mean()), float(clean.float().mean()))
+    world = threat.world  # the set may be split across ranks: accuracies over all of it
+    return PGDResult(threat.kind, threat.delta, steps, float(world.mean(robust.float())),
+                     float(world.mean(clean.float())))

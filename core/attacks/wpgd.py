@@ -1,7 +1,7 @@
 """W-PGD: the Wasserstein distributional attack (NeurIPS 2023), fused for speed.
 
-Whole-set normalisation and projection exactly as algorithm.md defines them: the set's
-perturbed copy lives on the device, every step takes one forward+backward per batch, and the
+Whole-set normalisation and projection exactly as algorithm.md defines them (over all ranks'
+shards when the threat spans several processes: `Threat.across`): the set's perturbed copy lives on the device, every step takes one forward+backward per batch, and the
 accuracy of iterate t is read off the forward pass that takes step t+1's gradient, so no
 separate evaluation pass is needed; one final forward scores the last iterate. Nothing is
 copied to the host until the run ends.
@@ -87,7 +87,7 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
             dual[b] = d
             direction[b] = threat.raw_direction(g, d)
         correct_per_step.append(correct)          # accuracy of X_{t-1}
-        loss_per_step.append(loss_sum / n)
+        loss_per_step.append(loss_sum)
         norm = threat.normaliser(dual)           # N (= Υ at this iterate for W2 threats)
         if t == 1:
             upsilon = threat.sensitivity(dual)
@@ -106,11 +106,15 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
         correct += (logits.argmax(dim=1) == y[b]).sum()
         loss_sum += loss_fn(logits, y[b]).double().sum()
     correct_per_step.append(correct)
-    loss_per_step.append(loss_sum / n)
+    loss_per_step.append(loss_sum)
 
-    # one host synchronisation for the whole run
-    acc = (torch.stack(correct_per_step).double() / n).tolist()
-    losses = torch.stack(loss_per_step).tolist()
+    # one host synchronisation (and, across ranks, one all-reduce) for the whole run
+    world = threat.world
+    totals = world.sum(torch.cat([torch.stack(correct_per_step).double(), torch.stack(loss_per_step),
+                                  torch.tensor([float(n)], device=x.device, dtype=torch.float64)]))
+    k = len(correct_per_step)
+    acc = (totals[:k] / totals[-1]).tolist()
+    losses = (totals[k:2 * k] / totals[-1]).tolist()
     upsilon_f = float(upsilon)
     worst = min(range(len(acc)), key=lambda i: (acc[i], -i))
     return WPGDResult(

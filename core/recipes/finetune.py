@@ -22,6 +22,8 @@ from core.checkpoint import TrainingCheckpoint
 from core.config import FinetuneConfig
 from core.data import ImageData, augment_crop_flip, is_cifar_like, to_unit_float
 from core.device import Compute, batches
+from core.distributed import SINGLE, World, unwrap
+from core.errors import ValidationError
 from core.hooks import Hooks
 from core.losses import attack_loss, kl_divergence
 from core.oom import AdaptiveBatch, report_halving
@@ -72,7 +74,7 @@ def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
     halves on a CUDA out-of-memory error)."""
     model.eval()
     batch = batch or AdaptiveBatch(max(config.batch_size, 256))
-    w2 = threat if threat.distributional else Threat(f"w2-{threat.ground}", threat.delta)
+    w2 = threat.w2
     wres = batch.run("held-out w-pgd", lambda size: w_pgd(model, x, y, w2, steps=config.eval_wpgd_steps,
                                                           loss="redlr", batch_size=size, compute=compute))
     pres = batch.run("held-out pgd", lambda size: pgd(
@@ -160,7 +162,11 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     δ_B = δ·Υ_B/Ῡ clamped to [0, cap·δ] (W-PGD-Budget), with None the fixed δ. Outer step:
     CE + β·KL(p(x) ‖ p(x')) in train mode, its gradient taken at randomly perturbed weights.
     Returns the detached loss, the attack, and the updated Ῡ (None when fixed).
+    Across ranks (`model` wrapped by World.wrap, `threat` across the world) x, y are this rank's
+    shard of the global batch: the attack runs on the bare module with Υ_B and δ_B over the global
+    batch, DDP averages the outer gradients, and the returned loss is the global batch's.
     """
+    bare = unwrap(model)
     model.eval()
     budget = None
     if upsilon_ema is not None:
@@ -171,7 +177,7 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
             delta_b = torch.where(ema > 0, delta_b, torch.full_like(delta_b, threat.delta))
             return delta_b.clamp(0.0, config.budget_cap * threat.delta)
 
-    adv = attack_batch(model, x, y, threat, loss_fn=_attack_loss_fn(model, x, config, compute),
+    adv = attack_batch(bare, x, y, threat, loss_fn=_attack_loss_fn(bare, x, config, compute),
                        steps=config.attack_steps, step_ratio=config.attack_step_ratio, compute=compute,
                        budget=budget, start_noise=_start_noise(config), generator=generator)
     if upsilon_ema is not None:
@@ -187,15 +193,17 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     loss.backward()
     perturbation.restore()
     optimizer.step()
-    return loss.detach(), adv, upsilon_ema
+    return threat.world.mean(loss.detach()), adv, upsilon_ema
 
 
 def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
              *, device: str | torch.device | None = None,
-             resume: TrainingCheckpoint | None = None) -> FinetuneResult:
+             resume: TrainingCheckpoint | None = None, world: World = SINGLE) -> FinetuneResult:
+    """`world`: run as one rank of several (core.distributed); every rank calls this with the same
+    arguments, trains on its shard of each global batch and evaluates its shard of the held-out slice."""
     hooks = hooks or Hooks()
     compute = Compute.resolve(device, config.amp, config.channels_last)
-    threat = Threat.from_spec(config.threat_model)
+    threat = Threat.from_spec(config.threat_model).across(world)
     model = compute.prepare_model(model)
     generator = torch.Generator(device=compute.device).manual_seed(config.seed)
 
@@ -205,11 +213,14 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     if config.train_examples is not None:
         train_x, train_y = train_x[: config.train_examples], train_y[: config.train_examples]
     n_train = train_x.shape[0]
-    eval_x = compute.images(to_unit_float(data.test_x[: config.eval_examples], compute.device))
-    eval_y = data.test_y[: config.eval_examples].to(compute.device)
+    eval_x = compute.images(to_unit_float(world.shard(data.test_x[: config.eval_examples]), compute.device))
+    eval_y = world.shard(data.test_y[: config.eval_examples]).to(compute.device)
     augment = config.augment == "crop_flip" or (config.augment == "auto" and is_cifar_like(data.image_shape))
     batch_size = min(config.batch_size, n_train)
     steps_per_epoch = max(1, n_train // batch_size)       # drop the last partial batch (BN needs > 1)
+    if batch_size % world.size:
+        raise ValidationError(f"batch_size {batch_size} does not split evenly over {world.size} devices; "
+                              "use a multiple of the device count.")
     total_steps = steps_per_epoch * config.epochs
 
     # --- optimiser, schedule, and the state a resume restores ------------------------------
@@ -219,7 +230,7 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     perturbation = RandomWeightPerturbation(model, config.weight_perturbation)
     dynamic_budget = config.budget == "dynamic" and threat.distributional
-    eval_batch = AdaptiveBatch(max(config.batch_size, 256), report_halving(hooks.event))
+    eval_batch = world.eval_batch(AdaptiveBatch(max(config.batch_size, 256), report_halving(hooks.event)))
 
     if resume is None:
         hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": config.epochs})
@@ -244,6 +255,7 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     partial = resume.extra.get("partial") if resume is not None else None   # stopped inside an epoch
 
     last_metrics = history[-1] if history else before
+    trainer = world.wrap(model)   # DDP across ranks; the model itself in one process
     stopped = False
     epoch = start_epoch
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -270,10 +282,10 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
             y = train_y[idx]
             if augment:
                 x = augment_crop_flip(x, generator=generator)
-            x = compute.images(x)
+            x, y = world.shard(compute.images(x)), world.shard(y)   # augmented as one batch, then split
 
             loss, adv, new_ema = w_trades_step(
-                model, optimizer, x, y, threat=threat, config=config, compute=compute,
+                trainer, optimizer, x, y, threat=threat, config=config, compute=compute,
                 perturbation=perturbation, generator=generator,
                 upsilon_ema=upsilon_ema if dynamic_budget else None)
             if new_ema is not None:

@@ -75,7 +75,7 @@ def test_the_best_checkpoint_becomes_a_ready_model_that_outlives_its_deletion(rt
         ckpt = record_artifact(s, rt.store, kind="checkpoint", src_path=tmp_path / "best.safetensors",
                                filename=f"{job_id}-epoch1.safetensors", content_type="application/octet-stream",
                                job_id=job_id, epoch=1, is_best=True)
-        child = register_finetuned_model(s, rt.store, s.get(Job, job_id), ckpt)
+        child = register_finetuned_model(s, s.get(Job, job_id), ckpt)
         s.commit()
         child_id, ckpt_sha = child.id, ckpt.sha256
     with rt.session() as s:

@@ -1,0 +1,112 @@
+"""Data parallelism computes what one process computes: 2 gloo ranks on the CPU against 1 process.
+
+Each rank holds half of the set (W-PGD) or half of every global batch (W-TRADES); the whole-set
+quantities (normaliser, projection radius, Υ_B, δ_B, accuracies) are all-reduced. Tolerances:
+the float32 forward/backward passes see other batch shapes on a rank than in one process, and
+sums are added in another order, so values agree to float32 rounding (about 1e-6 relative), not
+bit for bit; accuracies, counts of whole images, agree exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from core.attacks.wpgd import w_pgd
+from core.config import FinetuneConfig
+from core.data import load_dataset
+from core.distributed import SINGLE, World, init_world, shutdown_world
+from core.recipes.finetune import finetune
+from core.recipes.standard import train_standard
+from core.threats import Threat
+from core.zoo import create_model
+from tests.core.conftest import TinyCNN
+
+THREAT = Threat("w2-linf", 0.1)
+WTRADES = dict(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_size=64, lr=0.003, beta=3.0,
+               attack_steps=3, augment="crop_flip", train_examples=512, budget_subset=256, eval_examples=200,
+               eval_wpgd_steps=5, eval_pgd_steps=3, amp="off", seed=0)
+
+
+# ------------------------------------------------------------------------------ the ranks
+def _rank(rank: int, size: int, work: str, task: str, inputs: dict) -> None:
+    torch.set_num_threads(1)
+    world = init_world(rank, size, str(Path(work) / "rendezvous"), backend="gloo")
+    try:
+        torch.save(_run(task, inputs, world), Path(work) / f"rank{rank}.pt")
+    finally:
+        shutdown_world(world)
+
+
+def _run(task: str, inputs: dict, world: World) -> dict:
+    if task == "wpgd":
+        model = TinyCNN()
+        model.load_state_dict(inputs["state"])
+        model.eval()
+        x, y = world.shard(inputs["x"]), world.shard(inputs["y"])
+        res = w_pgd(model, x, y, THREAT.across(world), steps=10, batch_size=64, keep_final=True)
+        return {"result": {k: v for k, v in res.to_dict().items()}, "x_final": res.x_final}
+    model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    model.load_state_dict(inputs["state"])
+    res = finetune(FinetuneConfig(**WTRADES), model, inputs["data"], device="cpu", world=world)
+    return {"weights": res.last_model_state, "epoch": res.history[0]}
+
+
+def _two_ranks(tmp_path: Path, task: str, inputs: dict) -> list[dict]:
+    # fork: the ranks inherit the imported modules and the inputs (no CUDA here, one thread each);
+    # the worker starts its ranks as fresh processes instead (worker/ddp.py)
+    mp.start_processes(_rank, args=(2, str(tmp_path), task, inputs), nprocs=2, join=True, start_method="fork")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+# ------------------------------------------------------------------------------ W-PGD
+def test_wpgd_on_two_ranks_follows_the_single_process_trajectory(trained_tiny, digits, tmp_path):
+    _, _, x_test, y_test = digits
+    x, y = x_test[:200].contiguous(), y_test[:200].contiguous()
+    one = w_pgd(trained_tiny, x, y, THREAT, steps=10, batch_size=64, keep_final=True)
+    ranks = _two_ranks(tmp_path, "wpgd", {"state": trained_tiny.state_dict(), "x": x, "y": y})
+
+    for r in ranks:  # every rank reports the whole set's numbers
+        got = r["result"]
+        assert got["accuracy_trajectory"] == one.accuracy_trajectory
+        assert got["robust_accuracy"] == one.robust_accuracy < one.clean_accuracy
+        assert got["loss_trajectory"] == pytest.approx(one.loss_trajectory, rel=1e-5)
+        assert got["sensitivity"] == pytest.approx(one.sensitivity, rel=1e-6)
+        assert got["final_distance"] == pytest.approx(one.final_distance, rel=1e-5)
+        assert got["final_distance"] <= THREAT.delta * (1 + 1e-6)  # projected onto the global ball
+    x_final = torch.cat([r["x_final"] for r in ranks])
+    assert (x_final - one.x_final).abs().max() < 1e-5
+    # per-rank normalisation would be a different attack: its projection would put each half on the ball
+    local = [w_pgd(trained_tiny, half_x, half_y, THREAT, steps=10, batch_size=64, keep_final=True)
+             for half_x, half_y in ((x[:100], y[:100]), (x[100:], y[100:]))]
+    assert (torch.cat([r.x_final for r in local]) - one.x_final).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------ W-TRADES
+def test_wtrades_first_epoch_on_two_ranks_matches_one_process(tmp_path):
+    data = load_dataset("digits", data_dir=tmp_path / "data")
+    torch.manual_seed(0)
+    base = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
+                          epochs=3, seed=0)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    single = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    single.load_state_dict(state)
+    one = finetune(FinetuneConfig(**WTRADES), single, data, device="cpu", world=SINGLE)
+    ranks = _two_ranks(tmp_path, "wtrades", {"state": state, "data": data})
+
+    moved = max((one.last_model_state[k] - state[k]).abs().max().item() for k in state)
+    assert moved > 1e-3  # the epoch changed the weights ...
+    for r in ranks:
+        for k, w in one.last_model_state.items():  # ... and both ranks changed them as one process did
+            assert (r["weights"][k] - w).abs().max().item() < 1e-5 * max(1.0, w.abs().max().item()), k
+        epoch, ref = r["epoch"], one.history[0]
+        assert epoch["clean_accuracy"] == ref["clean_accuracy"]
+        assert epoch["w2_robust_accuracy"] == ref["w2_robust_accuracy"]
+        assert epoch["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+        assert epoch["mean_batch_delta"] == pytest.approx(ref["mean_batch_delta"], rel=1e-5)  # δ_B over the global batch
+        assert epoch["upsilon_ema"] == pytest.approx(ref["upsilon_ema"], rel=1e-5)            # from global Υ_B
+        # the l∞ PGD's random start is drawn per shard, so that number is only close
+        assert abs(epoch["linf_robust_accuracy"] - ref["linf_robust_accuracy"]) <= 0.03

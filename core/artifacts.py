@@ -9,15 +9,19 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db import Artifact, new_id
+from core.process import HOSTNAME, pid_alive
 
 _CHUNK = 1024 * 1024
+_HOST = HOSTNAME.replace("-", "_")  # "-" separates the parts of a temp file's name
 
 
 def sha256_file(path: str | Path) -> tuple[str, int]:
@@ -52,12 +56,31 @@ class ArtifactStore:
         return self.path(relpath).is_file()
 
     def temp_file(self, suffix: str = "") -> Path:
-        """An empty temp file inside the store (same filesystem, so put_file can rename it)."""
+        """An empty temp file inside the store (same filesystem, so put_file can rename it).
+
+        Its name carries this host and process id: a process killed mid-upload leaves it behind,
+        and remove_stale_temp_files can tell that its owner is gone."""
         tmp_dir = self.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=f"upload-{_HOST}-{os.getpid()}-", suffix=suffix)
         os.close(fd)
         return Path(name)
+
+    def remove_stale_temp_files(self, max_age_seconds: float = 24 * 3600) -> int:
+        """Delete temp files whose process on this host no longer runs, and any older than
+        `max_age_seconds` (a store shared between hosts); returns how many went."""
+        removed = 0
+        now = time.time()
+        for path in (self.root / "tmp").glob("upload-*"):
+            owner = path.name.removeprefix("upload-").split("-")
+            dead = len(owner) >= 3 and owner[0] == _HOST and owner[1].isdigit() and not pid_alive(int(owner[1]))
+            try:
+                if dead or now - path.stat().st_mtime > max_age_seconds:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its owner finished with it meanwhile
+        return removed
 
     def put_file(self, src_path: str | Path, *, move: bool = False) -> tuple[str, int, str]:
         """Store a file's bytes; returns (sha256, size, relpath). `move` consumes src_path."""
@@ -171,3 +194,19 @@ def delete_artifact(session: Session, store: ArtifactStore, artifact: Artifact) 
     session.commit()
     if not others:
         store.delete(ArtifactStore.relpath_for(sha))
+
+
+def commit_or_unstore(session: Session, store: ArtifactStore, sha256: str) -> None:
+    """Commit a transaction that recorded a file just put into the store; if the commit fails,
+    take the file out again unless a committed row holds the same bytes (no orphan is left)."""
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        try:
+            others = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha256))
+        except SQLAlchemyError:
+            others = 1  # the database cannot say (it is down): keeping a file is safer than losing one
+        if not others:
+            store.delete(ArtifactStore.relpath_for(sha256))
+        raise

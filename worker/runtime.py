@@ -6,7 +6,6 @@ database connections (they are not safe to share across fork).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,9 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifacts import ArtifactStore
 from core.db import as_utc, make_engine, make_sessionmaker, utcnow
+from core.process import HOSTNAME, pid_alive
 from core.settings import Settings, get_settings
 
-HOSTNAME = socket.gethostname()
 
 
 @dataclass
@@ -65,16 +64,6 @@ def worker_id() -> str:
     return f"{HOSTNAME}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def owner_is_dead(owner: str | None) -> bool:
     """True when `owner` (host:pid) is a process on this host that no longer exists."""
     if not owner or ":" not in owner:
@@ -82,7 +71,7 @@ def owner_is_dead(owner: str | None) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != HOSTNAME or not pid.isdigit():
         return False
-    return int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def heartbeat_is_stale(heartbeat_at: datetime | None, owner: str | None, settings: Settings) -> bool:

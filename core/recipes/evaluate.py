@@ -101,10 +101,14 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
             gen = torch.Generator(device=compute.device).manual_seed(config.seed)
             p = pgd(model, x, y, w2_base.pointwise.with_delta(delta), steps=config.pgd_steps,
                     step_size=config.pgd_step_size * delta / w2_base.delta if base.ground == "linf" else None,
-                    loss=config.pgd_loss, batch_size=config.batch_size, compute=compute, generator=gen)
+                    loss=config.pgd_loss, batch_size=config.batch_size, compute=compute, generator=gen,
+                    should_stop=hooks.should_stop)
             report.pointwise.append(p.to_dict())
             done += 1
             hooks.progress(done / units, f"pgd δ={delta:.4g}", {})
+            if hooks.should_stop():
+                report.stopped = True
+                return report
 
     if use_aa:
         m = min(config.autoattack_examples, n)

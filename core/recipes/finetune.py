@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +65,17 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
-                     config: FinetuneConfig, compute: Compute, seed: int) -> dict[str, float]:
-    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on the held-out slice."""
+                     config: FinetuneConfig, compute: Compute, seed: int,
+                     should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on the held-out slice. `should_stop`
+    cuts both attacks short (the numbers are then not to be kept)."""
     model.eval()
     w2 = threat if threat.distributional else Threat(f"w2-{threat.ground}", threat.delta)
     wres = w_pgd(model, x, y, w2, steps=config.eval_wpgd_steps, loss="redlr",
-                 batch_size=max(config.batch_size, 256), compute=compute)
+                 batch_size=max(config.batch_size, 256), compute=compute, should_stop=should_stop)
     gen = torch.Generator(device=compute.device).manual_seed(seed)
     pres = pgd(model, x, y, threat.pointwise, steps=config.eval_pgd_steps, loss="ce",
-               batch_size=max(config.batch_size, 256), compute=compute, generator=gen)
+               batch_size=max(config.batch_size, 256), compute=compute, generator=gen, should_stop=should_stop)
     clean = wres.clean_accuracy
     name = f"{threat.ground}_robust_accuracy"
     return {
@@ -218,7 +220,13 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
 
     if resume is None:
         hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": config.epochs})
-        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed)
+        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed,
+                                  should_stop=hooks.should_stop)
+        if hooks.should_stop():  # stopped before any training: nothing to keep
+            state = _state_copy(model)
+            return FinetuneResult(best_epoch=0, epochs_completed=0, stopped=True, before=before, best=before,
+                                  last=before, history=[], best_model_state=state, last_model_state=state,
+                                  config=config.model_dump(mode="json"))
         history: list[dict[str, Any]] = []
         best_epoch, best_metrics, best_state = 0, before, _state_copy(model)
         start_epoch = 0
@@ -287,6 +295,13 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
                     break
 
         train_loss = float(loss_sum / max(steps_done, 1))
+        if not stopped:
+            hooks.progress((epoch - 0.05) / config.epochs, "evaluate", {"epoch": epoch, "total_epochs": config.epochs})
+            metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch,
+                                       should_stop=hooks.should_stop)
+            # Stopped during the evaluation: its numbers are cut short, so stop as inside the epoch
+            # (all its steps done); a resumed run evaluates this epoch again.
+            stopped = hooks.should_stop()
         if stopped:
             # everything needed to finish this epoch exactly as an uninterrupted run would
             hooks.checkpoint(TrainingCheckpoint(
@@ -302,8 +317,6 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
             epoch -= 1
             break
 
-        hooks.progress((epoch - 0.05) / config.epochs, "evaluate", {"epoch": epoch, "total_epochs": config.epochs})
-        metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch)
         row = {"epoch": epoch, "train_loss": train_loss, **metrics,
                "mean_batch_delta": float(budget_sum / max(steps_done, 1)),
                "upsilon_ema": float(upsilon_ema), "lr": scheduler.get_last_lr()[0],

@@ -174,8 +174,18 @@ def record_artifact(
         sha, size, _ = store.put_file(src_path, move=move)
     else:
         sha, size, _ = store.put_bytes(content)  # type: ignore[arg-type]
+    return add_artifact_row(session, sha256=sha, size=size, kind=kind, filename=filename,
+                            content_type=content_type, owner_key_id=owner_key_id, job_id=job_id, epoch=epoch,
+                            is_best=is_best, data=data)
+
+
+def add_artifact_row(session: Session, *, sha256: str, size: int, kind: str, filename: str, content_type: str,
+                     owner_key_id: str | None = None, job_id: str | None = None, epoch: int | None = None,
+                     is_best: bool | None = None, data: dict | None = None) -> Artifact:
+    """The row of a file already in the store (the caller commits). Storing first and recording
+    after lets a writer retry the database part alone."""
     row = Artifact(
-        id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=sha,
+        id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=sha256,
         size=size, content_type=content_type, filename=filename, epoch=epoch, is_best=is_best,
         data=data,
     )

@@ -6,6 +6,7 @@ database connections (they are not safe to share across fork).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -36,6 +37,10 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+
+# Set when this process was told to stop (SIGTERM): a running job checkpoints and is handed
+# back to the queue instead of running to its end (worker/celery_app.py installs the handler).
+shutdown_requested = threading.Event()
 
 
 def runtime() -> Runtime:

@@ -3,9 +3,9 @@
 `ROBUSTIFY_AUTH=auto` turns keys off only for the embedded default served on loopback
 addresses. The setting that names a host says nothing about how the server was started
 (`uvicorn --factory api.app:create_app --host 0.0.0.0` never reads it), so the decision looks at
-the listening sockets of the running server: every asyncio server in the process (uvicorn,
-hypercorn and gunicorn's uvicorn workers all serve through one) and the local address of the
-connection itself. When no listening socket can be found the server counts as exposed.
+the listening sockets of the running server: every asyncio or uvloop server in the process
+(uvicorn, hypercorn and gunicorn's uvicorn workers all serve through one) and the local address
+of the connection itself. When no listening socket can be found the server counts as exposed.
 
 A server without keys on loopback still answers only requests addressed to a loopback name
 and sent by no other web site: a page in the user's browser can neither post a form to it
@@ -33,13 +33,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _is_server(obj: object) -> bool:
+    # uvloop's servers (uvicorn's default loop) do not derive from asyncio.AbstractServer
+    kind = type(obj)
+    return isinstance(obj, asyncio.AbstractServer) or (kind.__name__ == "Server" and kind.__module__ == "uvloop.loop")
+
+
 def listening_addresses() -> list[str]:
-    """Host part of every socket this process listens on through an asyncio server
+    """Host part of every socket this process listens on through an asyncio (or uvloop) server
     (a unix socket shows as its path)."""
     hosts: list[str] = []
     for obj in gc.get_objects():
-        if isinstance(obj, asyncio.base_events.Server):
-            for sock in obj.sockets or ():
+        if _is_server(obj):
+            for sock in obj.sockets or ():  # type: ignore[attr-defined]
                 name = sock.getsockname()
                 hosts.append(name[0] if isinstance(name, tuple) else str(name))
     return hosts

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Route
 from starlette.types import Scope
 
 from core.errors import RobustifyError, StorageFull, is_storage_full
@@ -28,6 +29,7 @@ _STATUS_CODES: dict[int, str] = {
     405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
     415: "unsupported_media_type", 422: "validation_error", 503: "service_unavailable",
 }
+_HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 RETRY_AFTER_SECONDS = 2  # what a 503 asks the client to wait before trying again
 
 
@@ -88,12 +90,16 @@ def busy(instance: str, detail: str) -> JSONResponse:
 
 
 def allowed_methods(scope: Scope) -> list[str]:
-    """Every method some route accepts on this path (Starlette's own 405 names only the first
-    route's); OPTIONS is always answered."""
+    """Every method the path accepts, as the OpenAPI document declares them (plus the plain routes
+    such as /docs); Starlette's own 405 names only the first matching route's. OPTIONS is always
+    answered."""
+    app, path = scope["app"], scope["path"]
     methods: set[str] = set()
-    for route in scope["app"].router.routes:
-        match, _ = route.matches({**scope, "method": "GET"})
-        if match != Match.NONE and getattr(route, "methods", None):
+    for template, item in app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.path_regex.fullmatch(path) and route.methods:
             methods |= set(route.methods)
     return sorted(methods | {"OPTIONS"}) if methods else []
 

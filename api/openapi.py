@@ -78,4 +78,28 @@ def add_security_and_problems(spec: dict[str, Any], *, keys_possible: bool) -> d
                 entry["content"] = {PROBLEM_JSON: problem_ref}
     components["schemas"].pop("HTTPValidationError", None)
     components["schemas"].pop("ValidationError", None)
+    _link_created_resources(spec)
     return spec
+
+
+def _link_created_resources(spec: dict[str, Any]) -> None:
+    """OpenAPI links from each POST that creates a resource to the operations on its id
+    (POST /v1/jobs -> GET /v1/jobs/{job_id}, .../cancel, .../events, ...)."""
+    paths = spec.get("paths", {})
+    for collection, item in paths.items():
+        create = item.get("post")
+        if not collection.startswith("/v1/") or create is None:
+            continue
+        created = next((str(code) for code in create.get("responses", {}) if str(code) in ("201", "202")), None)
+        if created is None:
+            continue
+        links = create["responses"][created].setdefault("links", {})
+        for path, ops in paths.items():
+            rest = path[len(collection):]
+            if not rest.startswith("/{") or rest.count("{") != 1:
+                continue  # only operations on this resource's own id
+            param = rest[2:rest.index("}")]
+            for method, operation in ops.items():
+                if isinstance(operation, dict) and "operationId" in operation:
+                    links[operation["operationId"]] = {"operationId": operation["operationId"],
+                                                       "parameters": {param: "$response.body#/id"}}

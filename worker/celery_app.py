@@ -14,6 +14,7 @@ import os
 import signal
 from typing import Any
 
+from billiard.process import current_process
 from celery import signals
 
 from core.queue import enqueue_job, make_celery
@@ -29,6 +30,7 @@ app.conf.worker_enable_remote_control = False
 
 _maintenance: Any = None
 _pool: Any = None
+_billiard_term: Any = None
 
 
 def _request_shutdown(*_: Any) -> None:
@@ -40,7 +42,21 @@ def _child_started(**_: Any) -> None:
     # A prefork child inherits the parent's engine: drop it, the child opens its own connections.
     reset_after_fork()
     shutdown_requested.clear()
-    signal.signal(signal.SIGTERM, _request_shutdown)  # Celery resets it to "die"; hand the job back instead
+
+
+@signals.task_prerun.connect
+def _task_starting(**_: Any) -> None:
+    """In a pool process, while a task runs, SIGTERM asks its job to stop and be handed back
+    (billiard's own handler would exit on the spot and lose the epoch's work)."""
+    global _billiard_term
+    if current_process().name != "MainProcess":
+        _billiard_term = signal.signal(signal.SIGTERM, _request_shutdown)
+
+
+@signals.task_postrun.connect
+def _task_finished(**_: Any) -> None:
+    if current_process().name != "MainProcess" and _billiard_term is not None:
+        signal.signal(signal.SIGTERM, _billiard_term)  # an idle pool process stops as billiard expects
 
 
 @signals.worker_shutting_down.connect

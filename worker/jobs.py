@@ -302,7 +302,10 @@ def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
 # ---------------------------------------------------------------------- the task body
 def run_job(job_id: str) -> str:
     """Claim, run and finish one job; returns a short word for the log. Never raises for job errors;
-    raises DatabaseUnavailable when the database stays unreachable (the task requeues its message)."""
+    raises DatabaseUnavailable when the database stays unreachable (the task requeues its message).
+    A BaseException (SystemExit, KeyboardInterrupt) stops this process, not the job: it is not
+    recorded as a failure, the message comes back (reject_on_worker_lost) and the job resumes from
+    its last checkpoint."""
     rt = runtime()
     owner = worker_id()
     try:
@@ -326,14 +329,12 @@ def run_job(job_id: str) -> str:
         except HandBack as back:
             _hand_back(rt, job_id, owner, back.attempt)
             return "handed back"
-        except BaseException as exc:  # noqa: BLE001 - every failure must end in a recorded state
-            if isinstance(exc, Exception) and is_database_down(exc):
+        except Exception as exc:  # noqa: BLE001 - every failure of the job must end in a recorded state
+            if is_database_down(exc):
                 # Not the job's fault: its message goes back to the queue and the job resumes from its
                 # last checkpoint once the database answers (this process may claim it again).
                 raise DatabaseUnavailable(f"job {job_id} stopped: the database is unreachable") from exc
             _fail(rt, job_id, owner, exc)
-            if not isinstance(exc, Exception):
-                raise
             return "failed"
 
 

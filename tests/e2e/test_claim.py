@@ -156,3 +156,33 @@ def test_runs_lost_before_any_work_cost_no_attempt_but_are_capped(rt: Runtime) -
     job = _get(rt, job_id)
     assert job.status == "failed" and job.error["code"] == "worker_lost"
     assert "before the job started computing" in job.error["message"]
+
+
+def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The database is unreachable when a message arrives: the task retries, then rejects the message
+    with requeue (the broker delivers it again) instead of acknowledging and so dropping it."""
+    import time
+
+    from celery.exceptions import Reject
+
+    import worker.runtime
+    from core.settings import get_settings
+    from tests.e2e.conftest import free_port
+    from worker.jobs import run_job, validate_model
+    from worker.tasks import _requeued_on_outage
+
+    monkeypatch.setenv("ROBUSTIFY_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone")
+    monkeypatch.setenv("ROBUSTIFY_STALE_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("ROBUSTIFY_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    monkeypatch.setattr(worker.runtime, "_runtime", None)
+    try:
+        for task, ident in ((run_job, "job_x"), (validate_model, "mdl_x")):
+            start = time.monotonic()
+            with pytest.raises(Reject) as rejected:
+                _requeued_on_outage(task, ident)
+            assert rejected.value.requeue is True
+            assert time.monotonic() - start >= 0.5  # retried before giving the message back
+    finally:
+        get_settings.cache_clear()
+        worker.runtime._runtime = None

@@ -39,5 +39,8 @@ VOLUME ["/data"]
 EXPOSE 8000
 
 ENTRYPOINT ["/usr/bin/tini", "--", "robustify"]
-# Without configuration the image runs the embedded default (SQLite + server-less broker, one worker).
+# Without configuration the image runs the embedded default (SQLite + server-less broker, one worker);
+# bound to 0.0.0.0 it requires API keys: `docker exec CONTAINER robustify keys create me`.
+# docker stop sends SIGTERM: the API stops and the worker hands its running job back.
+HEALTHCHECK --interval=15s --timeout=8s --start-period=60s CMD ["robustify", "health", "api"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

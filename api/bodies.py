@@ -1,9 +1,13 @@
-"""Reading request bodies under the upload cap, without buffering uploads in memory.
+"""Reading request bodies under the size caps, without buffering uploads in memory.
 
 The cap is checked against Content-Length before anything is read, and bytes are counted
 while streaming (a chunked upload has no Content-Length), so an oversize body is a 413 with
 nothing left on disk. The file part of a multipart form goes straight to the artifact store's
 local temp folder; the caller validates it and then moves it into the store or deletes it.
+
+JSON documents are parsed by `parse_json` only, which refuses what Python's parser would let
+through but no database or client can use: NaN and Infinity, numbers out of float range, NUL
+characters and lone surrogates in strings, and nesting deeper than ROBUSTIFY_MAX_JSON_DEPTH.
 """
 from __future__ import annotations
 
@@ -18,25 +22,28 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError, invalid_json
 from core.artifacts import Store
+from core.settings import Settings
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (name, metadata JSON, ...)
 
 
-def too_large(limit: int) -> ApiError:
+def too_large(limit: int, variable: str = "ROBUSTIFY_MAX_UPLOAD_BYTES") -> ApiError:
     return ApiError(413, "payload_too_large",
                     f"the request body is larger than the limit of {limit} bytes "
-                    "(ROBUSTIFY_MAX_UPLOAD_BYTES on the server).", limit=limit)
+                    f"({variable} on the server).", limit=limit)
+
+
+def content_length(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or not raw.strip().isascii():
+        raise ApiError(400, "bad_request", "Content-Length is not a number.")
+    return int(raw)
 
 
 def check_content_length(request: Request, limit: int) -> None:
-    raw = request.headers.get("content-length")
-    if raw is None:
-        return
-    try:
-        length = int(raw)
-    except ValueError:
-        raise ApiError(400, "bad_request", "Content-Length is not a number.") from None
-    if length > limit:
+    length = content_length(request.headers.get("content-length"))
+    if length is not None and length > limit:
         raise too_large(limit)
 
 
@@ -44,18 +51,111 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    check_content_length(request, limit)
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+def _not_json(what: str) -> ApiError:
+    return ApiError(400, "bad_request", f"the body is not valid JSON: {what}; send a JSON document.")
+
+
+def _no_constant(name: str) -> Any:
+    raise _not_json(f"{name} is not a JSON number (JSON numbers are finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ApiError(422, "validation_error", f"the number {text[:40]} is out of range (beyond ±1.8e308).")
+    return value
+
+
+def parse_json(raw: bytes, *, max_depth: int) -> Any:
+    """The JSON document in `raw`, or an ApiError saying what is wrong with it."""
     try:
-        return json.loads(b"".join(chunks) or b"null")
+        doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise _not_json(f"it is nested deeper than {max_depth} levels") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid_json(exc) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise _not_json(str(exc)) from None
+    _check_tree(doc, max_depth)
+    return doc
+
+
+def _check_tree(doc: Any, max_depth: int) -> None:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            check_text(node)
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > max_depth:
+            raise _not_json(f"it is nested deeper than {max_depth} levels (ROBUSTIFY_MAX_JSON_DEPTH)")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                check_text(key)
+                stack.append((value, depth + 1))
+        else:
+            stack.extend((item, depth + 1) for item in node)
+
+
+def check_text(text: str) -> None:
+    """Strings that reach the database: no NUL (PostgreSQL refuses it), no lone surrogate."""
+    if "\x00" in text:
+        raise ApiError(422, "validation_error", "strings must not contain NUL characters (\\u0000); "
+                       "remove them from the request.")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, "validation_error", "a string holds a lone surrogate (\\ud800-\\udfff), "
+                           "which is not Unicode text; send valid UTF-16 pairs or UTF-8.") from None
+
+
+def check_metadata(metadata: dict[str, Any] | None, settings: Settings, field_name: str = "metadata") -> None:
+    """`metadata` is stored with the resource and returned in every list page: keep it small and
+    storable (a multipart form's metadata text did not pass through parse_json)."""
+    if metadata is None:
+        return
+    _check_tree(metadata, settings.max_json_depth)
+    try:
+        size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
+    except ValueError:
+        raise ApiError(422, "validation_error", "metadata holds NaN or Infinity, which JSON cannot store; "
+                       "use null or a string instead.") from None
+    if size > settings.max_metadata_bytes:
+        raise ApiError(422, "validation_error",
+                       f"metadata is {size} bytes of JSON; the limit is {settings.max_metadata_bytes} "
+                       "(ROBUSTIFY_MAX_METADATA_BYTES). Store large data elsewhere and reference it.",
+                       errors=[{"loc": ["body", field_name], "field": field_name, "msg": "metadata too large",
+                                "type": "too_long"}])
+
+
+def parse_metadata_field(text: str | None, settings: Settings) -> dict[str, Any] | None:
+    """The `metadata` text field of a multipart form: a JSON object, or a 422 naming the field."""
+    if not text or not text.strip():
+        return None
+    try:
+        meta = parse_json(text.encode(), max_depth=settings.max_json_depth)
+    except ApiError as exc:
+        raise ApiError(422, "validation_error", f"metadata must be a JSON object ({exc.detail})",
+                       errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": exc.detail,
+                                "type": "json_invalid"}]) from None
+    if not isinstance(meta, dict):
+        raise ApiError(422, "validation_error", "metadata must be a JSON object.",
+                       errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": "not a JSON object",
+                                "type": "value_error"}])
+    check_metadata(meta, settings)
+    return meta
+
+
+async def read_json(request: Request, settings: Settings) -> Any:
+    """The request's JSON document (the guard middleware has already capped its size)."""
+    check_content_length(request, settings.max_json_bytes)
+    raw = await request.body()
+    if len(raw) > settings.max_json_bytes:
+        raise too_large(settings.max_json_bytes, "ROBUSTIFY_MAX_JSON_BYTES")
+    return parse_json(raw or b"null", max_depth=settings.max_json_depth)
 
 
 @dataclass
@@ -107,7 +207,9 @@ async def read_multipart(
                 errors.append(ApiError(400, "bad_request", f"more than one `{file_field}` part."))
                 return
             upload.file_path = store.temp_file()
-            upload.filename = disp.get(b"filename", b"").decode("utf-8", "replace") or None
+            # The file name is stored and echoed: keep printable characters only.
+            filename = disp.get(b"filename", b"").decode("utf-8", "replace")
+            upload.filename = "".join(ch for ch in filename if ch.isprintable()) or None
             state["fh"] = open(upload.file_path, "wb")
         else:
             state["buf"] = bytearray()
@@ -128,7 +230,12 @@ async def read_multipart(
             state["fh"].close()
             state["fh"] = None
         elif state["buf"] is not None and state["name"]:
-            upload.fields[state["name"]] = bytes(state["buf"]).decode("utf-8", "replace")
+            value = bytes(state["buf"]).decode("utf-8", "replace")
+            try:
+                check_text(value)
+            except ApiError as exc:
+                errors.append(exc)
+            upload.fields[state["name"]] = value
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,

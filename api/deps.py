@@ -1,15 +1,24 @@
-"""Request dependencies: the database session, the caller's API key, shared services."""
+"""Request dependencies: the database session, the caller's API key, shared services.
+
+No dependency keeps a database connection while it waits for anything: the key lookup uses a
+session of its own, closed before the route runs, and routes take `db_session` with
+`scope="function"`, so their session closes as soon as the route returns (before a download
+streams to a slow client).
+"""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import orm
 from sqlalchemy.orm import Session
 
+from api.binding import AuthPolicy
 from api.errors import ApiError
 from core.apikeys import authenticate
 from core.artifacts import Store
@@ -24,6 +33,9 @@ class Services:
     sessionmaker: orm.sessionmaker
     store: Store
     celery: Celery
+    auth: AuthPolicy
+    # set when the server was told to stop: event streams end so that it can (clients reconnect)
+    shutting_down: threading.Event = field(default_factory=threading.Event)
 
 
 def services(request: Request) -> Services:
@@ -33,6 +45,11 @@ def services(request: Request) -> Services:
 def db_session(svc: Services = Depends(services)) -> Iterator[Session]:
     with svc.sessionmaker() as session:
         yield session
+
+
+# What routes take as `session: Session = SESSION`: closed when the route function returns,
+# not after the response was sent (a download to a slow client holds no connection).
+SESSION: Any = Depends(db_session, scope="function")
 
 
 @dataclass(frozen=True)
@@ -45,8 +62,8 @@ class Caller:
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="robustify"'}
 
 
-def caller(request: Request, svc: Services = Depends(services), session: Session = Depends(db_session)) -> Caller:
-    if not svc.settings.auth_enabled:
+async def caller(request: Request, svc: Services = Depends(services)) -> Caller:
+    if not svc.auth.keys_required(request.scope):
         return Caller(None)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -57,11 +74,17 @@ def caller(request: Request, svc: Services = Depends(services), session: Session
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthorized", "the Authorization header must be `Bearer rk_…`.",
                        headers={"WWW-Authenticate": 'Bearer realm="robustify", error="invalid_request"'})
-    key = authenticate(session, token.strip())
-    if key is None:
+    key_id = await run_in_threadpool(_key_id, svc, token.strip())
+    if key_id is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key.",
                        headers={"WWW-Authenticate": 'Bearer realm="robustify", error="invalid_token"'})
-    return Caller(key.id)
+    return Caller(key_id)
+
+
+def _key_id(svc: Services, token: str) -> str | None:
+    with svc.sessionmaker() as session:  # closed before the route runs: no connection held across a wait
+        key = authenticate(session, token)
+        return key.id if key is not None else None
 
 
 def owned(column: Any, who: Caller) -> Any:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -9,10 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+from starlette.types import Scope
 
-from core.errors import RobustifyError
+from core.errors import RobustifyError, StorageFull, is_storage_full
+
+log = logging.getLogger("robustify.api")
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -22,6 +29,8 @@ _STATUS_CODES: dict[int, str] = {
     405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
     415: "unsupported_media_type", 422: "validation_error", 503: "service_unavailable",
 }
+_HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+RETRY_AFTER_SECONDS = 2  # what a 503 asks the client to wait before trying again
 
 
 class ApiError(Exception):
@@ -50,20 +59,49 @@ def invalid_json(exc: json.JSONDecodeError | UnicodeDecodeError) -> ApiError:
                     position=exc.pos, line=exc.lineno, column=exc.colno)
 
 
-def problem_response(
-    request: Request, status: int, code: str, detail: str, *,
+def problem(
+    status: int, code: str, detail: str, *, instance: str,
     headers: dict[str, str] | None = None, **extra: Any,
 ) -> JSONResponse:
+    """A problem response; also used by the middleware, which has no Request object."""
     body: dict[str, Any] = {
         "type": f"urn:robustify:problem:{code}",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
         "code": code,
-        "instance": request.url.path,
+        "instance": instance,
     }
     body.update({k: v for k, v in extra.items() if v is not None})
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def problem_response(
+    request: Request, status: int, code: str, detail: str, *,
+    headers: dict[str, str] | None = None, **extra: Any,
+) -> JSONResponse:
+    return problem(status, code, detail, instance=request.url.path, headers=headers, **extra)
+
+
+def busy(instance: str, detail: str) -> JSONResponse:
+    """503 for load the server sheds on purpose: the client should retry after a pause."""
+    return problem(503, "service_busy", f"{detail}; retry after {RETRY_AFTER_SECONDS} s (Retry-After).",
+                   instance=instance, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """Every method the path accepts, as the OpenAPI document declares them (plus the plain routes
+    such as /docs); Starlette's own 405 names only the first matching route's. OPTIONS is always
+    answered."""
+    app, path = scope["app"], scope["path"]
+    methods: set[str] = set()
+    for template, item in app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.path_regex.fullmatch(path) and route.methods:
+            methods |= set(route.methods)
+    return sorted(methods | {"OPTIONS"}) if methods else []
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -111,9 +149,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and detail == "There was an error parsing the body":
             # FastAPI's words for a JSON body that is not even text (e.g. not UTF-8).
             detail = "the body is not valid JSON: it could not be decoded as text; send a UTF-8 JSON document."
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}."
-        return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+            allow = ", ".join(allowed_methods(request.scope))
+            detail = f"{request.method} is not allowed on {request.url.path}; it accepts {allow}."
+            headers = {**(headers or {}), "Allow": allow}
+        return problem_response(request, exc.status_code, code, detail, headers=headers)
 
     @app.exception_handler(SQLAlchemyError)
     async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
@@ -122,16 +163,31 @@ def install_error_handlers(app: FastAPI) -> None:
             return problem_response(request, 503, "database_not_migrated",
                                     "the database schema is missing or old: run `robustify migrate` "
                                     "(alembic upgrade head) against ROBUSTIFY_DATABASE_URL, then retry.")
+        if isinstance(exc, PoolTimeout):
+            # Every pooled connection stayed busy for ROBUSTIFY_DB_POOL_TIMEOUT_SECONDS.
+            return busy(request.url.path, "the server is busy: no database connection came free in time")
         if isinstance(exc, (OperationalError, InterfaceError)):
             return problem_response(request, 503, "database_unavailable",
-                                    "the database is unreachable right now; retry shortly (see /readyz).")
+                                    "the database is unreachable right now; retry shortly (see /readyz).",
+                                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        if isinstance(exc, DataError):
+            # Inputs are validated before they reach the database; this is the net under that.
+            log.warning("database refused a value on %s: %s", request.url.path, text[:500])
+            return problem_response(request, 422, "validation_error",
+                                    "a value in the request cannot be stored (out of range or an invalid "
+                                    "character); check the request's numbers and strings.")
+        return await _unexpected(request, exc)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if is_storage_full(exc):
+            full = StorageFull.from_os_error(exc)
+            return problem_response(request, full.status, full.code, full.message)
         return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        import logging
-
-        logging.getLogger("robustify.api").exception("unhandled error on %s", request.url.path)
+        log.exception("unhandled error on %s", request.url.path)
         return problem_response(
             request, 500, "internal_error",
             "an unexpected error occurred; the server log has the details.",

@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 
 from core.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
 from core.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
+from core.settings import MAX_NUM_CLASSES, MAX_SEED
 from core.webhooks import WebhookEventType
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
@@ -139,7 +140,7 @@ class ModelUploadForm(InputContract):
     """The text fields of the multipart upload (the weights come as the `file` part)."""
 
     architecture: str = Field(min_length=1, max_length=200)
-    num_classes: int = Field(ge=2, le=100000)
+    num_classes: int = Field(ge=2, le=MAX_NUM_CLASSES)
     dataset: str = Field(min_length=1, max_length=100)
     name: str | None = Field(default=None, max_length=200)
     metadata: dict[str, Any] | None = None
@@ -226,7 +227,7 @@ class JobCreate(_Body):
                     "EvaluateConfig when type is evaluate.",
         json_schema_extra={"anyOf": [{"$ref": f"{_COMPONENTS}{m.__name__}"} for m in RECIPE_CONFIGS]},
     )
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     metadata: dict[str, Any] | None = None
     webhook: JobWebhook | None = Field(default=None, description="Signed webhooks for this job (default: the "
                                                                  "API key's default endpoint, if any).")

@@ -12,6 +12,7 @@ COMMANDS: dict[str, str] = {
     "worker": "cli.service",
     "migrate": "cli.service",
     "keys": "cli.service",
+    "health": "cli.service",
     "demo": "cli.demo",
     "models": "cli.client",
     "datasets": "cli.client",
@@ -29,6 +30,7 @@ Service:
   worker       run a GPU worker against ROBUSTIFY_DATABASE_URL and ROBUSTIFY_BROKER_URL
   migrate      apply database migrations (alembic upgrade head)
   keys         manage API keys (keys create NAME)
+  health       api | worker: exit 0 when healthy (container health checks)
   demo         start the embedded service, fine-tune on digits over HTTP, show the result
 Client of a running server (--url, --key or ROBUSTIFY_URL, ROBUSTIFY_API_KEY):
   models       add | hub | upload | list

@@ -1,19 +1,25 @@
 """`robustify serve | worker | migrate | keys`: run and administer the service.
 
 serve    migrations, then the API (uvicorn, factory api.app:create_app) and one worker process
-         consuming both queues; Ctrl-C or SIGTERM stops both. The worker's job lines (claimed,
-         epoch done, succeeded/failed) show; access-log lines only with --access-log.
-worker   a Celery worker against ROBUSTIFY_DATABASE_URL / ROBUSTIFY_BROKER_URL (one per GPU).
+         consuming both queues; Ctrl-C or SIGTERM stops both (a running job is checkpointed and
+         handed back), and the worker also stops if `serve` itself is killed. The worker's job
+         lines (claimed, epoch done, succeeded/failed) show; access-log lines only with --access-log.
+worker   a Celery worker against ROBUSTIFY_DATABASE_URL / ROBUSTIFY_BROKER_URL (one per GPU);
+         SIGTERM checkpoints its running job, hands it back to the queue and exits.
 migrate  alembic upgrade head on ROBUSTIFY_DATABASE_URL (or the embedded SQLite file).
 keys     create NAME (prints the key once) | list | revoke ID_OR_PREFIX
+health   api (the server at --url answers /readyz) | worker (a worker on this host beat recently):
+         exit status 0 when healthy, for container health checks
 """
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,15 +69,30 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
     celery_app.quiet_libraries = args.quiet  # set before worker_main configures logging
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
     app.worker_main(worker_argv(queues, args.concurrency, args.pool, args.name, args.loglevel, args.quiet))
     return 0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Stop this worker (warm: its running job is handed back) once the process that started it is
+    gone, even if that process was SIGKILLed and could not stop it."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def start_worker_process(queues: str, *, env: dict[str, str] | None = None, loglevel: str = "INFO",
                          name: str | None = None, quiet: bool = False, log_path: Path | None = None
                          ) -> subprocess.Popen:
-    """A `robustify worker` subprocess in its own process group (so it can be stopped as a whole)."""
-    cmd = [sys.executable, "-m", "cli", "worker", "--queues", queues, "--loglevel", loglevel]
+    """A `robustify worker` subprocess in its own process group (so it can be stopped as a whole)
+    that stops by itself when this process dies."""
+    cmd = [sys.executable, "-m", "cli", "worker", "--queues", queues, "--loglevel", loglevel,
+           "--parent-pid", str(os.getpid())]
     if name:
         cmd += ["--name", name]
     if quiet:
@@ -84,12 +105,12 @@ def start_worker_process(queues: str, *, env: dict[str, str] | None = None, logl
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def stop_process_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
-    """Stop a worker: cold shutdown (SIGQUIT: a running job's message stays unacknowledged and the
-    next start resumes it from its last checkpoint), then SIGKILL if it does not go."""
+def stop_process_group(proc: subprocess.Popen, *, grace: float = 30.0) -> None:
+    """Stop a worker: warm shutdown (SIGTERM: a running job is checkpointed and handed back to the
+    queue, the next start resumes it), then SIGKILL if it does not go within `grace` seconds."""
     if proc.poll() is not None:
         return
-    for sig, wait in ((signal.SIGQUIT, grace), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -179,7 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         svc.stop_worker()
         print("robustify stopped.", flush=True)
-    return 0 if svc.worker is None or svc.worker.returncode in (0, -signal.SIGQUIT, -signal.SIGKILL) else 1
+    return 0 if svc.worker is None or svc.worker.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) else 1
 
 
 # ------------------------------------------------------------------------------ migrate, keys
@@ -232,6 +253,46 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ health
+def run_health(args: argparse.Namespace) -> int:
+    """For container health checks: 0 when the API is ready / a worker on this host beats."""
+    if args.target == "api":
+        import httpx
+
+        try:
+            r = httpx.get(f"{args.url.rstrip('/')}/readyz", timeout=5)
+        except httpx.HTTPError as exc:
+            print(f"robustify health api: {args.url} does not answer ({exc})", file=sys.stderr)
+            return 1
+        if r.status_code != 200:
+            print(f"robustify health api: not ready: {r.text[:1000]}", file=sys.stderr)
+            return 1
+        return 0
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from core.db import WorkerHeartbeat, make_engine, make_sessionmaker, utcnow
+
+    settings = _settings(args.data_dir)
+    since = utcnow() - timedelta(seconds=settings.stale_heartbeat_seconds)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            names = list(s.scalars(select(WorkerHeartbeat.id).where(WorkerHeartbeat.heartbeat_at >= since)))
+    except Exception as exc:
+        print(f"robustify health worker: the database does not answer ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    host = socket.gethostname()
+    if not any(n.endswith(f"@{host}") for n in names):
+        print(f"robustify health worker: no worker on {host} beat in the last "
+              f"{settings.stale_heartbeat_seconds:g} s", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------ entry
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"robustify {command}", description=__doc__,
@@ -254,6 +315,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--loglevel", default="INFO")
         p.add_argument("--migrate", action="store_true", help="apply migrations first")
         p.add_argument("--quiet", action="store_true", help="no start-up banner")
+        p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # stop when this process is gone
+    elif command == "health":
+        p.add_argument("target", choices=["api", "worker"])
+        p.add_argument("--url", default="http://127.0.0.1:8000", help="api: the server to ask")
     elif command == "keys":
         p.add_argument("action", choices=["create", "list", "revoke"])
         p.add_argument("name", nargs="?", help="create: a name for the key; revoke: its id or prefix")
@@ -263,4 +328,5 @@ def _parser(command: str) -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     args = _parser(command).parse_args(rest)
-    return {"serve": run_serve, "worker": run_worker, "migrate": run_migrate, "keys": run_keys}[command](args)
+    return {"serve": run_serve, "worker": run_worker, "migrate": run_migrate, "keys": run_keys,
+            "health": run_health}[command](args)

@@ -13,20 +13,24 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db import Artifact, new_id
 from core.errors import ArtifactMissing
+from core.process import HOSTNAME, pid_alive
 
 if TYPE_CHECKING:
     from core.settings import Settings
 
 _CHUNK = 1024 * 1024
 _RELPATH = re.compile(r"sha256/([0-9a-f]{2})/(\1[0-9a-f]{62})")
+_HOST = HOSTNAME.replace("-", "_")  # "-" separates the parts of a temp file's name
 
 
 def sha256_file(path: str | Path) -> tuple[str, int]:
@@ -52,11 +56,40 @@ def sha256_of(relpath: str) -> str:
     return m.group(2)
 
 
+def make_temp_file(folder: Path, suffix: str = "") -> Path:
+    """An empty temp file in `folder` whose name carries this host and process id: a process
+    killed mid-upload leaves it behind, and remove_stale_temp_files can tell its owner is gone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f"upload-{_HOST}-{os.getpid()}-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def remove_stale_temp_files(folder: Path, max_age_seconds: float = 24 * 3600) -> int:
+    """Delete temp files in `folder` whose process on this host no longer runs, and any older
+    than `max_age_seconds` (a folder shared between hosts); returns how many went."""
+    removed = 0
+    now = time.time()
+    for path in folder.glob("upload-*"):
+        owner = path.name.removeprefix("upload-").split("-")
+        dead = len(owner) >= 3 and owner[0] == _HOST and owner[1].isdigit() and not pid_alive(int(owner[1]))
+        try:
+            if dead or now - path.stat().st_mtime > max_age_seconds:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # its owner finished with it meanwhile
+    return removed
+
+
 class Store(Protocol):
     """What the API and the workers need of an artifact store, whatever keeps the bytes."""
 
     def temp_file(self, suffix: str = "") -> Path:
         """An empty local temp file that put_file(move=True) can consume cheaply."""
+
+    def remove_stale_temp_files(self, max_age_seconds: float = 24 * 3600) -> int:
+        """Delete temp files left by processes that no longer run; returns how many went."""
 
     def put_file(self, src_path: str | Path, *, move: bool = False) -> tuple[str, int, str]:
         """Store a file's bytes (streamed, never held in memory); returns (sha256, size, relpath)."""
@@ -103,11 +136,10 @@ class ArtifactStore:
 
     def temp_file(self, suffix: str = "") -> Path:
         """An empty temp file inside the store (same filesystem, so put_file can rename it)."""
-        tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=suffix)
-        os.close(fd)
-        return Path(name)
+        return make_temp_file(self.root / "tmp", suffix)
+
+    def remove_stale_temp_files(self, max_age_seconds: float = 24 * 3600) -> int:
+        return remove_stale_temp_files(self.root / "tmp", max_age_seconds)
 
     def put_file(self, src_path: str | Path, *, move: bool = False) -> tuple[str, int, str]:
         """Store a file's bytes; returns (sha256, size, relpath). `move` consumes src_path."""
@@ -244,8 +276,18 @@ def record_artifact(
         sha, size, _ = store.put_file(src_path, move=move)
     else:
         sha, size, _ = store.put_bytes(content)  # type: ignore[arg-type]
+    return add_artifact_row(session, sha256=sha, size=size, kind=kind, filename=filename,
+                            content_type=content_type, owner_key_id=owner_key_id, job_id=job_id, epoch=epoch,
+                            is_best=is_best, data=data)
+
+
+def add_artifact_row(session: Session, *, sha256: str, size: int, kind: str, filename: str, content_type: str,
+                     owner_key_id: str | None = None, job_id: str | None = None, epoch: int | None = None,
+                     is_best: bool | None = None, data: dict | None = None) -> Artifact:
+    """The row of a file already in the store (the caller commits). Storing first and recording
+    after lets a writer retry the database part alone."""
     row = Artifact(
-        id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=sha,
+        id=new_id("art"), owner_key_id=owner_key_id, job_id=job_id, kind=kind, sha256=sha256,
         size=size, content_type=content_type, filename=filename, epoch=epoch, is_best=is_best,
         data=data,
     )
@@ -275,3 +317,19 @@ def delete_artifact(session: Session, store: Store, artifact: Artifact) -> None:
     session.commit()
     if not others:
         store.delete(relpath_for(sha))
+
+
+def commit_or_unstore(session: Session, store: Store, sha256: str) -> None:
+    """Commit a transaction that recorded a file just put into the store; if the commit fails,
+    take the file out again unless a committed row holds the same bytes (no orphan is left)."""
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        try:
+            others = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha256))
+        except SQLAlchemyError:
+            others = 1  # the database cannot say (it is down): keeping a file is safer than losing one
+        if not others:
+            store.delete(relpath_for(sha256))
+        raise

@@ -6,9 +6,13 @@ default documented in docs/concepts.md.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.settings import (
+    MAX_BETA, MAX_EXAMPLES, MAX_RADIUS, MAX_SEED, MAX_STEP_RATIO, MAX_STEPS,
+)
 
 ThreatKind = Literal["w2-linf", "w2-l2", "linf", "l2"]
 
@@ -16,7 +20,7 @@ DEFAULT_DELTA: dict[str, float] = {"w2-linf": 8 / 255, "linf": 8 / 255, "w2-l2":
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no NaN or Infinity
 
 
 class ThreatModelSpec(_Strict):
@@ -24,7 +28,7 @@ class ThreatModelSpec(_Strict):
 
     kind: ThreatKind = "w2-linf"
     delta: float | None = Field(
-        default=None, ge=0.0, le=1e3,
+        default=None, ge=0.0, le=MAX_RADIUS,
         description="Radius δ; omitted → 8/255 for l∞ ground cost, 0.5 for l2.",
     )
 
@@ -53,23 +57,24 @@ class FinetuneConfig(_Strict):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
-    beta: float = Field(default=6.0, ge=0.0, description="TRADES weight β of the KL term.")
+    beta: float = Field(default=6.0, ge=0.0, le=MAX_BETA, description="TRADES weight β of the KL term.")
     attack_loss: Literal["redlr", "kl", "ce", "dlr"] = "redlr"
     attack_steps: int = Field(default=10, ge=1, le=1000, description="Inner W-PGD steps K.")
-    attack_step_ratio: float = Field(default=2.0, gt=0.0, description="Step α = ratio·δ_B/K.")
+    attack_step_ratio: float = Field(default=2.0, gt=0.0, le=MAX_STEP_RATIO, description="Step α = ratio·δ_B/K.")
     budget: Literal["dynamic", "fixed"] = "dynamic"
-    budget_subset: int = Field(default=1024, ge=1, description="Images used for the initial Ῡ.")
+    budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES, description="Images used for the initial Ῡ.")
     budget_ema_decay: float = Field(default=0.99, ge=0.0, lt=1.0)
-    budget_cap: float = Field(default=3.0, ge=0.0, description="δ_B is clamped to [0, cap·δ].")
+    budget_cap: float = Field(default=3.0, ge=0.0, le=MAX_STEP_RATIO, description="δ_B is clamped to [0, cap·δ].")
     weight_perturbation: float = Field(default=0.005, ge=0.0, le=1.0, description="γ; 0 disables.")
     augment: Literal["auto", "crop_flip", "none"] = "auto"
-    eval_examples: int = Field(default=1000, ge=1, description="Held-out images evaluated per epoch.")
-    eval_wpgd_steps: int = Field(default=20, ge=1)
-    eval_pgd_steps: int = Field(default=10, ge=1)
-    train_examples: int | None = Field(default=None, ge=1, description="Use only the first N training images.")
+    eval_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES, description="Held-out images evaluated per epoch.")
+    eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
+    eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS)
+    train_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES,
+                                       description="Use only the first N training images.")
     amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 on CUDA, float32 on CPU.")
     channels_last: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     devices: int | None = Field(
         default=None, ge=1, le=64,
         description="Devices (GPUs) a service job trains on, one DistributedDataParallel process each; every "
@@ -88,22 +93,22 @@ class EvaluateConfig(_Strict):
     """Clean, W2 distributional (W-PGD) and pointwise (PGD / AutoAttack) robust accuracy."""
 
     threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
-    deltas: list[float] | None = Field(
-        default=None, description="Several radii for a robustness curve; default [threat_model.delta].",
+    deltas: list[Annotated[float, Field(ge=0.0, le=MAX_RADIUS)]] | None = Field(
+        default=None, max_length=100, description="Several radii for a robustness curve; default [threat_model.delta].",
     )
-    n_examples: int | None = Field(default=None, ge=1, description="Evaluate the first N test images.")
+    n_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES, description="Evaluate the first N test images.")
     batch_size: int = Field(default=500, ge=1, le=65536)
-    wpgd_steps: int = Field(default=50, ge=1, le=10000)
-    wpgd_step_ratio: float = Field(default=1.875, gt=0.0)
+    wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    wpgd_step_ratio: float = Field(default=1.875, gt=0.0, le=MAX_STEP_RATIO)
     attack_loss: Literal["redlr", "dlr", "ce"] = "redlr"
     linf_attacks: list[Literal["pgd", "autoattack"]] = Field(default_factory=lambda: ["pgd"])
-    pgd_steps: int = Field(default=20, ge=1)
-    pgd_step_size: float = Field(default=2 / 255, gt=0.0)
+    pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
+    pgd_step_size: float = Field(default=2 / 255, gt=0.0, le=MAX_RADIUS)
     pgd_loss: Literal["ce", "dlr"] = "ce"
-    autoattack_examples: int = Field(default=1000, ge=1)
+    autoattack_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES)
     amp: Literal["auto", "bf16", "off"] = "auto"
     channels_last: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check_deltas(self) -> "EvaluateConfig":

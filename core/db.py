@@ -228,13 +228,18 @@ def as_utc(value: datetime | None) -> datetime | None:
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with the pragmas each backend needs (SQLite: WAL, foreign keys, busy timeout)."""
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, pool_timeout: float = 30.0) -> Engine:
+    """An engine with the pragmas each backend needs (SQLite: WAL, foreign keys, busy timeout).
+
+    `pool_timeout` bounds the wait for a free pooled connection: the API passes a short one so
+    that a burst gets a quick 503 rather than requests queued behind each other for minutes."""
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)  # first start of the embedded default
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               **(pool if path and path != ":memory:" else {}))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -245,7 +250,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

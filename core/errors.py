@@ -5,6 +5,8 @@ in the job's or model's `error` field. Messages say what went wrong and what to 
 """
 from __future__ import annotations
 
+import errno
+
 
 class RobustifyError(Exception):
     code = "internal_error"
@@ -66,3 +68,21 @@ class StorageUnavailable(RobustifyError):
     """The artifact store (a bucket, a directory) cannot be reached or refused the request."""
     code = "storage_unavailable"
     status = 503
+class StorageFull(RobustifyError):
+    code = "storage_full"
+    status = 507
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> "StorageFull":
+        return cls(f"the artifact store is full ({exc.strerror or exc}). Free space in the store "
+                   "(ROBUSTIFY_ARTIFACT_DIR) or delete old models, data sets and jobs, then retry.")
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """A write failed because the disk (or the user's quota) has no room left."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class DatasetTooLarge(InvalidDataset):
+    code = "payload_too_large"
+    status = 413

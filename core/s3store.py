@@ -11,8 +11,6 @@ go through a size-bounded local cache that checks every copy against its sha256.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote
@@ -22,7 +20,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.artifacts import relpath_for, sha256_file, sha256_of
+from core.artifacts import make_temp_file, relpath_for, remove_stale_temp_files, sha256_file, sha256_of
 from core.blobcache import BlobCache
 from core.errors import ArtifactMissing, StorageUnavailable
 
@@ -108,10 +106,10 @@ class S3ArtifactStore:
 
     # ------------------------------------------------------------------ writing
     def temp_file(self, suffix: str = "") -> Path:
-        self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.scratch_dir, prefix="upload-", suffix=suffix)
-        os.close(fd)
-        return Path(name)
+        return make_temp_file(self.scratch_dir, suffix)
+
+    def remove_stale_temp_files(self, max_age_seconds: float = 24 * 3600) -> int:
+        return remove_stale_temp_files(self.scratch_dir, max_age_seconds)
 
     def put_file(self, src_path: str | Path, *, move: bool = False) -> tuple[str, int, str]:
         src = Path(src_path)

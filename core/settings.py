@@ -14,6 +14,18 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Hard bounds of request fields (the recipe configs and the upload forms use them). They keep one
+# request from asking for years of compute or numbers the database cannot store; deployment
+# limits that an operator may tune are the Settings fields below.
+MAX_SEED = 2**31 - 1              # stored in a 32-bit integer column
+MAX_STEPS = 10_000                # attack / evaluation steps of one run
+MAX_EXAMPLES = 10_000_000         # images evaluated or trained on
+MAX_RADIUS = 1e3                  # a threat radius δ (images live in [0, 1])
+MAX_STEP_RATIO = 100.0            # α = ratio·δ/K
+MAX_BETA = 1e3                    # TRADES weight β
+MAX_NUM_CLASSES = 100_000         # class count of a model or labels range of a data set
+MAX_EVENT_ID = 2**63 - 1          # job event ids are 64-bit integers
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROBUSTIFY_", extra="ignore")
@@ -45,15 +57,32 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None
     cache_max_bytes: int = 20 * 1024 ** 3
 
-    auth: Literal["auto", "on", "off"] = "auto"  # auto: off only for the embedded default on localhost
-    host: str = "127.0.0.1"
+    # auto: off only for the embedded default while the server listens on loopback addresses only
+    # (decided from the sockets actually bound, see api/binding.py); on behind anything else.
+    auth: Literal["auto", "on", "off"] = "auto"
+    host: str = "127.0.0.1"   # where `robustify serve` binds
     port: int = 8000
-    max_upload_bytes: int = 512 * 1024 * 1024
-    # image-folder uploads (.zip / .tar, core/imagefolder.py): the members' uncompressed total,
-    # width × height of one image (Pillow's own decompression-bomb limit), and the decoded arrays
+
+    # --- request limits (all checked before the request reaches the database) ---------------
+    max_upload_bytes: int = 512 * 1024 * 1024        # a multipart upload (model weights, .npz, archive)
+    max_json_bytes: int = 1024 * 1024                # a JSON body; checked before auth and parsing
+    max_json_depth: int = 32                         # nesting of a JSON body
+    max_metadata_bytes: int = 16 * 1024              # `metadata` of a job, model or data set
+    max_dataset_bytes: int = 4 * 1024**3             # decoded arrays of an uploaded data set (.npz or archive)
+    # image-folder uploads (.zip / .tar, core/imagefolder.py): the members' uncompressed total, and
+    # width × height of one image (Pillow's own decompression-bomb limit)
     max_archive_bytes: int = 2 * 1024 * 1024 * 1024
     max_image_pixels: int = 89_478_485
-    max_dataset_bytes: int = 2 * 1024 * 1024 * 1024
+    # --- load: requests beyond max_concurrent_requests wait up to request_queue_seconds for a
+    # slot, then get 503 + Retry-After (never an unbounded hang); a database connection that is
+    # not free within db_pool_timeout_seconds is a 503 too.
+    max_concurrent_requests: int = 32
+    request_queue_seconds: float = 10.0
+    max_event_streams: int = 100                     # open Server-Sent Events streams
+    db_pool_size: int = 10
+    db_max_overflow: int = 30
+    db_pool_timeout_seconds: float = 5.0
+    min_free_bytes: int = 1024**3                    # /readyz fails below this free space in the store
 
     # GPUs one fine-tuning job uses when it does not say (`devices`): with CUDA_VISIBLE_DEVICES=0,1,2,3
     # and 4 here, one worker runs each job on all four GPUs (worker/ddp.py).
@@ -122,9 +151,11 @@ class Settings(BaseSettings):
         return (self.datasets_dir or self.data_dir / "datasets").resolve()
 
     @property
-    def auth_enabled(self) -> bool:
+    def auth_decided(self) -> bool | None:
+        """Whether API keys are required, when the settings alone decide; None for `auto` on the
+        embedded default, where the addresses the server listens on decide (api/binding.py)."""
         if self.auth == "auto":
-            return not (self.is_embedded and self.host in ("127.0.0.1", "localhost", "::1"))
+            return None if self.is_embedded else True
         return self.auth == "on"
 
 

@@ -1,16 +1,24 @@
 """The worker's Celery app: core.queue's configuration plus the tasks and process signals.
 
 Start it with `robustify worker` (or `celery -A worker.celery_app worker --concurrency 1`).
+
+SIGTERM (docker stop, a deploy) is a warm shutdown: the parent stops taking messages and passes
+the signal to its pool process, whose running job stops at its next check, saves a checkpoint
+and is handed back to the queue (worker/jobs.py); then the worker exits. No job waits for a
+whole run to end, and none is lost.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
+from billiard.process import current_process
 from celery import signals
 
 from core.queue import enqueue_job, make_celery
-from worker.runtime import reset_after_fork
+from worker.runtime import reset_after_fork, shutdown_requested
 
 log = logging.getLogger("robustify.worker")
 
@@ -22,6 +30,8 @@ app.conf.worker_enable_remote_control = False
 
 _maintenance: Any = None
 _webhooks: Any = None
+_pool: Any = None
+_billiard_term: Any = None
 # `robustify serve` and `demo` quiet Celery's own INFO lines, keeping the job lifecycle lines.
 quiet_libraries = False
 
@@ -38,19 +48,53 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
                       library_level="WARNING" if quiet_libraries else None)
 
 
+def _request_shutdown(*_: Any) -> None:
+    shutdown_requested.set()
+
+
 @signals.worker_process_init.connect
 def _child_started(**_: Any) -> None:
     # A prefork child inherits the parent's engine: drop it, the child opens its own connections.
     reset_after_fork()
+    shutdown_requested.clear()
+
+
+@signals.task_prerun.connect
+def _task_starting(**_: Any) -> None:
+    """In a pool process, while a task runs, SIGTERM asks its job to stop and be handed back
+    (billiard's own handler would exit on the spot and lose the epoch's work)."""
+    global _billiard_term
+    if current_process().name != "MainProcess":
+        _billiard_term = signal.signal(signal.SIGTERM, _request_shutdown)
+
+
+@signals.task_postrun.connect
+def _task_finished(**_: Any) -> None:
+    if current_process().name != "MainProcess" and _billiard_term is not None:
+        signal.signal(signal.SIGTERM, _billiard_term)  # an idle pool process stops as billiard expects
+
+
+@signals.worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    """In the parent, from its signal handler (so: no logging here): tell the pool processes (and,
+    for the solo pool, this process) to hand their jobs back."""
+    _request_shutdown()
+    processes = _pool.info.get("processes", []) if _pool is not None else []
+    for pid in processes:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
 
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     """In the parent process: heartbeat row, recovery sweep, webhook dispatch (no torch, no CUDA here)."""
-    global _maintenance, _webhooks
+    global _maintenance, _webhooks, _pool
     from worker.sweep import Maintenance
     from worker.webhooks import WebhookDispatcher
 
+    _pool = getattr(sender, "pool", None)
     queues = sorted(sender.app.amqp.queues.consume_from.keys()) if sender is not None else []
     name = getattr(sender, "hostname", None) or "worker"
     _maintenance = Maintenance(name, queues, lambda job_id: enqueue_job(app, job_id))

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.db import Job, JobEvent, TERMINAL_STATES, utcnow
@@ -54,7 +54,10 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
             session.rollback()
             return Claim(False, f"already {job.status}")
         now = utcnow()
-        if job.status in ("running", "cancelling") and not heartbeat_is_stale(job.heartbeat_at, job.worker_id, settings):
+        # This very process is not running the job (it is claiming it): a run of its own that ended
+        # without recording an outcome (the database was down) counts as gone.
+        if (job.status in ("running", "cancelling") and job.worker_id != owner
+                and not heartbeat_is_stale(job.heartbeat_at, job.worker_id, settings)):
             session.rollback()
             return Claim(False, f"duplicate delivery: {job.worker_id} is running it")
         if job.cancel_requested_at is not None or job.status == "cancelling":
@@ -63,26 +66,43 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
             add_event(session, job.id, "status", "job cancelled (its worker had stopped)", {"status": "cancelled"})
             session.commit()
             return Claim(False, "cancelled")
-        if job.attempt >= job.max_attempts:
+        lost_early = _runs_lost_before_work(session, job)
+        if job.attempt >= job.max_attempts or lost_early >= job.max_attempts:
             job.status, job.finished_at = "failed", now
+            why = (f"stopped {job.attempt} times while running it" if job.attempt >= job.max_attempts else
+                   f"stopped {lost_early} times before the job started computing (while loading its model or data)")
             job.error = {"code": "worker_lost",
-                         "message": f"the job's worker stopped {job.attempt} times (limit {job.max_attempts}); "
+                         "message": f"the job's worker {why} (limit {job.max_attempts}); "
                                     "check the worker logs (out of memory? killed?) and submit the job again."}
             add_event(session, job.id, "status", "job failed: worker lost too many times",
                       {"status": "failed", "error": job.error}, level="error")
             session.commit()
             return Claim(False, "worker_lost")
+        # The attempt is counted by the run's first write (worker/jobs.py): a worker killed before
+        # doing any work costs the job no attempt.
+        attempt = job.attempt + 1
         previous, previous_owner = job.status, job.worker_id
         job.status = "running"
-        job.attempt += 1
         job.started_at = job.started_at or now
         job.worker_id = owner
         job.heartbeat_at = now
-        data = {"status": "running", "attempt": job.attempt, "worker_id": owner}
-        message = f"job started on {owner} (attempt {job.attempt})"
+        data = {"status": "running", "attempt": attempt, "worker_id": owner}
+        message = f"job started on {owner} (attempt {attempt})"
         if previous == "running":
-            message = f"job restarted on {owner} (attempt {job.attempt}): the previous worker stopped"
+            message = f"job restarted on {owner} (attempt {attempt}): the previous worker stopped"
             data["previous_worker"] = previous_owner
         add_event(session, job.id, "status", message, data)
         session.commit()
-        return Claim(True, "claimed", job.attempt, job.resume_artifact_id)
+        return Claim(True, "claimed", attempt, job.resume_artifact_id)
+
+
+def _runs_lost_before_work(session: Session, job: Job) -> int:
+    """Runs that started (a `running` status event) but neither counted an attempt nor were
+    handed back: their worker died before the recipe began."""
+    def count(*where: Any) -> int:
+        return int(session.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id == job.id, JobEvent.type == "status", *where)) or 0)
+
+    starts = count(JobEvent.data["status"].as_string() == "running")
+    handed_back = count(JobEvent.data["reason"].as_string() == "handed_back")
+    return max(starts - job.attempt - handed_back, 0)

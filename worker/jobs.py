@@ -17,12 +17,14 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from core.artifacts import Store, artifact_relpath, delete_artifact, record_artifact
+from core.artifacts import Store, add_artifact_row, artifact_relpath, delete_artifact, record_artifact
 from core.db import Artifact, Dataset, Job, Model, utcnow
-from core.errors import RobustifyError
+from core.errors import RobustifyError, StorageFull, is_storage_full
 from core.logs import job_context
+from core.queue import enqueue_job
 from worker.claim import add_event, claim_job
-from worker.runtime import Runtime, runtime, worker_id
+from worker.outage import DatabaseUnavailable, is_database_down, retry_while_down
+from worker.runtime import Runtime, runtime, shutdown_requested, worker_id
 
 log = logging.getLogger("robustify.worker")
 
@@ -33,6 +35,14 @@ _PROGRESS_KEYS = ("epoch", "total_epochs", "step", "total_steps")
 
 class LostOwnership(Exception):
     """Another worker took the job over (this one was declared lost); stop without writing."""
+
+
+class HandBack(Exception):
+    """The worker is shutting down: the run stopped at a checkpoint and the job goes back to the queue."""
+
+    def __init__(self, job_id: str, *, attempt: int) -> None:
+        super().__init__(job_id)
+        self.attempt = attempt  # this run's attempt number, given back
 
 
 class Heartbeat:
@@ -69,6 +79,16 @@ class Heartbeat:
         if row is not None and row.cancel_requested_at is not None:
             self.cancel_requested = True
 
+    def try_beat(self) -> None:
+        """A beat that a database outage only postpones: the job keeps running meanwhile."""
+        try:
+            self.beat()
+        except Exception as exc:
+            if not is_database_down(exc):
+                raise
+            log.warning("heartbeat of %s postponed: the database is unreachable (%s)", self.job_id,
+                        type(exc).__name__)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.rt.settings.heartbeat_seconds):
             try:
@@ -78,17 +98,27 @@ class Heartbeat:
 
 
 class JobHooks:
-    """The recipe's hooks (core.hooks.Hooks callables) writing progress, events and checkpoints."""
+    """The recipe's hooks (core.hooks.Hooks callables) writing progress, events and checkpoints.
 
-    def __init__(self, rt: Runtime, job: Job, owner: str, heartbeat: Heartbeat) -> None:
+    Progress and events are kept in memory while the database is unreachable and written with the
+    next write that gets through; checkpoint rows are retried. The run's attempt is counted with
+    its first write (claims that die before the recipe starts, e.g. while loading, cost none)."""
+
+    def __init__(self, rt: Runtime, job: Job, owner: str, heartbeat: Heartbeat, attempt: int | None = None) -> None:
         self.rt, self.job_id, self.owner, self.hb = rt, job.id, owner, heartbeat
         self.owner_key_id = job.owner_key_id
+        self.attempt = attempt if attempt is not None else job.attempt + 1
+        self.attempt_counted = False
         self.interval = rt.settings.progress_interval_seconds
         self._last_write = 0.0
         self._last_phase: str | None = None
         self._last_stop_check = 0.0
         self._started = time.monotonic()
         self._start_fraction: float | None = None
+        self._pending_progress: dict[str, Any] | None = None
+        self._pending_metrics: dict[str, float] = {}
+        self._pending_events: list[tuple[str, str, dict[str, Any]]] = []
+        self._retry_at = 0.0
         self.best_checkpoint_id: str | None = None
         self.last_checkpoint_id: str | None = None
 
@@ -97,13 +127,21 @@ class JobHooks:
         job = s.scalar(select(Job).where(Job.id == self.job_id).with_for_update())
         if job is None or job.worker_id != self.owner:
             raise LostOwnership(self.job_id)
+        if not self.attempt_counted:  # the first write of a run that does work counts its attempt
+            job.attempt = self.attempt
         return job
+
+    @property
+    def handing_back(self) -> bool:
+        """The stop came from this worker's shutdown, not from a cancel."""
+        return shutdown_requested.is_set() and not self.hb.cancel_requested
 
     # ------------------------------------------------------------------ progress
     def progress(self, fraction: float, phase: str, metrics: dict[str, Any]) -> None:
         now = time.monotonic()
         epoch_done = "clean_accuracy" in metrics and "epoch" in metrics
-        if phase == self._last_phase and now - self._last_write < self.interval and not epoch_done:
+        retry_due = (self._pending_progress is not None or bool(self._pending_events)) and now >= self._retry_at
+        if phase == self._last_phase and now - self._last_write < self.interval and not epoch_done and not retry_due:
             return
         if self._start_fraction is None:
             self._start_fraction, self._started = fraction, now
@@ -113,31 +151,52 @@ class JobHooks:
             eta = round((now - self._started) * (1.0 - fraction) / gained, 1)
         prog = {"fraction": round(min(max(fraction, 0.0), 1.0), 4), "phase": phase, "eta_seconds": eta,
                 **{k: metrics[k] for k in _PROGRESS_KEYS if k in metrics}}
-        latest = {k: float(metrics[k]) for k in _METRIC_KEYS if isinstance(metrics.get(k), (int, float))}
-        with self.rt.session() as s:
-            job = self._owned(s)
-            job.progress = prog
-            job.heartbeat_at = utcnow()
-            if latest:
-                job.latest_metrics = {**(job.latest_metrics or {}), **latest}
-            if phase != self._last_phase:
-                add_event(s, self.job_id, "progress", f"phase: {phase}", prog)
-            if epoch_done:
-                log.info("epoch %s/%s done: %s", metrics["epoch"], metrics.get("total_epochs"), ", ".join(
-                    f"{k} {float(metrics[k]):.4f}" for k in _METRIC_KEYS if isinstance(metrics.get(k), (int, float))))
-                add_event(s, self.job_id, "metrics", f"epoch {metrics['epoch']} metrics",
-                          {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-            s.commit()
+        self._pending_progress = prog
+        self._pending_metrics.update({k: float(metrics[k]) for k in _METRIC_KEYS
+                                      if isinstance(metrics.get(k), (int, float))})
+        if phase != self._last_phase:
+            self._pending_events.append(("progress", f"phase: {phase}", prog))
+        if epoch_done:
+            log.info("epoch %s/%s done: %s", metrics["epoch"], metrics.get("total_epochs"), ", ".join(
+                f"{k} {float(metrics[k]):.4f}" for k in _METRIC_KEYS if isinstance(metrics.get(k), (int, float))))
+            self._pending_events.append(("metrics", f"epoch {metrics['epoch']} metrics",
+                                         {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}))
         self._last_write, self._last_phase = now, phase
+        self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        """Write the pending progress and events in one transaction; keep them if the database is down."""
+        try:
+            with self.rt.session() as s:
+                job = self._owned(s)
+                if self._pending_progress is not None:
+                    job.progress = self._pending_progress
+                job.heartbeat_at = utcnow()
+                if self._pending_metrics:
+                    job.latest_metrics = {**(job.latest_metrics or {}), **self._pending_metrics}
+                for type_, message, data in self._pending_events:
+                    add_event(s, self.job_id, type_, message, data, level="warning" if type_ == "warning" else "info")
+                s.commit()
+        except Exception as exc:
+            if not is_database_down(exc):
+                raise
+            self._retry_at = now + min(self.interval * 2, 5.0)
+            log.warning("progress of %s kept for later: the database is unreachable (%s)", self.job_id,
+                        type(exc).__name__)
+            return
+        self.attempt_counted = True
+        self._pending_progress, self._pending_metrics, self._pending_events = None, {}, []
 
     # ------------------------------------------------------------------ cancellation
     def should_stop(self) -> bool:
-        if self.hb.lost:
+        if self.hb.lost or shutdown_requested.is_set():
             return True
         now = time.monotonic()
         if not self.hb.cancel_requested and now - self._last_stop_check >= 1.0:
             self._last_stop_check = now
-            self.hb.beat()
+            self.hb.try_beat()
+            if (self._pending_progress is not None or self._pending_events) and now >= self._retry_at:
+                self._flush(now)
         return self.hb.cancel_requested or self.hb.lost
 
     # ------------------------------------------------------------------ checkpoints
@@ -152,34 +211,14 @@ class JobHooks:
             if not partial:  # a stop mid-epoch keeps the last whole epoch as the checkpoint
                 save_weights(ckpt.model_state, weights_tmp, metadata={"epoch": str(ckpt.epoch)})
             ckpt.save(state_tmp)
-            with self.rt.session() as s:
-                job = self._owned(s)
-                metrics = _json_safe(ckpt.metrics)
-                ckpt_row = None
-                if not partial:
-                    ckpt_row = record_artifact(
-                        s, store, kind="checkpoint", src_path=weights_tmp, move=True,
-                        filename=f"{self.job_id}-epoch{ckpt.epoch}.safetensors",
-                        content_type="application/octet-stream", owner_key_id=self.owner_key_id,
-                        job_id=self.job_id, epoch=ckpt.epoch, is_best=bool(ckpt.is_best), data=metrics)
-                state_row = record_artifact(
-                    s, store, kind="training_state", src_path=state_tmp, move=True,
-                    filename=f"{self.job_id}-training-state.safetensors",
-                    content_type="application/octet-stream", owner_key_id=self.owner_key_id,
-                    job_id=self.job_id, epoch=ckpt.epoch, data={"partial": partial})
-                previous_state = s.get(Artifact, job.resume_artifact_id) if job.resume_artifact_id else None
-                job.resume_artifact_id = state_row.id
-                job.heartbeat_at = utcnow()
-                data: dict[str, Any] = {"epoch": ckpt.epoch, "total_epochs": ckpt.total_epochs,
-                                        "training_state_id": state_row.id, "partial": partial}
-                if ckpt_row is not None:
-                    data.update(checkpoint_id=ckpt_row.id, is_best=bool(ckpt.is_best), sha256=ckpt_row.sha256)
-                add_event(s, self.job_id, "checkpoint",
-                          f"checkpoint after epoch {ckpt.epoch}" + (" (best so far)" if ckpt.is_best else ""), data)
-                if previous_state is not None and previous_state.id != state_row.id:
-                    delete_artifact(s, store, previous_state)  # commits; only the newest state is needed
-                else:
-                    s.commit()
+            # Files first (content-addressed, so storing twice is harmless), then the rows: only
+            # the database part is retried while the database is unreachable.
+            weights = None if partial else store.put_file(weights_tmp, move=True)[:2]
+            state = store.put_file(state_tmp, move=True)[:2]
+            ckpt_row = retry_while_down(lambda: self._record_checkpoint(ckpt, partial, weights, state),
+                                        seconds=self.rt.settings.stale_heartbeat_seconds,
+                                        what=f"checkpoint of {self.job_id}")
+            self.attempt_counted = True
             if ckpt_row is not None:
                 self.last_checkpoint_id = ckpt_row.id
                 if ckpt.is_best:
@@ -190,11 +229,42 @@ class JobHooks:
 
     # ------------------------------------------------------------------ events
     def event(self, type: str, message: str, data: dict[str, Any]) -> None:
-        """An event the recipe reports (e.g. a batch halved after a CUDA out-of-memory error)."""
+        """An event the recipe reports (e.g. a batch halved after a CUDA out-of-memory error); written
+        with the pending progress, and kept for later like it while the database is unreachable."""
+        self._pending_events.append((type, message, _json_safe(data)))
+        self._flush(time.monotonic())
+
+    def _record_checkpoint(self, ckpt: Any, partial: bool, weights: tuple[str, int] | None,
+                           state: tuple[str, int]) -> Artifact | None:
+        store: Store = self.rt.store
         with self.rt.session() as s:
-            self._owned(s)
-            add_event(s, self.job_id, type, message, _json_safe(data), level="warning" if type == "warning" else "info")
-            s.commit()
+            job = self._owned(s)
+            ckpt_row = None
+            if weights is not None:
+                ckpt_row = add_artifact_row(
+                    s, sha256=weights[0], size=weights[1], kind="checkpoint",
+                    filename=f"{self.job_id}-epoch{ckpt.epoch}.safetensors",
+                    content_type="application/octet-stream", owner_key_id=self.owner_key_id,
+                    job_id=self.job_id, epoch=ckpt.epoch, is_best=bool(ckpt.is_best), data=_json_safe(ckpt.metrics))
+            state_row = add_artifact_row(
+                s, sha256=state[0], size=state[1], kind="training_state",
+                filename=f"{self.job_id}-training-state.safetensors",
+                content_type="application/octet-stream", owner_key_id=self.owner_key_id,
+                job_id=self.job_id, epoch=ckpt.epoch, data={"partial": partial})
+            previous_state = s.get(Artifact, job.resume_artifact_id) if job.resume_artifact_id else None
+            job.resume_artifact_id = state_row.id
+            job.heartbeat_at = utcnow()
+            data: dict[str, Any] = {"epoch": ckpt.epoch, "total_epochs": ckpt.total_epochs,
+                                    "training_state_id": state_row.id, "partial": partial}
+            if ckpt_row is not None:
+                data.update(checkpoint_id=ckpt_row.id, is_best=bool(ckpt.is_best), sha256=ckpt_row.sha256)
+            add_event(s, self.job_id, "checkpoint",
+                      f"checkpoint after epoch {ckpt.epoch}" + (" (best so far)" if ckpt.is_best else ""), data)
+            if previous_state is not None and previous_state.id != state_row.id:
+                delete_artifact(s, store, previous_state)  # commits; only the newest state is needed
+            else:
+                s.commit()
+            return ckpt_row
 
     def as_hooks(self) -> Any:
         from core.hooks import Hooks
@@ -259,10 +329,20 @@ def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
 
 # ---------------------------------------------------------------------- the task body
 def run_job(job_id: str) -> str:
-    """Claim, run and finish one job; returns a short word for the log. Never raises for job errors."""
+    """Claim, run and finish one job; returns a short word for the log. Never raises for job errors;
+    raises DatabaseUnavailable when the database stays unreachable (the task requeues its message).
+    A BaseException (SystemExit, KeyboardInterrupt) stops this process, not the job: it is not
+    recorded as a failure, the message comes back (reject_on_worker_lost) and the job resumes from
+    its last checkpoint."""
     rt = runtime()
     owner = worker_id()
-    claim = claim_job(rt, job_id, owner)
+    try:
+        claim = retry_while_down(lambda: claim_job(rt, job_id, owner), seconds=rt.settings.stale_heartbeat_seconds,
+                                 what=f"claim of job {job_id}")
+    except Exception as exc:
+        if is_database_down(exc):
+            raise DatabaseUnavailable(f"job {job_id} could not be read: {type(exc).__name__}") from exc
+        raise
     if not claim.run:
         log.info("job %s not run: %s", job_id, claim.reason)
         return claim.reason
@@ -276,11 +356,51 @@ def run_job(job_id: str) -> str:
         except LostOwnership:
             log.warning("job %s: another worker took it over; this run stops without writing", job_id)
             return "lost"
-        except BaseException as exc:  # noqa: BLE001 - every failure must end in a recorded state
+        except HandBack as back:
+            _hand_back(rt, job_id, owner, back.attempt)
+            return "handed back"
+        except Exception as exc:  # noqa: BLE001 - every failure of the job must end in a recorded state
+            if is_database_down(exc):
+                # Not the job's fault: its message goes back to the queue and the job resumes from its
+                # last checkpoint once the database answers (this process may claim it again).
+                raise DatabaseUnavailable(f"job {job_id} stopped: the database is unreachable") from exc
             _fail(rt, job_id, owner, exc)
-            if not isinstance(exc, Exception):
-                raise
             return "failed"
+
+
+def _stop_unless_done(hooks: JobHooks, stopped: bool) -> None:
+    """After the recipe returned: stop if another worker took over, hand back if this worker is
+    shutting down (the recipe stopped at a checkpoint); else the job is finished as usual."""
+    if hooks.hb.lost:
+        raise LostOwnership(hooks.job_id)
+    if stopped and hooks.handing_back:
+        raise HandBack(hooks.job_id, attempt=hooks.attempt)
+
+
+def _hand_back(rt: Runtime, job_id: str, owner: str, attempt: int) -> None:
+    """Queue the job again for another worker; this run's attempt is given back (it was cut short
+    by a shutdown, not by the job)."""
+    from worker.celery_app import app
+
+    def write() -> bool:
+        with rt.session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if job is None or job.worker_id != owner or job.status not in ("running", "cancelling"):
+                return False
+            job.status, job.worker_id, job.heartbeat_at = "queued", None, None
+            job.attempt = min(job.attempt, attempt - 1)
+            add_event(s, job_id, "status", f"job handed back: its worker {owner} is shutting down; the next "
+                                           "worker resumes it from its last checkpoint",
+                      {"status": "queued", "reason": "handed_back", "previous_worker": owner})
+            s.commit()
+            return True
+
+    if retry_while_down(write, seconds=rt.settings.stale_heartbeat_seconds, what=f"hand-back of {job_id}"):
+        try:
+            enqueue_job(app, job_id)
+        except Exception:  # the broker is down: the recovery sweep re-sends queued jobs
+            log.exception("job %s handed back but not re-enqueued; the recovery sweep will send it", job_id)
+        log.info("job %s handed back to the queue", job_id)
 
 
 def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifact_id: str | None) -> str:
@@ -314,15 +434,15 @@ def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifac
 
         result = finetune(FinetuneConfig.model_validate(config_json), model, data, hooks.as_hooks(),
                           device=device, resume=resume)
-        if hb.lost:
-            raise LostOwnership(job_id)
-        return _finish_finetune(rt, job_id, owner, hooks, result)
+        _stop_unless_done(hooks, result.stopped)
+        return retry_while_down(lambda: _finish_finetune(rt, job_id, owner, hooks, result),
+                                seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
     from core.recipes.evaluate import evaluate
 
     report = evaluate(EvaluateConfig.model_validate(config_json), model, data, hooks.as_hooks(), device=device)
-    if hb.lost:
-        raise LostOwnership(job_id)
-    return _finish_evaluate(rt, job_id, owner, hooks, report)
+    _stop_unless_done(hooks, report.stopped)
+    return retry_while_down(lambda: _finish_evaluate(rt, job_id, owner, hooks, report),
+                            seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
 
 
 def _load_resume(rt: Runtime, s: Any, job_id: str, artifact_id: str, hooks: JobHooks) -> Any:
@@ -426,6 +546,8 @@ def _error_of(exc: BaseException) -> dict[str, str]:
         pass
     if isinstance(exc, RobustifyError):
         return exc.to_dict()
+    if is_storage_full(exc):
+        return StorageFull.from_os_error(exc).to_dict()  # type: ignore[arg-type]
     return {"code": "internal_error",
             "message": f"the job failed unexpectedly ({type(exc).__name__}: {exc}); "
                        "the traceback is in the job's events. Report it if it persists."}
@@ -451,8 +573,19 @@ def _fail(rt: Runtime, job_id: str, owner: str, exc: BaseException) -> None:
 
 # ---------------------------------------------------------------------- model validation
 def validate_model(model_id: str) -> str:
-    """Check an uploaded or RobustBench model: ready, or rejected with the reason (upload deleted)."""
+    """Check an uploaded or RobustBench model: ready, or rejected with the reason (upload deleted).
+    Raises DatabaseUnavailable when the database is unreachable (the task requeues its message)."""
     rt = runtime()
+    try:
+        return retry_while_down(lambda: _validate_model(rt, model_id), seconds=rt.settings.stale_heartbeat_seconds,
+                                what=f"validation of model {model_id}")
+    except Exception as exc:
+        if is_database_down(exc):
+            raise DatabaseUnavailable(f"model {model_id} could not be read: {type(exc).__name__}") from exc
+        raise
+
+
+def _validate_model(rt: Runtime, model_id: str) -> str:
     with rt.session() as s:
         m = s.get(Model, model_id)
         if m is None or m.status != "validating":
@@ -468,6 +601,8 @@ def validate_model(model_id: str) -> str:
             s.commit()
             return "ready"
         except Exception as exc:  # noqa: BLE001 - any failure rejects the model with a reason
+            if is_database_down(exc):
+                raise  # not the model's fault: validated again once the database answers
             s.rollback()
             m = s.get(Model, model_id)
             if isinstance(exc, RobustifyError):

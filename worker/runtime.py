@@ -6,7 +6,7 @@ database connections (they are not safe to share across fork).
 from __future__ import annotations
 
 import os
-import socket
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifacts import Store, open_store
 from core.db import as_utc, make_engine, make_sessionmaker, utcnow
+from core.process import HOSTNAME, pid_alive
 from core.settings import Settings, get_settings
 
-HOSTNAME = socket.gethostname()
 
 
 @dataclass
@@ -37,6 +37,10 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+
+# Set when this process was told to stop (SIGTERM): a running job checkpoints and is handed
+# back to the queue instead of running to its end (worker/celery_app.py installs the handler).
+shutdown_requested = threading.Event()
 
 
 def runtime() -> Runtime:
@@ -63,16 +67,6 @@ def worker_id() -> str:
     return f"{HOSTNAME}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def owner_is_dead(owner: str | None) -> bool:
     """True when `owner` (host:pid) is a process on this host that no longer exists."""
     if not owner or ":" not in owner:
@@ -80,7 +74,7 @@ def owner_is_dead(owner: str | None) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != HOSTNAME or not pid.isdigit():
         return False
-    return int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def heartbeat_is_stale(heartbeat_at: datetime | None, owner: str | None, settings: Settings) -> bool:

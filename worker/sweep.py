@@ -89,6 +89,7 @@ class Maintenance:
             self._safely(self._beat, rt)
             if time.monotonic() >= next_sweep:
                 self._safely(sweeper.sweep)
+                self._safely(rt.store.remove_stale_temp_files)  # left by processes killed mid-write
                 next_sweep = time.monotonic() + sweep_every
             self._stop.wait(min(beat_every, sweep_every))
 

@@ -1,19 +1,35 @@
-"""The two tasks. Messages carry only ids; the database row is the source of truth."""
+"""The two tasks. Messages carry only ids; the database row is the source of truth.
+
+A task that cannot reach the database gives its message back to the broker (Reject with
+requeue) instead of acknowledging and so dropping it.
+"""
 from __future__ import annotations
+
+from typing import Callable
+
+from celery.exceptions import Reject
 
 from core.queue import TASK_RUN_JOB, TASK_VALIDATE_MODEL
 from worker.celery_app import app
+from worker.outage import DatabaseUnavailable
+
+
+def _requeued_on_outage(run: Callable[[str], str], ident: str) -> str:
+    try:
+        return run(ident)
+    except DatabaseUnavailable as exc:
+        raise Reject(str(exc), requeue=True) from exc
 
 
 @app.task(name=TASK_RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str) -> str:
     from worker.jobs import run_job as run
 
-    return run(job_id)
+    return _requeued_on_outage(run, job_id)
 
 
 @app.task(name=TASK_VALIDATE_MODEL, acks_late=True, reject_on_worker_lost=True)
 def validate_model(model_id: str) -> str:
     from worker.jobs import validate_model as validate
 
-    return validate(model_id)
+    return _requeued_on_outage(validate, model_id)

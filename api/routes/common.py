@@ -18,6 +18,8 @@ from core.errors import ArtifactMissing
 _STREAM_CHUNK = 1024 * 1024
 
 MAX_PAGE = 100
+# Ids in query parameters (cursors, filters): what new_id makes, with room for older forms.
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 def paginate(session: Session, stmt: Any, entity: Any, after: str | None, limit: int,

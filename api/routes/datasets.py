@@ -15,14 +15,14 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.bodies import media_type, read_multipart
-from api.deps import Caller, Services, caller, db_session, owned, services
+from api.bodies import media_type, parse_metadata_field, read_multipart
+from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
-from api.routes.common import MAX_PAGE, paginate
+from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import dataset_object, page
-from core.artifacts import delete_artifact, record_artifact
+from core.artifacts import commit_or_unstore, delete_artifact, record_artifact
 from core.db import Artifact, Dataset, Job, TERMINAL_STATES, new_id
-from core.errors import InvalidDataset
+from core.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -42,18 +42,16 @@ _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data":
                    "seed": {"type": "integer", "default": 0, "description": "archives: seed of that split"}}}}}}}
 
 
-def inspect_npz(path: Path) -> dict[str, Any]:
+def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
     """num_examples, num_classes and image_shape [C,H,W] of a valid .npz; else InvalidDataset."""
-    from core.npz import read_npz_arrays  # numpy only: the API process stays free of torch
+    from core.npz import summarize_npz  # numpy only: the API process stays free of torch
 
-    x, y = read_npz_arrays(path, label="the uploaded .npz")
-    return {"num_examples": int(x.shape[0]), "num_classes": int(y.max()) + 1,
-            "image_shape": [int(s) for s in x.shape[1:]]}
+    return summarize_npz(path, label="the uploaded .npz", max_bytes=settings.max_dataset_bytes)
 
 
 @router.post("", status_code=201, openapi_extra=_OPENAPI, summary="Upload a data set (.npz)")
 async def create_dataset(request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-                         session: Session = Depends(db_session)) -> dict[str, Any]:
+                         session: Session = SESSION) -> dict[str, Any]:
     if media_type(request) != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send the .npz as multipart/form-data in a part named `file`.")
     upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
@@ -65,28 +63,18 @@ async def create_dataset(request: Request, svc: Services = Depends(services), wh
 
 def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str],
             file_path: Path | None, filename: str | None) -> dict[str, Any]:
-    import json
-
     if file_path is None:
         raise ApiError(422, "validation_error", "the `file` part (an .npz) is missing.",
                        errors=[{"loc": ["body", "file"], "field": "file", "msg": "Field required", "type": "missing"}])
-    meta = None
-    if fields.get("metadata"):
-        try:
-            meta = json.loads(fields["metadata"])
-        except json.JSONDecodeError:
-            meta = None
-        if not isinstance(meta, dict):
-            raise ApiError(422, "validation_error", "metadata must be a JSON object.",
-                           errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": "not a JSON object",
-                                    "type": "value_error"}])
+    meta = parse_metadata_field(fields.get("metadata"), svc.settings)
     name = (fields.get("name") or filename or "dataset.npz").strip()[:200]
     if upload_kind(file_path, filename) == "archive":
         return _create_from_archive(svc, session, who, fields, file_path, name, meta)
     if set(fields) & set(ARCHIVE_FIELDS):
         raise ApiError(422, "validation_error", f"{', '.join(sorted(set(fields) & set(ARCHIVE_FIELDS)))} apply to "
                                                 ".zip / .tar image folders, not to an .npz upload.")
-    info = inspect_npz(file_path)
+    # Everything is checked before the file enters the store, so a refusal leaves nothing behind.
+    info = inspect_npz(file_path, svc.settings)
     return _store(svc, session, who, file_path, name, meta, info)
 
 
@@ -98,7 +86,7 @@ def _store(svc: Services, session: Session, who: Caller, npz_path: Path, name: s
     ds = Dataset(id=new_id("ds"), owner_key_id=who.key_id, name=name, status="ready", artifact_id=art.id,
                  meta=meta, **info)
     session.add(ds)
-    session.commit()
+    commit_or_unstore(session, svc.store, art.sha256)
     return dataset_object(ds, art)
 
 
@@ -187,22 +175,22 @@ def get_owned_dataset(session: Session, who: Caller, dataset_id: str) -> Dataset
 
 
 @router.get("", summary="List uploaded data sets")
-def list_datasets(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
-                  who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def list_datasets(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
+                  who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     mine = owned(Dataset.owner_key_id, who)
     rows, more = paginate(session, select(Dataset).where(mine), Dataset, after, limit, after_filter=mine)
     return page([dataset_object(d, _artifact(session, d)) for d in rows], more)
 
 
 @router.get("/{dataset_id}", summary="Get a data set")
-def get_dataset(dataset_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def get_dataset(dataset_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     ds = get_owned_dataset(session, who, dataset_id)
     return dataset_object(ds, _artifact(session, ds))
 
 
 @router.delete("/{dataset_id}", summary="Delete a data set")
 def delete_dataset(dataset_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
-                   session: Session = Depends(db_session)) -> dict[str, Any]:
+                   session: Session = SESSION) -> dict[str, Any]:
     ds = get_owned_dataset(session, who, dataset_id)
     busy = session.scalar(select(Job.id).where(Job.dataset == ds.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
     if busy:

@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -13,12 +13,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from api.deps import Caller, Services, caller, db_session, owned, services
+from api.bodies import check_metadata
+from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
-from api.routes.common import MAX_PAGE, artifact_download, paginate
+from api.metrics import JOB_STATES
+from api.routes.common import ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.routes.models import get_owned_model, register_robustbench_model
 from api.routes.webhooks import job_webhook
 from api.schemas import (
@@ -26,6 +28,7 @@ from api.schemas import (
 )
 from core.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
 from core.db import Artifact, Dataset, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
+from core.settings import MAX_EVENT_ID
 from core.queue import enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -93,8 +96,9 @@ def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, An
 
 @router.post("", status_code=202, summary="Submit a fine-tuning or evaluation job")
 def create_job(body: JobCreate, response: Response, svc: Services = Depends(services),
-               who: Caller = Depends(caller), session: Session = Depends(db_session),
+               who: Caller = Depends(caller), session: Session = SESSION,
                idempotency_key: str | None = Header(default=None, max_length=255)) -> dict[str, Any]:
+    check_metadata(body.metadata, svc.settings)
     cfg = _recipe_config(body)
     config = cfg.model_dump(mode="json")
     if idempotency_key:
@@ -158,10 +162,15 @@ def get_owned_job(session: Session, who: Caller, job_id: str) -> Job:
     return job
 
 
+_STATUS_LIST = f"^({'|'.join(JOB_STATES)})(,({'|'.join(JOB_STATES)}))*$"
+
+
 @router.get("", summary="List jobs, newest first")
-def list_jobs(status: str | None = None, type: str | None = None, model_id: str | None = None,
-              limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
-              who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def list_jobs(status: str | None = Query(None, pattern=_STATUS_LIST, description="Comma-separated states."),
+              type: Literal["finetune", "evaluate"] | None = None,
+              model_id: str | None = Query(None, pattern=ID_PATTERN),
+              limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
+              who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     mine = owned(Job.owner_key_id, who)
     stmt = select(Job).where(mine)
     if status:
@@ -175,12 +184,12 @@ def list_jobs(status: str | None = None, type: str | None = None, model_id: str 
 
 
 @router.get("/{job_id}", summary="Get a job")
-def get_job(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def get_job(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     return job_object(get_owned_job(session, who, job_id))
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a job (idempotent)")
-def cancel_job(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def cancel_job(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     get_owned_job(session, who, job_id)
     # Lock the row: a worker claiming the job at the same moment must see one consistent state.
     job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
@@ -206,14 +215,14 @@ def _events_after(session: Session, job_id: str, after: int, limit: int) -> list
 
 @router.get("/{job_id}/events", summary="Job events (JSON, or a Server-Sent Events stream)",
             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
-def job_events(job_id: str, request: Request, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
-               last_event_id: str | None = Header(default=None), svc: Services = Depends(services),
-               who: Caller = Depends(caller), session: Session = Depends(db_session)) -> Any:
+def job_events(job_id: str, request: Request, after: int = Query(0, ge=0, le=MAX_EVENT_ID),
+               limit: int = Query(100, ge=1, le=1000),
+               last_event_id: str = Header(default=None, pattern=r"^[0-9]{1,19}$",
+                                           description="Resume a stream after this event id."),
+               svc: Services = Depends(services), who: Caller = Depends(caller), session: Session = SESSION) -> Any:
     job = get_owned_job(session, who, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = after
-        if last_event_id and last_event_id.strip().isdigit():
-            start = max(start, int(last_event_id.strip()))
+        start = max(after, _event_id(last_event_id))  # checked before the stream starts, never inside it
         session.close()  # the stream polls with short sessions of its own; hold no connection
         return StreamingResponse(
             _sse(request, svc, job.id, start), media_type="text/event-stream",
@@ -221,6 +230,17 @@ def job_events(job_id: str, request: Request, after: int = Query(0, ge=0), limit
         )
     rows = _events_after(session, job.id, after, limit + 1)
     return page([event_object(e) for e in rows[:limit]], len(rows) > limit)
+
+
+def _event_id(header: str | None) -> int:
+    if header is None:
+        return 0
+    if int(header) > MAX_EVENT_ID:
+        raise ApiError(422, "validation_error", f"Last-Event-ID {header} is not an event id of this API "
+                       f"(ids are at most {MAX_EVENT_ID}); reconnect without it or with an id it sent.",
+                       errors=[{"loc": ["header", "last-event-id"], "field": "last-event-id",
+                                "msg": "out of range", "type": "less_than_equal"}])
+    return int(header)
 
 
 def _poll(svc: Services, job_id: str, after: int) -> tuple[str | None, list[dict[str, Any]]]:
@@ -235,8 +255,13 @@ async def _sse(request: Request, svc: Services, job_id: str, after: int) -> Asyn
     keepalive = svc.settings.sse_keepalive_seconds
     last_sent = time.monotonic()
     yield f"retry: {int(max(poll, 1.0) * 1000)}\n\n"
-    while True:
-        status, events = await run_in_threadpool(_poll, svc, job_id, after)
+    while not svc.shutting_down.is_set():
+        try:
+            status, events = await run_in_threadpool(_poll, svc, job_id, after)
+        except SQLAlchemyError:
+            # End the stream cleanly; the client reconnects after `retry` with Last-Event-ID.
+            yield ": the database is unreachable; reconnect to resume\n\n"
+            return
         for ev in events:
             after = ev["id"]
             yield f"id: {ev['id']}\nevent: {ev['type']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
@@ -260,7 +285,7 @@ def _checkpoints(session: Session, job_id: str) -> list[Artifact]:
 
 
 @router.get("/{job_id}/checkpoints", summary="The job's checkpoints")
-def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     job = get_owned_job(session, who, job_id)
     items = [checkpoint_object(a) for a in _checkpoints(session, job.id)]
     return {"object": "list", "data": items, "has_more": False, "last_id": items[-1]["id"] if items else None}
@@ -269,7 +294,7 @@ def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Sessio
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/content", summary="Download a checkpoint (safetensors)",
             responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified"}})
 def checkpoint_content(job_id: str, checkpoint_id: str, request: Request, svc: Services = Depends(services),
-                       who: Caller = Depends(caller), session: Session = Depends(db_session)) -> Response:
+                       who: Caller = Depends(caller), session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
     art = session.scalar(select(Artifact).where(Artifact.id == checkpoint_id, Artifact.job_id == job.id,
                                                 Artifact.kind == "checkpoint"))
@@ -292,7 +317,7 @@ def best_checkpoint(session: Session, job: Job) -> Artifact | None:
 @router.get("/{job_id}/checkpoint", summary="Download the job's best checkpoint (safetensors)",
             responses={200: {"content": {"application/octet-stream": {}}}})
 def job_checkpoint(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-                   session: Session = Depends(db_session)) -> Response:
+                   session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
     art = best_checkpoint(session, job)
     if art is None:
@@ -308,7 +333,7 @@ def _single(session: Session, job: Job, kind: str) -> Artifact | None:
 
 @router.get("/{job_id}/report", summary="The evaluation report (JSON)")
 def job_report(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-               session: Session = Depends(db_session)) -> Response:
+               session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "report")
     if art is None:
@@ -320,7 +345,7 @@ def job_report(job_id: str, request: Request, svc: Services = Depends(services),
 @router.get("/{job_id}/report.png", summary="Robust accuracy plot (PNG)",
             responses={200: {"content": {"image/png": {}}}})
 def job_plot(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-             session: Session = Depends(db_session)) -> Response:
+             session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "plot")
     if art is None:

@@ -2,7 +2,7 @@
 timm model; list, get, delete. Fine-tunes register their result here too (worker/chain.py)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,14 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.bodies import read_json, read_multipart, media_type
-from api.deps import Caller, Services, caller, db_session, owned, services
+from api.bodies import check_metadata, media_type, read_json, read_multipart
+from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
-from api.routes.common import MAX_PAGE, artifact_download, paginate
+from api.routes.common import ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.schemas import (
     BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate, model_object, page,
 )
-from core.artifacts import delete_artifact, record_artifact
+from core.artifacts import commit_or_unstore, delete_artifact, record_artifact
 from core.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
 from core.hub import hub_architecture
 from core.input_contract import default_input_stats
@@ -69,11 +69,11 @@ def _enqueue_validation(svc: Services, session: Session, m: Model) -> None:
 
 @router.post("", status_code=201, openapi_extra=_CREATE_OPENAPI, summary="Register a model")
 async def create_model(request: Request, svc: Services = Depends(services),
-                       who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+                       who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     kind = media_type(request)
     limit = svc.settings.max_upload_bytes
     if kind == "application/json":
-        body = await read_json(request, limit)
+        body = await read_json(request, svc.settings)
         if isinstance(body, dict) and body.get("source") == "hf-hub":
             try:
                 hub = HubModelCreate.model_validate(body)
@@ -84,6 +84,7 @@ async def create_model(request: Request, svc: Services = Depends(services),
             spec = RobustBenchModelCreate.model_validate(body)
         except pydantic.ValidationError as exc:
             raise _validation_error(exc) from None
+        check_metadata(spec.metadata, svc.settings)
         return await run_in_threadpool(_create_robustbench, svc, session, who, spec)
     if kind == "multipart/form-data":
         upload = await read_multipart(request, svc.store, limit)
@@ -157,6 +158,7 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
         form = ModelUploadForm.model_validate(fields)
     except pydantic.ValidationError as exc:
         raise _validation_error(exc) from None
+    check_metadata(form.metadata, svc.settings)
     if file_path is None:
         raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required: the safetensors file part",
                                        "type": "missing"}])
@@ -187,7 +189,7 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
         weights_artifact_id=weights.id, meta=form.metadata,
     )
     session.add(m)
-    session.commit()
+    commit_or_unstore(session, svc.store, weights.sha256)
     _enqueue_validation(svc, session, m)
     return model_object(m, weights)
 
@@ -215,9 +217,9 @@ def _safe_name(filename: str | None) -> str | None:
 
 
 @router.get("", summary="List models")
-def list_models(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
-                status: str | None = None, who: Caller = Depends(caller),
-                session: Session = Depends(db_session)) -> dict[str, Any]:
+def list_models(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
+                status: Literal["validating", "ready", "rejected"] | None = None, who: Caller = Depends(caller),
+                session: Session = SESSION) -> dict[str, Any]:
     visible = [owned(Model.owner_key_id, who), Model.deleted_at.is_(None)]
     stmt = select(Model).where(*visible)
     if status:
@@ -235,14 +237,14 @@ def get_owned_model(session: Session, who: Caller, model_id: str) -> Model:
 
 
 @router.get("/{model_id}", summary="Get a model")
-def get_model(model_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
+def get_model(model_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     m = get_owned_model(session, who, model_id)
     return model_object(m, _weights(session, m))
 
 
 @router.delete("/{model_id}", summary="Delete a model")
 def delete_model(model_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
-                 session: Session = Depends(db_session)) -> dict[str, Any]:
+                 session: Session = SESSION) -> dict[str, Any]:
     m = get_owned_model(session, who, model_id)
     busy = session.scalar(select(Job.id).where(Job.model_id == m.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
     if busy:
@@ -262,9 +264,12 @@ def delete_model(model_id: str, svc: Services = Depends(services), who: Caller =
 @router.get("/{model_id}/content", summary="Download the weights (safetensors)",
             responses={200: {"content": {"application/octet-stream": {}}}})
 def model_content(model_id: str, request: Request, svc: Services = Depends(services),
-                  who: Caller = Depends(caller), session: Session = Depends(db_session)) -> Any:
+                  who: Caller = Depends(caller), session: Session = SESSION) -> Any:
     m = get_owned_model(session, who, model_id)
     weights = _weights(session, m)
+    if weights is None and m.status == "validating":
+        raise ApiError(409, "model_not_ready", f"model {m.id} is still validating; its weights can be "
+                                               "downloaded once it is ready.", model_id=m.id, model_status=m.status)
     if weights is None:
         raise ApiError(404, "not_found", f"model {m.id} has no stored weights "
                                          "(RobustBench models are loaded from the RobustBench zoo by the worker).")

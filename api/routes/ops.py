@@ -1,6 +1,7 @@
 """Operations: /healthz (process alive), /readyz (database, broker, artifact store, workers), /metrics."""
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +18,8 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", summary="The process is alive")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # async: answered on the event loop, so it needs no worker thread even when all are busy
     return {"status": "ok"}
 
 
@@ -57,7 +59,23 @@ def _check_workers(svc: Services) -> dict[str, Any]:
                      "start one with `robustify worker`."}
 
 
-@router.get("/readyz", summary="Database, broker and artifact store reachable, workers seen",
+def _check_storage(svc: Services) -> dict[str, Any]:
+    """Free space where the store keeps files on this machine's disk (a bucket reports none)."""
+    root = getattr(svc.store, "root", None)
+    if root is None:
+        return {"ok": True, "free_bytes": None}
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError as exc:
+        return {"ok": False, "error": f"the artifact store cannot be read: {exc.strerror or exc}"}
+    if free < svc.settings.min_free_bytes:
+        return {"ok": False, "free_bytes": free,
+                "error": f"only {free} bytes free in the artifact store (ROBUSTIFY_MIN_FREE_BYTES is "
+                         f"{svc.settings.min_free_bytes}); free space before uploads and checkpoints fail."}
+    return {"ok": True, "free_bytes": free}
+
+
+@router.get("/readyz", summary="Database, broker and artifact store reachable (with free space), workers seen",
             responses={503: {"description": "Not ready: `checks` says which part failed"}})
 async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
     checks = {
@@ -67,6 +85,7 @@ async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
     }
     checks["workers"] = (await run_in_threadpool(_check_workers, svc)) if checks["database"]["ok"] else {
         "ok": False, "error": "unknown: the database is unreachable"}
+    checks["storage"] = _check_storage(svc)
     failed = [name for name, c in checks.items() if not c["ok"]]
     if failed:
         return problem_response(request, 503, "not_ready", f"not ready: {', '.join(failed)} failed.", checks=checks)

@@ -39,9 +39,11 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
         steps: int = 20, step_size: float | None = None, loss: LossName = "ce",
         random_start: bool = True, batch_size: int = 500, compute: Compute | None = None,
         generator: torch.Generator | None = None,
-        progress: Callable[[int, int], None] | None = None) -> PGDResult:
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None) -> PGDResult:
     """PGD with (for l∞) signed-gradient steps of `step_size` (default 2.5·δ/steps, at least
-    δ/4 for a handful of steps); for l2, normalised-gradient steps."""
+    δ/4 for a handful of steps); for l2, normalised-gradient steps. `should_stop()`, checked
+    every step, ends the run early (the result then covers the images attacked so far)."""
     if threat.distributional:
         raise ValueError("pgd is for pointwise threats; use w_pgd for W2 threats")
     compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
@@ -51,20 +53,28 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
     robust = torch.zeros(n, dtype=torch.bool, device=x.device)
     clean = torch.zeros(n, dtype=torch.bool, device=x.device)
     chunks = list(batches(n, batch_size))
+    attacked = n
     for i, b in enumerate(chunks):
         xb, yb = x[b], y[b]
         ok = predict(model, xb, compute).argmax(dim=1) == yb
         clean[b] = ok
         x_adv = threat.random_start(xb, generator) if random_start else xb
+        stopped = False
         for _ in range(steps):
             g, logits, _ = input_gradient(model, x_adv, yb, loss_fn, compute)
             ok &= logits.argmax(dim=1) == yb
             step = threat.raw_direction(g) * alpha
             x_adv = threat.project(x_adv + step.to(x_adv.dtype), xb)
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
         ok &= predict(model, x_adv, compute).argmax(dim=1) == yb
         robust[b] = ok
         if progress is not None:
             progress(i + 1, len(chunks))
+        if stopped:
+            attacked = b.stop
+            break
     world = threat.world  # the set may be split across ranks: accuracies over all of it
-    return PGDResult(threat.kind, threat.delta, steps, float(world.mean(robust.float())),
-                     float(world.mean(clean.float())))
+    return PGDResult(threat.kind, threat.delta, steps, float(world.mean(robust[:attacked].float())),
+                     float(world.mean(clean[:attacked].float())))

@@ -103,10 +103,14 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
                 model, x, y, w2_base.pointwise.with_delta(delta), steps=config.pgd_steps,
                 step_size=config.pgd_step_size * delta / w2_base.delta if base.ground == "linf" else None,
                 loss=config.pgd_loss, batch_size=size, compute=compute,
-                generator=torch.Generator(device=compute.device).manual_seed(config.seed)))
+                generator=torch.Generator(device=compute.device).manual_seed(config.seed),
+                should_stop=hooks.should_stop))
             report.pointwise.append(p.to_dict())
             done += 1
             hooks.progress(done / units, f"pgd δ={delta:.4g}", {})
+            if hooks.should_stop():
+                report.stopped = True
+                return report
 
     if use_aa:
         m = min(config.autoattack_examples, n)

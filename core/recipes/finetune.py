@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,17 +69,20 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
                      config: FinetuneConfig, compute: Compute, seed: int,
-                     batch: AdaptiveBatch | None = None) -> dict[str, float]:
+                     batch: AdaptiveBatch | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on the held-out slice (the batch
-    halves on a CUDA out-of-memory error)."""
+    halves on a CUDA out-of-memory error). `should_stop` cuts both attacks short (the numbers
+    are then not to be kept)."""
     model.eval()
     batch = batch or AdaptiveBatch(max(config.batch_size, 256))
     w2 = threat.w2
     wres = batch.run("held-out w-pgd", lambda size: w_pgd(model, x, y, w2, steps=config.eval_wpgd_steps,
-                                                          loss="redlr", batch_size=size, compute=compute))
+                                                          loss="redlr", batch_size=size, compute=compute,
+                                                          should_stop=should_stop))
     pres = batch.run("held-out pgd", lambda size: pgd(
         model, x, y, threat.pointwise, steps=config.eval_pgd_steps, loss="ce", batch_size=size, compute=compute,
-        generator=torch.Generator(device=compute.device).manual_seed(seed)))
+        generator=torch.Generator(device=compute.device).manual_seed(seed), should_stop=should_stop))
     clean = wres.clean_accuracy
     name = f"{threat.ground}_robust_accuracy"
     return {
@@ -234,7 +237,13 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
 
     if resume is None:
         hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": config.epochs})
-        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed, batch=eval_batch)
+        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed, batch=eval_batch,
+                                  should_stop=hooks.should_stop)
+        if hooks.should_stop():  # stopped before any training: nothing to keep
+            state = _state_copy(model)
+            return FinetuneResult(best_epoch=0, epochs_completed=0, stopped=True, before=before, best=before,
+                                  last=before, history=[], best_model_state=state, last_model_state=state,
+                                  config=config.model_dump(mode="json"))
         history: list[dict[str, Any]] = []
         best_epoch, best_metrics, best_state = 0, before, _state_copy(model)
         start_epoch = 0
@@ -304,6 +313,13 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
                     break
 
         train_loss = float(loss_sum / max(steps_done, 1))
+        if not stopped:
+            hooks.progress((epoch - 0.05) / config.epochs, "evaluate", {"epoch": epoch, "total_epochs": config.epochs})
+            metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch,
+                                       batch=eval_batch, should_stop=hooks.should_stop)
+            # Stopped during the evaluation: its numbers are cut short, so stop as inside the epoch
+            # (all its steps done); a resumed run evaluates this epoch again.
+            stopped = hooks.should_stop()
         if stopped:
             # everything needed to finish this epoch exactly as an uninterrupted run would
             hooks.checkpoint(TrainingCheckpoint(
@@ -319,9 +335,6 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
             epoch -= 1
             break
 
-        hooks.progress((epoch - 0.05) / config.epochs, "evaluate", {"epoch": epoch, "total_epochs": config.epochs})
-        metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch,
-                                   batch=eval_batch)
         row = {"epoch": epoch, "train_loss": train_loss, **metrics,
                "mean_batch_delta": float(budget_sum / max(steps_done, 1)),
                "upsilon_ema": float(upsilon_ema), "lr": scheduler.get_last_lr()[0],

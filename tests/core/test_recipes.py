@@ -150,6 +150,47 @@ def test_run_stopped_inside_an_epoch_resumes_exactly(base_model, digits_data, tm
     assert resumed.history[-1]["lr"] == uninterrupted.history[-1]["lr"]
 
 
+def test_cancel_during_the_heldout_evaluation_stops_its_attacks_and_redoes_it_on_resume(
+        base_model, digits_data, tmp_path) -> None:
+    """A cancel while an epoch's held-out W-PGD runs ends it within a step (not after all its steps),
+    saves the trained epoch as a partial checkpoint, and a resumed run evaluates that epoch again."""
+    config = _config(epochs=2, train_examples=128, eval_examples=20, eval_wpgd_steps=40, eval_pgd_steps=40,
+                     attack_steps=2)
+    seen = {"phase": None, "epoch": 0, "checks": 0}
+
+    def progress(fraction: float, phase: str, metrics: dict) -> None:
+        seen["phase"], seen["epoch"] = phase, metrics.get("epoch", seen["epoch"])
+
+    def stop() -> bool:  # cancel during the first epoch's evaluation, at its fourth check
+        if seen["phase"] == "evaluate" and seen["epoch"] == 1:
+            seen["checks"] += 1
+            return seen["checks"] > 3
+        return False
+
+    saved = []
+    result = finetune(config, _fresh(base_model), digits_data,
+                      Hooks(progress=progress, should_stop=stop, checkpoint=saved.append))
+    assert result.stopped and result.epochs_completed == 0 and result.history == []
+    # W-PGD stopped at the 4th of its 40 steps, PGD at its first step, then the recipe's own check
+    assert seen["checks"] == 6
+    partial = saved[-1].extra["partial"]
+    assert len(saved) == 1 and partial["epoch"] == 1 and partial["steps_done"] == 128 // 64
+    path = tmp_path / "stopped-in-eval.safetensors"
+    saved[-1].save(path)
+    resumed = finetune(config, create_model("small-cnn", num_classes=10, in_channels=1, image_size=8),
+                       digits_data, resume=load_training_checkpoint(path))
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and not resumed.stopped
+    assert 0.0 <= resumed.history[0]["w2_robust_accuracy"] <= resumed.history[0]["clean_accuracy"]
+
+
+def test_cancel_before_training_starts_keeps_nothing(base_model, digits_data) -> None:
+    checks = []
+    result = finetune(_config(eval_examples=20, eval_wpgd_steps=500), _fresh(base_model), digits_data,
+                      Hooks(should_stop=lambda: checks.append(1) or len(checks) >= 2))
+    assert result.stopped and result.epochs_completed == 0 and result.best_epoch == 0
+    assert len(checks) <= 4  # the initial evaluation's attacks stopped at once, not after 500 steps
+
+
 def test_plain_trades_is_the_same_loop_with_a_pointwise_threat(base_model, digits_data) -> None:
     config = _config(threat_model={"kind": "linf", "delta": DELTA}, attack_loss="kl", epochs=2,
                      eval_examples=200, eval_wpgd_steps=10, eval_pgd_steps=5)

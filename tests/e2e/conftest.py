@@ -170,18 +170,18 @@ def api_key(pg_url: str) -> str:
     return plaintext
 
 
-@pytest.fixture(scope="module")
-def api_url(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def start_api(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`uvicorn --factory api.app:create_app` as a subprocess (its own process group), once it answers."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("logs") / "api.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env=service_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
-        assert proc.poll() is None, f"API server exited: {Path(log.name).read_text()[-3000:]}"
+        assert proc.poll() is None, f"API server exited: {log_path.read_text()[-3000:]}"
         try:
             return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
@@ -189,10 +189,19 @@ def api_url(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
 
     try:
         wait_until(up, 30, "the API server")
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def api_url(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_api(service_env, tmp_path_factory.mktemp("logs") / "api.log")
+    try:
         yield url
     finally:
         kill_group(proc, signal.SIGTERM)
-        log.close()
 
 
 @pytest.fixture(scope="module")

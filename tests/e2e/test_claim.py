@@ -70,8 +70,10 @@ def test_concurrent_claims_run_the_job_once(rt: Runtime) -> None:
     for t in threads:
         t.join()
     assert sum(r.run for r in results) == 1, results
+    assert [r.attempt for r in results if r.run] == [1]
     job = _get(rt, job_id)
-    assert job.status == "running" and job.attempt == 1
+    # the attempt is counted by the run's first write, not by the claim
+    assert job.status == "running" and job.attempt == 0
     with rt.session() as s:
         starts = s.query(JobEvent).filter(JobEvent.job_id == job_id, JobEvent.message.like("job started%")).count()
     assert starts == 1
@@ -98,6 +100,11 @@ def test_claim_rules(rt: Runtime) -> None:
     assert not claim_job(rt, spent, worker_id()).run
     job = _get(rt, spent)
     assert job.status == "failed" and job.error["code"] == "worker_lost"
+    # this very process owned the run (it ended without an outcome, e.g. the database was down):
+    # claimed again at once, without waiting for the heartbeat to go stale
+    own = _job(rt, status="running", attempt=1, worker_id=worker_id(), heartbeat_at=now)
+    c = claim_job(rt, own, worker_id())
+    assert c.run and c.attempt == 2 and _get(rt, own).attempt == 1
     # cancel requested while its worker was gone: cancelled, not run
     cancelling = _job(rt, status="cancelling", attempt=1, worker_id="other-host:1",
                       heartbeat_at=now - timedelta(minutes=5), cancel_requested_at=now)
@@ -120,3 +127,62 @@ def test_sweep_requeues_only_orphaned_jobs(rt: Runtime) -> None:
     assert {j for j in sweeper.sweep() if j in mine} == {orphan, dead_local, old_queued}
     # sent once: the next sweep right after does not flood the queue with duplicates
     assert not [j for j in sweeper.sweep() if j in mine]
+
+
+def test_runs_lost_before_any_work_cost_no_attempt_but_are_capped(rt: Runtime) -> None:
+    """A worker killed while loading (before the recipe's first write) does not use an attempt; a
+    job whose workers keep dying that early still fails after max_attempts such runs. Runs handed
+    back at a shutdown count neither way."""
+    job_id = _job(rt)
+    stale = utcnow() - timedelta(minutes=5)
+    for n in range(3):
+        c = claim_job(rt, job_id, f"other-host:{n}")
+        assert c.run and c.attempt == 1, c  # the same attempt number each time: none was used
+        with rt.session() as s:
+            job = s.get(Job, job_id)
+            if n == 1:  # handed back at a shutdown: not a lost run
+                job.status, job.worker_id, job.heartbeat_at = "queued", None, None
+                s.add(JobEvent(job_id=job_id, type="status", message="handed back",
+                               data={"status": "queued", "reason": "handed_back"}))
+            else:
+                job.heartbeat_at = stale  # its worker died before writing anything
+            s.commit()
+    assert _get(rt, job_id).attempt == 0
+    assert claim_job(rt, job_id, "other-host:9").run  # two lost runs so far: a third try
+    with rt.session() as s:
+        s.get(Job, job_id).heartbeat_at = stale
+        s.commit()
+    assert not claim_job(rt, job_id, "other-host:10").run
+    job = _get(rt, job_id)
+    assert job.status == "failed" and job.error["code"] == "worker_lost"
+    assert "before the job started computing" in job.error["message"]
+
+
+def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The database is unreachable when a message arrives: the task retries, then rejects the message
+    with requeue (the broker delivers it again) instead of acknowledging and so dropping it."""
+    import time
+
+    from celery.exceptions import Reject
+
+    import worker.runtime
+    from core.settings import get_settings
+    from tests.e2e.conftest import free_port
+    from worker.jobs import run_job, validate_model
+    from worker.tasks import _requeued_on_outage
+
+    monkeypatch.setenv("ROBUSTIFY_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone")
+    monkeypatch.setenv("ROBUSTIFY_STALE_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("ROBUSTIFY_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    monkeypatch.setattr(worker.runtime, "_runtime", None)
+    try:
+        for task, ident in ((run_job, "job_x"), (validate_model, "mdl_x")):
+            start = time.monotonic()
+            with pytest.raises(Reject) as rejected:
+                _requeued_on_outage(task, ident)
+            assert rejected.value.requeue is True
+            assert time.monotonic() - start >= 0.5  # retried before giving the message back
+    finally:
+        get_settings.cache_clear()
+        worker.runtime._runtime = None

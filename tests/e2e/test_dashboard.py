@@ -120,7 +120,7 @@ class Page:
         form = "#model-upload"
         self.page.set_input_files(f'{form} [name="file"]', str(path))
         self.fill_form(form, {"architecture": "small-cnn", "num_classes": "10", "dataset": "digits",
-                              "input_shape": "1,8,8", "name": name})
+                              "input_size": "1,8,8", "name": name})
         self.page.click(f"{form} button[type=submit]")
         self.page.wait_for_selector(f"{form} .note.info", timeout=30_000)
         # the worker checks the weights; the list turns the model ready by itself

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import EmbeddedServe, free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until
+from tests.e2e.conftest import (
+    EmbeddedServe, _descendants, _process_alive, free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,3 +56,34 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     from core.zoo import load_model_file
 
     load_model_file(weights, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")
+
+
+def test_serve_killed_takes_its_worker_with_it(tmp_path: Path) -> None:
+    """`robustify serve` SIGKILLed cannot stop its worker itself: the worker notices that its parent
+    is gone and stops (warm, so a running job would be handed back), leaving no orphan."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+    env.update({"ROBUSTIFY_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def ready() -> bool:
+            assert serve.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200  # the worker beats
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, "robustify serve and its worker")
+        workers = _descendants(serve.pid)
+        assert workers, "serve started no worker process"
+        serve.send_signal(signal.SIGKILL)
+        serve.wait(timeout=10)
+        wait_until(lambda: not any(_process_alive(p) for p in workers), 20, "the orphaned worker processes to exit")
+    finally:
+        try:
+            os.killpg(serve.pid, signal.SIGKILL)  # whatever is left of the group, if the test failed
+        except ProcessLookupError:
+            pass

@@ -3,7 +3,6 @@ and Redis, a receiver HTTP server, and a fine-tune driven through `robustify.Cli
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 

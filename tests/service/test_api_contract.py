@@ -19,8 +19,8 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("contract"))
-    assert not settings.auth_enabled
+    # auth off as on the embedded default served on localhost (an in-process client binds no socket)
+    settings = Settings(data_dir=tmp_path_factory.mktemp("contract"), auth="off")
     migrations.upgrade(settings.resolved_database_url)
     with TestClient(create_app(settings)) as c:
         yield c

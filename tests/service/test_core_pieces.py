@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,51 @@ def test_move_consumes_the_temp_file(tmp_path):
     _, _, rel = store.put_file(tmp, move=True)
     assert not tmp.exists() and store.path(rel).read_bytes() == b"upload"
     assert [p.name for p in store.files()] == [hashlib.sha256(b"upload").hexdigest()]
+
+
+def test_temp_files_of_stopped_processes_are_removed(tmp_path):
+    """A process killed mid-upload leaves its temp file; the API at start and the workers' sweep
+    remove those whose process is gone (and any very old one), never a live process's."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store = ArtifactStore(tmp_path / "art")
+    mine = store.temp_file()
+    code = f"from core.artifacts import ArtifactStore; print(ArtifactStore({str(store.root)!r}).temp_file())"
+    dead = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+                               ).stdout.strip())
+    old = store.root / "tmp" / "upload-elsewhere-1-x"
+    old.write_bytes(b"")
+    os.utime(old, (time.time() - 3 * 24 * 3600,) * 2)
+    assert dead.exists() and mine.exists()
+    assert store.remove_stale_temp_files() == 2
+    assert mine.exists() and not dead.exists() and not old.exists()
+
+
+def test_a_failed_commit_takes_the_new_file_out_of_the_store(tmp_path, session):
+    from sqlalchemy.exc import IntegrityError
+
+    from core.artifacts import commit_or_unstore
+
+    store = ArtifactStore(tmp_path / "art")
+    art = record_artifact(session, store, kind="dataset", content=b"new bytes", filename="d", content_type="x")
+    session.add(ApiKey(id=art.id, name="x", prefix="rk_x", key_hash="h"))
+    session.add(ApiKey(id=art.id + "2", name="y", prefix="rk_y", key_hash="h"))  # unique key_hash: the commit fails
+    with pytest.raises(IntegrityError):
+        commit_or_unstore(session, store, art.sha256)
+    assert not store.exists(ArtifactStore.relpath_for(art.sha256)) and store.files() == []
+    # bytes that a committed row already holds stay
+    kept = record_artifact(session, store, kind="dataset", content=b"shared", filename="d", content_type="x")
+    session.commit()
+    again = record_artifact(session, store, kind="dataset", content=b"shared", filename="e", content_type="x")
+    session.add(ApiKey(id="k1", name="x", prefix="rk_x", key_hash="h2"))
+    session.add(ApiKey(id="k2", name="y", prefix="rk_y", key_hash="h2"))
+    with pytest.raises(IntegrityError):
+        commit_or_unstore(session, store, again.sha256)
+    assert store.exists(ArtifactStore.relpath_for(kept.sha256))
 
 
 def test_api_keys_are_stored_hashed_and_can_be_revoked(session):

@@ -18,8 +18,8 @@ from tests.service.conftest import REDIS_URL, Db
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, queues):
     settings = Settings(data_dir=tmp_path_factory.mktemp("idem"), broker_url=REDIS_URL,
-                        gpu_queue=queues.gpu, cpu_queue=queues.cpu)
-    assert settings.is_embedded and not settings.auth_enabled
+                        gpu_queue=queues.gpu, cpu_queue=queues.cpu, auth="off")
+    assert settings.is_embedded and settings.auth_decided is False
     migrations.upgrade(settings.resolved_database_url)
     db = Db(settings.resolved_database_url)
     with TestClient(create_app(settings)) as client:

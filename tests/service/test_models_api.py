@@ -59,7 +59,8 @@ def test_robustbench_registration(client, keys, queues):
     assert m["architecture"] == "robustbench:Wang2023Better_WRN-28-10" and m["status"] == "validating"
     assert m["urls"]["content"] is None
     assert queues.length(queues.cpu) == before + 1
-    assert_problem(client.get(f"/v1/models/{m['id']}/content", headers=keys["a"]["headers"]), 404, "not_found")
+    # no weights until the worker has fetched and checked them
+    assert_problem(client.get(f"/v1/models/{m['id']}/content", headers=keys["a"]["headers"]), 409, "model_not_ready")
     bad = client.post("/v1/models", headers=keys["a"]["headers"], json={"source": "robustbench", "name": "x",
                                                                          "threat_model": "L7"})
     body = assert_problem(bad, 422, "validation_error")

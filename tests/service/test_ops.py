@@ -1,11 +1,15 @@
 """/healthz, /readyz, /metrics, problem responses for unknown routes and methods, OpenAPI."""
 from __future__ import annotations
 
+import subprocess
+
+import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from core.db import WorkerHeartbeat, record_worker_heartbeat
+from core.db import Model, WorkerHeartbeat, record_worker_heartbeat
 from tests.service.conftest import free_port, make_settings
+from tests.service.payloads import safetensors_bytes
 from tests.service.test_models_api import assert_problem
 
 
@@ -60,3 +64,33 @@ def test_unmigrated_database_is_a_clear_503(tmp_path, queues):
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         body = assert_problem(c.get("/v1/jobs"), 503, "database_not_migrated")
     assert "robustify migrate" in body["detail"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs: the artifact store of a server whose disk is (nearly) full."""
+    mount = tmp_path / "store"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_is_a_clear_507_and_readyz_says_so(pg_url, queues, keys, db, small_disk, tmp_path):
+    settings = make_settings(tmp_path, pg_url, queues, artifact_dir=small_disk, max_upload_bytes=4 * 1024 * 1024,
+                             min_free_bytes=1024 * 1024)
+    models = db.count(Model)
+    with TestClient(create_app(settings)) as c:
+        ready = assert_problem(c.get("/readyz"), 503, "not_ready")
+        storage = ready["checks"]["storage"]
+        assert not storage["ok"] and storage["free_bytes"] < 1024 * 1024 and "ROBUSTIFY_MIN_FREE_BYTES" in storage["error"]
+        big = safetensors_bytes(0) + b"\0" * (1024 * 1024)  # larger than the disk
+        r = c.post("/v1/models", headers=keys["a"]["headers"], data={"architecture": "small-cnn", "num_classes": "10",
+                                                                      "dataset": "digits"},
+                   files={"file": ("m.safetensors", big, "application/octet-stream")})
+        problem = assert_problem(r, 507, "storage_full")
+        assert "ROBUSTIFY_ARTIFACT_DIR" in problem["detail"] and str(small_disk) not in problem["detail"]
+    assert db.count(Model) == models
+    assert not [p for p in small_disk.rglob("*") if p.is_file()], "the partial upload was left on the disk"

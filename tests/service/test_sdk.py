@@ -10,7 +10,6 @@ import logging
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.artifacts import ArtifactStore
-from core.db import Job, WebhookDelivery, make_engine, make_sessionmaker, utcnow
+from core.db import Job, WebhookDelivery, make_engine, make_sessionmaker
 from robustify.webhooks import WebhookVerificationError, verify
 from tests.service.conftest import make_settings
 from tests.webhook_receiver import Receiver

@@ -1,0 +1,125 @@
+"""docker-compose.yml and the Dockerfile, without a Docker daemon: every robustify service is built
+from the repository and runs the image's entrypoint (`tini -- robustify`), so the commands the
+files give (and the one-off `docker compose run --rm api keys create me`) are robustify commands;
+here those commands run for real against PostgreSQL and Redis."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from cli.service import _parser
+from core.db import WorkerHeartbeat, record_worker_heartbeat
+from tests.service.conftest import REDIS_URL, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMANDS = ("serve", "worker", "migrate", "keys", "health")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _dockerfile(instruction: str) -> list[str]:
+    text = (ROOT / "Dockerfile").read_text()
+    return json.loads(re.search(rf"^{instruction} (\[.*\])$", text, re.M).group(1))
+
+
+def _robustify(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """What the image runs for `args`: its entrypoint is `tini -- robustify`."""
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def env(pg_url: str, queues: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
+    env.update(ROBUSTIFY_DATABASE_URL=pg_url, ROBUSTIFY_BROKER_URL=REDIS_URL, ROBUSTIFY_GPU_QUEUE=queues.gpu,
+               ROBUSTIFY_CPU_QUEUE=queues.cpu, ROBUSTIFY_DATA_DIR=str(tmp_path_factory.mktemp("compose-data")),
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def test_every_robustify_service_is_built_here_and_runs_a_robustify_command(compose):
+    assert _dockerfile("ENTRYPOINT") == ["/usr/bin/tini", "--", "robustify"]
+    _parser(_dockerfile("CMD")[0]).parse_args(_dockerfile("CMD")[1:])
+    healthcheck = re.search(r"^HEALTHCHECK .* CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert json.loads(healthcheck.group(1)) == ["robustify", "health", "api"]
+    services = {name: s for name, s in compose["services"].items() if s.get("image") == "robustify:latest"}
+    assert set(services) == {"migrate", "api", "worker"}
+    for name, service in services.items():
+        assert service.get("build") == ".", name  # never pulled from a registry
+        assert "entrypoint" not in service, name  # `docker compose run --rm SERVICE keys ...` must work
+        command = service["command"]
+        assert command[0] in COMMANDS, (name, command)
+        _parser(command[0]).parse_args(command[1:])  # arguments the CLI accepts
+        if "healthcheck" in service:
+            test = service["healthcheck"]["test"]
+            assert test[:3] == ["CMD", "robustify", "health"], (name, test)
+            _parser("health").parse_args(test[3:])
+    assert services["api"]["healthcheck"]["test"][3] == "api"
+    assert services["worker"]["healthcheck"]["test"][3] == "worker"
+    grace = services["worker"]["stop_grace_period"]
+    assert int(grace.rstrip("s")) >= 30  # time to checkpoint and hand a job back
+    header = (ROOT / "docker-compose.yml").read_text()
+    assert "docker compose run --rm api keys create me" in header
+
+
+def test_keys_create_as_documented(env):
+    out = _robustify(["keys", "create", "me"], env)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"rk_[A-Za-z0-9_-]{20,}", out.stdout.strip()), out.stdout
+
+
+def test_api_service_command_and_its_readiness_check(compose, env, pg_url, db):
+    """The api service's command serves the API (keys required on 0.0.0.0); its health check says
+    not ready until a worker beats, ready after; SIGTERM stops it."""
+    command = compose["services"]["api"]["command"]
+    port = free_port()
+    command = [*command[:command.index("--port") + 1], str(port)]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *command], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    health = [*compose["services"]["api"]["healthcheck"]["test"][3:4], "--url", url]
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                time.sleep(0.1)
+        assert httpx.get(f"{url}/v1/jobs", timeout=5).status_code == 401
+        not_ready = _robustify(["health", *health], env)
+        assert not_ready.returncode == 1 and "workers" in not_ready.stderr
+        worker = f"gpu0@{socket.gethostname()}"
+        with db.Session() as s:
+            record_worker_heartbeat(s, worker, ["gpu"])
+            s.commit()
+        try:
+            assert _robustify(["health", *health], env).returncode == 0
+            worker_check = compose["services"]["worker"]["healthcheck"]["test"][3:]
+            assert _robustify(["health", *worker_check], env).returncode == 0  # this host's worker beats
+        finally:
+            with db.Session() as s:
+                s.delete(s.get(WorkerHeartbeat, worker))
+                s.commit()
+        stale = _robustify(["health", *worker_check], env)
+        assert stale.returncode == 1 and "no worker" in stale.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,46 @@
+"""Riding out a database outage: a job never fails because PostgreSQL was briefly away.
+
+Writes that must happen (a checkpoint's rows, the finished job) are retried for up to the
+stale-heartbeat limit, the time after which another worker may take the job over anyway.
+Writes that may wait (progress, events, heartbeats) are kept and sent with the next one
+(worker/jobs.py). A task that cannot read its job row at all goes back to the queue.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+log = logging.getLogger("robustify.worker")
+
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed unreachable longer than a task may wait; its message is requeued."""
+
+
+def is_database_down(exc: BaseException) -> bool:
+    """A lost or refused connection (not a bad statement): the same write may succeed later."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def retry_while_down(write: Callable[[], T], *, seconds: float, what: str) -> T:
+    """`write()`, retried with backoff while the database is down, for at most `seconds`;
+    then the last error is raised."""
+    deadline = time.monotonic() + seconds
+    delay = 0.25
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not is_database_down(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: the database is unreachable (%s); retrying in %.2g s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -110,12 +110,12 @@ def _check_devices(devices: int) -> str:
 def _work_dir(root: Path) -> Path:
     """A fresh folder for one attempt's rendezvous and error reports, named after this process;
     folders left by processes that died (a worker killed before it could clean up) go first."""
-    from worker.runtime import _pid_alive
+    from core.process import pid_alive
 
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("pid*-*"):
         pid = old.name[3:].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=root))
 

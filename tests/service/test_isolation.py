@@ -39,7 +39,7 @@ def test_image_folder_uploads_and_architecture_listings_stay_torch_free(tmp_path
         "import api.app, migrations\n"
         "from core.settings import Settings\n"
         "from fastapi.testclient import TestClient\n"
-        f"settings = Settings(data_dir={str(tmp_path)!r})\n"
+        f"settings = Settings(data_dir={str(tmp_path)!r}, auth='off')\n"
         "migrations.upgrade(settings.resolved_database_url)\n"
         "with TestClient(api.app.create_app(settings)) as c:\n"
         f"    with open({str(tmp_path / 'photos.zip')!r}, 'rb') as fh:\n"

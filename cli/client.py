@@ -172,6 +172,7 @@ def datasets_list(api: Api, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- architectures
 def architectures_list(api: Api, args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("family", args.family), ("q", args.q)) if v}
+    _wait_for_catalog(api, params)
     rows = list(_pages(api, "/v1/architectures", {**params, "limit": 100}))
     if args.json:
         _print(rows)
@@ -182,6 +183,25 @@ def architectures_list(api: Api, args: argparse.Namespace) -> int:
         else:
             print(a["id"])
     return 0
+
+
+def _wait_for_catalog(api: Api, params: dict[str, Any], timeout: float = 600.0) -> None:
+    """A server lists a family's names once, in the background, answering 503 catalog_building
+    meanwhile: wait for that (any other answer is for the listing itself to show)."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while time.monotonic() < deadline:
+        try:
+            resp = api.http.request("GET", "/v1/architectures", params={**params, "limit": 1})
+            building = resp.status_code == 503 and resp.json().get("code") == "catalog_building"
+        except (httpx.HTTPError, ValueError):
+            return
+        if not building:
+            return
+        if not told:
+            print(f"the server is listing the architectures ({resp.json().get('detail')}); waiting…", file=sys.stderr)
+            told = True
+        time.sleep(min(float(resp.headers.get("retry-after") or 2), 10.0))
 
 
 # ------------------------------------------------------------------------------- jobs

@@ -100,8 +100,7 @@ MAX_IMAGE_SIDE = 4096
 ImageSize = Annotated[list[int], WithJsonSchema({
     "type": "array", "minItems": 3, "maxItems": 3,
     "items": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGE_SIDE}})]
-ChannelStats = Annotated[list[float], WithJsonSchema({
-    "type": "array", "minItems": 1, "maxItems": MAX_IMAGE_SIDE, "items": {"type": "number"}})]
+ChannelStats = Annotated[list[float], Field(min_length=1, max_length=MAX_IMAGE_SIDE)]
 
 
 def _image_size(value: list[int] | None, what: str) -> list[int] | None:

@@ -252,6 +252,7 @@ def test_hub_registration_is_validated_by_the_worker(client, keys, queues):
                        ({"input_size": "3,224,224"}, "input_size"), ({"input_size": [3, 0, 8]}, "input_size"),
                        ({"input_mean": False, "input_std": [1.0]}, "input_mean"),
                        ({"input_mean": ["a"], "input_std": [1.0]}, "input_mean.0"),
+                       ({"input_mean": [], "input_std": []}, "input_mean"),
                        ({"input_size": [1, 8, 8], **rgb}, ""),
                        ({"dataset": "digits", **rgb}, "input_mean"),   # digits images have one channel
                        ({"metadata": {"x": "y" * 70_000}}, "metadata")):

@@ -46,7 +46,7 @@ def test_serve_stopped_mid_job_hands_it_back_and_a_restart_finishes_it(tmp_path:
     """SIGTERM to `serve` while a job trains: the API and the worker stop side by side, the epoch
     under way is checkpointed and the job handed back before serve exits (nothing is killed); the
     next `serve` on the same data folder resumes it to the end."""
-    epochs, env = 4, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}
+    epochs, env = 3, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}
     with EmbeddedServe(tmp_path, env) as serve, httpx.Client(base_url=serve.url, timeout=30) as client:
         model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
         job_id = submit(client, model["id"], epochs=epochs)["id"]

@@ -64,6 +64,9 @@ def test_timm_names_come_from_a_background_subprocess_and_are_searchable_and_pag
                                                  params={"family": "timm", "q": "resnet18", "limit": 100})))
     assert "timm:resnet18" in names and all("resnet18" in n for n in names)
     cached = list((settings.data_dir / "cache").glob("architectures-timm-*.json"))
+    # the same subprocess listed the other families: they answer at once
+    assert "robustbench:Wang2023Better_WRN-28-10" in _ids(
+        client.get("/v1/architectures", headers=h, params={"family": "robustbench", "q": "Wang2023"}))
     assert [p.name for p in cached] == [f"architectures-timm-{metadata.version('timm')}.json"]
     assert len(json.loads(cached[0].read_text())) > 1000   # every timm name, from timm.list_models()
     # paging with the last id as cursor gives every match exactly once; patterns with * work too
@@ -136,4 +139,5 @@ def test_a_failed_listing_is_a_503_with_its_reason_and_not_rerun_by_every_reques
                 time.sleep(0.1)
     finally:
         works.close()
-    assert sorted(p.name.split("-")[1] for p in tmp_path.iterdir()) == ["timm", "torchvision"]
+    # every family not known yet was listed by that one subprocess
+    assert sorted(p.name.split("-")[1] for p in tmp_path.iterdir()) == ["robustbench", "timm", "torchvision"]

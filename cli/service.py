@@ -179,9 +179,10 @@ class EmbeddedService:
         """Start the worker's warm shutdown (once; safe in a signal handler): SIGTERM to its main
         process, which passes it on to the pool process running a job (checkpointed, handed back).
 
-        Not to its process group: an idle pool process killed that way is replaced at once by a
-        fresh fork that the stopping worker then waits for (seconds on every stop, and on a
-        loaded machine `serve` was seen not to stop at all)."""
+        Not to its process group: that kills the idle pool process too. One killed while it holds
+        the pool's shared queue lock leaves the worker waiting for that lock at exit for ever
+        (billiard's Pool._help_stuff_finish: how `serve` hung here), and the pool forks a
+        replacement into the stopping worker on every stop besides."""
         if self.worker is None or self._worker_signalled is not None:
             return
         self._worker_signalled = time.monotonic()

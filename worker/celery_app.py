@@ -78,9 +78,9 @@ def _shutting_down(**_: Any) -> None:
     """In the parent, from its signal handler (so: no logging here): tell the pool processes that
     run a job (and, for the solo pool, this process) to hand it back.
 
-    Idle pool processes are left to Celery's warm shutdown, which closes them: one killed here
-    would be replaced at once by a fresh fork into the stopping worker, whose exit then waits for
-    that one too."""
+    Idle pool processes are left to Celery's warm shutdown, which closes them: one killed while
+    it holds the pool's shared queue lock would leave this process waiting for that lock at exit
+    for ever, and the pool forks a replacement for every one killed."""
     _request_shutdown()
     mark_worker_stopping()
     for pid in _busy_pool_processes():

@@ -16,6 +16,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from api.binding import AuthPolicy
+from api.catalog import ArchitectureCatalog
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.guards import BodyLimits, ConcurrencyLimit, RequestChecks
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             restore()
+            app.state.architecture_catalog.close()
             engine.dispose()
 
     app = FastAPI(
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = svc
+    app.state.architecture_catalog = ArchitectureCatalog(settings.data_dir / "cache")
     install_error_handlers(app)
     for router in (models.router, architectures.router, datasets.router, jobs.router, webhooks.router, ops.router):
         app.include_router(router)

@@ -1,19 +1,28 @@
-"""Names of the architecture families for GET /v1/architectures, with no torch in the API process.
+"""Names of the architecture families for GET /v1/architectures, with no torch in the API process
+and no request waiting for them.
 
 Importing timm or torchvision to list their names would put torch into the API process (measured
 on the shared 2-core machine: after `import api.app` (76 MB resident), `import timm` takes 5-12 s
-and brings the process to 708-753 MB). Instead a family's names come from a subprocess,
-`python -m core.architectures.catalog <family>`, once; they are kept in memory and in
+and brings the process to 708-753 MB). Instead a background thread runs
+`python -m core.architectures.catalog timm torchvision robustbench` the first time a family's
+names are needed: one interpreter lists every family not known yet, in about the time of one
+(measured here: 6.6 s for the three together, 6.4 s for timm alone, 18.5 s one by one; they all
+import torch, and robustbench imports timm). Meanwhile the route answers 503
+`catalog_building` with Retry-After; a failed listing answers 503 `catalog_unavailable` with the
+reason, and is tried again after FAILURE_HOLD_SECONDS. The names are kept in memory and in
 <data_dir>/cache, keyed by the installed package versions, so a restarted server reads them back
-without a subprocess.
+at once.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,6 +33,11 @@ from core.config import FAMILY_PREFIXES
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FAMILY = "builtin"
 LISTED_FAMILIES: tuple[str, ...] = tuple(prefix.rstrip(":") for prefix in FAMILY_PREFIXES)
+LIST_COMMAND: tuple[str, ...] = (sys.executable, "-m", "core.architectures.catalog")
+# What a first listing takes (torch, timm, torchvision, robustbench imported once): the Retry-After
+# of a 503 catalog_building until a listing on this server has been timed.
+EXPECTED_BUILD_SECONDS = 15.0
+FAILURE_HOLD_SECONDS = 30.0  # a failed listing is reported, not retried, for this long
 
 
 def _version_key(family: str) -> str:
@@ -34,38 +48,136 @@ def _version_key(family: str) -> str:
 
 
 class ArchitectureCatalog:
-    """Each listed family's names, computed once (subprocess) and cached (memory, then disk)."""
+    """Each listed family's names, listed once by a background subprocess and cached (memory, disk)."""
 
-    def __init__(self, cache_dir: Path, timeout: float = 300.0) -> None:
+    def __init__(self, cache_dir: Path, timeout: float = 300.0, command: Sequence[str] = LIST_COMMAND,
+                 families: Sequence[str] = LISTED_FAMILIES) -> None:
         self.cache_dir = cache_dir
         self.timeout = timeout
+        self.command = tuple(command)
+        self.families = tuple(families)
         self._names: dict[str, list[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
+        self._failed: dict[str, tuple[float, str]] = {}   # family -> (monotonic time, why)
+        self._pending: list[str] = []                     # asked for, waiting for the builder
+        self._building: set[str] = set()
+        self._started_at = 0.0                            # of the listing running now
+        self._took = EXPECTED_BUILD_SECONDS
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+        self._closed = False
 
-    def names(self, family: str) -> list[dict[str, Any]]:
-        with self._lock:  # one subprocess per family even when requests arrive together
-            if family not in self._names:
-                self._names[family] = self._load(family)
-            return self._names[family]
+    # ------------------------------------------------------------------ for the route
+    def names(self, families: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """{family: names} at once, or ApiError 503 while one of them is being listed (the first
+        call for a family starts its listing) or after its listing failed."""
+        with self._cond:
+            waiting = [f for f in families if f not in self._names and not self._from_disk(f)]
+            now = time.monotonic()
+            for family in waiting:
+                failed_at, why = self._failed.get(family, (-math.inf, ""))
+                if now - failed_at < FAILURE_HOLD_SECONDS:
+                    raise ApiError(503, "catalog_unavailable",
+                                   f"listing the {family} architectures failed ({why}); retry later, or check "
+                                   "that the package is installed on the server.",
+                                   headers={"Retry-After": str(math.ceil(FAILURE_HOLD_SECONDS - (now - failed_at)))})
+            if waiting:
+                self._request(waiting)
+                left = max(2, math.ceil(self._took - (now - self._started_at))) if self._building else \
+                    math.ceil(self._took)
+                raise ApiError(503, "catalog_building",
+                               f"the server is listing the {', '.join(waiting)} architectures (a one-time step "
+                               f"after an install or upgrade); retry in {left} s.",
+                               headers={"Retry-After": str(left)}, families=waiting)
+            return {f: self._names[f] for f in families}
 
-    def _load(self, family: str) -> list[dict[str, Any]]:
-        path = self.cache_dir / f"architectures-{_version_key(family)}.json"
+    def close(self) -> None:
+        """Stop the builder (the server is stopping): a listing still running is killed."""
+        with self._cond:
+            self._closed = True
+            proc = self._proc
+            self._cond.notify_all()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    # ------------------------------------------------------------------ inside
+    def _path(self, family: str) -> Path:
+        return self.cache_dir / f"architectures-{_version_key(family)}.json"
+
+    def _from_disk(self, family: str) -> bool:
         try:
-            return json.loads(path.read_text())
+            self._names[family] = json.loads(self._path(family).read_text())
         except (OSError, ValueError):
-            pass  # not cached yet (or a damaged cache file): list the names afresh
+            return False  # not cached yet (or a damaged cache file): list the names afresh
+        return True
+
+    def _request(self, families: list[str]) -> None:
+        """Have `families` listed, with every other family not known yet (in the same subprocess)."""
+        now = time.monotonic()
+        held = {f for f, (failed_at, _) in self._failed.items() if now - failed_at < FAILURE_HOLD_SECONDS}
+        also = [f for f in self.families if f not in self._names and f not in held and not self._from_disk(f)]
+        self._pending += [f for f in dict.fromkeys([*families, *also])
+                          if f not in self._building and f not in self._pending]
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._build_loop, name="architecture-catalog", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    def _build_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch, self._pending = self._pending, []
+                self._building = set(batch)
+                self._started_at = time.monotonic()
+            results = self._list(batch)
+            with self._cond:
+                for family, result in results.items():
+                    if isinstance(result, list):
+                        self._names[family] = result
+                        self._failed.pop(family, None)
+                    else:
+                        self._failed[family] = (time.monotonic(), str(result))
+                self._took = time.monotonic() - self._started_at
+                self._building = set()
+                self._cond.notify_all()
+
+    def _list(self, families: list[str]) -> dict[str, list[dict[str, Any]] | str]:
+        """Each family's names (written to the cache), or why listing it failed."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         try:
-            out = subprocess.run([sys.executable, "-m", "core.architectures.catalog", family], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=self.timeout, check=True)
-            names = json.loads(out.stdout)
-        except (subprocess.SubprocessError, OSError, ValueError) as exc:
-            tail = getattr(exc, "stderr", "") or ""
-            raise ApiError(503, "catalog_unavailable",
-                           f"listing the {family} architectures failed ({type(exc).__name__}: {tail[-300:] or exc}); "
-                           "retry, or check that the package is installed on the server.") from None
+            with self._cond:
+                if self._closed:
+                    return {f: "the server is stopping" for f in families}
+                self._proc = subprocess.Popen([*self.command, *families], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = self._proc.communicate(timeout=self.timeout)
+            if self._proc.returncode != 0:
+                raise ChildProcessError(f"exit status {self._proc.returncode}: {err.strip()[-300:]}")
+            listed = json.loads(out)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.communicate()
+            return {f: f"no answer within {self.timeout:.0f} s" for f in families}
+        except (OSError, ValueError, ChildProcessError) as exc:
+            return {f: f"{type(exc).__name__}: {exc}" for f in families}
+        finally:
+            with self._cond:
+                self._proc = None
+        results: dict[str, list[dict[str, Any]] | str] = {}
+        for family in families:
+            result = listed.get(family, "not listed")
+            if isinstance(result, list):
+                self._save(family, result)
+            results[family] = result if isinstance(result, list) else str(result)
+        return results
+
+    def _save(self, family: str, names: list[dict[str, Any]]) -> None:
+        path = self._path(family)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(names))
         os.replace(tmp, path)  # atomic: another server process may read it at the same time
-        return names

@@ -108,7 +108,10 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
-        out.append({"loc": loc, "field": ".".join(p for p in loc if p != "body"), "msg": err.get("msg"),
+        msg = err.get("msg")
+        if isinstance(msg, str):  # pydantic prefixes a validator's own message; the message says it all
+            msg = msg.removeprefix("Value error, ")
+        out.append({"loc": loc, "field": ".".join(p for p in loc if p != "body"), "msg": msg,
                     "type": err.get("type")})
     return out
 

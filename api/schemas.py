@@ -7,15 +7,17 @@ and bad values are 422s naming the field.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator,
+)
 from pydantic.json_schema import models_json_schema
 
 from core.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
 from core.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
 from core.settings import MAX_NUM_CLASSES, MAX_SEED
-from core.webhooks import WebhookEventType
+from core.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
     # name -> the input shape [C, H, W] of its images
@@ -79,12 +81,13 @@ def _json_object(value: Any) -> Any:
 
 
 def _number_list(value: Any, what: str, example: str) -> Any:
-    """"1,8,8", "1x8x8", "[1, 8, 8]" or a list → a list of numbers (None when empty)."""
+    """A form's text "1,8,8", "1x8x8" or "[1, 8, 8]" -> a list of numbers (None when empty); any
+    other value is left to the field's type."""
     if isinstance(value, str):
         text = value.strip().strip("[]")
         if not text:
             return None
-        parse = int if what == "input_size" else float
+        parse = int if what in ("input_size", "input_shape") else float
         try:
             return [parse(p) for p in text.replace("x", ",").split(",") if p.strip()]
         except ValueError:
@@ -92,10 +95,18 @@ def _number_list(value: Any, what: str, example: str) -> Any:
     return value
 
 
-def _image_size(value: Any, what: str) -> Any:
-    value = _number_list(value, "input_size", "3,224,224")
-    if value is not None and (len(value) != 3 or any(int(v) < 1 or int(v) > 4096 for v in value)):
-        raise ValueError(f"{what} must be three positive sizes: channels, height, width")
+MAX_IMAGE_SIDE = 4096
+# The schemas state what the validators check (which keep their own clearer messages).
+ImageSize = Annotated[list[int], WithJsonSchema({
+    "type": "array", "minItems": 3, "maxItems": 3,
+    "items": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGE_SIDE}})]
+ChannelStats = Annotated[list[float], Field(min_length=1, max_length=MAX_IMAGE_SIDE)]
+
+
+def _image_size(value: list[int] | None, what: str) -> list[int] | None:
+    if value is not None and (len(value) != 3 or any(v < 1 or v > MAX_IMAGE_SIDE for v in value)):
+        raise ValueError(f"{what} must be three positive sizes: channels, height, width "
+                         f"(each at most {MAX_IMAGE_SIDE})")
     return value
 
 
@@ -107,20 +118,15 @@ class InputContract(_Body):
     cifar100, imagenet) and to identity otherwise (built-in architectures normalise inside).
     """
 
-    input_size: list[int] | None = Field(default=None, description="[C, H, W]; default from the dataset",
+    input_size: ImageSize | None = Field(default=None, description="[C, H, W]; default from the dataset",
                                          examples=[[3, 224, 224]])
-    input_mean: list[float] | None = Field(default=None, examples=[[0.485, 0.456, 0.406]])
-    input_std: list[float] | None = Field(default=None, examples=[[0.229, 0.224, 0.225]])
+    input_mean: ChannelStats | None = Field(default=None, examples=[[0.485, 0.456, 0.406]])
+    input_std: ChannelStats | None = Field(default=None, examples=[[0.229, 0.224, 0.225]])
 
-    @field_validator("input_size", mode="before")
+    @field_validator("input_size")
     @classmethod
-    def _size(cls, value: Any) -> Any:
+    def _size(cls, value: list[int] | None) -> list[int] | None:
         return _image_size(value, "input_size")
-
-    @field_validator("input_mean", "input_std", mode="before")
-    @classmethod
-    def _stats(cls, value: Any, info: Any) -> Any:
-        return _number_list(value, info.field_name, "0.485,0.456,0.406")
 
     @model_validator(mode="after")
     def _stats_per_channel(self) -> "InputContract":
@@ -144,16 +150,23 @@ class ModelUploadForm(InputContract):
     dataset: str = Field(min_length=1, max_length=100)
     name: str | None = Field(default=None, max_length=200)
     metadata: dict[str, Any] | None = None
-    input_shape: list[int] | None = Field(default=None, description="the former name of input_size")
+    input_shape: ImageSize | None = Field(default=None, description="the former name of input_size")
 
     @field_validator("metadata", mode="before")
     @classmethod
     def _json_metadata(cls, value: Any) -> Any:
         return _json_object(value)
 
-    @field_validator("input_shape", mode="before")
+    @field_validator("input_size", "input_shape", "input_mean", "input_std", mode="before")
     @classmethod
-    def _shape(cls, value: Any) -> Any:
+    def _text(cls, value: Any, info: Any) -> Any:
+        """A form sends every field as text (a JSON body states lists as lists)."""
+        example = "0.485,0.456,0.406" if info.field_name in ("input_mean", "input_std") else "3,224,224"
+        return _number_list(value, info.field_name, example)
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, value: list[int] | None) -> list[int] | None:
         return _image_size(value, "input_shape")
 
     @model_validator(mode="after")
@@ -195,16 +208,31 @@ class InlineModelRef(_Body):
     robustbench: RobustBenchRef
 
 
+def _webhook_url(value: str) -> str:
+    from core.webhooks import url_problem
+
+    problem = url_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# An absolute http(s) URL; whether its host resolves to a public address is checked on use
+# (422 webhook_target_forbidden / webhook_target_unresolvable).
+# (The pattern is checked by _webhook_url, with a clearer message than pydantic's.)
+WebhookUrl = Annotated[str, Field(min_length=1, max_length=2048, examples=["https://ci.example.com/robustify-hook"],
+                                  json_schema_extra={"pattern": WEBHOOK_URL_PATTERN}), AfterValidator(_webhook_url)]
+
+
 class JobWebhook(_Body):
-    url: str = Field(min_length=1, max_length=2048, examples=["https://ci.example.com/robustify-hook"],
-                     description="Where to POST the job's webhooks (registered as an endpoint of this API key "
-                                 "on first use; its signing secret is on GET /v1/webhooks).")
+    url: WebhookUrl = Field(description="Where to POST the job's webhooks (registered as an endpoint of this API key "
+                                        "on first use; its signing secret is on GET /v1/webhooks).")
     events: list[WebhookEventType] | None = Field(
         default=None, min_length=1, description="Event types to send; omitted: the endpoint's (default every type).")
 
 
 class WebhookEndpointCreate(_Body):
-    url: str = Field(min_length=1, max_length=2048)
+    url: WebhookUrl
     events: list[WebhookEventType] | None = Field(default=None, min_length=1,
                                                   description="Event types to send; omitted: every type.")
     default: bool = Field(default=False, description="Send the webhooks of every job of this API key that "

@@ -94,11 +94,23 @@ def models_upload(api: Api, args: argparse.Namespace) -> int:
         raise ClientError(f"no such file: {path}")
     data = {"architecture": args.architecture, "num_classes": str(args.num_classes), "dataset": args.dataset}
     for field in ("name", "input_size", "input_mean", "input_std", "metadata"):
-        if getattr(args, field):
-            data[field] = getattr(args, field)
+        value = getattr(args, field)
+        if value:
+            data[field] = ",".join(map(str, value)) if isinstance(value, list) else value
     with open(path, "rb") as fh:
         m = api.json("POST", "/v1/models", data=data, files={"file": (path.name, fh, "application/octet-stream")})
     return _show_model(api, m, args)
+
+
+def _numbers(kind: type) -> Any:
+    """An argparse type: "3,224,224" or "3x224x224" -> [3, 224, 224] (the JSON body takes lists)."""
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(p) for p in text.strip().strip("[]").replace("x", ",").split(",") if p.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {kind.__name__} numbers separated by commas") from None
+
+    return parse
 
 
 def _show_model(api: Api, m: dict[str, Any], args: argparse.Namespace) -> int:
@@ -172,6 +184,7 @@ def datasets_list(api: Api, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- architectures
 def architectures_list(api: Api, args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("family", args.family), ("q", args.q)) if v}
+    _wait_for_catalog(api, params)
     rows = list(_pages(api, "/v1/architectures", {**params, "limit": 100}))
     if args.json:
         _print(rows)
@@ -182,6 +195,25 @@ def architectures_list(api: Api, args: argparse.Namespace) -> int:
         else:
             print(a["id"])
     return 0
+
+
+def _wait_for_catalog(api: Api, params: dict[str, Any], timeout: float = 600.0) -> None:
+    """A server lists a family's names once, in the background, answering 503 catalog_building
+    meanwhile: wait for that (any other answer is for the listing itself to show)."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while time.monotonic() < deadline:
+        try:
+            resp = api.http.request("GET", "/v1/architectures", params={**params, "limit": 1})
+            building = resp.status_code == 503 and resp.json().get("code") == "catalog_building"
+        except (httpx.HTTPError, ValueError):
+            return
+        if not building:
+            return
+        if not told:
+            print(f"the server is listing the architectures ({resp.json().get('detail')}); waiting…", file=sys.stderr)
+            told = True
+        time.sleep(min(float(resp.headers.get("retry-after") or 2), 10.0))
 
 
 # ------------------------------------------------------------------------------- jobs
@@ -455,11 +487,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         h.add_argument("--wait", action="store_true", help="wait until validation has finished")
         h.add_argument("--wait-timeout", type=float, default=600.0)
         for q in (u, h):
-            q.add_argument("--input-size", "--input-shape", dest="input_size",
+            q.add_argument("--input-size", "--input-shape", dest="input_size", type=_numbers(int),
                            help='C,H,W, e.g. "3,224,224" (default from the dataset)')
-            q.add_argument("--mean", dest="input_mean", help="per-channel mean of the normalisation the model was "
-                                                             'trained with, e.g. "0.485,0.456,0.406"')
-            q.add_argument("--std", dest="input_std", help='per-channel std, e.g. "0.229,0.224,0.225"')
+            q.add_argument("--mean", dest="input_mean", type=_numbers(float),
+                           help="per-channel mean of the normalisation the model was trained with, "
+                                'e.g. "0.485,0.456,0.406"')
+            q.add_argument("--std", dest="input_std", type=_numbers(float),
+                           help='per-channel std, e.g. "0.229,0.224,0.225"')
             q.add_argument("--metadata", help="a JSON object")
         add("list", models_list, "list models")
     elif command == "datasets":

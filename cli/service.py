@@ -1,8 +1,8 @@
 """`robustify serve | worker | migrate | keys`: run and administer the service.
 
 serve    migrations, then the API (uvicorn, factory api.app:create_app) and one worker process
-         consuming both queues; Ctrl-C or SIGTERM stops both (a running job is checkpointed and
-         handed back), and the worker also stops if `serve` itself is killed. The worker's job
+         consuming both queues; Ctrl-C or SIGTERM stops both within about 15 s (a running job is
+         checkpointed and handed back), and the worker also stops if `serve` itself is killed. The worker's job
          lines (claimed, epoch done, succeeded/failed) show; access-log lines only with --access-log.
 worker   a Celery worker against ROBUSTIFY_DATABASE_URL / ROBUSTIFY_BROKER_URL (one per GPU);
          SIGTERM checkpoints its running job, hands it back to the queue and exits.
@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from core.settings import Settings, get_settings
@@ -105,24 +106,34 @@ def start_worker_process(queues: str, *, env: dict[str, str] | None = None, logl
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def stop_process_group(proc: subprocess.Popen, *, grace: float = 30.0) -> None:
-    """Stop a worker: warm shutdown (SIGTERM: a running job is checkpointed and handed back to the
-    queue, the next start resumes it), then SIGKILL if it does not go within `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def wait_or_kill(proc: subprocess.Popen, grace: float) -> bool:
+    """Wait up to `grace` seconds for `proc` to exit, else SIGKILL its group; whether it exited."""
+    try:
+        proc.wait(timeout=max(grace, 0.0))
+        return True
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    try:
+        proc.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        pass  # only a process stuck in the kernel outlives SIGKILL; nothing more to do from here
+    return False
 
 
 # ------------------------------------------------------------------------------ serve
+# How `serve` stops (SIGTERM or Ctrl-C): the API and the worker stop side by side. The API
+# finishes its open requests (event streams end at once) within API_GRACE_SECONDS; the worker
+# hands its running job back (a checkpoint, then the queue) and exits; one still there after
+# WORKER_STOP_SECONDS is killed, and its job resumes from its last checkpoint when a worker next
+# starts. So `serve` is gone within about 15 s.
+API_GRACE_SECONDS = 5
+WORKER_STOP_SECONDS = 10.0
+
+
 class EmbeddedService:
     """The API server and one worker process; used by `serve` and by `demo`."""
 
@@ -133,6 +144,7 @@ class EmbeddedService:
         self.worker_loglevel = worker_loglevel
         self.worker: subprocess.Popen | None = None
         self.server: Any = None
+        self._worker_signalled: float | None = None
 
     @property
     def url(self) -> str:
@@ -150,14 +162,45 @@ class EmbeddedService:
     def make_server(self, log_level: str = "warning", access_log: bool = False) -> Any:
         import uvicorn
 
+        service = self
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                service.signal_worker()  # its hand-back runs while the API finishes its requests
+                super().handle_exit(sig, frame)
+
         config = uvicorn.Config("api.app:create_app", factory=True, host=self.host, port=self.port,
-                                log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+                                log_level=log_level, access_log=access_log,
+                                timeout_graceful_shutdown=API_GRACE_SECONDS)
+        self.server = Server(config)
         return self.server
 
+    def signal_worker(self) -> None:
+        """Start the worker's warm shutdown (once; safe in a signal handler): SIGTERM to its main
+        process, which passes it on to the pool process running a job (checkpointed, handed back).
+
+        Not to its process group: that kills the idle pool process too. One killed while it holds
+        the pool's shared queue lock leaves the worker waiting for that lock at exit for ever
+        (billiard's Pool._help_stuff_finish: how `serve` hung here), and the pool forks a
+        replacement into the stopping worker on every stop besides."""
+        if self.worker is None or self._worker_signalled is not None:
+            return
+        self._worker_signalled = time.monotonic()
+        try:
+            os.kill(self.worker.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     def stop_worker(self) -> None:
-        if self.worker is not None:
-            stop_process_group(self.worker)
+        """Wait for the worker's warm shutdown, up to WORKER_STOP_SECONDS after it began; then kill it."""
+        if self.worker is None or self.worker.poll() is not None:
+            return
+        self.signal_worker()
+        left = WORKER_STOP_SECONDS - (time.monotonic() - (self._worker_signalled or time.monotonic()))
+        if not wait_or_kill(self.worker, left):
+            print(f"robustify: the worker did not stop within {WORKER_STOP_SECONDS:.0f} s and was killed; a job it "
+                  "was running resumes from its last checkpoint when a worker next starts.", file=sys.stderr,
+                  flush=True)
 
     def watch_worker(self) -> None:
         """Stop the API when the worker process dies: a service that never runs jobs must not look up."""

@@ -13,6 +13,7 @@ import base64
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import socket
 from typing import Any, Literal, get_args
@@ -62,21 +63,35 @@ def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             or ip.is_unspecified)
 
 
+# What the request schemas state about a webhook URL (JSON Schema regex; url_problem checks the rest).
+WEBHOOK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#]+([/?#]\S*)?$"
+
+
+def url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a webhook URL whatever its host resolves to, or None."""
+    parts = urlsplit(url)
+    if not re.fullmatch(WEBHOOK_URL_PATTERN, url) or parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"webhook URL {url!r} must be an absolute http:// or https:// URL."
+    if parts.username or parts.password:
+        return "a webhook URL must not carry credentials; verify the signature instead."
+    try:
+        parts.port
+    except ValueError:
+        return f"webhook URL {url!r} has an invalid port."
+    return None
+
+
 def check_target(url: str, *, allow_private: bool) -> None:
     """Refuse a webhook URL that is not http(s), or whose host resolves to a loopback, private or
     link-local address (unless the operator allows them: ROBUSTIFY_WEBHOOK_ALLOW_PRIVATE=1).
 
     The dispatcher checks again before each attempt, so a name that later resolves inwards
     (DNS rebinding) is refused too."""
+    problem = url_problem(url)
+    if problem:
+        raise WebhookTargetRefused(problem)
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookTargetRefused(f"webhook URL {url!r} must be an absolute http:// or https:// URL.")
-    if parts.username or parts.password:
-        raise WebhookTargetRefused("a webhook URL must not carry credentials; verify the signature instead.")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise WebhookTargetRefused(f"webhook URL {url!r} has an invalid port.") from None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:

@@ -3,7 +3,7 @@
 Start it with `robustify worker` (or `celery -A worker.celery_app worker --concurrency 1`).
 
 SIGTERM (docker stop, a deploy) is a warm shutdown: the parent stops taking messages and passes
-the signal to its pool process, whose running job stops at its next check, saves a checkpoint
+the signal to the pool process that runs a job, which stops at its next check, saves a checkpoint
 and is handed back to the queue (worker/jobs.py); then the worker exits. No job waits for a
 whole run to end, and none is lost.
 """
@@ -18,7 +18,7 @@ from billiard.process import current_process
 from celery import signals
 
 from core.queue import enqueue_job, make_celery
-from worker.runtime import reset_after_fork, shutdown_requested
+from worker.runtime import mark_worker_stopping, reset_after_fork, shutdown_requested
 
 log = logging.getLogger("robustify.worker")
 
@@ -30,7 +30,6 @@ app.conf.worker_enable_remote_control = False
 
 _maintenance: Any = None
 _webhooks: Any = None
-_pool: Any = None
 _billiard_term: Any = None
 # `robustify serve` and `demo` quiet Celery's own INFO lines, keeping the job lifecycle lines.
 quiet_libraries = False
@@ -76,25 +75,40 @@ def _task_finished(**_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _shutting_down(**_: Any) -> None:
-    """In the parent, from its signal handler (so: no logging here): tell the pool processes (and,
-    for the solo pool, this process) to hand their jobs back."""
+    """In the parent, from its signal handler (so: no logging here): tell the pool processes that
+    run a job (and, for the solo pool, this process) to hand it back.
+
+    Idle pool processes are left to Celery's warm shutdown, which closes them: one killed while
+    it holds the pool's shared queue lock would leave this process waiting for that lock at exit
+    for ever, and the pool forks a replacement for every one killed."""
     _request_shutdown()
-    processes = _pool.info.get("processes", []) if _pool is not None else []
-    for pid in processes:
+    mark_worker_stopping()
+    for pid in _busy_pool_processes():
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
 
 
+def _busy_pool_processes() -> set[int]:
+    """The pool processes running a task (Celery's accepted requests name them)."""
+    from celery.worker import state
+
+    for _ in range(3):
+        try:
+            return {r.worker_pid for r in list(state.active_requests) if r.worker_pid not in (None, os.getpid())}
+        except RuntimeError:  # a pool thread changed the set while it was being copied
+            continue
+    return set()
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     """In the parent process: heartbeat row, recovery sweep, webhook dispatch (no torch, no CUDA here)."""
-    global _maintenance, _webhooks, _pool
+    global _maintenance, _webhooks
     from worker.sweep import Maintenance
     from worker.webhooks import WebhookDispatcher
 
-    _pool = getattr(sender, "pool", None)
     queues = sorted(sender.app.amqp.queues.consume_from.keys()) if sender is not None else []
     name = getattr(sender, "hostname", None) or "worker"
     _maintenance = Maintenance(name, queues, lambda job_id: enqueue_job(app, job_id))

@@ -5,6 +5,8 @@ database connections (they are not safe to share across fork).
 """
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import threading
 from dataclasses import dataclass
@@ -41,6 +43,21 @@ _runtime: Runtime | None = None
 # Set when this process was told to stop (SIGTERM): a running job checkpoints and is handed
 # back to the queue instead of running to its end (worker/celery_app.py installs the handler).
 shutdown_requested = threading.Event()
+# Set by the worker's main process when its warm shutdown begins. Shared memory made before the
+# pool processes fork, so they see it too: a job message that still reaches a stopping worker
+# (its consumer takes one more while it winds down; a handed-back job comes straight back) is
+# left in the queue instead of being started there.
+_worker_stopping = multiprocessing.RawValue(ctypes.c_bool, False)
+
+
+def mark_worker_stopping() -> None:
+    """In the main process, from its signal handler (one store to shared memory)."""
+    _worker_stopping.value = True
+
+
+def worker_stopping() -> bool:
+    """Whether this worker is shutting down (this process was told, or its main process was)."""
+    return shutdown_requested.is_set() or bool(_worker_stopping.value)
 
 
 def runtime() -> Runtime:

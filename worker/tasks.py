@@ -1,7 +1,8 @@
 """The two tasks. Messages carry only ids; the database row is the source of truth.
 
 A task that cannot reach the database gives its message back to the broker (Reject with
-requeue) instead of acknowledging and so dropping it.
+requeue) instead of acknowledging and so dropping it; so does a job message that reaches a
+worker that is shutting down.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from celery.exceptions import Reject
 from core.queue import TASK_RUN_JOB, TASK_VALIDATE_MODEL
 from worker.celery_app import app
 from worker.outage import DatabaseUnavailable
+from worker.runtime import worker_stopping
 
 
 def _requeued_on_outage(run: Callable[[str], str], ident: str) -> str:
@@ -25,6 +27,8 @@ def _requeued_on_outage(run: Callable[[str], str], ident: str) -> str:
 def run_job(job_id: str) -> str:
     from worker.jobs import run_job as run
 
+    if worker_stopping():  # not started here: the message waits for another worker, or the next start
+        raise Reject(f"job {job_id} left in the queue: this worker is shutting down", requeue=True)
     return _requeued_on_outage(run, job_id)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -46,30 +46,35 @@ def _matches(entry_id: str, q: str | None) -> bool:
 
 
 def catalog(request: Request) -> ArchitectureCatalog:
-    app = request.app
-    if not hasattr(app.state, "architecture_catalog"):
-        app.state.architecture_catalog = ArchitectureCatalog(app.state.services.settings.data_dir / "cache")
-    return app.state.architecture_catalog
+    return request.app.state.architecture_catalog
 
 
-@router.get("", summary="List architectures: the built-ins and the families, or search a family's names")
-async def list_architectures(family: str | None = Query(None, description="builtin, timm, torchvision or robustbench"),
+# The families a search without `family` covers (RobustBench's names are searched by family).
+_SEARCHED_BY_DEFAULT = ("timm", "torchvision")
+Family = Literal["builtin", "timm", "torchvision", "robustbench"]
+assert set(get_args(Family)) == {BUILTIN_FAMILY, *LISTED_FAMILIES}  # one list of families
+
+
+@router.get("", summary="List architectures: the built-ins and the families, or search a family's names",
+            description="A family's names are listed once per server, in the background: until then "
+                        "(seconds after an install or upgrade) a search answers 503 `catalog_building` with "
+                        "Retry-After.")
+async def list_architectures(family: Family | None = Query(None, description="the family to search"),
                              q: str | None = Query(None, max_length=200,
                                                    description="part of a name, or a pattern with * and ?; without "
                                                                "family it searches builtin, timm and torchvision"),
-                             limit: int = Query(50, ge=1, le=MAX_PAGE), after: str | None = None,
+                             limit: int = Query(50, ge=1, le=MAX_PAGE),
+                             after: str | None = Query(None, max_length=300, description="last_id of the page before"),
                              who: Caller = Depends(caller),
                              names: ArchitectureCatalog = Depends(catalog)) -> dict[str, Any]:
-    if family is not None and family not in (BUILTIN_FAMILY, *LISTED_FAMILIES):
-        raise ApiError(422, "validation_error", f"unknown family {family!r}: use one of "
-                                                f"{', '.join((BUILTIN_FAMILY, *LISTED_FAMILIES))}.")
     if family is None and not q:
         items = _builtins() + _families()   # no name lists: answers at once
     else:
         items = [e for e in _builtins() if _matches(e["id"], q)] if family in (None, BUILTIN_FAMILY) else []
-        for name in ([family] if family in LISTED_FAMILIES else [] if family else ["timm", "torchvision"]):
-            listed = await run_in_threadpool(names.names, name)
-            items += [{**e, "object": "architecture", "family": name} for e in listed if _matches(e["id"], q)]
+        wanted = [family] if family in LISTED_FAMILIES else [] if family else list(_SEARCHED_BY_DEFAULT)
+        listed = await run_in_threadpool(names.names, wanted) if wanted else {}
+        for name, entries in listed.items():
+            items += [{**e, "object": "architecture", "family": name} for e in entries if _matches(e["id"], q)]
     if after:
         ids = [e["id"] for e in items]
         if after not in ids:

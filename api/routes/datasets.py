@@ -26,20 +26,27 @@ from core.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
+# The fields that shape how an image-folder archive is decoded carry "x-archive-only" (the
+# dashboard groups them); an .npz upload refuses them.
+_ARCHIVE_ONLY = {"x-archive-only": True}
+_FIELDS: dict[str, dict[str, Any]] = {
+    "file": {"type": "string", "format": "binary",
+             "description": ".npz with x (uint8, NxHxWxC or NxCxHxW) and y (int labels); or a .zip or .tar of "
+                            "class folders (train/<class>/..., test/<class>/... or <class>/...)"},
+    "name": {"type": "string"},
+    "metadata": {"type": "string", "description": "a JSON object"},
+    "image_size": {"type": "string", **_ARCHIVE_ONLY,
+                   "description": "resize to S (square) or H,W: scaled to cover, centre-cropped; default: keep "
+                                  "(all images one size)"},
+    "channels": {"type": "integer", "enum": [1, 3], "default": 3, **_ARCHIVE_ONLY,
+                 "description": "1 grayscale or 3 RGB"},
+    "test_fraction": {"type": "number", "default": 0.2, "exclusiveMinimum": 0, "exclusiveMaximum": 1, **_ARCHIVE_ONLY,
+                      "description": "class folders without train/ and test/: held-out share per class"},
+    "seed": {"type": "integer", "default": 0, "minimum": 0, "maximum": 2**31 - 1, **_ARCHIVE_ONLY,
+             "description": "seed of that split"},
+}
 _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": ".npz with x (uint8, NxHxWxC or NxCxHxW) and y (int labels); or a .zip "
-                                           "or .tar of class folders (train/<class>/..., test/<class>/... or "
-                                           "<class>/...)"},
-                   "name": {"type": "string"}, "metadata": {"type": "string"},
-                   "image_size": {"type": "string", "description": "archives: resize to S (square) or H,W: "
-                                  "scaled to cover, centre-cropped; default: keep (all images one size)"},
-                   "channels": {"type": "integer", "enum": [1, 3], "default": 3,
-                                "description": "archives: 1 grayscale or 3 RGB"},
-                   "test_fraction": {"type": "number", "default": 0.2,
-                                     "description": "archives of class folders only: held-out share per class"},
-                   "seed": {"type": "integer", "default": 0, "description": "archives: seed of that split"}}}}}}}
+    "type": "object", "required": ["file"], "properties": _FIELDS}}}}}
 
 
 def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
@@ -49,7 +56,8 @@ def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
     return summarize_npz(path, label="the uploaded .npz", max_bytes=settings.max_dataset_bytes)
 
 
-@router.post("", status_code=201, openapi_extra=_OPENAPI, summary="Upload a data set (.npz)")
+@router.post("", status_code=201, openapi_extra=_OPENAPI,
+             summary="Upload a data set (.npz, or a .zip / .tar of class folders)")
 async def create_dataset(request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
                          session: Session = SESSION) -> dict[str, Any]:
     if media_type(request) != "multipart/form-data":
@@ -91,7 +99,7 @@ def _store(svc: Services, session: Session, who: Caller, npz_path: Path, name: s
 
 
 # ------------------------------------------------------------------------------- image folders
-ARCHIVE_FIELDS = ("image_size", "channels", "test_fraction", "seed")
+ARCHIVE_FIELDS = tuple(name for name, schema in _FIELDS.items() if schema.get("x-archive-only"))
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
 
 

@@ -79,6 +79,7 @@ async def create_model(request: Request, svc: Services = Depends(services),
                 hub = HubModelCreate.model_validate(body)
             except pydantic.ValidationError as exc:
                 raise _validation_error(exc) from None
+            check_metadata(hub.metadata, svc.settings)
             return await run_in_threadpool(_create_hub, svc, session, who, hub)
         try:
             spec = RobustBenchModelCreate.model_validate(body)
@@ -127,6 +128,8 @@ def _create_hub(svc: Services, session: Session, who: Caller, spec: HubModelCrea
     """A `validating` row for a Hub model; the worker reads its config and weights, and fills in
     the input size, mean and std that the registration left to the hub's config."""
     size = spec.input_size or BUILTIN_DATASETS.get(spec.dataset) or _uploaded_shape(session, who, spec.dataset)
+    if size is not None and spec.input_mean is not None:
+        _check_channels(spec.input_mean, size)
     m = Model(
         id=new_id("mdl"), owner_key_id=who.key_id, name=spec.name, source="hf-hub",
         architecture=hub_architecture(spec.name, spec.revision), num_classes=spec.num_classes,
@@ -144,12 +147,17 @@ def _input_contract(architecture: str, dataset: str, size: list[int], form: Inpu
     """The stated mean/std, else the defaults of core.input_contract; checked against the channels."""
     if form.input_mean is None or form.input_std is None:
         return default_input_stats(architecture, dataset, size[0])
-    if len(form.input_mean) != size[0]:
+    _check_channels(form.input_mean, size)
+    return list(form.input_mean), list(form.input_std)
+
+
+def _check_channels(mean: list[float], size: list[int]) -> None:
+    """A stated mean/std has one value per input channel (the size may come from the data set)."""
+    if len(mean) != size[0]:
         raise RequestValidationError([{
             "loc": ("body", "input_mean"), "type": "value_error",
-            "msg": f"input_mean and input_std have {len(form.input_mean)} values but the input has {size[0]} "
+            "msg": f"input_mean and input_std have {len(mean)} values but the input has {size[0]} "
                    f"channels (input_size {size})"}])
-    return list(form.input_mean), list(form.input_std)
 
 
 def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import Caller, Services, caller, db_session, owned, services
 from api.errors import not_found
-from api.routes.common import MAX_PAGE, paginate
+from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import JobWebhook, WebhookEndpointCreate, page, webhook_delivery_object, webhook_endpoint_object
 from core.db import WebhookDelivery, WebhookEndpoint, new_id, utcnow
 from core.webhooks import check_target, new_secret
@@ -74,7 +74,7 @@ def create_endpoint(body: WebhookEndpointCreate, svc: Services = Depends(service
 
 
 @router.get("/v1/webhooks", summary="List webhook endpoints")
-def list_endpoints(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = None,
+def list_endpoints(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
                    who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
     live = _live(who)
     rows, more = paginate(session, select(WebhookEndpoint).where(*live), WebhookEndpoint, after, limit,

@@ -58,7 +58,10 @@ export function schemaField(name, prop, openapi, { path = "", required = false, 
     input = h("select", { id, name: inputName, required },
       !hasDefault ? h("option", { value: "" }, required ? "choose…" : "(server default)") : null,
       s.enum.map((v) => h("option", { value: v, selected: v === s.default }, v)));
-    read = () => (input.value === "" || input.value === s.default ? undefined : input.value);
+    // a <select> holds text: compare with the default as text, send numbers as numbers
+    const numeric = s.type === "integer" || s.type === "number";
+    read = () => (input.value === "" || (hasDefault && input.value === String(s.default)) ? undefined
+      : numeric ? Number(input.value) : input.value);
   } else if (s.type === "boolean") {
     input = h("input", { id, name: inputName, type: "checkbox", checked: !!s.default });
     read = () => (input.checked === !!s.default ? undefined : input.checked);

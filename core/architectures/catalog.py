@@ -1,12 +1,14 @@
 """The model names an architecture family knows, printed as JSON for the API.
 
 Listing timm's, torchvision's or RobustBench's names imports torch (and RobustBench), which the
-API process never does: it runs `python -m core.architectures.catalog <family>` once per family
-and caches the answer (api/catalog.py).
+API process never does: a background thread of the API runs
+`python -m core.architectures.catalog <family>...` and caches the answer (api/catalog.py). It
+prints {family: [names] or "why listing it failed"}, so one broken package spoils no other family.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -38,5 +40,14 @@ def family_names(family: str) -> list[dict[str, Any]]:
     raise ValueError(f"unknown family {family!r}; listed families: timm, torchvision, robustbench")
 
 
+def _listed(family: str) -> list[dict[str, Any]] | str:
+    try:
+        return family_names(family)
+    except Exception as exc:  # any failure of a third-party import is reported per family, to the API
+        return f"{type(exc).__name__}: {exc}"
+
+
 if __name__ == "__main__":
-    json.dump(family_names(sys.argv[1]), sys.stdout)
+    if hasattr(os, "nice"):
+        os.nice(10)  # a one-time listing: requests and training on the same machine come first
+    json.dump({family: _listed(family) for family in sys.argv[1:]}, sys.stdout)

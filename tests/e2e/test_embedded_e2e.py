@@ -6,13 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.e2e.conftest import (
-    EmbeddedServe, _descendants, _process_alive, free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until,
+    EmbeddedServe, _descendants, _process_alive, events, free_port, run_finetune_flow, submit, upload_model,
+    wait_model_ready, wait_status, wait_until,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -37,6 +39,41 @@ def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_f
     assert "robustify stopped." in serve.log()
     assert serve.worker_pids, "serve started no worker process"
     wait_until(serve.workers_gone, 10, "the worker processes to exit")
+
+
+def test_serve_stopped_mid_job_hands_it_back_and_a_restart_finishes_it(tmp_path: Path,
+                                                                      digits_model_file: Path) -> None:
+    """SIGTERM to `serve` while a job trains: the API and the worker stop side by side, the epoch
+    under way is checkpointed and the job handed back before serve exits (nothing is killed); the
+    next `serve` on the same data folder resumes it to the end."""
+    epochs, env = 3, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}
+    with EmbeddedServe(tmp_path, env) as serve, httpx.Client(base_url=serve.url, timeout=30) as client:
+        model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
+        job_id = submit(client, model["id"], epochs=epochs)["id"]
+
+        def inside_epoch_two() -> bool:
+            p = client.get(f"/v1/jobs/{job_id}").json()["progress"]
+            return p["phase"] == "train" and (p["epoch"] or 0) >= 2
+
+        wait_until(inside_epoch_two, 120, "training inside epoch 2", interval=0.1)
+        signalled = time.monotonic()
+    took = time.monotonic() - signalled
+    log = serve.log()
+    assert serve.rc == 0 and "robustify stopped." in log, log[-3000:]
+    assert "did not stop within" not in log and f"job {job_id} handed back to the queue" in log, log[-3000:]
+    wait_until(serve.workers_gone, 10, "the worker processes to exit")
+    print(f"serve stopped {took:.1f} s after SIGTERM, its running job handed back")
+
+    with EmbeddedServe(tmp_path, env) as again, httpx.Client(base_url=again.url, timeout=30) as client:
+        done = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 150)
+        evs = events(client, job_id)
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done   # the hand-back gave its attempt back
+    back = [e for e in evs if e["type"] == "status" and e["data"].get("reason") == "handed_back"]
+    partial = [e for e in evs if e["type"] == "checkpoint" and e["data"]["partial"]]
+    assert len(back) == 1 and partial and partial[-1]["id"] < back[0]["id"]   # the stopped epoch was saved first
+    assert [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint" and not e["data"]["partial"]] == \
+        list(range(1, epochs + 1))   # each epoch once: nothing lost, nothing twice
+    assert any("resumed_from_epoch" in (e["data"] or {}) for e in evs)
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

@@ -84,6 +84,10 @@ def test_byo_commands(capsys, live, keys, tmp_path):
     assert rc == 0 and "small-cnn" in out and "timm:<model name>" in out
     rc, out, _ = run(capsys, live, keys, "architectures", "list", "--family", "builtin", "--q", "wide")
     assert rc == 0 and out.split() == ["wide-resnet-28-10", "wide-resnet-34-10"]
+    # a family's names are listed by the server in the background, once: the command waits for them
+    rc, out, err = run(capsys, live, keys, "architectures", "list", "--family", "torchvision", "--q", "resnet1*")
+    assert rc == 0 and out.split() == ["torchvision:resnet101", "torchvision:resnet152", "torchvision:resnet18"], out
+    assert "listing the torchvision architectures" in err and "waiting" in err
 
 
 def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp_path):

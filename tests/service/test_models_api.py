@@ -246,3 +246,17 @@ def test_hub_registration_is_validated_by_the_worker(client, keys, queues):
     for bad in ({"name": "../etc"}, {"name": "a--b/c"}, {"num_classes": 1}, {"input_mean": [0.5], "input_std": [0]}):
         body = {"source": "hf-hub", "name": "acme/tiny-resnet", "num_classes": 3, "dataset": "imagenet", **bad}
         assert_problem(client.post("/v1/models", headers=h, json=body), 422, "validation_error")
+    # every bad value of the input contract is a 422 naming its field (a JSON body states lists as lists)
+    rgb = {"input_mean": [0.5, 0.5, 0.5], "input_std": [0.2, 0.2, 0.2]}
+    for bad, field in (({"input_size": False}, "input_size"), ({"input_size": {}}, "input_size"),
+                       ({"input_size": "3,224,224"}, "input_size"), ({"input_size": [3, 0, 8]}, "input_size"),
+                       ({"input_mean": False, "input_std": [1.0]}, "input_mean"),
+                       ({"input_mean": ["a"], "input_std": [1.0]}, "input_mean.0"),
+                       ({"input_mean": [], "input_std": []}, "input_mean"),
+                       ({"input_size": [1, 8, 8], **rgb}, ""),
+                       ({"dataset": "digits", **rgb}, "input_mean"),   # digits images have one channel
+                       ({"metadata": {"x": "y" * 70_000}}, "metadata")):
+        body = {"source": "hf-hub", "name": "acme/tiny-resnet", "num_classes": 3, "dataset": "imagenet", **bad}
+        problem = assert_problem(client.post("/v1/models", headers=h, json=body), 422, "validation_error")
+        assert problem["errors"][0]["field"] == field, (bad, problem)
+    assert queues.length(queues.cpu) == before + 1   # none of them was queued

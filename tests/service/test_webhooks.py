@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -85,9 +86,16 @@ def test_private_targets_are_refused(client, keys, db, url):
 
 def test_endpoint_registration(client, keys):
     h = keys["a"]["headers"]
-    for body, code in (({"url": "ftp://example.com/x"}, "webhook_target_forbidden"),
-                       ({"url": "http://user:pw@93.184.216.34/"}, "webhook_target_forbidden"),
-                       ({"url": "http://no-such-host.invalid/hook"}, "webhook_target_unresolvable"),
+    # the URL's form is the schema's (a pattern: http or https, a host): a 422 naming the field and the rule
+    for url, words in (("ftp://example.com/x", "absolute http:// or https:// URL"),
+                       ("0", "absolute http:// or https:// URL"),
+                       ("http://user:pw@93.184.216.34/", "must not carry credentials")):
+        r = client.post("/v1/webhooks", json={"url": url}, headers=h)
+        assert r.status_code == 422 and r.json()["code"] == "validation_error", (url, r.text)
+        assert r.json()["errors"][0]["field"] == "url" and words in r.json()["errors"][0]["msg"], r.text
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["WebhookEndpointCreate"]["properties"]["url"]
+    assert re.search(schema["pattern"], "https://ci.example.com/hook") and not re.search(schema["pattern"], "0")
+    for body, code in (({"url": "http://no-such-host.invalid/hook"}, "webhook_target_unresolvable"),
                        ({"url": "http://93.184.216.34/", "events": ["job.exploded"]}, "validation_error")):
         r = client.post("/v1/webhooks", json=body, headers=h)
         assert r.status_code == 422 and r.json()["code"] == code, (body, r.text)

@@ -21,11 +21,20 @@ export async function datasetsView(root, { signal }) {
       : h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No uploaded data sets."))));
     status.replaceChildren();
   };
-  const fields = schemaFields(bodySchema(openapi, "/v1/datasets", "multipart/form-data"), openapi);
+  const schema = bodySchema(openapi, "/v1/datasets", "multipart/form-data");
+  const fields = schemaFields(schema, openapi);
+  // Fields that only shape how a .zip / .tar of class folders is decoded: a group of their own
+  // (left untouched they are not sent, so an .npz upload never carries them).
+  const archiveOnly = (f) => schema.properties?.[f.name]?.["x-archive-only"] === true;
+  const archive = fields.filter(archiveOnly);
   const form = registerForm({
-    id: "dataset-upload", fields, submitLabel: "Upload",
+    id: "dataset-upload", fields: fields.filter((f) => !archiveOnly(f)), read: fields, submitLabel: "Upload",
     send: (values, progress) => api.upload("v1/datasets", multipart(values), progress),
     done: (d) => { refresh(); return `Uploaded ${d.name} (${d.id}): ${d.num_examples} images, ${d.num_classes} classes.`; },
+    extra: archive.length ? h("fieldset", { id: "archive-options" },
+      h("legend", {}, "Image-folder archives (.zip / .tar) only"),
+      h("p", { class: "caption" }, "How the images are resized, coloured and split; an .npz is stored as it is."),
+      h("div", { class: "grid" }, archive.map((f) => f.el))) : null,
   });
   const builtins = builtinDatasets(openapi);
   fill(root, 

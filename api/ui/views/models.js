@@ -25,9 +25,10 @@ async function architectures(openapi, uploadSchema) {
 
 /**
  * A form generated from a request schema that posts with `send(values)`; after success it calls
- * `done(reply)`. Returns the <form>.
+ * `done(reply)`. `fields` are laid out first, `extra` below them; `read` (default: `fields`) are
+ * the fields whose values are sent. Returns the <form>.
  */
-export function registerForm({ id, fields, submitLabel, send, done, extra = null }) {
+export function registerForm({ id, fields, submitLabel, send, done, extra = null, read = fields }) {
   const message = h("div", { class: "form-message" });
   const bar = h("div");
   const submit = h("button", { type: "submit", class: "primary" }, submitLabel);
@@ -39,7 +40,7 @@ export function registerForm({ id, fields, submitLabel, send, done, extra = null
     showFieldErrors(form, null);
     submit.disabled = true;
     try {
-      const reply = await send(readFields(fields), (f) => bar.replaceChildren(progressBar(f, `uploading ${Math.round(100 * f)} %`)));
+      const reply = await send(readFields(read), (f) => bar.replaceChildren(progressBar(f, `uploading ${Math.round(100 * f)} %`)));
       form.reset();
       message.replaceChildren(note("info", done(reply)));
     } catch (err) {
@@ -82,15 +83,25 @@ export async function modelsView(root, { signal }) {
     send: (values, progress) => api.upload("v1/models", multipart(values), progress),
     done: (m) => { refresh(); return `Registered ${m.name || m.id} (${m.id}); the worker is checking the weights.`; },
   });
-  const zooFields = schemaFields(zooSchema, openapi, { skip: ["source", "metadata"] });
-  const zoo = registerForm({
-    id: "model-robustbench", fields: zooFields, submitLabel: "Register",
-    send: (values) => api.post("v1/models", { source: "robustbench", ...values }),
-    done: (m) => { refresh(); return `Registered ${m.name} (${m.id}); the worker fetches and checks the weights.`; },
-    extra: h("p", { class: "caption" }, "A model of the RobustBench zoo, by its ID. The worker loads its weights from the server's model folder, ",
-      "or downloads them where the server allows downloads."),
-  });
-  const tabs = tabbed([["Upload weights (safetensors)", upload], ["RobustBench model", zoo]]);
+  // The JSON body is one of several sources (robustbench, hf-hub): one form per source the schema offers.
+  const jsonForm = (source, id, caption) => {
+    const schema = sourceSchema(zooSchema, source, openapi);
+    if (!schema) return null;
+    return registerForm({
+      id, fields: schemaFields(schema, openapi, { skip: ["source", "metadata"], suggestions: { dataset: datasetNames } }),
+      submitLabel: "Register",
+      send: (values) => api.post("v1/models", { source, ...values }),
+      done: (m) => { refresh(); return `Registered ${m.name} (${m.id}); the worker fetches and checks the weights.`; },
+      extra: h("p", { class: "caption" }, caption),
+    });
+  };
+  const zoo = jsonForm("robustbench", "model-robustbench", "A model of the RobustBench zoo, by its ID. The worker loads "
+    + "its weights from the server's model folder, or downloads them where the server allows downloads.");
+  const hub = jsonForm("hf-hub", "model-hub", "A timm model on the Hugging Face Hub, by its repository id. The worker "
+    + "reads its config.json and weights from the server's Hugging Face cache, or downloads them where the server "
+    + "allows downloads; input size, mean and std left empty come from its config.json.");
+  const tabs = tabbed([["Upload weights (safetensors)", upload], ["RobustBench model", zoo], ["Hugging Face Hub (timm)", hub]]
+    .filter(([, form]) => form));
 
   fill(root, 
     h("div", { class: "page-head" }, h("h1", {}, "Models")),
@@ -116,6 +127,15 @@ function modelRow(m, refresh) {
     h("td", {}, badge(m.status)),
     h("td", { class: "num hide-sm" }, bytes(m.size)),
     h("td", { title: `created ${ago(m.created_at)}` }, actions));
+}
+
+/** The option of a JSON body schema (oneOf) whose `source` is `source`, or null. */
+function sourceSchema(schema, source, openapi) {
+  const options = (schema.oneOf || schema.anyOf || [schema]).map((o) => deref(o, openapi));
+  return options.find((o) => {
+    const p = deref(o.properties?.source, openapi);
+    return p.const === source || (p.enum || []).includes(source);
+  }) || null;
 }
 
 /** DELETE after a confirmation; a refusal (say, a job still uses it) is shown as is. */

@@ -17,11 +17,17 @@ def _drop_checkpoint(state: Any) -> None:
     return None
 
 
+def _no_warning(message: str, data: dict[str, Any]) -> None:
+    return None
+
+
 @dataclass
 class Hooks:
     """progress(fraction in [0,1], phase, metrics); should_stop() checked every few steps;
-    checkpoint(state) receives a `core.checkpoint.TrainingCheckpoint` after every epoch."""
+    checkpoint(state) receives a `core.checkpoint.TrainingCheckpoint` after every epoch;
+    warn(message, data) is told, when it happens, what the result's `warnings` will list."""
 
     progress: Callable[[float, str, dict[str, Any]], None] = field(default=_no_progress)
     should_stop: Callable[[], bool] = field(default=_never_stop)
     checkpoint: Callable[[Any], None] = field(default=_drop_checkpoint)
+    warn: Callable[[str, dict[str, Any]], None] = field(default=_no_warning)

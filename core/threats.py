@@ -3,7 +3,7 @@
 After MadryLab's `attack_steps`: each threat knows its ground norm, how to turn per-sample
 input gradients into a step direction, its sensitivity Υ, its distance and its projection.
 W2 threats (p = 2) normalise and project over the whole set; pointwise threats (W∞) act on
-each image alone. Formulas: ../shared/design/algorithm.md.
+each image alone.
 """
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ class Threat:
     @property
     def ground(self) -> Literal["linf", "l2"]:
         return "linf" if self.kind.endswith("linf") else "l2"
+
+    def labels(self) -> dict[str, float | str]:
+        """What a set of metrics at this threat measured: the radius, the job's threat model, and
+        the two balls its robust accuracies refer to (W2 with this ground cost, and pointwise)."""
+        return {"delta": self.delta, "threat_model": self.kind, "w2_threat": f"w2-{self.ground}",
+                "pointwise_threat": self.ground}
 
     @property
     def pointwise(self) -> "Threat":

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo serve test test-fast bench clean
+.PHONY: install test-data demo serve test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,23 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Fashion-MNIST, the test suite's second real data set, from Debian's dataset-fashion-mnist package.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(FASHION_MNIST)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+test-data: $(FASHION_MNIST)/train-images-idx3-ubyte.gz
+
 demo: install          ## start the embedded service, fine-tune on digits over HTTP, show the result
 	$(BIN)/robustify demo
 
 serve: install         ## run the API and one worker on the embedded default (SQLite, no broker server)
 	$(BIN)/robustify serve
 
-test: install          ## the whole suite (unit, integration against PostgreSQL/Redis, end to end)
+test: install test-data  ## the whole suite (unit, integration against PostgreSQL/Redis, end to end)
 	$(BIN)/python -m pytest -q
 
 bench: install         ## engine throughput against a plain baseline (GPU when present, else a tiny CPU run)

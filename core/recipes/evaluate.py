@@ -118,7 +118,7 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
             hooks.warn(message, {"delta": delta, "steps": res.steps})
         done += 1
         hooks.progress(done / units, phase, {"clean_accuracy": res.clean_accuracy,
-                                             "w2_robust_accuracy": res.robust_accuracy})
+                                             "w2_robust_accuracy": res.robust_accuracy, "delta": delta})
         if hooks.should_stop():
             report.stopped = True
             report.provenance = _provenance(config, n, compute, context, started_at)

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import free_port, run_finetune_flow, upload_model, wait_model_ready, wait_until
+from tests.e2e.conftest import free_port, run_finetune_flow, start_serve, upload_model, wait_model_ready, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,25 +36,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_serve_runs_a_job_on_the_embedded_default(tmp_path: Path, digits_model_file: Path) -> None:
-    data_dir = tmp_path / "robustify-data"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
-    env.update({"ROBUSTIFY_DATA_DIR": str(data_dir), "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3",
-                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    serve, url, log_path, data_dir = start_serve(tmp_path)
     try:
-        def up() -> bool:
-            assert serve.poll() is None, log_path.read_text()[-3000:]
-            try:
-                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200  # API, database, broker, worker
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "robustify serve to be ready")
         assert f"robustify serving on {url}" in log_path.read_text()
 
         with httpx.Client(base_url=url, timeout=30) as client:  # no API key: auth is off on localhost

@@ -285,7 +285,7 @@ def test_enqueue_failure_marks_the_job_failed(pg_url, keys, ready_model, db, que
 def test_submit_resolves_auto_defaults_from_the_training_set(client, keys, ready_model):
     h = keys["a"]["headers"]
     job = submit(client, h, ready_model, config={}).json()          # digits: 1,438 training images
-    assert (job["config"]["batch_size"], job["config"]["lr"], job["config"]["epochs"]) == (16, 0.0025, 10)
+    assert (job["config"]["batch_size"], job["config"]["lr"], job["config"]["epochs"]) == (16, 0.0025, 8)
     assert job["config"]["selection"] == {"metric": "w2_robust_accuracy", "max_clean_drop": 0.1}
     few = submit(client, h, ready_model, config={"train_examples": 300}).json()
     assert (few["config"]["batch_size"], few["config"]["epochs"]) == (16, 10)

@@ -206,6 +206,17 @@ def test_a_run_that_cannot_help_hands_back_the_input(base_model, digits_data) ->
     assert warned == result.warnings                       # each warning was also reported as it happened
 
 
+def test_too_few_optimizer_steps_per_epoch_warn_with_the_numbers(base_model, digits_data) -> None:
+    warned: list[tuple[str, dict]] = []
+    config = _config(epochs=1, batch_size=512, validation_examples=100, test_examples=50, eval_wpgd_steps=2,
+                     eval_pgd_steps=2, attack_steps=1)
+    result = finetune(config, _fresh(base_model), digits_data, Hooks(warn=lambda m, d: warned.append((m, d))))
+    message, data = warned[0]                                # told before the first epoch starts
+    assert "batch_size 512 gives only 2 optimizer step(s) per epoch" in message and "auto" in message
+    assert data == {"steps_per_epoch": 2, "batch_size": 512, "train_examples": 1151}
+    assert result.warnings[0] == message
+
+
 def test_default_evaluation_runs_in_float32_while_training_may_use_bf16(base_model, digits_data) -> None:
     """Forward hooks record whether autocast was on: the validation and test attacks never use it,
     even when the training step is asked to run in bf16."""

@@ -369,27 +369,23 @@ def _finish_finetune(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, resu
         return job.status
 
 
-def _input_as_checkpoint(rt: Runtime, s: Any, job: Job, result: Any) -> Artifact | None:
+def _input_as_checkpoint(rt: Runtime, s: Any, job: Job, result: Any) -> Artifact:
     """When no epoch beat the input, the best checkpoint is the input model: its uploaded weights
     file itself (the same bytes, so a download is byte-identical to the upload), as epoch 0."""
     model_row = s.get(Model, job.model_id)
     weights = s.get(Artifact, model_row.weights_artifact_id) if model_row and model_row.weights_artifact_id else None
-    metrics = _json_safe(result.validation["before"])
-    if weights is not None and rt.store.exists(ArtifactStore.relpath_for(weights.sha256)):
-        return record_artifact(s, rt.store, kind="checkpoint", src_path=rt.store.path(
-                                   ArtifactStore.relpath_for(weights.sha256)),
-                               filename=f"{job.id}-epoch0-input.safetensors",
-                               content_type="application/octet-stream", owner_key_id=job.owner_key_id,
-                               job_id=job.id, epoch=0, is_best=True, data=metrics)
+    row = dict(kind="checkpoint", filename=f"{job.id}-epoch0-input.safetensors",
+               content_type="application/octet-stream", owner_key_id=job.owner_key_id, job_id=job.id, epoch=0,
+               is_best=True, data=_json_safe(result.validation["before"]))
+    stored = ArtifactStore.relpath_for(weights.sha256) if weights is not None else None
+    if stored is not None and rt.store.exists(stored):
+        return record_artifact(s, rt.store, src_path=rt.store.path(stored), **row)
     from core.checkpoint import save_weights
 
-    tmp = rt.store.temp_file(".safetensors")   # a model without a stored file (not expected): its weights
+    tmp = rt.store.temp_file(".safetensors")   # a model row without its file (not expected): its weights
     try:
         save_weights(result.best_model_state, tmp, metadata={"epoch": "0"})
-        return record_artifact(s, rt.store, kind="checkpoint", src_path=tmp, move=True,
-                               filename=f"{job.id}-epoch0-input.safetensors",
-                               content_type="application/octet-stream", owner_key_id=job.owner_key_id,
-                               job_id=job.id, epoch=0, is_best=True, data=metrics)
+        return record_artifact(s, rt.store, src_path=tmp, move=True, **row)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -232,7 +232,9 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
 
 def is_eligible(row: dict[str, Any], before: dict[str, Any], rule: SelectionRule) -> bool:
     """Within the allowed drop of validation clean accuracy from the input's (epoch 0 always is)."""
-    return rule.max_clean_drop is None or row["clean_accuracy"] >= before["clean_accuracy"] - rule.max_clean_drop - 1e-12
+    if rule.max_clean_drop is None:
+        return True
+    return row["clean_accuracy"] >= before["clean_accuracy"] - rule.max_clean_drop - 1e-12
 
 
 def is_better(row: dict[str, Any], best: dict[str, Any], before: dict[str, Any], rule: SelectionRule) -> bool:
@@ -399,8 +401,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         hooks.progress((epoch - 0.05) / epochs, "evaluate", {"epoch": epoch, "total_epochs": epochs})
         metrics = evaluate_heldout(model, val_x, val_y, threat, config, eval_compute, seed=config.seed + epoch)
         mean_delta = float(budget_sum / max(steps_done, 1))
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics,
-               "mean_batch_delta": mean_delta, "mean_batch_delta_ratio": mean_delta / threat.delta if threat.delta else 1.0,
+        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "mean_batch_delta": mean_delta,
+               "mean_batch_delta_ratio": mean_delta / threat.delta if threat.delta else 1.0,
                "upsilon_ema": float(upsilon_ema), "lr": scheduler.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
         history.append(row)

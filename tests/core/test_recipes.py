@@ -50,7 +50,8 @@ def _config(**overrides) -> FinetuneConfig:
 
 
 def test_interrupted_run_resumed_from_checkpoint_ends_with_the_same_weights(base_model, digits_data, tmp_path) -> None:
-    config = _config(epochs=3, validation_examples=100, test_examples=100, eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=3)
+    config = _config(epochs=3, validation_examples=100, test_examples=100,
+                     eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=3)
     uninterrupted = finetune(config, _fresh(base_model), digits_data)
 
     class WorkerDied(Exception):
@@ -78,7 +79,8 @@ def test_interrupted_run_resumed_from_checkpoint_ends_with_the_same_weights(base
 
 
 def test_cancellation_stops_within_an_epoch_and_saves_a_checkpoint(base_model, digits_data) -> None:
-    config = _config(epochs=4, validation_examples=100, test_examples=100, eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=2)
+    config = _config(epochs=4, validation_examples=100, test_examples=100,
+                     eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=2)
     calls = {"progress": 0}
     saved = []
 
@@ -101,7 +103,8 @@ def test_cancellation_stops_within_an_epoch_and_saves_a_checkpoint(base_model, d
 def test_run_stopped_inside_an_epoch_resumes_exactly(base_model, digits_data, tmp_path) -> None:
     """A cancel or a lost worker mid-epoch saves a state from which the epoch finishes as if
     nothing had happened: same shuffle, same random draws, schedule not replayed."""
-    config = _config(epochs=2, validation_examples=100, test_examples=100, eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=2)
+    config = _config(epochs=2, validation_examples=100, test_examples=100,
+                     eval_wpgd_steps=5, eval_pgd_steps=3, attack_steps=2)
     uninterrupted = finetune(config, _fresh(base_model), digits_data)
     seen = {"epoch": 0, "step": 0}
 

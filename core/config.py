@@ -101,8 +101,10 @@ class FinetuneConfig(_Strict):
     validation_examples: int = Field(default=1000, ge=1, description="At most this many validation images.")
     test_examples: int | None = Field(
         default=None, ge=1, description="Test images for the reported before/after numbers; null: all of them.")
-    eval_wpgd_steps: int = Field(default=20, ge=1)
-    eval_pgd_steps: int = Field(default=10, ge=1)
+    eval_wpgd_steps: int = Field(default=20, ge=1, description="W-PGD steps of the per-epoch validation.")
+    eval_pgd_steps: int = Field(default=10, ge=1, description="PGD steps of the per-epoch validation.")
+    test_wpgd_steps: int = Field(default=50, ge=1, description="W-PGD steps of the reported test numbers.")
+    test_pgd_steps: int = Field(default=20, ge=1, description="PGD steps of the reported test numbers.")
     train_examples: int | None = Field(default=None, ge=1, description="Use only the first N training images.")
     amp: Literal["auto", "bf16", "off"] = Field(
         default="auto", description="The training step: auto is bf16 on CUDA, float32 on CPU.")

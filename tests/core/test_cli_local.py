@@ -2,6 +2,7 @@
 README's local examples run here word for word."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -73,15 +74,14 @@ def test_a_local_run_that_cannot_help_writes_the_input_as_best(tmp_path: Path) -
     save_model_file(train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
                                    epochs=2, seed=0), upload)
     proc = _robustify("finetune", "--model", str(upload), "--dataset", "digits", "--delta", "0.1",
-                      "--set", "epochs=1", "--set", "lr=1e-9", "--set", "attack_steps=1", "--set", "eval_wpgd_steps=3",
-                      "--set", "eval_pgd_steps=2", "--out", str(tmp_path / "ft"), cwd=tmp_path)
+                      "--set", "epochs=1", "--set", "lr=1e-9", "--set", "train_examples=400", "--set", "attack_steps=1",
+                      "--set", "test_examples=100", "--set", "eval_wpgd_steps=3", "--set", "test_wpgd_steps=3",
+                      "--out", str(tmp_path / "ft"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ft" / "best.safetensors").read_bytes() == upload.read_bytes()
     assert "NOT IMPROVED" in proc.stdout and "warning: no fine-tuned epoch beat the input model" in proc.stdout
     report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert report["improved"] is False and report["best_epoch"] == 0
-    import hashlib
-
     assert report["provenance"]["model_sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
 
 

@@ -44,7 +44,8 @@ def _fresh(base_model) -> torch.nn.Module:
 
 def _config(**overrides) -> FinetuneConfig:
     fields = dict(threat_model={"kind": "w2-linf", "delta": DELTA}, epochs=8, batch_size=64, lr=0.003, beta=3.0,
-                  attack_steps=5, validation_examples=400, eval_wpgd_steps=20, eval_pgd_steps=10, seed=0)
+                  attack_steps=5, validation_examples=400, eval_wpgd_steps=20, eval_pgd_steps=10, test_wpgd_steps=10,
+                  test_pgd_steps=5, seed=0)
     fields.update(overrides)
     return FinetuneConfig(**fields)
 
@@ -144,7 +145,8 @@ def test_dynamic_budget_keeps_the_mean_batch_radius_at_delta(base_model, digits_
     """δ_B = δ·Υ_B/Ῡ varies per batch, and the running Ῡ keeps the epoch's mean δ_B within 10 % of δ
     from the first epoch on (auto batch size: 71 steps per epoch on digits)."""
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, epochs=1, validation_examples=50,
-                            test_examples=50, eval_wpgd_steps=3, eval_pgd_steps=2)
+                            test_examples=50, eval_wpgd_steps=3, eval_pgd_steps=2, test_wpgd_steps=3,
+                            test_pgd_steps=2)
     result = finetune(config, _fresh(base_model), digits_data)
     row = result.history[0]
     assert row["mean_batch_delta"] == pytest.approx(DELTA, rel=0.10), row
@@ -216,7 +218,7 @@ def test_too_few_optimizer_steps_per_epoch_warn_with_the_numbers(base_model, dig
     result = finetune(config, _fresh(base_model), digits_data, Hooks(warn=lambda m, d: warned.append((m, d))))
     message, data = warned[0]                                # told before the first epoch starts
     assert "batch_size 512 gives only 2 optimizer step(s) per epoch" in message and "auto" in message
-    assert data == {"steps_per_epoch": 2, "batch_size": 512, "train_examples": 1151}
+    assert data == {"steps_per_epoch": 2, "batch_size": 512, "train_examples": 1338}   # 1,438 less 100 held out
     assert result.warnings[0] == message
 
 

@@ -28,7 +28,7 @@ REDIS_DB = int(os.environ.get("ROBUSTIFY_E2E_REDIS_DB", "11"))
 # A tiny W-TRADES recipe: a few seconds per job on 2 CPU cores (11 steps per epoch on digits' 1,150
 # training images left after the validation split).
 TINY = {"epochs": 4, "batch_size": 96, "lr": 0.01, "beta": 3.0, "attack_steps": 3, "validation_examples": 200,
-        "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "budget_subset": 256}
+        "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "test_wpgd_steps": 10, "test_pgd_steps": 3, "budget_subset": 256}
 THREAT = {"kind": "w2-linf", "delta": 0.1}
 
 

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install browser demo serve test test-browser test-fast bench docs clean
+.PHONY: install browser test-data demo serve test test-browser test-fast bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,22 @@ browser:               ## Chromium for the browser tests (apt-get install when m
 	  echo "installing Debian's chromium for the dashboard's browser tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
+# Fashion-MNIST, the test suite's second real data set, from Debian's dataset-fashion-mnist package.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+$(FASHION_MNIST)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+test-data: $(FASHION_MNIST)/train-images-idx3-ubyte.gz
+
 demo: install          ## start the embedded service, fine-tune on digits over HTTP, show the result
 	$(BIN)/robustify demo
 
 serve: install         ## run the API and one worker on the embedded default (SQLite, no broker server)
 	$(BIN)/robustify serve
 
-test: install browser  ## the whole suite (unit, integration against PostgreSQL/Redis, end to end, browser)
+test: install browser test-data  ## the whole suite (unit, integration against PostgreSQL/Redis, end to end, browser)
 	$(BIN)/python -m pytest -q
 
 test-browser: install browser  ## only the dashboard's tests in a real browser

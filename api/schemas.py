@@ -300,7 +300,7 @@ def dataset_object(d: Dataset, artifact: Artifact | None) -> dict[str, Any]:
 
 
 _PROGRESS_KEYS = ("fraction", "phase", "epoch", "total_epochs", "step", "total_steps", "eta_seconds")
-_METRIC_KEYS = ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "train_loss")
+_METRIC_KEYS = ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "train_loss", "delta")
 
 
 def job_object(j: Job) -> dict[str, Any]:

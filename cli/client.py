@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from core.result_table import result_table
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -249,6 +251,10 @@ def jobs_submit(api: Api, args: argparse.Namespace) -> int:
         _print(job)
     else:
         print(f"{job['id']}  {job['status']}  {job['type']} of {job['model_id']} on {job['dataset']}")
+        if job["type"] == "finetune":
+            cfg = job["config"]
+            print(f"  epochs {cfg['epochs']}, batch_size {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, "
+                  f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}")
     if args.watch:
         return watch(api, job["id"], quiet=args.json)
     return 0
@@ -280,7 +286,7 @@ def _summary(job: dict[str, Any]) -> str:
     if job.get("error"):
         lines.append(f"  error [{job['error'].get('code')}]: {job['error'].get('message')}")
     if job.get("result"):
-        lines.append("  result " + json.dumps(job["result"]))
+        lines.append(result_table(job["result"]))
         if job["result"].get("model_id"):
             lines.append(f"  registered model {job['result']['model_id']}: robustify jobs submit --type evaluate "
                          f"--model {job['result']['model_id']} --dataset {job['dataset']}")
@@ -438,7 +444,7 @@ def jobs_download(api: Api, args: argparse.Namespace) -> int:
     if not any(got.values()):
         raise ClientError(f"job {job['id']} ({job['status']}) has nothing to download yet")
     if job.get("result"):
-        print("result " + json.dumps(job["result"], indent=2))
+        print(result_table(job["result"]))
     return 0
 
 

@@ -17,17 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.result_table import finetune_table
 from core.settings import get_settings
 
-# Small settings: well under 2 minutes on 2 CPU cores, and a visible robustness gain (β=3 keeps
-# the clean accuracy of this small model; on digits it lifts W2 robust accuracy by ~0.15-0.2).
-DEMO_CONFIG: dict[str, Any] = {
-    "epochs": 15, "batch_size": 128, "lr": 0.01, "beta": 3.0, "attack_steps": 10, "eval_examples": 360,
-    "eval_wpgd_steps": 20, "eval_pgd_steps": 10, "budget_subset": 512,
-}
+# The README's service example: every field at its default but the epochs (the defaults fit digits'
+# size: batch 16, lr 0.0025, 71 optimizer steps per epoch). About a minute on 2 CPU cores; it lifts
+# the test-set W2 robust accuracy at δ = 0.1 from about 0.47 to 0.62-0.67.
+DEMO_CONFIG: dict[str, Any] = {"epochs": 8}
 DEMO_THREAT = {"kind": "w2-linf", "delta": 0.1}
-ROWS = (("clean accuracy", "clean_accuracy"), ("W2 robust accuracy", "w2_robust_accuracy"),
-        ("l-inf robust accuracy", "linf_robust_accuracy"))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -96,16 +93,6 @@ def _follow(client: Any, job_id: str) -> dict[str, Any]:
             time.sleep(0.5)
     finally:
         bar.close()
-
-
-def _table(before: dict[str, float], after: dict[str, float]) -> str:
-    lines = [f"{'':24s}{'before':>10s}{'after':>10s}{'change':>10s}"]
-    for label, key in ROWS:
-        b, a = before.get(key), after.get(key)
-        if b is None or a is None:
-            continue
-        lines.append(f"{label:24s}{b:10.3f}{a:10.3f}{a - b:+10.3f}")
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
             result = job["result"]
             _say(f"5/5 downloaded the best checkpoint (epoch {result['best_epoch']}, sha256 {digest[:16]}… "
                  f"verified) to {out}\n")
-            _say(_table(result["before"], result["after"]))
-            _say(f"\n(held-out digits; W2 and l-inf radius {DEMO_THREAT['delta']}. Report: {svc.url}/v1/jobs/{job_id}/report)")
+            _say(finetune_table(result))
+            _say(f"\n(report: {svc.url}/v1/jobs/{job_id}/report)")
     except KeyboardInterrupt:
         _say("\nrobustify demo: interrupted")
         return 130

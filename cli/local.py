@@ -1,12 +1,15 @@
 """`robustify finetune` and `robustify evaluate`: the engine on this machine, no server.
 
 Writes into --out: checkpoints/epoch_N.safetensors, best.safetensors, last.safetensors,
-training_state.safetensors (for --resume), report.json and report.png.
+training_state.safetensors (for --resume), report.json and report.png. When no fine-tuned
+epoch beats the input, best.safetensors is the input model (a byte copy of --model).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -16,6 +19,7 @@ import pydantic
 
 from core.config import EvaluateConfig, FinetuneConfig
 from core.errors import RobustifyError
+from core.result_table import evaluation_table, finetune_table
 from core.settings import get_settings
 
 
@@ -52,6 +56,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     src.add_argument("--mean", type=_floats, help="per-channel mean the model normalises its input with, e.g. "
                                                   "0.485,0.456,0.406 (default: none)")
     src.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
+    src.add_argument("--pretrain-seed", type=int, default=0,
+                     help="seed of the pre-training (default 0); --seed never changes the starting model")
     p.add_argument("--dataset", default="digits", help="cifar10 | cifar100 | fashion-mnist | digits | path.npz")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--config", type=Path, help="JSON file with recipe fields")
@@ -113,11 +119,13 @@ def _load(args: argparse.Namespace):
 
         import torch
 
-        torch.manual_seed(args.seed or 0)   # the same starting model on every run
+        # its own seed: runs that differ only in --seed start from the same weights
+        torch.manual_seed(args.pretrain_seed)
         model = with_pixel_input(create_model(args.architecture, num_classes=data.num_classes, in_channels=c,
                                               image_size=(h, w), dataset=args.dataset), args.mean, args.std)
-        print(f"pre-training {args.architecture} on {args.dataset} for {args.pretrain} epochs (plain CE)...")
-        model = train_standard(model, data, epochs=args.pretrain, device=args.device)
+        print(f"pre-training {args.architecture} on {args.dataset} for {args.pretrain} epochs (plain CE, "
+              f"seed {args.pretrain_seed})...")
+        model = train_standard(model, data, epochs=args.pretrain, seed=args.pretrain_seed, device=args.device)
         print(f"clean test accuracy after pre-training: {accuracy(model, data):.4f}")
     else:
         raise SystemExit("give --model FILE.safetensors, --robustbench NAME, or --pretrain EPOCHS")
@@ -145,19 +153,11 @@ class _Bar:
         """A recipe's event (e.g. a batch halved after a CUDA out-of-memory error), above the bar."""
         self.bar.write(f"{type}: {message}")
 
+    def warn(self, message: str, data: dict[str, Any]) -> None:
+        self.bar.write(f"warning: {message}")
+
     def close(self) -> None:
         self.bar.close()
-
-
-def _table(rows: dict[str, dict[str, float]]) -> str:
-    keys = [k for k in ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
-                        "w2_robust_to_clean_ratio", "linf_robust_to_clean_ratio", "l2_robust_to_clean_ratio")
-            if any(k in r for r in rows.values())]
-    widths = [max(10, len(name) + 2) for name in rows]
-    lines = [f"{'':28s}" + "".join(f"{name:>{w}s}" for name, w in zip(rows, widths))]
-    for k in keys:
-        lines.append(f"{k:28s}" + "".join(f"{r.get(k, float('nan')):{w}.4f}" for r, w in zip(rows.values(), widths)))
-    return "\n".join(lines)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -178,17 +178,34 @@ def run_finetune(args: argparse.Namespace) -> int:
     resume = load_training_checkpoint(args.resume) if args.resume else None
     bar = _Bar()
     try:
-        result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint, event=bar.event),
-                          device=args.device, resume=resume)
+        result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint, event=bar.event,
+                                                     warn=bar.warn),
+                          device=args.device, resume=resume, context=_context(args))
     finally:
         bar.close()
-    save_weights(result.best_model_state, out / "best.safetensors", metadata={"epoch": str(result.best_epoch)})
+    if result.best_epoch == 0 and args.model:
+        shutil.copyfile(args.model, out / "best.safetensors")   # the input itself, byte for byte
+    else:
+        save_weights(result.best_model_state, out / "best.safetensors", metadata={"epoch": str(result.best_epoch)})
     save_weights(result.last_model_state, out / "last.safetensors")
     (out / "report.json").write_text(json.dumps(result.report, indent=2))
     (out / "report.png").write_bytes(result.plot_png())
-    print(_table({"before": result.before, f"best (ep {result.best_epoch})": result.best, "last": result.last}))
+    print(finetune_table(result.summary))
     print(f"wrote {out}/best.safetensors, last.safetensors, report.json, report.png")
     return 0
+
+
+def _context(args: argparse.Namespace) -> dict[str, Any]:
+    """What the report's provenance says about the inputs of a local run."""
+    context: dict[str, Any] = {"dataset": args.dataset}
+    if args.model:
+        context.update(model_file=str(args.model), model_sha256=hashlib.sha256(args.model.read_bytes()).hexdigest())
+    elif args.robustbench:
+        context["model"] = f"robustbench:{args.robustbench}"
+    else:
+        context["model"] = (f"{args.architecture} pre-trained for {args.pretrain} epochs "
+                            f"(seed {args.pretrain_seed})")
+    return context
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -200,19 +217,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bar = _Bar()
     try:
-        report = evaluate(config, model, data, Hooks(progress=bar, event=bar.event), device=args.device)
+        report = evaluate(config, model, data, Hooks(progress=bar, event=bar.event, warn=bar.warn),
+                          device=args.device, context=_context(args))
     finally:
         bar.close()
     (args.out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     (args.out / "report.png").write_bytes(report.plot_png())
     for row in report.w2:
-        print(f"W2 δ={row['delta']:.4f}: robust accuracy {row['robust_accuracy']:.4f} "
+        print(f"W2 ({row['threat']}) δ={row['delta']:.4f}: robust accuracy {row['robust_accuracy']:.4f} "
               f"(ratio {row['robust_to_clean_ratio']:.4f}), Υ={row['sensitivity']:.4g}, "
               f"loss max {row['loss_max']:.4f} vs first-order {row['first_order_estimate']:.4f}")
     for row in report.pointwise:
         print(f"{row['attack']} {row.get('threat', '')} δ={row['delta']:.4f}: robust accuracy "
               f"{row['robust_accuracy']:.4f} (ratio {row['robust_to_clean_ratio']:.4f})")
-    print(_table({"model": report.summary}))
+    print(evaluation_table(report.summary, report.warnings))
     print(f"wrote {args.out}/report.json and report.png")
     return 0
 

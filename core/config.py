@@ -1,14 +1,15 @@
 """Typed configurations of the two recipes: the seam between the service and the engine.
 
 These pydantic models validate the HTTP request, document the OpenAPI schema and drive the
-recipes; the module imports no torch, so the API process can use it. Every field has the
-default documented in docs/concepts.md.
+recipes; the module imports no torch, so the API process can use it. Defaults follow the
+algorithm's specification (docs/concepts.md); `epochs`, `batch_size` and `lr` default to "auto"
+and are resolved from the training-set size by core.defaults.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import (
     MAX_BETA, MAX_EXAMPLES, MAX_RADIUS, MAX_SEED, MAX_STEP_RATIO, MAX_STEPS,
@@ -47,13 +48,42 @@ class ThreatModelSpec(_Strict):
         return "linf" if self.kind.endswith("linf") else "l2"
 
 
+AUTO = "auto"
+Auto = Literal["auto"]
+SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
+                          "w2_robust_to_clean_ratio", "clean_accuracy"]
+
+
+# Bounds of the numeric values of the fields that also take "auto" (lr: strictly above its low end).
+_AUTO_FIELD_RANGES: dict[str, tuple[float, float]] = {"epochs": (1, 1000), "batch_size": (1, 65536), "lr": (0.0, 10.0)}
+
+
+class SelectionRule(_Strict):
+    """Which checkpoint is "best": epoch 0 (the model that went in) is always a candidate.
+
+    Among the epochs whose validation clean accuracy is at most `max_clean_drop` below the
+    input's, the one with the highest validation `metric` at the job's δ wins; a tie goes to
+    the earlier epoch, so a fine-tune that does not beat the input hands the input back.
+    """
+
+    metric: SelectionMetric | Auto = Field(
+        default=AUTO, description="auto: w2_robust_accuracy for W2 threats, the pointwise robust accuracy "
+                                  "(linf_/l2_robust_accuracy) for linf/l2 threats.")
+    max_clean_drop: float | None = Field(
+        default=0.10, ge=0.0, le=1.0,
+        description="Largest allowed drop of validation clean accuracy from the input's; null: no limit.")
+
+
 class FinetuneConfig(_Strict):
     """W-TRADES fine-tuning (plain TRADES with a pointwise threat and attack_loss='kl')."""
 
     threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
-    epochs: int = Field(default=10, ge=1, le=1000)
-    batch_size: int = Field(default=512, ge=1, le=65536)
-    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field(
+        default=AUTO, description="auto: about 500 optimizer steps, between 2 and 10 epochs (core.defaults).")
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | Auto = Field(
+        default=AUTO, description="auto: a power of two in [16, 512] near training images / 64 (core.defaults).")
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | Auto = Field(
+        default=AUTO, description="auto: 0.0025, safe for β = 6 from a non-robust start (core.defaults).")
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
@@ -63,16 +93,30 @@ class FinetuneConfig(_Strict):
     attack_step_ratio: float = Field(default=2.0, gt=0.0, le=MAX_STEP_RATIO, description="Step α = ratio·δ_B/K.")
     budget: Literal["dynamic", "fixed"] = "dynamic"
     budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES, description="Images used for the initial Ῡ.")
-    budget_ema_decay: float = Field(default=0.99, ge=0.0, lt=1.0)
+    budget_ema_decay: float = Field(default=0.8, ge=0.0, lt=1.0,
+                                    description="After each batch Ῡ ← decay·Ῡ + (1 − decay)·min(Υ_B, cap·Ῡ).")
     budget_cap: float = Field(default=3.0, ge=0.0, le=MAX_STEP_RATIO, description="δ_B is clamped to [0, cap·δ].")
     weight_perturbation: float = Field(default=0.005, ge=0.0, le=1.0, description="γ; 0 disables.")
     augment: Literal["auto", "crop_flip", "none"] = "auto"
-    eval_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES, description="Held-out images evaluated per epoch.")
-    eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
-    eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS)
+    selection: SelectionRule = Field(default_factory=SelectionRule)
+    validation_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0,
+        description="Share of the training images held out (stratified, seeded) to select the checkpoint.")
+    validation_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES,
+                                     description="At most this many validation images.")
+    test_examples: int | None = Field(
+        default=None, ge=1, le=MAX_EXAMPLES,
+        description="Test images for the reported before/after numbers; null: all of them.")
+    eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="W-PGD steps of the per-epoch validation.")
+    eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS, description="PGD steps of the per-epoch validation.")
+    test_wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS, description="W-PGD steps of the reported test numbers.")
+    test_pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="PGD steps of the reported test numbers.")
     train_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES,
                                        description="Use only the first N training images.")
-    amp: Literal["auto", "bf16", "off"] = Field(default="auto", description="auto: bf16 on CUDA, float32 on CPU.")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        default="auto", description="The training step: auto is bf16 on CUDA, float32 on CPU.")
+    eval_amp: Literal["off", "bf16"] = Field(
+        default="off", description="Validation and test attacks: float32 unless bf16 is asked for.")
     channels_last: bool = True
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     devices: int | None = Field(
@@ -87,6 +131,48 @@ class FinetuneConfig(_Strict):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of devices {self.devices}: "
                              "each device takes an equal share of every batch")
         return self
+
+    @field_validator("epochs", "batch_size", "lr", mode="before")
+    @classmethod
+    def _auto_or_in_range(cls, value: object, info: object) -> object:
+        # Checked here in full so that a bad value is one error naming the field (the int | "auto"
+        # union would report one error per member).
+        name = getattr(info, "field_name", "")
+        if value == AUTO:
+            return value
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f'{name} must be a number or "auto", got {value!r}') from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f'{name} must be a number or "auto"')
+        low, high = _AUTO_FIELD_RANGES[name]
+        if name != "lr":
+            if value != int(value):
+                raise ValueError(f'{name} must be a whole number or "auto", got {value}')
+            value = int(value)
+        if not (value > low if name == "lr" else value >= low) or value > high:
+            bound = f"> {low}" if name == "lr" else f">= {low}"
+            raise ValueError(f'{name} must be {bound} and <= {high}, or "auto"; got {value}')
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_selection_metric(self) -> "FinetuneConfig":
+        ground = self.threat_model.ground_norm
+        if self.selection.metric == AUTO:
+            self.selection.metric = ("w2_robust_accuracy" if self.threat_model.is_distributional
+                                     else f"{ground}_robust_accuracy")
+        other = "l2" if ground == "linf" else "linf"
+        if self.selection.metric.startswith(other + "_"):
+            raise ValueError(f"selection.metric {self.selection.metric} is not measured for a "
+                             f"{self.threat_model.kind} threat; use w2_robust_accuracy or {ground}_robust_accuracy")
+        return self
+
+    @property
+    def unresolved(self) -> list[str]:
+        """The fields still "auto" (core.defaults.resolve_finetune fills them in)."""
+        return [name for name in ("epochs", "batch_size", "lr") if getattr(self, name) == AUTO]
 
 
 class EvaluateConfig(_Strict):
@@ -103,10 +189,13 @@ class EvaluateConfig(_Strict):
     attack_loss: Literal["redlr", "dlr", "ce"] = "redlr"
     linf_attacks: list[Literal["pgd", "autoattack"]] = Field(default_factory=lambda: ["pgd"])
     pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
-    pgd_step_size: float = Field(default=2 / 255, gt=0.0, le=MAX_RADIUS)
+    pgd_step_ratio: float = Field(
+        default=0.25, gt=0.0, le=MAX_STEP_RATIO,
+        description="l∞ PGD step as a fraction of the radius attacked (2/255 at 8/255).")
     pgd_loss: Literal["ce", "dlr"] = "ce"
     autoattack_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES)
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    amp: Literal["off", "bf16"] = Field(
+        default="off", description="Robust accuracy is measured in float32 unless bf16 is asked for.")
     channels_last: bool = True
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
@@ -122,6 +211,15 @@ class EvaluateConfig(_Strict):
     @property
     def radii(self) -> list[float]:
         return list(self.deltas) if self.deltas else [float(self.threat_model.delta)]
+
+    @property
+    def headline_delta(self) -> tuple[float, str]:
+        """The radius the summary reports: the threat model's δ when it is among the radii, else
+        the largest radius; with where it came from ("threat_model" or "largest_radius")."""
+        delta = float(self.threat_model.delta)
+        if any(abs(r - delta) <= 1e-12 * max(1.0, delta) for r in self.radii):
+            return delta, "threat_model"
+        return max(self.radii), "largest_radius"
 
 
 # Architectures the zoo builds itself (core/zoo.py registers exactly these names). Families

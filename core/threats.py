@@ -54,6 +54,12 @@ class Threat:
     def ground(self) -> Literal["linf", "l2"]:
         return "linf" if self.kind.endswith("linf") else "l2"
 
+    def labels(self) -> dict[str, float | str]:
+        """What a set of metrics at this threat measured: the radius, the job's threat model, and
+        the two balls its robust accuracies refer to (W2 with this ground cost, and pointwise)."""
+        return {"delta": self.delta, "threat_model": self.kind, "w2_threat": f"w2-{self.ground}",
+                "pointwise_threat": self.ground}
+
     @property
     def w2(self) -> "Threat":
         """The W2 threat with the same ground norm and radius (itself if distributional)."""

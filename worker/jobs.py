@@ -29,7 +29,7 @@ from worker.runtime import Runtime, runtime, shutdown_requested, worker_id
 log = logging.getLogger("robustify.worker")
 
 _METRIC_KEYS = ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
-                "train_loss", "w2_robust_to_clean_ratio", "linf_robust_to_clean_ratio")
+                "train_loss", "w2_robust_to_clean_ratio", "linf_robust_to_clean_ratio", "delta")
 _PROGRESS_KEYS = ("epoch", "total_epochs", "step", "total_steps")
 
 
@@ -266,11 +266,15 @@ class JobHooks:
                 s.commit()
             return ckpt_row
 
+    def warn(self, message: str, data: dict[str, Any]) -> None:
+        """A warning the result will list too (e.g. too few optimizer steps per epoch), as an event now."""
+        self.event("warning", message, data)
+
     def as_hooks(self) -> Any:
         from core.hooks import Hooks
 
         return Hooks(progress=self.progress, should_stop=self.should_stop, checkpoint=self.checkpoint,
-                     event=self.event)
+                     event=self.event, warn=self.warn)
 
 
 def _json_safe(value: Any) -> Any:
@@ -428,21 +432,30 @@ def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifac
         if job.type == "finetune" and resume_artifact_id:
             resume = _load_resume(rt, s, job_id, resume_artifact_id, hooks)
         job_type, config_json = job.type, job.config
+        context = _provenance_context(s, job, model_row)
 
     if job_type == "finetune":
         from core.recipes.finetune import finetune
 
         result = finetune(FinetuneConfig.model_validate(config_json), model, data, hooks.as_hooks(),
-                          device=device, resume=resume)
+                          device=device, resume=resume, context=context)
         _stop_unless_done(hooks, result.stopped)
         return retry_while_down(lambda: _finish_finetune(rt, job_id, owner, hooks, result),
                                 seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
     from core.recipes.evaluate import evaluate
 
-    report = evaluate(EvaluateConfig.model_validate(config_json), model, data, hooks.as_hooks(), device=device)
+    report = evaluate(EvaluateConfig.model_validate(config_json), model, data, hooks.as_hooks(), device=device,
+                      context=context)
     _stop_unless_done(hooks, report.stopped)
     return retry_while_down(lambda: _finish_evaluate(rt, job_id, owner, hooks, report),
                             seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
+
+
+def _provenance_context(s: Any, job: Job, model_row: Model) -> dict[str, Any]:
+    """The ids a report names, and the sha256 of the weights the job started from."""
+    weights = s.get(Artifact, model_row.weights_artifact_id) if model_row.weights_artifact_id else None
+    return {"job_id": job.id, "model_id": model_row.id, "dataset": job.dataset,
+            "model_sha256": weights.sha256 if weights is not None else None}
 
 
 def _load_resume(rt: Runtime, s: Any, job_id: str, artifact_id: str, hooks: JobHooks) -> Any:
@@ -473,20 +486,22 @@ def _finish_finetune(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, resu
     with rt.session() as s:
         job = hooks._owned(s)
         now = utcnow()
-        best = None
         if result.best_epoch > 0:
             best = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint",
                                                    Artifact.epoch == result.best_epoch)
                             .order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1))
+        else:
+            best = _input_as_checkpoint(rt, s, job, result)
         # exactly one checkpoint is "the best" once the run is over
         for art in s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")):
             art.is_best = best is not None and art.id == best.id
         report = _store_bytes(s, rt, job, "report", "report.json", "application/json", report_bytes)
         plot_row = _store_bytes(s, rt, job, "plot", "report.png", "image/png", plot)
+        # the report's own field names (less the per-epoch history), and where the files are
         job.result = _json_safe({
-            "best_checkpoint_id": best.id if best else None, "best_epoch": result.best_epoch,
-            "epochs_completed": result.epochs_completed, "before": result.before, "after": result.best,
-            "last": result.last, "report_id": report.id, "plot_id": plot_row.id, "stopped": result.stopped,
+            **result.summary, "best_checkpoint_id": best.id if best else None,
+            "best_checkpoint_sha256": best.sha256 if best else None,
+            "report_id": report.id, "plot_id": plot_row.id,
         })
         job.finished_at = now
         if result.stopped:
@@ -496,21 +511,51 @@ def _finish_finetune(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, resu
         else:
             job.status = "succeeded"
             job.progress = {**(job.progress or {}), "fraction": 1.0, "phase": "done", "eta_seconds": 0.0}
-            _chain(s, rt, job, best)
-            add_event(s, job_id, "status", "job succeeded", {"status": "succeeded", **job.result})
+            _chain(s, rt, job, best, result.improved)
+            verdict = (f"improved: the best checkpoint is epoch {result.best_epoch}" if result.improved else
+                       "not improved: no fine-tuned epoch beat the input model; the best checkpoint is the input model")
+            add_event(s, job_id, "status", f"job succeeded ({verdict})",
+                      {"status": "succeeded", "improved": result.improved, "best_epoch": result.best_epoch,
+                       "best_checkpoint_id": job.result["best_checkpoint_id"], "model_id": job.result.get("model_id"),
+                       "before": job.result["before"], "after": job.result["after"]})
         s.commit()
         return job.status
 
 
-def _chain(s: Any, rt: Runtime, job: Job, best: Artifact | None) -> None:
-    """Register the best checkpoint as a new model (worker/chain.py): result.model_id."""
+def _chain(s: Any, rt: Runtime, job: Job, best: Artifact | None, improved: bool) -> None:
+    """result.model_id: the model a next job can use. An improved fine-tune registers its best
+    checkpoint as a new model (worker/chain.py); one that did not improve hands back the input
+    model itself, so its id is the input's and nothing new is registered."""
     from worker.chain import register_finetuned_model
 
+    if not improved:
+        job.result = {**(job.result or {}), "model_id": job.model_id}
+        return
     model = register_finetuned_model(s, job, best) if best is not None else None
     job.result = {**(job.result or {}), "model_id": model.id if model else None}
     if model is not None:
         add_event(s, job.id, "model", f"registered the best checkpoint as model {model.id}",
                   {"model_id": model.id, "parent_model_id": job.model_id, "checkpoint_id": best.id})
+
+
+def _input_as_checkpoint(rt: Runtime, s: Any, job: Job, result: Any) -> Artifact:
+    """When no epoch beat the input, the best checkpoint is the input model: its uploaded weights
+    file itself (the same bytes, so a download is byte-identical to the upload), as epoch 0."""
+    model_row = s.get(Model, job.model_id)
+    weights = s.get(Artifact, model_row.weights_artifact_id) if model_row and model_row.weights_artifact_id else None
+    row = dict(kind="checkpoint", filename=f"{job.id}-epoch0-input.safetensors",
+               content_type="application/octet-stream", owner_key_id=job.owner_key_id, job_id=job.id, epoch=0,
+               is_best=True, data=_json_safe(result.validation["before"]))
+    if weights is not None and rt.store.exists(artifact_relpath(weights)):
+        return add_artifact_row(s, sha256=weights.sha256, size=weights.size, **row)  # the same stored bytes
+    from core.checkpoint import save_weights
+
+    tmp = rt.store.temp_file(".safetensors")   # a model row without its file (not expected): its weights
+    try:
+        save_weights(result.best_model_state, tmp, metadata={"epoch": "0"})
+        return record_artifact(s, rt.store, src_path=tmp, move=True, **row)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _finish_evaluate(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, report: Any) -> str:
@@ -521,7 +566,9 @@ def _finish_evaluate(rt: Runtime, job_id: str, owner: str, hooks: JobHooks, repo
         rep = _store_bytes(s, rt, job, "report", "report.json", "application/json", report_bytes)
         plot_row = _store_bytes(s, rt, job, "plot", "report.png", "image/png", plot)
         stopped = bool(getattr(report, "stopped", False))
-        job.result = _json_safe({"summary": report.summary, "report_id": rep.id, "plot_id": plot_row.id,
+        # the report's own field names (less the per-radius detail), and where the files are
+        job.result = _json_safe({"type": "evaluate", "summary": report.summary, "warnings": report.warnings,
+                                 "provenance": report.provenance, "report_id": rep.id, "plot_id": plot_row.id,
                                  "stopped": stopped})
         job.finished_at = utcnow()
         job.status = "cancelled" if stopped else "succeeded"

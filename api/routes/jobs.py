@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.bodies import check_metadata
+from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
 from api.metrics import JOB_STATES
@@ -24,10 +25,11 @@ from api.routes.common import ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.routes.models import get_owned_model, register_robustbench_model
 from api.routes.webhooks import job_webhook
 from api.schemas import (
-    BUILTIN_DATASETS, JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
+    JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
 )
 from core.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
-from core.db import Artifact, Dataset, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
+from core.db import Artifact, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
+from core.defaults import resolve_finetune
 from core.settings import MAX_EVENT_ID
 from core.queue import enqueue_job
 
@@ -77,16 +79,13 @@ def _robustbench_model(session: Session, svc: Services, who: Caller, ref: Robust
                                       RobustBenchModelCreate(source="robustbench", **ref.model_dump()))
 
 
-def _check_dataset(session: Session, who: Caller, dataset: str) -> None:
-    if dataset in BUILTIN_DATASETS:
-        return
-    if dataset.startswith("ds_"):
-        if session.scalar(select(Dataset.id).where(Dataset.id == dataset, owned(Dataset.owner_key_id, who))) is None:
-            raise not_found("dataset", dataset)
-        return
-    raise ApiError(422, "dataset_unavailable",
-                   f"unknown dataset {dataset!r}: use one of {', '.join(BUILTIN_DATASETS)} or the id of an "
-                   "uploaded data set (POST /v1/datasets).")
+def _resolved(cfg: pydantic.BaseModel, facts: DatasetFacts) -> pydantic.BaseModel:
+    """A fine-tune's "auto" fields filled in from the training-set size, so that the job stores
+    and shows the values it will run with (core.defaults)."""
+    if not isinstance(cfg, FinetuneConfig):
+        return cfg
+    available = facts.train_examples if cfg.train_examples is None else min(cfg.train_examples, facts.train_examples)
+    return resolve_finetune(cfg, available)
 
 
 def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, Any]) -> bool:
@@ -100,13 +99,14 @@ def create_job(body: JobCreate, response: Response, svc: Services = Depends(serv
                idempotency_key: str | None = Header(default=None, max_length=255)) -> dict[str, Any]:
     check_metadata(body.metadata, svc.settings)
     cfg = _recipe_config(body)
-    config = cfg.model_dump(mode="json")
+    facts = dataset_facts(session, who, body.dataset)
+    config = _resolved(cfg, facts).model_dump(mode="json")
     if idempotency_key:
         prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
         if prior is not None:
             return _replay(prior, body, config, response)
     m = _resolve_model(session, svc, who, body)
-    _check_dataset(session, who, body.dataset)
+    check_compatible(m, facts)
     webhook_endpoint_id, webhook_events = job_webhook(session, svc, who, body.webhook)
 
     job = Job(

@@ -39,6 +39,15 @@ class WPGDResult:
     def ratio(self) -> float:
         return self.robust_accuracy / self.clean_accuracy if self.clean_accuracy > 0 else 0.0
 
+    @property
+    def converged(self) -> bool:
+        """The attack had reached its minimum accuracy before the last quarter of its steps.
+
+        If the accuracy still fell in the last quarter, more steps would likely fool more
+        points: the robust accuracy is then an upper bound that may be loose.
+        """
+        return converged(self.accuracy_trajectory)
+
     def to_dict(self) -> dict:
         return {
             "delta": self.delta, "steps": self.steps,
@@ -47,8 +56,18 @@ class WPGDResult:
             "accuracy_trajectory": self.accuracy_trajectory, "loss_trajectory": self.loss_trajectory,
             "loss_clean": self.loss_clean, "loss_max": self.loss_max,
             "sensitivity": self.sensitivity, "first_order_estimate": self.first_order_estimate,
-            "final_distance": self.final_distance,
+            "final_distance": self.final_distance, "converged": self.converged,
         }
+
+
+def converged(accuracy_trajectory: list[float]) -> bool:
+    """No new minimum in the last quarter of the steps (acc_0..acc_T; T < 4 counts as converged
+    only if the last step did not lower the accuracy)."""
+    steps = len(accuracy_trajectory) - 1
+    if steps < 1:
+        return True
+    cut = min(steps - 1, (3 * steps) // 4)
+    return min(accuracy_trajectory[: cut + 1]) <= min(accuracy_trajectory)
 
 
 def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,

@@ -1,6 +1,11 @@
 """Robustness evaluation, one readable recipe: clean accuracy, W2 robust accuracy by W-PGD at
 one or several radii, pointwise robust accuracy by PGD and/or AutoAttack, with ratios to the
-clean accuracy, a JSON report and a PNG of accuracy against δ (algorithm.md, "evaluation")."""
+clean accuracy, a JSON report and a PNG of accuracy against δ.
+
+Every number is labelled with the radius and threat model it measures. The headline (summary)
+is at the threat model's δ when that δ is among the radii, else at the largest radius, and it
+says which. Attacks run in float32 unless bf16 is asked for (`amp`): bf16 weakens W-PGD.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from core.device import Compute
 from core.hooks import Hooks
 from core.oom import AdaptiveBatch, report_halving
 from core.plots import robustness_curve_png
+from core.provenance import runtime_provenance, utc_timestamp
 from core.threats import Threat
 
 
@@ -28,34 +34,43 @@ class EvaluationReport:
     w2: list[dict[str, Any]] = field(default_factory=list)         # one W-PGD result per δ
     pointwise: list[dict[str, Any]] = field(default_factory=list)  # PGD per δ, AutoAttack at δ
     stopped: bool = False
+    warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def headline(self) -> dict[str, Any] | None:
-        """The W-PGD row at the threat model's δ (the first radius if the curve does not contain it)."""
-        delta = self.config.get("threat_model", {}).get("delta")
-        return next((r for r in self.w2 if r["delta"] == delta), self.w2[0] if self.w2 else None)
+        """The W-PGD row at the headline radius (EvaluateConfig.headline_delta)."""
+        delta, _ = EvaluateConfig.model_validate(self.config).headline_delta
+        return next((r for r in self.w2 if abs(r["delta"] - delta) <= 1e-12 * max(1.0, delta)), None)
 
     @property
-    def summary(self) -> dict[str, float]:
-        """Headline metrics at the threat model's δ."""
-        out: dict[str, float] = {"clean_accuracy": self.clean_accuracy}
+    def summary(self) -> dict[str, Any]:
+        """Headline metrics, with the radius and threat models they measure and why that radius."""
+        config = EvaluateConfig.model_validate(self.config)
+        delta, source = config.headline_delta
+        threat = Threat.from_spec(config.threat_model, delta)
+        out: dict[str, Any] = {**threat.labels(), "delta_source": source, "n_examples": self.n_examples,
+                               "clean_accuracy": self.clean_accuracy}
         row = self.headline
         if row is None:
             return out
         out["w2_robust_accuracy"] = row["robust_accuracy"]
         out["w2_robust_to_clean_ratio"] = row["robust_to_clean_ratio"]
-        at_delta = [p for p in self.pointwise if p["delta"] == row["delta"]]
+        out["w2_converged"] = row["converged"]
+        at_delta = [p for p in self.pointwise if abs(p["delta"] - row["delta"]) <= 1e-12 * max(1.0, delta)]
         if at_delta:
             strongest = min(at_delta, key=lambda p: p["robust_accuracy"])
-            ground = "linf" if strongest["threat"] == "linf" else "l2"
+            ground = strongest["threat"]
             out[f"{ground}_robust_accuracy"] = strongest["robust_accuracy"]
             out[f"{ground}_robust_to_clean_ratio"] = strongest["robust_to_clean_ratio"]
+            out[f"{ground}_attack"] = strongest["attack"]
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "evaluate", "config": self.config, "n_examples": self.n_examples,
-                "clean_accuracy": self.clean_accuracy, "summary": self.summary,
-                "w2": self.w2, "pointwise": self.pointwise, "stopped": self.stopped}
+        return {"type": "evaluate", "summary": self.summary, "warnings": self.warnings, "config": self.config,
+                "provenance": self.provenance, "n_examples": self.n_examples,
+                "clean_accuracy": self.clean_accuracy, "w2": self.w2, "pointwise": self.pointwise,
+                "stopped": self.stopped}
 
     def plot_png(self) -> bytes:
         series = {"W2 (W-PGD)": [r["robust_accuracy"] for r in self.w2]}
@@ -67,8 +82,11 @@ class EvaluationReport:
 
 
 def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
-             *, device: str | torch.device | None = None) -> EvaluationReport:
+             *, device: str | torch.device | None = None, context: dict[str, Any] | None = None) -> EvaluationReport:
+    """Evaluate `model` on the test split; `context` (job, model and data set ids, the model's
+    sha256) goes into the report's provenance as given."""
     hooks = hooks or Hooks()
+    started_at = utc_timestamp()
     compute = Compute.resolve(device, config.amp, config.channels_last)
     model = compute.prepare_model(model).eval()
     n = data.test_x.shape[0] if config.n_examples is None else min(config.n_examples, data.test_x.shape[0])
@@ -91,17 +109,26 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
             progress=lambda t, T: hooks.progress((done + t / T) / units, phase, {"step": t, "total_steps": T}),
             should_stop=hooks.should_stop))
         report.clean_accuracy = res.clean_accuracy
-        report.w2.append(res.to_dict())
+        report.w2.append({"threat": w2_base.kind, **res.to_dict()})
+        if not res.converged:
+            message = (f"W-PGD had not converged at δ={delta:.4g}: the accuracy still fell in the last quarter of "
+                       f"its {res.steps} steps ({res.accuracy_trajectory[(3 * res.steps) // 4]:.4f} → "
+                       f"{res.robust_accuracy:.4f}), so {res.robust_accuracy:.4f} is an upper bound; raise "
+                       "wpgd_steps for a tighter number.")
+            report.warnings.append(message)
+            hooks.warn(message, {"delta": delta, "steps": res.steps})
         done += 1
         hooks.progress(done / units, phase, {"clean_accuracy": res.clean_accuracy,
-                                             "w2_robust_accuracy": res.robust_accuracy})
+                                             "w2_robust_accuracy": res.robust_accuracy, "delta": delta})
         if hooks.should_stop():
             report.stopped = True
+            report.provenance = _provenance(config, n, compute, context, started_at)
             return report
         if "pgd" in config.linf_attacks:
+            # the l∞ step is a fixed fraction of each radius attacked; l2 keeps PGD's own default
             p = batch.run(f"pgd δ={delta:.4g}", lambda size: pgd(
                 model, x, y, w2_base.pointwise.with_delta(delta), steps=config.pgd_steps,
-                step_size=config.pgd_step_size * delta / w2_base.delta if base.ground == "linf" else None,
+                step_size=config.pgd_step_ratio * delta if base.ground == "linf" else None,
                 loss=config.pgd_loss, batch_size=size, compute=compute,
                 generator=torch.Generator(device=compute.device).manual_seed(config.seed),
                 should_stop=hooks.should_stop))
@@ -114,9 +141,19 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
 
     if use_aa:
         m = min(config.autoattack_examples, n)
-        result = batch.run("autoattack", lambda size: autoattack(
-            model, x[:m], y[:m], w2_base.pointwise, batch_size=size, seed=config.seed,
-            on_attack=lambda name, k, total: hooks.progress((done + k) / units, f"autoattack: {name}", {})))
+        aa_threat = w2_base.pointwise.with_delta(config.headline_delta[0])
+        with compute.autocast():
+            result = batch.run("autoattack", lambda size: autoattack(
+                model, x[:m], y[:m], aa_threat, batch_size=size, seed=config.seed,
+                on_attack=lambda name, k, total: hooks.progress((done + k) / units, f"autoattack: {name}", {})))
         report.pointwise.append({**result.to_dict(), "threat": w2_base.ground})
+    report.provenance = _provenance(config, n, compute, context, started_at)
     hooks.progress(1.0, "done", report.summary)
     return report
+
+
+def _provenance(config: EvaluateConfig, n: int, compute: Compute, context: dict[str, Any] | None,
+                started_at: str) -> dict[str, Any]:
+    return {**(context or {}), "seed": config.seed, "examples": {"test": n}, **runtime_provenance(compute.device),
+            "evaluation_precision": "bf16" if compute.amp_dtype is not None else "float32",
+            "started_at": started_at, "finished_at": utc_timestamp()}

@@ -1,66 +1,95 @@
 """W-TRADES fine-tuning, one readable recipe from top to bottom.
 
-    load → estimate Ῡ → for each epoch: [attack batch (W-PGD-Budget) → CE + β·KL at randomly
-    perturbed weights → SGD step] → held-out evaluation → checkpoint → keep the best
+    load → carve a validation split out of the training set → evaluate the input (epoch 0) →
+    estimate Ῡ → for each epoch: [attack batch (W-PGD-Budget) → CE + β·KL at randomly
+    perturbed weights → SGD step] → validation → checkpoint → keep the best (epoch 0 included)
+    → the before/after numbers on the test set
 
 The split loss of the 2025 paper: the inner attack maximises `attack_loss` (ReDLR by default)
 and the outer step minimises CE + β·KL(p(x) ‖ p(x')). Plain TRADES is the same loop with a
-pointwise threat and attack_loss="kl". Formulas and defaults: docs/concepts.md.
+pointwise threat and attack_loss="kl". Formulas and defaults: docs/concepts.md. The checkpoint
+is chosen on the validation split only; the test set gives the reported before/after numbers
+and nothing else.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from core.attacks.pgd import pgd
 from core.attacks.wpgd import BatchAttack, attack_batch, w_pgd
 from core.checkpoint import TrainingCheckpoint
-from core.config import FinetuneConfig
+from core.config import FinetuneConfig, SelectionRule
 from core.data import ImageData, augment_crop_flip, is_cifar_like, to_unit_float
+from core.defaults import few_steps_warning, resolve_finetune, validation_split_size
 from core.device import Compute, batches
 from core.distributed import SINGLE, World, unwrap
 from core.errors import ValidationError
 from core.hooks import Hooks
 from core.losses import attack_loss, kl_divergence
+from core.npz import stratified_split
 from core.oom import AdaptiveBatch, report_halving
 from core.plots import training_curve_png
+from core.provenance import runtime_provenance, utc_timestamp
 from core.threats import Threat
 
 
 @dataclass
 class FinetuneResult:
-    best_epoch: int
+    best_epoch: int                     # 0: no fine-tuned epoch beat the input model
     epochs_completed: int
     stopped: bool                       # should_stop() ended the run early
-    before: dict[str, float]            # held-out metrics of the model that went in
-    best: dict[str, float]
-    last: dict[str, float]
+    before: dict[str, Any]              # test-set metrics of the model that went in
+    after: dict[str, Any] | None        # test-set metrics of the best checkpoint (None: stopped early)
+    validation: dict[str, Any]          # validation metrics: before, best, last
     history: list[dict[str, Any]]
     best_model_state: dict[str, torch.Tensor] = field(repr=False)
     last_model_state: dict[str, torch.Tensor] = field(repr=False)
     config: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def improved(self) -> bool:
+        return self.best_epoch > 0
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Everything but the per-epoch history: the job's `result` (same field names as the report)."""
+        change = None
+        if self.after is not None:
+            change = {k: self.after[k] - self.before[k] for k in _ACCURACY_KEYS
+                      if isinstance(self.after.get(k), (int, float)) and isinstance(self.before.get(k), (int, float))}
+        return {
+            "type": "finetune", "improved": self.improved, "best_epoch": self.best_epoch,
+            "epochs_completed": self.epochs_completed, "stopped": self.stopped,
+            "threat_model": {"kind": self.before["threat_model"], "delta": self.before["delta"]},
+            "before": self.before, "after": self.after, "change": change,
+            "selection": self.selection, "validation": self.validation, "warnings": self.warnings,
+            "config": self.config, "provenance": self.provenance,
+        }
 
     @property
     def report(self) -> dict[str, Any]:
-        return {
-            "type": "finetune", "config": self.config, "best_epoch": self.best_epoch,
-            "epochs_completed": self.epochs_completed, "stopped": self.stopped,
-            "before": self.before, "best": self.best, "last": self.last,
-            "change": {k: self.best[k] - self.before[k] for k in self.best
-                       if k in self.before and isinstance(self.best[k], (int, float))},
-            "history": self.history,
-        }
+        return {**self.summary, "history": self.history}
 
     def plot_png(self) -> bytes:
-        rows = [{"epoch": 0, **self.before}] + [h for h in self.history if "clean_accuracy" in h]
+        rows = [{"epoch": 0, **self.validation["before"]}] + [h for h in self.history if "clean_accuracy" in h]
         keys = [k for k in ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy",
                             "l2_robust_accuracy") if k in rows[0]]
         return training_curve_png([r["epoch"] for r in rows], {k: [r[k] for r in rows] for k in keys},
-                                  "W-TRADES fine-tuning: held-out accuracy")
+                                  "W-TRADES fine-tuning: validation accuracy (epoch 0 = the input)")
+
+
+_ACCURACY_KEYS = ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
+                  "w2_robust_to_clean_ratio", "linf_robust_to_clean_ratio", "l2_robust_to_clean_ratio")
 
 
 def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,43 +97,50 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
-                     config: FinetuneConfig, compute: Compute, seed: int,
+                     config: FinetuneConfig, compute: Compute, seed: int, *, test: bool = False,
                      batch: AdaptiveBatch | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on the held-out slice (the batch
-    halves on a CUDA out-of-memory error). `should_stop` cuts both attacks short (the numbers
-    are then not to be kept)."""
+                     should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on held-out images, labelled with
+    the radius and threat models they measure and whether W-PGD converged. The validation
+    split gets eval_*_steps every epoch; the reported test numbers (`test`) the stronger
+    test_*_steps. The batch halves on a CUDA out-of-memory error; `should_stop` cuts both
+    attacks short (the numbers are then not to be kept)."""
     model.eval()
-    batch = batch or AdaptiveBatch(max(config.batch_size, 256))
+    batch = batch or AdaptiveBatch(max(int(config.batch_size), 256))
     w2 = threat.w2
-    wres = batch.run("held-out w-pgd", lambda size: w_pgd(model, x, y, w2, steps=config.eval_wpgd_steps,
-                                                          loss="redlr", batch_size=size, compute=compute,
-                                                          should_stop=should_stop))
+    wpgd_steps = config.test_wpgd_steps if test else config.eval_wpgd_steps
+    pgd_steps = config.test_pgd_steps if test else config.eval_pgd_steps
+    wres = batch.run("held-out w-pgd", lambda size: w_pgd(model, x, y, w2, steps=wpgd_steps, loss="redlr",
+                                                          batch_size=size, compute=compute, should_stop=should_stop))
     pres = batch.run("held-out pgd", lambda size: pgd(
-        model, x, y, threat.pointwise, steps=config.eval_pgd_steps, loss="ce", batch_size=size, compute=compute,
+        model, x, y, threat.pointwise, steps=pgd_steps, loss="ce", batch_size=size, compute=compute,
         generator=torch.Generator(device=compute.device).manual_seed(seed), should_stop=should_stop))
     clean = wres.clean_accuracy
-    name = f"{threat.ground}_robust_accuracy"
     return {
+        **threat.labels(), "n_examples": int(x.shape[0]),
         "clean_accuracy": clean,
         "w2_robust_accuracy": wres.robust_accuracy,
-        name: pres.robust_accuracy,
+        f"{threat.ground}_robust_accuracy": pres.robust_accuracy,
         "w2_robust_to_clean_ratio": wres.ratio,
         f"{threat.ground}_robust_to_clean_ratio": pres.robust_accuracy / clean if clean > 0 else 0.0,
         "sensitivity": wres.sensitivity,
+        "w2_converged": wres.converged,
     }
 
 
 def estimate_global_sensitivity(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
                                 threat: Threat, config: FinetuneConfig, compute: Compute,
                                 generator: torch.Generator, augment: bool) -> torch.Tensor:
-    """Ῡ on a random subset of the training images (uint8, on the device), augmented as the
-    training batches are: (mean_i ‖g_i‖_s²)^{1/2} of the attack loss at the start point."""
+    """The starting Ῡ: the mean batch sensitivity Υ_B over batches of the training batch size
+    drawn from a random subset of the training images (uint8, on the device), augmented as the
+    training batches are. The running estimate averages the same quantity, Υ_B, so that the
+    batch radii δ_B = δ·Υ_B/Ῡ average δ."""
     model.eval()
     idx = torch.randperm(train_x.shape[0], generator=generator, device=train_x.device)[: config.budget_subset]
     x_all, y_all = train_x[idx], train_y[idx]
-    squares = torch.zeros((), device=compute.device, dtype=torch.float64)
-    for b in batches(x_all.shape[0], config.batch_size):
+    total = torch.zeros((), device=compute.device, dtype=torch.float64)
+    count = 0
+    for b in batches(x_all.shape[0], int(config.batch_size)):
         x = to_unit_float(x_all[b], compute.device)
         if augment:
             x = augment_crop_flip(x, generator=generator)
@@ -113,8 +149,9 @@ def estimate_global_sensitivity(model: torch.nn.Module, train_x: torch.Tensor, t
                               loss_fn=_attack_loss_fn(model, x, config, compute), steps=1,
                               step_ratio=1.0, compute=compute, start_noise=_start_noise(config),
                               generator=generator)
-        squares += attack.sensitivity.square() * (b.stop - b.start)
-    return (squares / x_all.shape[0]).sqrt()
+        total += attack.sensitivity
+        count += 1
+    return total / max(count, 1)
 
 
 def _start_noise(config: FinetuneConfig) -> float:
@@ -161,10 +198,14 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
                   upsilon_ema: torch.Tensor | None) -> tuple[torch.Tensor, BatchAttack, torch.Tensor | None]:
     """One W-TRADES step on a batch (the scheduler is the caller's).
 
-    Inner attack in eval mode with the split loss; with `upsilon_ema` = Ῡ the batch gets
-    δ_B = δ·Υ_B/Ῡ clamped to [0, cap·δ] (W-PGD-Budget), with None the fixed δ. Outer step:
-    CE + β·KL(p(x) ‖ p(x')) in train mode, its gradient taken at randomly perturbed weights.
-    Returns the detached loss, the attack, and the updated Ῡ (None when fixed).
+    Inner attack in eval mode with the split loss. With `upsilon_ema` = Ῡ (W-PGD-Budget) the
+    batch gets δ_B = δ·Υ_B/Ῡ clamped to [0, cap·δ] (δ when there is no estimate yet), and then
+    Ῡ ← decay·Ῡ + (1 − decay)·min(Υ_B, cap·Ῡ) (Ῡ = Υ_B at first). Averaging the clamped Υ_B
+    makes δ the fixed point of the mean δ_B even though Υ_B is heavy-tailed (the ReDLR gradient
+    explodes near a decision boundary), and a short memory follows the model's sensitivity as it
+    changes. With None the fixed δ. Outer step: CE + β·KL(p(x) ‖ p(x')) in train mode, its
+    gradient taken at randomly perturbed weights. Returns the detached loss, the attack, and the
+    updated Ῡ (None when fixed).
     Across ranks (`model` wrapped by World.wrap, `threat` across the world) x, y are this rank's
     shard of the global batch: the attack runs on the bare module with Υ_B and δ_B over the global
     batch, DDP averages the outer gradients, and the returned loss is the global batch's.
@@ -172,19 +213,24 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     bare = unwrap(model)
     model.eval()
     budget = None
+    updated: dict[str, torch.Tensor] = {}
     if upsilon_ema is not None:
-        ema = upsilon_ema
+        prior = upsilon_ema
+        decay, cap = config.budget_ema_decay, config.budget_cap
 
         def budget(upsilon_b: torch.Tensor) -> torch.Tensor:
-            delta_b = threat.delta * upsilon_b / ema.clamp_min(1e-30)
-            delta_b = torch.where(ema > 0, delta_b, torch.full_like(delta_b, threat.delta))
-            return delta_b.clamp(0.0, config.budget_cap * threat.delta)
+            known = prior > 0
+            delta_b = torch.where(known, threat.delta * upsilon_b / prior.clamp_min(1e-30),
+                                  torch.full_like(upsilon_b, threat.delta))
+            seen = torch.minimum(upsilon_b, cap * prior)
+            updated["ema"] = torch.where(known, decay * prior + (1 - decay) * seen, upsilon_b)
+            return delta_b.clamp(0.0, cap * threat.delta)
 
     adv = attack_batch(bare, x, y, threat, loss_fn=_attack_loss_fn(bare, x, config, compute),
                        steps=config.attack_steps, step_ratio=config.attack_step_ratio, compute=compute,
                        budget=budget, start_noise=_start_noise(config), generator=generator)
     if upsilon_ema is not None:
-        upsilon_ema = config.budget_ema_decay * upsilon_ema + (1 - config.budget_ema_decay) * adv.sensitivity
+        upsilon_ema = updated["ema"]
 
     model.train()
     perturbation.apply(generator)
@@ -199,54 +245,105 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     return threat.world.mean(loss.detach()), adv, upsilon_ema
 
 
+def is_eligible(row: dict[str, Any], before: dict[str, Any], rule: SelectionRule) -> bool:
+    """Within the allowed drop of validation clean accuracy from the input's (epoch 0 always is)."""
+    if rule.max_clean_drop is None:
+        return True
+    return row["clean_accuracy"] >= before["clean_accuracy"] - rule.max_clean_drop - 1e-12
+
+
+def is_better(row: dict[str, Any], best: dict[str, Any], before: dict[str, Any], rule: SelectionRule) -> bool:
+    """Strictly better than the best so far on the rule's metric, and eligible: a tie keeps the
+    earlier epoch, so an epoch that only matches the input does not replace it."""
+    return is_eligible(row, before, rule) and row[str(rule.metric)] > best[str(rule.metric)]
+
+
+def validation_split(train_y: torch.Tensor, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Indices (fit, validation) into the training images, stratified by class and seeded by
+    config.seed, with a record of the split (sizes, seed, a digest of the validation indices)."""
+    labels = train_y.cpu().numpy()
+    n_val = validation_split_size(len(labels), config)
+    if n_val == 0:
+        raise ValueError("fine-tuning needs at least 2 training images (one to train on, one to validate)")
+    fit_idx, val_idx = stratified_split(labels, test_fraction=n_val / len(labels), seed=config.seed)
+    fit_idx, val_idx = np.sort(fit_idx), np.sort(val_idx)
+    record = {"method": "stratified by class", "seed": config.seed, "fraction": config.validation_fraction,
+              "validation_examples": int(len(val_idx)), "train_examples": int(len(fit_idx)),
+              "validation_indices_sha256": hashlib.sha256(val_idx.astype(np.int64).tobytes()).hexdigest()}
+    return fit_idx, val_idx, record
+
+
 def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
-             *, device: str | torch.device | None = None,
-             resume: TrainingCheckpoint | None = None, world: World = SINGLE) -> FinetuneResult:
-    """`world`: run as one rank of several (core.distributed); every rank calls this with the same
-    arguments, trains on its shard of each global batch and evaluates its shard of the held-out slice."""
+             *, device: str | torch.device | None = None, resume: TrainingCheckpoint | None = None,
+             context: dict[str, Any] | None = None, world: World = SINGLE) -> FinetuneResult:
+    """Fine-tune `model` on `data`; `context` (job, model and data set ids, the model's sha256)
+    goes into the result's provenance as given. `world`: run as one rank of several
+    (core.distributed); every rank calls this with the same arguments, trains on its shard of
+    each global batch and evaluates its shard of the validation and test images."""
     hooks = hooks or Hooks()
-    compute = Compute.resolve(device, config.amp, config.channels_last)
+    started_at = utc_timestamp()
     threat = Threat.from_spec(config.threat_model).across(world)
+
+    # --- data: the training images in use, split into fit and validation; the test slice -----
+    n_available = data.train_x.shape[0] if config.train_examples is None else min(config.train_examples,
+                                                                                   data.train_x.shape[0])
+    config = resolve_finetune(config, n_available)     # a job's config was resolved at submit
+    compute = Compute.resolve(device, config.amp, config.channels_last)            # the training step
+    eval_compute = Compute.resolve(compute.device, config.eval_amp, config.channels_last)  # measurements
     model = compute.prepare_model(model)
     generator = torch.Generator(device=compute.device).manual_seed(config.seed)
 
-    # --- data: training images stay uint8 on the device; the held-out slice as floats ---------
-    train_x = data.train_x.to(compute.device)
-    train_y = data.train_y.to(compute.device)
-    if config.train_examples is not None:
-        train_x, train_y = train_x[: config.train_examples], train_y[: config.train_examples]
+    fit_idx, val_idx, split_record = validation_split(data.train_y[:n_available], config)
+    train_x = data.train_x[torch.from_numpy(fit_idx)].to(compute.device)   # uint8 on the device
+    train_y = data.train_y[torch.from_numpy(fit_idx)].to(compute.device)
+    # each rank measures its shard of the validation and test images (whole-set quantities are global)
+    val_x = eval_compute.images(to_unit_float(world.shard(data.train_x[torch.from_numpy(val_idx)]), compute.device))
+    val_y = world.shard(data.train_y[torch.from_numpy(val_idx)]).to(compute.device)
+    n_test = data.test_x.shape[0] if config.test_examples is None else min(config.test_examples, data.test_x.shape[0])
+    test_x = eval_compute.images(to_unit_float(world.shard(data.test_x[:n_test]), compute.device))
+    test_y = world.shard(data.test_y[:n_test]).to(compute.device)
     n_train = train_x.shape[0]
-    eval_x = compute.images(to_unit_float(world.shard(data.test_x[: config.eval_examples]), compute.device))
-    eval_y = world.shard(data.test_y[: config.eval_examples]).to(compute.device)
     augment = config.augment == "crop_flip" or (config.augment == "auto" and is_cifar_like(data.image_shape))
-    batch_size = min(config.batch_size, n_train)
+    batch_size = min(int(config.batch_size), n_train)
+    epochs = int(config.epochs)
     steps_per_epoch = max(1, n_train // batch_size)       # drop the last partial batch (BN needs > 1)
     if batch_size % world.size:
         raise ValidationError(f"batch_size {batch_size} does not split evenly over {world.size} devices; "
                               "use a multiple of the device count.")
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = steps_per_epoch * epochs
+    rule = config.selection
 
     # --- optimiser, schedule, and the state a resume restores ------------------------------
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    optimizer = torch.optim.SGD(model.parameters(), lr=float(config.lr), momentum=config.momentum,
                                 nesterov=config.nesterov and config.momentum > 0,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     perturbation = RandomWeightPerturbation(model, config.weight_perturbation)
     dynamic_budget = config.budget == "dynamic" and threat.distributional
-    eval_batch = world.eval_batch(AdaptiveBatch(max(config.batch_size, 256), report_halving(hooks.event)))
+    eval_batch = world.eval_batch(AdaptiveBatch(max(batch_size, 256), report_halving(hooks.event)))
 
     if resume is None:
-        hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": config.epochs})
-        before = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed, batch=eval_batch,
-                                  should_stop=hooks.should_stop)
-        if hooks.should_stop():  # stopped before any training: nothing to keep
+        warnings: list[str] = []
+        few = few_steps_warning(n_train, batch_size)
+        if few:
+            warnings.append(few)
+            hooks.warn(few, {"steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "train_examples": n_train})
+        hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": epochs})
+        before = evaluate_heldout(model, val_x, val_y, threat, config, eval_compute, seed=config.seed,
+                                  batch=eval_batch, should_stop=hooks.should_stop)
+        before_test = None if hooks.should_stop() else evaluate_heldout(
+            model, test_x, test_y, threat, config, eval_compute, seed=config.seed, test=True, batch=eval_batch,
+            should_stop=hooks.should_stop)
+        if before_test is None or hooks.should_stop():  # stopped before any training: nothing to keep
             state = _state_copy(model)
-            return FinetuneResult(best_epoch=0, epochs_completed=0, stopped=True, before=before, best=before,
-                                  last=before, history=[], best_model_state=state, last_model_state=state,
-                                  config=config.model_dump(mode="json"))
+            return FinetuneResult(best_epoch=0, epochs_completed=0, stopped=True, before=before, after=None,
+                                  validation={"before": before, "best": before, "last": before}, history=[],
+                                  best_model_state=state, last_model_state=state,
+                                  config=config.model_dump(mode="json"), warnings=warnings)
         history: list[dict[str, Any]] = []
         best_epoch, best_metrics, best_state = 0, before, _state_copy(model)
         start_epoch = 0
+        hooks.progress(0.0, "train", {"epoch": 0, "total_epochs": epochs})   # Ῡ is part of training
         upsilon_ema = (estimate_global_sensitivity(model, train_x, train_y, threat, config, compute, generator,
                                                    augment)
                        if dynamic_budget else torch.zeros((), device=compute.device, dtype=torch.float64))
@@ -256,18 +353,24 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         scheduler.load_state_dict(resume.scheduler_state)
         generator.set_state(resume.rng_state["generator"])
         extra = resume.extra
-        before, history = extra["before"], list(extra["history"])
+        before, before_test, history = extra["before"], extra["before_test"], list(extra["history"])
         best_epoch, best_metrics = extra["best_epoch"], extra["best_metrics"]
         best_state = resume.best_model_state
         start_epoch = resume.epoch
         upsilon_ema = torch.tensor(extra["upsilon_ema"], device=compute.device, dtype=torch.float64)
+        warnings, started_at = list(extra["warnings"]), extra["started_at"]
     partial = resume.extra.get("partial") if resume is not None else None   # stopped inside an epoch
+
+    def recipe_state() -> dict[str, Any]:
+        return {"before": before, "before_test": before_test, "history": history, "best_epoch": best_epoch,
+                "best_metrics": best_metrics, "upsilon_ema": float(upsilon_ema), "warnings": warnings,
+                "started_at": started_at}
 
     last_metrics = history[-1] if history else before
     trainer = world.wrap(model)   # DDP across ranks; the model itself in one process
     stopped = False
     epoch = start_epoch
-    for epoch in range(start_epoch + 1, config.epochs + 1):
+    for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
         budget_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
@@ -305,8 +408,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
             steps_done = step + 1
 
             if step % 5 == 4 or step == steps_per_epoch - 1:
-                done = (epoch - 1 + steps_done / steps_per_epoch) / config.epochs
-                hooks.progress(done, "train", {"epoch": epoch, "total_epochs": config.epochs,
+                done = (epoch - 1 + steps_done / steps_per_epoch) / epochs
+                hooks.progress(done, "train", {"epoch": epoch, "total_epochs": epochs,
                                                "step": steps_done, "total_steps": steps_per_epoch})
                 if hooks.should_stop():
                     stopped = True
@@ -314,8 +417,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
 
         train_loss = float(loss_sum / max(steps_done, 1))
         if not stopped:
-            hooks.progress((epoch - 0.05) / config.epochs, "evaluate", {"epoch": epoch, "total_epochs": config.epochs})
-            metrics = evaluate_heldout(model, eval_x, eval_y, threat, config, compute, seed=config.seed + epoch,
+            hooks.progress((epoch - 0.05) / epochs, "evaluate", {"epoch": epoch, "total_epochs": epochs})
+            metrics = evaluate_heldout(model, val_x, val_y, threat, config, eval_compute, seed=config.seed + epoch,
                                        batch=eval_batch, should_stop=hooks.should_stop)
             # Stopped during the evaluation: its numbers are cut short, so stop as inside the epoch
             # (all its steps done); a resumed run evaluates this epoch again.
@@ -327,36 +430,73 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
                 optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                 rng_state={"generator": generator.get_state(), "epoch_start": epoch_rng},
                 metrics={"train_loss": train_loss},
-                extra={"before": before, "history": history, "best_epoch": best_epoch,
-                       "best_metrics": best_metrics, "upsilon_ema": float(upsilon_ema),
+                extra={**recipe_state(),
                        "partial": {"epoch": epoch, "steps_done": steps_done, "loss_sum": float(loss_sum),
                                    "budget_sum": float(budget_sum)}},
-                total_epochs=config.epochs, final=True))
+                total_epochs=epochs, final=True))
             epoch -= 1
             break
 
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics,
-               "mean_batch_delta": float(budget_sum / max(steps_done, 1)),
+        mean_delta = float(budget_sum / max(steps_done, 1))
+        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "mean_batch_delta": mean_delta,
+               "mean_batch_delta_ratio": mean_delta / threat.delta if threat.delta else 1.0,
                "upsilon_ema": float(upsilon_ema), "lr": scheduler.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
         history.append(row)
         last_metrics = row
-        is_best = metrics["w2_robust_accuracy"] > best_metrics["w2_robust_accuracy"] or best_epoch == 0
+        is_best = is_better(row, best_metrics, before, rule)
         if is_best:
             best_epoch, best_metrics, best_state = epoch, row, _state_copy(model)
         hooks.checkpoint(TrainingCheckpoint(
             epoch=epoch, model_state=_state_copy(model), best_model_state=best_state,
             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
             rng_state={"generator": generator.get_state()}, metrics=row, is_best=is_best,
-            extra={"before": before, "history": history, "best_epoch": best_epoch,
-                   "best_metrics": best_metrics, "upsilon_ema": float(upsilon_ema)},
-            total_epochs=config.epochs, final=epoch == config.epochs))
-        hooks.progress(epoch / config.epochs, "train", {"epoch": epoch, "total_epochs": config.epochs,
-                                                        **{k: row[k] for k in row if k != "epoch"}})
+            extra=recipe_state(), total_epochs=epochs, final=epoch == epochs))
+        hooks.progress(epoch / epochs, "train", {"epoch": epoch, "total_epochs": epochs,
+                                                 **{k: row[k] for k in row if k != "epoch"}})
 
+    # --- the reported numbers: the input and the chosen checkpoint on the test set ----------
+    last_state = _state_copy(model)
+    after: dict[str, Any] | None
+    if best_epoch == 0:
+        after = before_test                      # the same weights: the same numbers
+    elif stopped:
+        after = None                             # a cancelled run is not evaluated further
+    else:
+        hooks.progress(1.0, "test", {"epoch": epoch, "total_epochs": epochs})
+        model.load_state_dict(best_state)
+        after = evaluate_heldout(model, test_x, test_y, threat, config, eval_compute, seed=config.seed, test=True,
+                                 batch=eval_batch)
+    if best_epoch == 0 and not stopped:
+        message = (f"no fine-tuned epoch beat the input model on validation {rule.metric} at δ={threat.delta:g} "
+                   f"(clean accuracy allowed to drop by at most {rule.max_clean_drop}); the best checkpoint is the "
+                   "input model, unchanged.")
+        warnings.append(message)
+        hooks.warn(message, {"improved": False, "best_epoch": 0})
+    for name, metrics_ in (("before", before_test), ("after", after)):
+        if metrics_ is not None and not metrics_["w2_converged"]:
+            message = (f"W-PGD had not converged on the test set ({name}): the accuracy still fell in the last "
+                       f"quarter of its {config.test_wpgd_steps} steps, so the W2 robust accuracy is an upper "
+                       "bound; raise test_wpgd_steps for a tighter number.")
+            warnings.append(message)
+            hooks.warn(message, {"which": name, "test_wpgd_steps": config.test_wpgd_steps})
+
+    selection = {"metric": rule.metric, "max_clean_drop": rule.max_clean_drop, "split": "validation",
+                 "candidates": f"epochs 0-{epoch} (0 = the input model)", "best_epoch": best_epoch,
+                 "best_validation_value": best_metrics[str(rule.metric)]}
+    provenance = {
+        **(context or {}), "seed": config.seed,
+        "examples": {"train": n_train, "validation": int(len(val_idx)), "test": n_test,
+                     "train_available": n_available},
+        "validation_split": split_record,
+        **runtime_provenance(compute.device),
+        "training_precision": "bf16" if compute.amp_dtype is not None else "float32",
+        "evaluation_precision": "bf16" if eval_compute.amp_dtype is not None else "float32",
+        "started_at": started_at, "finished_at": utc_timestamp(),
+    }
     return FinetuneResult(
-        best_epoch=best_epoch, epochs_completed=epoch, stopped=stopped, before=before,
-        best=best_metrics, last=last_metrics, history=history,
-        best_model_state=best_state, last_model_state=_state_copy(model),
-        config=config.model_dump(mode="json"),
+        best_epoch=best_epoch, epochs_completed=epoch, stopped=stopped, before=before_test, after=after,
+        validation={"before": before, "best": best_metrics, "last": last_metrics}, history=history,
+        best_model_state=best_state, last_model_state=last_state, config=config.model_dump(mode="json"),
+        selection=selection, warnings=warnings, provenance=provenance,
     )

@@ -1,14 +1,20 @@
-"""`robustify finetune` / `robustify evaluate` run the engine locally and write their outputs."""
+"""`robustify finetune` / `robustify evaluate` run the engine locally and write their outputs; the
+README's local examples run here word for word."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
+from cli.local import _load, _parser
 from core.zoo import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,31 +26,75 @@ def _robustify(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_local_finetune_then_evaluate(tmp_path: Path) -> None:
-    out = tmp_path / "ft"
-    proc = _robustify("finetune", "--architecture", "small-cnn", "--dataset", "digits", "--pretrain", "8",
-                      "--delta", "0.1", "--set", "epochs=2", "--set", "batch_size=128", "--set", "attack_steps=2",
-                      "--set", "eval_examples=100", "--set", "eval_wpgd_steps=5", "--set", "eval_pgd_steps=3",
-                      "--out", str(out), cwd=tmp_path)
+def _readme_command(prefix: str) -> list[str]:
+    """The README's shell line starting with `prefix` (backslash continuations joined), as arguments."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.strip().startswith(prefix))
+    return shlex.split(line.split("#", 1)[0])[1:]          # without `.venv/bin/robustify`
+
+
+def test_readme_local_finetune_then_evaluate(tmp_path: Path) -> None:
+    proc = _robustify(*_readme_command(".venv/bin/robustify finetune --architecture small-cnn"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for name in ("best.safetensors", "last.safetensors", "training_state.safetensors", "report.json",
-                 "report.png", "checkpoints/epoch_1.safetensors", "checkpoints/epoch_2.safetensors"):
-        assert (out / name).is_file(), name
+    out = tmp_path / "out" / "ft"
     report = json.loads((out / "report.json").read_text())
-    assert report["epochs_completed"] == 2 and len(report["history"]) == 2
+    epochs = report["config"]["epochs"]
+    for name in ("best.safetensors", "last.safetensors", "training_state.safetensors", "report.json",
+                 "report.png", *(f"checkpoints/epoch_{e}.safetensors" for e in range(1, epochs + 1))):
+        assert (out / name).is_file(), name
+    assert report["epochs_completed"] == epochs and len(report["history"]) == epochs
     assert report["config"]["threat_model"] == {"kind": "w2-linf", "delta": 0.1}
-    assert "w2_robust_accuracy" in proc.stdout
+    assert (report["config"]["batch_size"], report["config"]["lr"]) == (16, 0.0025)   # auto, resolved locally
+    assert report["provenance"]["model"].startswith("small-cnn pre-trained")
+    # the same table as the service's: every robust accuracy with its ball and radius, and the verdict
+    assert re.search(r"W2 robust accuracy\s+0\.\d{3}\s+0\.\d{3}\s+[+-]\d\.\d{3}\s+W2 ball, l-inf cost, δ=0.1",
+                     proc.stdout), proc.stdout
+    assert ("IMPROVED: the best checkpoint is epoch" in proc.stdout) == report["improved"]
     model = load_model_file(out / "best.safetensors", "small-cnn", num_classes=10, in_channels=1, image_size=8)
     assert set(model.state_dict()) == set(load_file(str(out / "best.safetensors")))
 
-    ev = _robustify("evaluate", "--model", str(out / "best.safetensors"), "--architecture", "small-cnn",
-                    "--dataset", "digits", "--deltas", "2/255,0.1", "--set", "wpgd_steps=10",
-                    "--set", "n_examples=200", "--out", str(tmp_path / "ev"), cwd=tmp_path)
+    ev = _robustify(*_readme_command(".venv/bin/robustify evaluate --model out/ft/best.safetensors"), cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
-    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert [r["delta"] for r in rep["w2"]] == [2 / 255, 0.1]
-    assert rep["n_examples"] == 200
-    assert (tmp_path / "ev" / "report.png").read_bytes().startswith(b"\x89PNG")
+    rep = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert [r["delta"] for r in rep["w2"]] == [2 / 255, 8 / 255, 0.1]
+    # the headline is at the threat model's δ (the default 8/255), which is among the radii
+    assert rep["summary"]["delta"] == 8 / 255 and rep["summary"]["delta_source"] == "threat_model"
+    assert "headline at δ=0.03137" in ev.stdout and "W2 ball, l-inf cost, δ=0.03137" in ev.stdout
+    assert (tmp_path / "out" / "eval" / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_local_run_that_cannot_help_writes_the_input_as_best(tmp_path: Path) -> None:
+    from core.data import load_dataset
+    from core.recipes.standard import train_standard
+    from core.zoo import create_model, save_model_file
+
+    torch.manual_seed(0)
+    data = load_dataset("digits", data_dir=tmp_path)
+    upload = tmp_path / "input.safetensors"
+    save_model_file(train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
+                                   epochs=2, seed=0), upload)
+    proc = _robustify("finetune", "--model", str(upload), "--dataset", "digits", "--delta", "0.1",
+                      "--set", "epochs=1", "--set", "lr=1e-9", "--set", "train_examples=400", "--set", "attack_steps=1",
+                      "--set", "test_examples=100", "--set", "eval_wpgd_steps=3", "--set", "test_wpgd_steps=3",
+                      "--out", str(tmp_path / "ft"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ft" / "best.safetensors").read_bytes() == upload.read_bytes()
+    assert "NOT IMPROVED" in proc.stdout and "warning: no fine-tuned epoch beat the input model" in proc.stdout
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["improved"] is False and report["best_epoch"] == 0
+    assert report["provenance"]["model_sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
+
+
+def test_the_seed_never_changes_the_pretrained_starting_model(tmp_path: Path) -> None:
+    def start(*extra: str) -> dict[str, torch.Tensor]:
+        args = _parser("finetune").parse_args(["--dataset", "digits", "--pretrain", "1", "--out", str(tmp_path),
+                                               "--data-dir", str(tmp_path), *extra])
+        model, _ = _load(args)
+        return model.state_dict()
+
+    one, two, other = start("--seed", "1"), start("--seed", "2"), start("--seed", "1", "--pretrain-seed", "5")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(one[k], other[k]) for k in one)     # its own seed does change it
 
 
 def test_bad_input_gives_a_clear_error(tmp_path: Path) -> None:

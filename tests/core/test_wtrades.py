@@ -53,12 +53,14 @@ def test_batch_budget_is_delta_times_sensitivity_ratio_clamped(setup, ratio: flo
     ema = torch.tensor(upsilon_b / ratio if ratio > 0 else 0.0, dtype=torch.float64)
     _, adv, new_ema = _frozen_step(model, x, y, config, ema)
     assert float(adv.sensitivity) == pytest.approx(upsilon_b, rel=1e-5)
-    if ratio == 0.0:                    # no estimate yet: the fixed radius
-        expected = DELTA
-    else:                               # δ_B = δ·Υ_B/Ῡ in [0, 3δ]
-        expected = min(DELTA * ratio, 3 * DELTA)
-    assert float(adv.delta) == pytest.approx(expected, rel=1e-5)
-    assert float(new_ema) == pytest.approx(0.99 * float(ema) + 0.01 * upsilon_b, rel=1e-6)
+    decay = config.budget_ema_decay
+    if ratio == 0.0:                    # no estimate yet: the fixed radius, and Ῡ starts at Υ_B
+        assert float(adv.delta) == pytest.approx(DELTA, rel=1e-6)
+        assert float(new_ema) == pytest.approx(upsilon_b, rel=1e-6)
+    else:                               # δ_B = δ·Υ_B/Ῡ in [0, 3δ]; Ῡ then averages Υ_B clamped at 3·Ῡ
+        assert float(adv.delta) == pytest.approx(min(DELTA * ratio, 3 * DELTA), rel=1e-5)
+        seen = min(upsilon_b, 3 * float(ema))
+        assert float(new_ema) == pytest.approx(decay * float(ema) + (1 - decay) * seen, rel=1e-6)
     assert Threat("w2-linf", 1.0).distance(adv.x_adv, x) <= float(adv.delta) * (1 + 1e-5)
 
 
@@ -70,14 +72,16 @@ def test_fixed_budget_returns_no_estimate(setup) -> None:
     assert new_ema is None and float(adv.delta) == pytest.approx(DELTA)
 
 
-def test_global_sensitivity_estimate_matches_direct_computation(setup) -> None:
+def test_global_sensitivity_estimate_is_the_mean_batch_sensitivity(setup) -> None:
     model, data, _, _ = setup
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, budget_subset=300, batch_size=128)
     estimate = estimate_global_sensitivity(model, data.train_x, data.train_y, Threat("w2-linf", DELTA), config,
                                            CPU, torch.Generator().manual_seed(5), augment=False)
     idx = torch.randperm(data.train_x.shape[0], generator=torch.Generator().manual_seed(5))[:300]
-    direct = _batch_sensitivity(model, to_unit_float(data.train_x[idx], "cpu"), data.train_y[idx])
-    assert float(estimate) == pytest.approx(direct, rel=1e-5)
+    x, y = to_unit_float(data.train_x[idx], "cpu"), data.train_y[idx]
+    # the quantity the running estimate averages: Υ_B of batches of the training batch size
+    direct = [_batch_sensitivity(model, x[i:i + 128], y[i:i + 128]) for i in (0, 128, 256)]
+    assert float(estimate) == pytest.approx(sum(direct) / 3, rel=1e-5)
 
 
 def test_split_loss_attack_maximises_its_loss_and_outer_step_is_ce_plus_beta_kl(setup) -> None:

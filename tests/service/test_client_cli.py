@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 
@@ -119,8 +120,14 @@ def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp
                             filename="report.json", content_type="application/json", job_id=job["id"])
             s.commit()
             ck_id = ck.id
-        db.update(Job, job["id"], status="succeeded", finished_at=utcnow(),
-                  result={"best_checkpoint_id": ck_id, "after": {"w2_robust_accuracy": 0.5}})
+        labels = {"delta": 0.05, "threat_model": "w2-linf", "w2_threat": "w2-linf", "pointwise_threat": "linf",
+                  "n_examples": 359}
+        db.update(Job, job["id"], status="succeeded", finished_at=utcnow(), result={
+            "type": "finetune", "best_checkpoint_id": ck_id, "improved": True, "best_epoch": 2,
+            "epochs_completed": 2, "selection": {"metric": "w2_robust_accuracy", "max_clean_drop": 0.1},
+            "before": {**labels, "clean_accuracy": 0.9, "w2_robust_accuracy": 0.4, "linf_robust_accuracy": 0.6},
+            "after": {**labels, "clean_accuracy": 0.88, "w2_robust_accuracy": 0.5, "linf_robust_accuracy": 0.7},
+            "config": job["config"]})
         db.add_event(job["id"], "status", {"status": "succeeded"})
 
     t = threading.Thread(target=fake_worker)
@@ -129,6 +136,10 @@ def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp
     t.join()
     assert rc == 0, err
     assert "succeeded" in out and "100%" in err  # tqdm draws on stderr
+    # the watch ends with the before/after table that the demo and the local CLI print
+    assert re.search(r"W2 robust accuracy\s+0\.400\s+0\.500\s+\+0\.100\s+W2 ball, l-inf cost, δ=0\.05", out), out
+    assert "l-inf robust accuracy" in out and "IMPROVED: the best checkpoint is epoch 2 of 2" in out
+    assert "(test set, 359 images)" in out and "trained 2 epochs" in out
 
     rc, out, _ = run(capsys, live, keys, "jobs", "download", job["id"], "--out", str(tmp_path / "dl"))
     assert rc == 0
@@ -137,7 +148,7 @@ def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp
     assert "(none yet)" in out  # no plot
 
     rc, out, _ = run(capsys, live, keys, "jobs", "status", job["id"])
-    assert rc == 0 and "succeeded" in out and "best_checkpoint_id" in out
+    assert rc == 0 and "succeeded" in out and "W2 robust accuracy" in out and "IMPROVED" in out
 
     rc, out, _ = run(capsys, live, keys, "jobs", "submit", "--model", model, "--dataset", "digits", "--json")
     queued = json.loads(out)["id"]

@@ -280,3 +280,47 @@ def test_enqueue_failure_marks_the_job_failed(pg_url, keys, ready_model, db, que
         assert time.monotonic() - start < 20
     job = db.get(Job, body["job_id"])
     assert job.status == "failed" and job.error["code"] == "broker_unavailable" and job.finished_at
+
+
+def test_submit_resolves_auto_defaults_from_the_training_set(client, keys, ready_model):
+    h = keys["a"]["headers"]
+    job = submit(client, h, ready_model, config={}).json()          # digits: 1,438 training images
+    assert (job["config"]["batch_size"], job["config"]["lr"], job["config"]["epochs"]) == (16, 0.0025, 8)
+    assert job["config"]["selection"] == {"metric": "w2_robust_accuracy", "max_clean_drop": 0.1}
+    few = submit(client, h, ready_model, config={"train_examples": 300}).json()
+    assert (few["config"]["batch_size"], few["config"]["epochs"]) == (16, 10)
+    explicit = submit(client, h, ready_model, config={"batch_size": 64, "lr": 0.01, "epochs": 3}).json()
+    assert (explicit["config"]["batch_size"], explicit["config"]["lr"], explicit["config"]["epochs"]) == (64, 0.01, 3)
+    evaluate = submit(client, h, ready_model, type="evaluate", config={}).json()
+    assert evaluate["config"]["amp"] == "off" and evaluate["config"]["pgd_step_ratio"] == 0.25
+
+
+def test_incompatible_model_and_dataset_is_422_naming_both_shapes(client, keys, ready_model, db, queues):
+    from tests.service.payloads import npz_bytes
+
+    h = keys["a"]["headers"]
+    jobs, queued = db.count(Job), queues.length(queues.gpu)
+    # the model reads 1×8×8 images with 10 classes (tests/service/conftest.py)
+    body = assert_problem(submit(client, h, ready_model, dataset="cifar10"), 422, "incompatible_dataset")
+    assert body["model_input_shape"] == [1, 8, 8] and body["dataset_image_shape"] == [3, 32, 32]
+    assert "[1, 8, 8]" in body["detail"] and "[3, 32, 32]" in body["detail"] and "channel" in body["detail"]
+    assert_problem(submit(client, h, ready_model, dataset="fashion-mnist", type="evaluate", config={}), 422,
+                   "incompatible_dataset")                          # 28×28 images
+    twelve = client.post("/v1/datasets", headers=h,
+                         files={"file": ("d.npz", _npz_with_labels(24, 12), "application/octet-stream")})
+    assert twelve.status_code == 201, twelve.text
+    body = assert_problem(submit(client, h, ready_model, dataset=twelve.json()["id"]), 422, "incompatible_dataset")
+    assert body["dataset_num_classes"] == 12 and body["model_num_classes"] == 10 and "labels 0..11" in body["detail"]
+    assert db.count(Job) == jobs and queues.length(queues.gpu) == queued   # nothing stored, nothing queued
+    fits = client.post("/v1/datasets", headers=h, files={"file": ("f.npz", npz_bytes(n=40), "application/octet-stream")})
+    assert submit(client, h, ready_model, dataset=fits.json()["id"]).status_code == 202
+
+
+def _npz_with_labels(n: int, classes: int) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((n, 8, 8), dtype=np.uint8), y=(np.arange(n) % classes).astype(np.int64))
+    return buf.getvalue()

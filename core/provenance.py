@@ -1,0 +1,27 @@
+"""Where a result came from: software versions, the device, and when it was computed."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+import torch
+
+
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def runtime_provenance(device: torch.device) -> dict[str, Any]:
+    """robustify and torch versions and the device (with the GPU's name on CUDA)."""
+    name = str(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return {"robustify_version": _version("robustify"), "torch_version": torch.__version__, "device": name}

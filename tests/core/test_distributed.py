@@ -26,8 +26,8 @@ from tests.core.conftest import TinyCNN
 
 THREAT = Threat("w2-linf", 0.1)
 WTRADES = dict(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_size=64, lr=0.003, beta=3.0,
-               attack_steps=3, augment="crop_flip", train_examples=512, budget_subset=256, eval_examples=200,
-               eval_wpgd_steps=5, eval_pgd_steps=3, amp="off", seed=0)
+               attack_steps=3, augment="crop_flip", train_examples=512, budget_subset=256, validation_examples=200, test_examples=200,
+               eval_wpgd_steps=5, eval_pgd_steps=3, test_wpgd_steps=5, test_pgd_steps=3, amp="off", seed=0)
 
 
 # ------------------------------------------------------------------------------ the ranks

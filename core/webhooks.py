@@ -110,8 +110,8 @@ def check_target(url: str, *, allow_private: bool) -> None:
 # ------------------------------------------------------------------------------ messages
 def event_type_of(job_event: Any) -> str | None:
     """The webhook event type of a job event, or None when no webhook is sent for it."""
-    if job_event.type == "metrics":
-        return "job.progress"
+    if job_event.type == "metrics":   # one per trained epoch (epoch 0, the input model's, is not news)
+        return "job.progress" if ((job_event.data or {}).get("epoch") or 0) >= 1 else None
     if job_event.type == "status":
         return _STATUS_EVENTS.get((job_event.data or {}).get("status"))
     return None

@@ -68,6 +68,13 @@ class Job(ApiObject):
     def succeeded(self) -> bool:
         return self.status == "succeeded"
 
+    @property
+    def improved(self) -> bool | None:
+        """A finished fine-tune: True when the checkpoint it hands back beat the input model under
+        the selection rule, False when it hands back the input model itself; None otherwise."""
+        value = (self.result or {}).get("improved")
+        return value if isinstance(value, bool) else None
+
 
 class Model(ApiObject):
     id: str

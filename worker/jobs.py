@@ -157,8 +157,12 @@ class JobHooks:
         if phase != self._last_phase:
             self._pending_events.append(("progress", f"phase: {phase}", prog))
         if epoch_done:
-            log.info("epoch %s/%s done: %s", metrics["epoch"], metrics.get("total_epochs"), ", ".join(
-                f"{k} {float(metrics[k]):.4f}" for k in _METRIC_KEYS if isinstance(metrics.get(k), (int, float))))
+            values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in _METRIC_KEYS
+                               if isinstance(metrics.get(k), (int, float)))
+            if metrics["epoch"] == 0:
+                log.info("input model (epoch 0) validated: %s", values)
+            else:
+                log.info("epoch %s/%s done: %s", metrics["epoch"], metrics.get("total_epochs"), values)
             self._pending_events.append(("metrics", f"epoch {metrics['epoch']} metrics",
                                          {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}))
         self._last_write, self._last_phase = now, phase

@@ -54,7 +54,8 @@ export function epochHistory(job, events = [], checkpoints = []) {
   for (const h of Array.isArray(result.history) ? result.history : []) put(h?.epoch, h);
   for (const c of checkpoints) put(c?.epoch ?? c?.metrics?.epoch, c?.metrics);
   for (const e of events) if (e?.type === "metrics") put(e.data?.epoch, e.data);
-  if (result.before) put(0, result.before);
+  // epoch 0 is the input model on the validation split (result.before is the test split's)
+  if (result.validation?.before) put(0, result.validation.before);
   return [...byEpoch.values()].sort((a, b) => a.epoch - b.epoch);
 }
 
@@ -80,7 +81,9 @@ export function beforeAfter(job) {
   const r = job?.result;
   if (!r || !r.before || !(r.after || r.best)) return null;
   const after = r.after || r.best;
-  const threat = after.threat_model || r.threat_model || job.threat_model;
+  // the result's threat_model is {kind, delta}; a metrics row names only the kind
+  const asThreat = (t) => (typeof t === "string" ? { kind: t } : t && typeof t === "object" ? t : null);
+  const threat = asThreat(r.threat_model) || asThreat(after.threat_model) || asThreat(job.threat_model);
   const rows = epochMetrics(threat).map(({ key, label }) => {
     const b = num(r.before[key]);
     const a = num(after[key]);
@@ -90,7 +93,7 @@ export function beforeAfter(job) {
   return {
     rows, threat: { ...(threat || {}), delta }, epoch: num(after.epoch) ?? num(r.best_epoch),
     improved: typeof r.improved === "boolean" ? r.improved : null,
-    examples: num(r.heldout_examples) ?? num(r.eval_examples) ?? num(job.config?.eval_examples),
+    examples: num(after.n_examples) ?? num(r.provenance?.examples?.test) ?? num(job.config?.test_examples),
   };
 }
 

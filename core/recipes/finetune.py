@@ -331,6 +331,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": epochs})
         before = evaluate_heldout(model, val_x, val_y, threat, config, eval_compute, seed=config.seed,
                                   batch=eval_batch, should_stop=hooks.should_stop)
+        if not hooks.should_stop():   # epoch 0's validation metrics, live: the input model is a candidate
+            hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": epochs, **before})
         before_test = None if hooks.should_stop() else evaluate_heldout(
             model, test_x, test_y, threat, config, eval_compute, seed=config.seed, test=True, batch=eval_batch,
             should_stop=hooks.should_stop)
@@ -469,7 +471,7 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
                                  batch=eval_batch)
     if best_epoch == 0 and not stopped:
         message = (f"no fine-tuned epoch beat the input model on validation {rule.metric} at δ={threat.delta:g} "
-                   f"(clean accuracy allowed to drop by at most {rule.max_clean_drop}); the best checkpoint is the "
+                   f"({'no limit on the clean accuracy' if rule.max_clean_drop is None else f'clean accuracy allowed to drop by at most {rule.max_clean_drop}'}); the best checkpoint is the "
                    "input model, unchanged.")
         warnings.append(message)
         hooks.warn(message, {"improved": False, "best_epoch": 0})

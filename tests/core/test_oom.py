@@ -87,8 +87,9 @@ def test_finetune_held_out_evaluation_halves_but_training_batches_do_not(digits:
     torch.manual_seed(0)
     gpu = SmallGpu(TinyCNN(), capacity=40)
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_size=32,
-                            train_examples=64, eval_examples=96, attack_steps=1, eval_wpgd_steps=1,
-                            eval_pgd_steps=1, budget_subset=32)
+                            train_examples=64, validation_examples=96, test_examples=96, attack_steps=1,
+                            eval_wpgd_steps=1, eval_pgd_steps=1, test_wpgd_steps=1, test_pgd_steps=1,
+                            budget_subset=32)
     hooks, seen = _events()
     result = finetune(config, gpu, digits, hooks, device="cpu")
     assert result.epochs_completed == 1

@@ -133,8 +133,8 @@ def test_cancel_during_the_heldout_evaluation_stops_its_attacks_and_redoes_it_on
         base_model, digits_data, tmp_path) -> None:
     """A cancel while an epoch's held-out W-PGD runs ends it within a step (not after all its steps),
     saves the trained epoch as a partial checkpoint, and a resumed run evaluates that epoch again."""
-    config = _config(epochs=2, train_examples=128, eval_examples=20, eval_wpgd_steps=40, eval_pgd_steps=40,
-                     attack_steps=2)
+    config = _config(epochs=2, train_examples=148, validation_examples=20, test_examples=20, eval_wpgd_steps=40,
+                     eval_pgd_steps=40, attack_steps=2)
     seen = {"phase": None, "epoch": 0, "checks": 0}
 
     def progress(fraction: float, phase: str, metrics: dict) -> None:
@@ -164,7 +164,7 @@ def test_cancel_during_the_heldout_evaluation_stops_its_attacks_and_redoes_it_on
 
 def test_cancel_before_training_starts_keeps_nothing(base_model, digits_data) -> None:
     checks = []
-    result = finetune(_config(eval_examples=20, eval_wpgd_steps=500), _fresh(base_model), digits_data,
+    result = finetune(_config(validation_examples=20, eval_wpgd_steps=500), _fresh(base_model), digits_data,
                       Hooks(should_stop=lambda: checks.append(1) or len(checks) >= 2))
     assert result.stopped and result.epochs_completed == 0 and result.best_epoch == 0
     assert len(checks) <= 4  # the initial evaluation's attacks stopped at once, not after 500 steps

@@ -30,8 +30,9 @@ IMAGENET = {"input_mean": "0.485,0.456,0.406", "input_std": "0.229,0.224,0.225"}
 ARCHIVE_CAP = 128 * 1024
 HUB_REPO = "acme/tiny-resnet"
 # one epoch on 6 images, the smallest attacks: the point is that every piece runs at 224×224
-TINY_FINETUNE = {"epochs": 1, "batch_size": 3, "train_examples": 6, "attack_steps": 1, "eval_examples": 3,
-                 "eval_wpgd_steps": 1, "eval_pgd_steps": 1, "budget_subset": 3}
+TINY_FINETUNE = {"epochs": 1, "batch_size": 3, "train_examples": 6, "attack_steps": 1,
+                 "validation_examples": 3, "test_examples": 3, "eval_wpgd_steps": 1, "eval_pgd_steps": 1,
+                 "test_wpgd_steps": 1, "test_pgd_steps": 1, "budget_subset": 3}
 TINY_EVALUATE = {"n_examples": 3, "batch_size": 3, "wpgd_steps": 2, "pgd_steps": 1}
 THREAT = {"kind": "w2-linf", "delta": 0.03}
 

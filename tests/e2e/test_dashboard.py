@@ -32,8 +32,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--no-first-run", "--disable-sync"]
 # A tiny W-TRADES recipe (about a second per epoch here), typed into the form.
-TINY = {"epochs": "6", "batch_size": "128", "beta": "3", "attack_steps": "3", "eval_examples": "200"}
-TINY_MORE = {"eval_wpgd_steps": "5", "eval_pgd_steps": "3", "budget_subset": "256"}
+TINY = {"epochs": "6", "batch_size": "128", "beta": "3", "attack_steps": "3", "validation_examples": "200",
+        "test_examples": "200"}
+TINY_MORE = {"eval_wpgd_steps": "5", "eval_pgd_steps": "3", "test_wpgd_steps": "5", "test_pgd_steps": "3",
+             "budget_subset": "256"}
 EVAL = {"deltas": "0.05, 0.1, 0.2", "n_examples": "200", "wpgd_steps": "5", "pgd_steps": "3"}
 
 
@@ -228,7 +230,7 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
             cells = page.locator(f'#before-after tr[data-metric="{key}"] > *').all_inner_texts()
             assert cells[:3] == [label, _pct(result["before"][key]), _pct(result["after"][key])], cells
         assert "W2 ball, l∞ ground cost, δ = 0.1" in page.inner_text("#before-after-threat")
-        assert page.locator("#event-log li[data-type=metrics]").count() == 6
+        assert page.locator("#event-log li[data-type=metrics]").count() == 7   # epoch 0 (the input) to 6
         ui.shot("4-job-succeeded")
 
         # download the selected checkpoint: the same bytes as the API's best checkpoint

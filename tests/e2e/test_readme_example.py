@@ -88,7 +88,9 @@ def test_readme_service_example(tmp_path: Path) -> None:
                 if key != "history":
                     assert result[key] == value, key
             assert set(result) - set(report) == {"best_checkpoint_id", "best_checkpoint_sha256", "report_id",
-                                                 "plot_id"}
+                                                 "plot_id", "model_id"}
+            # the improved checkpoint is registered as a new model the next job can name
+            assert result["model_id"].startswith("mdl_") and result["model_id"] != model_id
             prov = report["provenance"]
             assert (prov["job_id"], prov["model_id"], prov["dataset"], prov["model_sha256"]) == (
                 job_id, model_id, "digits", upload_sha)
@@ -119,6 +121,7 @@ def test_readme_service_example(tmp_path: Path) -> None:
             best = client.get(f"/v1/jobs/{stuck_id}/checkpoint")
             assert best.status_code == 200 and best.content == upload.read_bytes()
             assert job["result"]["best_checkpoint_sha256"] == upload_sha
+            assert job["result"]["model_id"] == model_id      # no new model: the input is handed back
             status = subprocess.run([sys.executable, "-m", "cli", "jobs", "status", stuck_id, "--url", url],
                                     capture_output=True, text=True, timeout=60)
             assert "NOT IMPROVED" in status.stdout, status.stdout

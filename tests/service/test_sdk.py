@@ -262,3 +262,11 @@ def test_unknown_fields_are_kept():
                                         "progress": {"fraction": 0.5, "new_field": 1}})
     assert job.improved is True and job.progress.fraction == 0.5 and job.progress.new_field == 1
     assert not job.done and robustify.Job.model_validate({"id": "j", "status": "failed"}).done
+
+
+def test_job_improved_reads_the_result_of_a_finished_fine_tune():
+    job = robustify.types.Job.model_validate
+    assert job({"id": "job_1", "status": "succeeded", "result": {"improved": True, "best_epoch": 3}}).improved is True
+    assert job({"id": "job_2", "status": "succeeded", "result": {"improved": False, "best_epoch": 0}}).improved is False
+    assert job({"id": "job_3", "status": "running", "result": None}).improved is None
+    assert job({"id": "job_4", "status": "succeeded", "result": {"type": "evaluate"}}).improved is None

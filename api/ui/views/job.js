@@ -68,7 +68,7 @@ export async function jobView(root, { match, signal }) {
     epochChart.update(epochSpec(state));
     const c = state.job.config || {};
     parts.curves.replaceChildren(h("p", { class: "caption" },
-      `Accuracy on ${c.eval_examples ?? "the"} held-out images after each epoch; epoch 0 is the input model. `,
+      `Accuracy on the validation split (${c.validation_examples ? `at most ${c.validation_examples}` : "the"} training images held out from training) after each epoch; epoch 0 is the input model. `,
       `Robust accuracies under ${threatText(state.job.threat_model)}: W2 by W-PGD (${c.eval_wpgd_steps ?? "?"} steps), `,
       `the pointwise ball of the same radius by PGD (${c.eval_pgd_steps ?? "?"} steps).`));
   };
@@ -88,7 +88,8 @@ export async function jobView(root, { match, signal }) {
           h("td", { class: `num ${r.change > 0 ? "up" : r.change < 0 ? "down" : ""}` }, points(r.change)))),
         { id: "before-after" }),
       h("p", { class: "caption", id: "before-after-threat" },
-        `Threat model: ${threatText(ba.threat)}${ba.examples ? `; ${ba.examples} held-out images` : ""}.`),
+        `Threat model: ${threatText(ba.threat)}${ba.examples ? `; ${ba.examples} test images` : ""}. `
+        + "The checkpoint is selected on the validation split; these numbers are on the test split."),
       h("div", { class: "actions" },
         h("button", { type: "button", class: "primary", id: "download-selected", onclick: () => api.download(`v1/jobs/${id}/checkpoint`) }, "Download the selected checkpoint"),
         state.job.status === "succeeded" ? h("button", { type: "button", onclick: () => api.download(`v1/jobs/${id}/report`, `${id}-report.json`) }, "Report (JSON)") : null));

@@ -8,7 +8,7 @@ import { deref, readFields, schemaFields, showFieldErrors } from "../form.js";
 const RECIPES = { finetune: "FinetuneConfig", evaluate: "EvaluateConfig" };
 // Shown first; every other setting is under "More settings". Names missing from the schema are skipped.
 const FEATURED = {
-  finetune: ["epochs", "batch_size", "lr", "beta", "attack_steps", "eval_examples"],
+  finetune: ["epochs", "batch_size", "lr", "beta", "attack_steps", "validation_examples", "test_examples"],
   evaluate: ["deltas", "n_examples", "linf_attacks", "wpgd_steps", "pgd_steps"],
 };
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli.client import main
+from cli.main import main
 from core.artifacts import ArtifactStore, record_artifact
 from core.db import Job, utcnow
 from tests.service.conftest import LiveServer
@@ -147,12 +147,12 @@ def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp
     assert json.loads((tmp_path / "dl" / "report.json").read_text()) == {"w2_robust_accuracy": 0.5}
     assert "(none yet)" in out  # no plot
 
-    rc, out, _ = run(capsys, live, keys, "jobs", "status", job["id"])
+    rc, out, _ = run(capsys, live, keys, "jobs", "get", job["id"])
     assert rc == 0 and "succeeded" in out and "W2 robust accuracy" in out and "IMPROVED" in out
 
     rc, out, _ = run(capsys, live, keys, "jobs", "submit", "--model", model, "--dataset", "digits", "--json")
     queued = json.loads(out)["id"]
     rc, out, _ = run(capsys, live, keys, "jobs", "cancel", queued)
     assert rc == 0 and "cancelled" in out
-    rc, _, err = run(capsys, live, keys, "jobs", "status", queued, key="b")
+    rc, _, err = run(capsys, live, keys, "jobs", "get", queued, key="b")
     assert rc == 1 and "not_found" in err

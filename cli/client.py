@@ -613,14 +613,14 @@ def _endpoint_line(e: dict[str, Any]) -> str:
 
 
 @client_command(webhooks, "create")
-@click.argument("url")
+@click.argument("target", metavar="URL")
 @click.option("--event", "events", multiple=True, metavar="TYPE",
               help="Only these event types (repeatable), e.g. job.succeeded; default every type.")
 @click.option("--default", "default", is_flag=True, help="Send the webhooks of every job of this key that names none.")
 @click.option("--description", help="A note kept with the endpoint.")
-def webhooks_create(out: Out, url: str, events: tuple[str, ...], default: bool, description: str | None) -> int:
+def webhooks_create(out: Out, target: str, events: tuple[str, ...], default: bool, description: str | None) -> int:
     """Register URL; prints its signing secret (whsec_…), which verifies the signatures."""
-    e = out.client.webhooks.create(url, events=list(events) or None, default=default, description=description)
+    e = out.client.webhooks.create(target, events=list(events) or None, default=default, description=description)
     out.dump(e) if out.json else click.echo(f"{_endpoint_line(_plain(e))}\n  secret {e.secret}")
     return 0
 

@@ -24,7 +24,7 @@ COMMAND --help` prints the same text.
 **Names.** Options are the [HTTP API](http-api.md)'s field names with dashes, the same in the local
 and the client commands: `--threat-model`, `--delta`, `--input-size`, `--input-mean`,
 `--input-std`, `--seed`. A radius may be written as a fraction (`--delta 8/255`,
-`--deltas 2/255,8/255,0.1`, `--set delta=8/255`). The recipe's other fields go through
+`--deltas 2/255,8/255,0.1`, `--set pgd_step_ratio=1/8`). The recipe's other fields go through
 `--set FIELD=VALUE` (repeatable; VALUE is JSON or a fraction) or `--config` (a JSON object, inline
 or `@file.json`); `robustify jobs fields finetune` (or `--set help`) lists them with their types,
 defaults and meaning, from the same schema the server checks.

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install browser test-data demo serve test test-browser test-fast bench docs clean
+.PHONY: install browser test-data demo serve test test-browser test-fast bench docs cli-docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ test-browser: install browser  ## only the dashboard's tests in a real browser
 
 bench: install         ## engine throughput against a plain baseline (GPU when present, else a tiny CPU run)
 	$(BIN)/python bench/bench_engine.py
+
+cli-docs: install      ## regenerate docs/cli.md from the CLI's own help (a test checks it is current)
+	$(BIN)/python -m cli.docgen > docs/cli.md
 
 docs: install          ## build the documentation site into site/ (warnings are errors)
 	$(BIN)/mkdocs build --strict

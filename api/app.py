@@ -23,6 +23,7 @@ from api.guards import BodyLimits, ConcurrencyLimit, RequestChecks
 from api.metrics import install_metrics
 from api.openapi import add_security_and_problems
 from api.routes import architectures, datasets, jobs, models, ops, webhooks
+from api.routes.docs import install_api_docs
 from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
 from core.artifacts import open_store
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Make image classifiers robust to distribution shift: W-TRADES fine-tuning and "
                 "W2 / l-infinity robustness evaluation.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served from the package's own files (api/routes/docs.py)
     )
     app.state.services = svc
     app.state.architecture_catalog = ArchitectureCatalog(settings.data_dir / "cache")
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (models.router, architectures.router, datasets.router, jobs.router, webhooks.router, ops.router):
         app.include_router(router)
     install_dashboard(app)
+    install_api_docs(app)
     # Added innermost first: checks and OPTIONS, then the concurrency limit, then the body caps.
     app.add_middleware(BodyLimits, settings=settings)
     app.add_middleware(ConcurrencyLimit, settings=settings)

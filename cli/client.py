@@ -1,279 +1,411 @@
-"""`robustify models|datasets|jobs|architectures …`: the command-line client of a running robustify server.
+"""`robustify models|datasets|jobs|architectures|webhooks …`: a client of a running server, on
+the Python SDK (`robustify.Client`).
 
-The server is --url (or ROBUSTIFY_URL, default http://127.0.0.1:8000) and the key --key (or
-ROBUSTIFY_API_KEY). Problem responses print their message and code and exit with status 1.
+Every command takes --url (or ROBUSTIFY_URL, default http://127.0.0.1:8000), --key (or
+ROBUSTIFY_API_KEY) and --json (print the server's objects as JSON, for scripts). A problem
+answer prints one line with its code and exits with status 1; a bad option exits with 2.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
+import functools
 import json
-import os
-import sys
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import click
 
-from core.result_table import result_table
+from cli.params import CONTEXT, RECIPES, THREAT_KINDS, Failure, JsonObject, Numbers, Radius, fields_help, recipe_fields
+from robustify import Client
+from robustify.client import DEFAULT_URL
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+BUILTIN_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 
 
-class ClientError(Exception):
-    """A failed request, with a message ready for the terminal."""
+# ------------------------------------------------------------------------------ plumbing
+class Out:
+    """The SDK client of one command, and how it prints."""
+
+    def __init__(self, client: Client, as_json: bool) -> None:
+        self.client, self.json = client, as_json
+
+    def dump(self, obj: Any) -> None:
+        click.echo(json.dumps(_plain(obj), indent=2))
 
 
-class Api:
-    """A thin httpx wrapper that turns problem responses into ClientError."""
-
-    def __init__(self, url: str, key: str | None, http: httpx.Client | None = None) -> None:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.url = url.rstrip("/")
-        # redirects: downloads may answer 307 to a presigned object-storage URL (httpx then drops
-        # the Authorization header, as it must for another host)
-        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0),
-                                         follow_redirects=True)
-
-    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            resp = self.http.request(method, path, **kw)
-        except httpx.ConnectError:
-            raise ClientError(f"cannot reach the server at {self.url}: is it running (`robustify serve`)? "
-                              "Set --url or ROBUSTIFY_URL to point elsewhere.") from None
-        except httpx.TimeoutException:
-            raise ClientError(f"the server at {self.url} did not answer in time") from None
-        if resp.status_code >= 400:
-            raise ClientError(describe_problem(resp))
-        return resp
-
-    def json(self, method: str, path: str, **kw: Any) -> Any:
-        return self.request(method, path, **kw).json()
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json", by_alias=True)
+    if isinstance(obj, list):
+        return [_plain(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
-def describe_problem(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-    except ValueError:
-        return f"HTTP {resp.status_code}: {resp.text[:300]}"
-    detail = body.get("detail") or body.get("title") or resp.reason_phrase
-    text = f"{detail} [{body.get('code', 'error')}, HTTP {resp.status_code}]"
-    for err in body.get("errors") or []:
-        text += f"\n  {err.get('field') or '.'.join(map(str, err.get('loc', [])))}: {err.get('msg')}"
-    if resp.status_code == 401:
-        text += "\n  pass --key or set ROBUSTIFY_API_KEY (create a key with `robustify keys create NAME`)."
-    return text
+def client_command(group: click.Group, name: str, *, retries: int = 3, **kw: Any) -> Callable[[Any], Any]:
+    """A command of `group` with --url, --key and --json; the function gets an `Out` first."""
+    def decorate(f: Callable[..., Any]) -> click.Command:
+        @functools.wraps(f)
+        def run(url: str, key: str | None, as_json: bool, **options: Any) -> int:
+            with Client(url, api_key=key or "", max_retries=retries) as client:
+                return int(f(Out(client, as_json), **options) or 0)
+
+        for option in reversed(CLIENT_OPTIONS):
+            run = option(run)
+        return group.command(name, context_settings=CONTEXT, **kw)(run)
+
+    return decorate
 
 
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+CLIENT_OPTIONS = [
+    click.option("--url", envvar="ROBUSTIFY_URL", default=DEFAULT_URL, show_default=True,
+                 help="The server (env ROBUSTIFY_URL)."),
+    click.option("--key", envvar="ROBUSTIFY_API_KEY", help="An API key rk_… (env ROBUSTIFY_API_KEY)."),
+    click.option("--json", "as_json", is_flag=True, help="Print the server's JSON objects (for scripts)."),
+]
 
 
-# ------------------------------------------------------------------------------- models
-def models_add(api: Api, args: argparse.Namespace) -> int:
-    body = {"source": "robustbench", "name": args.name, "dataset": args.dataset, "threat_model": args.threat_model}
-    m = api.json("POST", "/v1/models", json=body)
-    return _show_model(api, m, args)
+def paging(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True, help="Items per page."),
+        click.option("--after", metavar="ID", help="The last id of the page before (its `last_id`)."),
+        click.option("--all", "all_pages", is_flag=True, help="Every page, not just one."),
+    ]):
+        f = option(f)
+    return f
 
 
-def models_hub(api: Api, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"source": "hf-hub", "name": args.repo, "num_classes": args.num_classes,
-                            "dataset": args.dataset}
-    for field in ("revision", "input_size", "input_mean", "input_std"):
-        if getattr(args, field):
-            body[field] = getattr(args, field)
-    if args.metadata:
-        body["metadata"] = json.loads(args.metadata)
-    return _show_model(api, api.json("POST", "/v1/models", json=body), args)
+def show_page(out: Out, page: Any, all_pages: bool, line: Callable[[dict[str, Any]], str]) -> int:
+    items = list(page) if all_pages else list(page.data)
+    more = False if all_pages else page.has_more
+    last = (items[-1].id if items else None) if all_pages else page.last_id
+    if out.json:
+        click.echo(json.dumps({"data": _plain(items), "has_more": more, "last_id": last}, indent=2))
+        return 0
+    for item in items:
+        click.echo(line(_plain(item)))
+    if more:
+        click.echo(f"(more: --after {last}, or --all)", err=True)
+    return 0
 
 
-def models_upload(api: Api, args: argparse.Namespace) -> int:
-    path = Path(args.file)
+def _file(path: Path) -> Path:
     if not path.is_file():
-        raise ClientError(f"no such file: {path}")
-    data = {"architecture": args.architecture, "num_classes": str(args.num_classes), "dataset": args.dataset}
-    for field in ("name", "input_size", "input_mean", "input_std", "metadata"):
-        value = getattr(args, field)
-        if value:
-            data[field] = ",".join(map(str, value)) if isinstance(value, list) else value
-    with open(path, "rb") as fh:
-        m = api.json("POST", "/v1/models", data=data, files={"file": (path.name, fh, "application/octet-stream")})
-    return _show_model(api, m, args)
+        raise click.BadParameter(f"no such file: {path}", param_hint="FILE")
+    return path
 
 
-def _numbers(kind: type) -> Any:
-    """An argparse type: "3,224,224" or "3x224x224" -> [3, 224, 224] (the JSON body takes lists)."""
-    def parse(text: str) -> list[Any]:
-        try:
-            return [kind(p) for p in text.strip().strip("[]").replace("x", ",").split(",") if p.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: give {kind.__name__} numbers separated by commas") from None
-
-    return parse
+# ------------------------------------------------------------------------------ models
+@click.group(context_settings=CONTEXT)
+def models() -> None:
+    """Register, list, inspect and delete models on the server."""
 
 
-def _show_model(api: Api, m: dict[str, Any], args: argparse.Namespace) -> int:
-    if args.wait:
-        deadline = time.monotonic() + args.wait_timeout
-        while m["status"] == "validating" and time.monotonic() < deadline:
-            time.sleep(1.0)
-            m = api.json("GET", f"/v1/models/{m['id']}")
-    if args.json:
-        _print(m)
+def _wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--wait-timeout", type=float, default=600.0, show_default=True,
+                     help="Seconds --wait waits at most.")(f)
+    return click.option("--wait", is_flag=True, help="Wait until the server has validated the model "
+                                                     "(exit 1 if it is rejected).")(f)
+
+
+def _input_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--input-size", "--input-shape", "input_size", type=Numbers("int"),
+                     help="C,H,W the model takes, e.g. 3,224,224 (default: the data set's)."),
+        click.option("--input-mean", "--mean", "input_mean", type=Numbers("float"),
+                     help="Per-channel mean of the normalisation it was trained with, e.g. 0.485,0.456,0.406."),
+        click.option("--input-std", "--std", "input_std", type=Numbers("float"),
+                     help="Per-channel std, e.g. 0.229,0.224,0.225."),
+        click.option("--metadata", type=JsonObject(), help="A JSON object kept with the model."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _model_line(m: dict[str, Any]) -> str:
+    return f"{m['id']}  {m['status']:<10}  {m['architecture']:<28}  {m['dataset']:<14}  {m['name']}"
+
+
+def _show_model(out: Out, model: Any, wait: bool, wait_timeout: float) -> int:
+    if wait and model.status == "validating":
+        model = out.client.models.wait(model.id, timeout=wait_timeout)
+    m = _plain(model)
+    if out.json:
+        out.dump(m)
     else:
-        print(f"{m['id']}  {m['status']}  {m['architecture']}  {m['dataset']}  {m['name']}")
+        click.echo(_model_line(m))
         if m["status"] == "ready" and m.get("input_size"):
-            print(f"  input {m['input_size']}  mean {m.get('input_mean')}  std {m.get('input_std')}")
+            click.echo(f"  input {m['input_size']}  mean {m.get('input_mean')}  std {m.get('input_std')}")
         if m.get("error"):
-            print(f"  rejected: {m['error'].get('message')}", file=sys.stderr)
+            click.echo(f"  rejected [{m['error'].get('code')}]: {m['error'].get('message')}", err=True)
     return 1 if m["status"] == "rejected" else 0
 
 
-def models_list(api: Api, args: argparse.Namespace) -> int:
-    rows = list(_pages(api, "/v1/models", {"limit": 100}))
-    if args.json:
-        _print(rows)
-        return 0
-    for m in rows:
-        print(f"{m['id']}  {m['status']:<10}  {m['architecture']:<28}  {m['dataset']:<14}  {m['name']}")
+@client_command(models, "upload")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--architecture", required=True,
+              help="small-cnn, preact-resnet-18, …, timm:<name>, torchvision:<name> (robustify architectures list).")
+@click.option("--num-classes", type=click.IntRange(min=2), required=True, help="Classes of its head.")
+@click.option("--dataset", required=True, help="What it was trained on: digits, cifar10, … or a dataset id.")
+@click.option("--name", help="A name to show (default: the file name).")
+@_input_options
+@_wait_options
+def models_upload(out: Out, file: Path, wait: bool, wait_timeout: float, **fields: Any) -> int:
+    """Upload a safetensors state dict FILE (pickle files are refused)."""
+    return _show_model(out, out.client.models.upload(_file(file), **fields), wait, wait_timeout)
+
+
+@client_command(models, "add")
+@click.argument("name")
+@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagenet"]), default="cifar10",
+              show_default=True, help="The RobustBench data set.")
+@click.option("--threat-model", type=click.Choice(["Linf", "L2", "corruptions"]), default="Linf",
+              show_default=True, help="The RobustBench leaderboard.")
+@click.option("--metadata", type=JsonObject(), help="A JSON object kept with the model.")
+@_wait_options
+def models_add(out: Out, name: str, wait: bool, wait_timeout: float, **fields: Any) -> int:
+    """Register a RobustBench model by its zoo NAME, e.g. Wang2023Better_WRN-28-10."""
+    return _show_model(out, out.client.models.add(name, **fields), wait, wait_timeout)
+
+
+@client_command(models, "hub")
+@click.argument("repo")
+@click.option("--revision", help="A branch, tag or commit of the repository.")
+@click.option("--num-classes", type=click.IntRange(min=2), required=True, help="Classes of its head.")
+@click.option("--dataset", required=True, help="What it was trained on: imagenet, cifar10, … or a dataset id.")
+@_input_options
+@_wait_options
+def models_hub(out: Out, repo: str, wait: bool, wait_timeout: float, **fields: Any) -> int:
+    """Register a timm model of the Hugging Face Hub, REPO such as timm/resnet18.a1_in1k (read from
+    the worker's Hugging Face cache)."""
+    return _show_model(out, out.client.models.hub(repo, **fields), wait, wait_timeout)
+
+
+@client_command(models, "get")
+@click.argument("model_id")
+def models_get(out: Out, model_id: str) -> int:
+    """Show one model."""
+    return _show_model(out, out.client.models.get(model_id), False, 0)
+
+
+@client_command(models, "list")
+@click.option("--status", type=click.Choice(["validating", "ready", "rejected"]), help="Only models in this state.")
+@paging
+def models_list(out: Out, status: str | None, limit: int, after: str | None, all_pages: bool) -> int:
+    """List models, newest first."""
+    return show_page(out, out.client.models.list(status=status, limit=limit, after=after), all_pages, _model_line)
+
+
+@client_command(models, "delete")
+@click.argument("model_id")
+def models_delete(out: Out, model_id: str) -> int:
+    """Delete a model and its stored weights (finished jobs keep referring to it)."""
+    gone = out.client.models.delete(model_id)
+    out.dump(gone) if out.json else click.echo(f"{gone.id}: deleted")
     return 0
 
 
-def _pages(api: Api, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    after = None
+@client_command(models, "download")
+@click.argument("model_id")
+@click.option("--out", "to", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="A folder, or a file name.")
+def models_download(out: Out, model_id: str, to: Path) -> int:
+    """Save a model's weights (safetensors, sha256 verified)."""
+    path = out.client.models.download(model_id, to)
+    out.dump({"path": str(path)}) if out.json else click.echo(str(path))
+    return 0
+
+
+# ------------------------------------------------------------------------------ datasets
+@click.group(context_settings=CONTEXT)
+def datasets() -> None:
+    """Upload, list, inspect and delete data sets (digits, fashion-mnist, cifar10, cifar100 are built in)."""
+
+
+def _dataset_line(d: dict[str, Any]) -> str:
+    return f"{d['id']}  {d['num_examples']:>8} images  {d['image_shape']}  {d['num_classes']} classes  {d['name']}"
+
+
+def _show_dataset(out: Out, dataset: Any) -> int:
+    d = _plain(dataset)
+    if out.json:
+        out.dump(d)
+        return 0
+    click.echo(f"{d['id']}  {d['num_examples']} images {d['image_shape']}  {d['num_classes']} classes  {d['name']}")
+    if d.get("class_names"):
+        click.echo(f"  classes {', '.join(d['class_names'])}  split {d.get('splits')}")
+    return 0
+
+
+@client_command(datasets, "upload")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", help="A name to show (default: the file name).")
+@click.option("--metadata", type=JsonObject(), help="A JSON object kept with the data set.")
+@click.option("--image-size", type=Numbers("int"), help="Folders: resize to S, or H,W (cover and centre-crop).")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="Folders: 1 grayscale or 3 RGB (default 3).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Folders without train/ and test/: the held-out share per class (default 0.2).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of that split (default 0).")
+def datasets_upload(out: Out, file: Path, image_size: list[int] | None, channels: str | None, **fields: Any) -> int:
+    """Upload FILE: an .npz (x uint8 images, y int labels) or a .zip / .tar of class folders."""
+    size = None if not image_size else image_size[0] if len(image_size) == 1 else tuple(image_size)
+    return _show_dataset(out, out.client.datasets.upload(_file(file), image_size=size,
+                                                         channels=int(channels) if channels else None, **fields))
+
+
+@client_command(datasets, "get")
+@click.argument("dataset_id")
+def datasets_get(out: Out, dataset_id: str) -> int:
+    """Show one data set."""
+    return _show_dataset(out, out.client.datasets.get(dataset_id))
+
+
+@client_command(datasets, "list")
+@paging
+def datasets_list(out: Out, limit: int, after: str | None, all_pages: bool) -> int:
+    """List uploaded data sets, newest first (the built-in ones need no upload)."""
+    if not out.json:
+        click.echo(f"built-in: {', '.join(BUILTIN_DATASETS)}")
+    return show_page(out, out.client.datasets.list(limit=limit, after=after), all_pages, _dataset_line)
+
+
+@client_command(datasets, "delete")
+@click.argument("dataset_id")
+def datasets_delete(out: Out, dataset_id: str) -> int:
+    """Delete an uploaded data set."""
+    gone = out.client.datasets.delete(dataset_id)
+    out.dump(gone) if out.json else click.echo(f"{gone.id}: deleted")
+    return 0
+
+
+# ------------------------------------------------------------------------------ architectures
+@click.group(context_settings=CONTEXT)
+def architectures() -> None:
+    """The architectures a model may have."""
+
+
+@client_command(architectures, "list", retries=0)
+@click.option("--family", type=click.Choice(["builtin", "timm", "torchvision", "robustbench"]),
+              help="Search this family's names.")
+@click.option("--q", help="Part of a name, or a pattern with * and ?.")
+@paging
+def architectures_list(out: Out, family: str | None, q: str | None, limit: int, after: str | None,
+                       all_pages: bool) -> int:
+    """The built-ins and the families; with --family or --q, the matching names."""
+    from robustify import ServiceUnavailableError
+
+    told, deadline = False, time.monotonic() + 600
     while True:
-        page = api.json("GET", path, params={**params, **({"after": after} if after else {})})
-        yield from page["data"]
-        if not page["has_more"]:
-            return
-        after = page["last_id"]
-
-
-# ------------------------------------------------------------------------------- datasets
-def datasets_upload(api: Api, args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise ClientError(f"no such file: {path}")
-    data = {"name": args.name or path.name}
-    for field in ("image_size", "channels", "test_fraction", "seed"):   # image-folder archives only
-        if getattr(args, field) is not None:
-            data[field] = str(getattr(args, field))
-    with open(path, "rb") as fh:
-        d = api.json("POST", "/v1/datasets", data=data, files={"file": (path.name, fh, "application/octet-stream")})
-    if args.json:
-        _print(d)
-    else:
-        print(f"{d['id']}  {d['num_examples']} images {d['image_shape']}  {d['num_classes']} classes  {d['name']}")
-        if d.get("class_names"):
-            print(f"  classes {', '.join(d['class_names'])}  split {d.get('splits')}")
-    return 0
-
-
-def datasets_list(api: Api, args: argparse.Namespace) -> int:
-    rows = list(_pages(api, "/v1/datasets", {"limit": 100}))
-    if args.json:
-        _print(rows)
-        return 0
-    print("built-in: digits, fashion-mnist, cifar10, cifar100")
-    for d in rows:
-        print(f"{d['id']}  {d['num_examples']:>8} images  {d['image_shape']}  {d['num_classes']} classes  {d['name']}")
-    return 0
-
-
-# ------------------------------------------------------------------------------- architectures
-def architectures_list(api: Api, args: argparse.Namespace) -> int:
-    params = {k: v for k, v in (("family", args.family), ("q", args.q)) if v}
-    _wait_for_catalog(api, params)
-    rows = list(_pages(api, "/v1/architectures", {**params, "limit": 100}))
-    if args.json:
-        _print(rows)
-        return 0
-    for a in rows:
-        if a["object"] == "architecture_family":
-            print(f"{a['pattern']:<34}  {a['description']}")
-        else:
-            print(a["id"])
-    return 0
-
-
-def _wait_for_catalog(api: Api, params: dict[str, Any], timeout: float = 600.0) -> None:
-    """A server lists a family's names once, in the background, answering 503 catalog_building
-    meanwhile: wait for that (any other answer is for the listing itself to show)."""
-    deadline = time.monotonic() + timeout
-    told = False
-    while time.monotonic() < deadline:
         try:
-            resp = api.http.request("GET", "/v1/architectures", params={**params, "limit": 1})
-            building = resp.status_code == 503 and resp.json().get("code") == "catalog_building"
-        except (httpx.HTTPError, ValueError):
-            return
-        if not building:
-            return
-        if not told:
-            print(f"the server is listing the architectures ({resp.json().get('detail')}); waiting…", file=sys.stderr)
-            told = True
-        time.sleep(min(float(resp.headers.get("retry-after") or 2), 10.0))
+            page = out.client.architectures.list(family=family, q=q, limit=limit, after=after)
+            break
+        except ServiceUnavailableError as exc:
+            # a server lists a family's names once, in the background: wait for that
+            if exc.code != "catalog_building" or time.monotonic() > deadline:
+                raise
+            if not told:
+                click.echo(f"{exc.detail} waiting…", err=True)
+                told = True
+            time.sleep(min(float(exc.headers.get("retry-after") or 2), 10.0))
+
+    def line(a: dict[str, Any]) -> str:
+        return f"{a['pattern']:<34}  {a['description']}" if a["object"] == "architecture_family" else a["id"]
+
+    return show_page(out, page, all_pages, line)
 
 
-# ------------------------------------------------------------------------------- jobs
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+# ------------------------------------------------------------------------------ jobs
+@click.group(context_settings=CONTEXT)
+def jobs() -> None:
+    """Submit fine-tuning and evaluation jobs, follow them, fetch their results."""
 
 
-def jobs_submit(api: Api, args: argparse.Namespace) -> int:
-    config: dict[str, Any] = json.loads(args.config) if args.config else {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ClientError(f"--set expects key=value, got {item!r}")
-        config[key.strip()] = _parse_value(value)
-    body: dict[str, Any] = {"type": args.type, "dataset": args.dataset, "config": config}
-    if args.model.startswith("robustbench:"):
-        body["model"] = {"robustbench": {"name": args.model.split(":", 1)[1]}}
-    else:
-        body["model_id"] = args.model
-    if args.threat_model or args.delta is not None:
-        body["threat_model"] = {"kind": args.threat_model or "w2-linf",
-                                **({"delta": args.delta} if args.delta is not None else {})}
-    if args.seed is not None:
-        body["seed"] = args.seed
-    if args.metadata:
-        body["metadata"] = json.loads(args.metadata)
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-    job = api.json("POST", "/v1/jobs", json=body, headers=headers)
-    if args.json:
-        _print(job)
-    else:
-        print(f"{job['id']}  {job['status']}  {job['type']} of {job['model_id']} on {job['dataset']}")
-        if job["type"] == "finetune":
-            cfg = job["config"]
-            print(f"  epochs {cfg['epochs']}, batch_size {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, "
-                  f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}")
-    if args.watch:
-        return watch(api, job["id"], quiet=args.json)
+@jobs.command("fields", context_settings=CONTEXT)
+@click.argument("recipe", type=click.Choice(RECIPES))
+def jobs_fields(recipe: str) -> int:
+    """The fields of a RECIPE (finetune or evaluate) that --set and --config take: type, default,
+    meaning (also `--set help`)."""
+    click.echo(fields_help(recipe))
     return 0
 
 
-def jobs_list(api: Api, args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"limit": min(args.limit, 100)}
-    if args.status:
-        params["status"] = args.status
-    page = api.json("GET", "/v1/jobs", params=params)
-    if args.json:
-        _print(page["data"])
-        return 0
-    for j in page["data"]:
-        print(f"{j['id']}  {j['status']:<10}  {j['type']:<8}  {j['model_id']}  {j['dataset']}  {j['created_at']}")
-    return 0
+@client_command(jobs, "submit")
+@click.option("--type", "recipe", type=click.Choice(RECIPES), default="finetune", show_default=True,
+              help="The recipe.")
+@click.option("--model", required=True, help="A model id (mdl_…), or robustbench:<name>.")
+@click.option("--dataset", required=True, help="digits, fashion-mnist, cifar10, cifar100 or a dataset id (ds_…).")
+@click.option("--threat-model", type=click.Choice(THREAT_KINDS),
+              help="The threat model's kind (default w2-linf).")
+@click.option("--delta", type=Radius(), help="The radius δ, a number or a fraction (8/255).")
+@click.option("--deltas", type=Numbers("radius"), help="evaluate: several radii for a curve, e.g. 2/255,8/255.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the recipe.")
+@click.option("--config", type=JsonObject(), help="Recipe fields as a JSON object, inline or @file.json.")
+@click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE",
+              help="One recipe field (repeatable; wins over --config). VALUE is JSON or a fraction; "
+                   "`--set help` (or `robustify jobs fields TYPE`) lists the fields.")
+@click.option("--metadata", type=JsonObject(), help="A JSON object kept with the job.")
+@click.option("--webhook", metavar="URL", help="POST this job's signed webhooks to URL.")
+@click.option("--webhook-event", "webhook_events", multiple=True, metavar="TYPE",
+              help="Only these event types (repeatable), e.g. job.succeeded.")
+@click.option("--idempotency-key", help="Submitting again with the same key returns the same job.")
+@click.option("--watch", is_flag=True, help="Then follow it with a progress bar (exit 1 unless it succeeds).")
+def jobs_submit(out: Out, recipe: str, model: str, dataset: str, threat_model: str | None, delta: float | None,
+                deltas: list[float] | None, seed: int | None, config: dict[str, Any] | None,
+                assignments: tuple[str, ...], metadata: dict[str, Any] | None, webhook: str | None,
+                webhook_events: tuple[str, ...], idempotency_key: str | None, watch: bool) -> int:
+    """Submit a fine-tuning or evaluation job."""
+    fields = recipe_fields(config, assignments, recipe)
+    if deltas:
+        if recipe != "evaluate":
+            raise click.BadParameter("--deltas is an evaluate field", param_hint="--deltas")
+        fields["deltas"] = deltas
+    threat = None
+    if threat_model or delta is not None:
+        threat = {"kind": threat_model or "w2-linf", **({"delta": delta} if delta is not None else {})}
+    hook: Any = None
+    if webhook:
+        hook = {"url": webhook, **({"events": list(webhook_events)} if webhook_events else {})}
+    ref = {"robustbench": model.split(":", 1)[1]} if model.startswith("robustbench:") else {"model_id": model}
+    job = out.client.jobs.create(type=recipe, dataset=dataset, threat_model=threat, config=fields, seed=seed,
+                                 metadata=metadata, webhook=hook, idempotency_key=idempotency_key, **ref)
+    j = _plain(job)
+    if out.json:
+        out.dump(j)
+    else:
+        click.echo(f"{j['id']}  {j['status']}  {j['type']} of {j['model_id']} on {j['dataset']}")
+        cfg = j["config"]
+        if j["type"] == "finetune":
+            click.echo(f"  epochs {cfg['epochs']}, batch_size {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, "
+                       f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}")
+    return watch_job(out, job.id, quiet=out.json) if watch else 0
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    return f"{j['id']}  {j['status']:<10}  {j['type']:<8}  {j['model_id']}  {j['dataset']}  {j['created_at']}"
+
+
+@client_command(jobs, "list")
+@click.option("--status", multiple=True, type=click.Choice(["queued", "running", "cancelling", "succeeded",
+                                                            "failed", "cancelled"]),
+              help="Only jobs in this state (repeatable).")
+@click.option("--type", "recipe", type=click.Choice(RECIPES), help="Only this recipe.")
+@click.option("--model-id", help="Only jobs of this model.")
+@paging
+def jobs_list(out: Out, status: tuple[str, ...], recipe: str | None, model_id: str | None, limit: int,
+              after: str | None, all_pages: bool) -> int:
+    """List jobs, newest first."""
+    page = out.client.jobs.list(status=list(status) or None, type=recipe, model_id=model_id, limit=limit, after=after)
+    return show_page(out, page, all_pages, _job_line)
 
 
 def _summary(job: dict[str, Any]) -> str:
+    from core.result_table import result_table
+
     lines = [f"{job['id']}: {job['status']} ({job['type']}, attempt {job['attempt']})"]
     p = job.get("progress") or {}
     if job["status"] not in TERMINAL and p.get("fraction") is not None:
@@ -293,73 +425,84 @@ def _summary(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def jobs_status(api: Api, args: argparse.Namespace) -> int:
-    job = api.json("GET", f"/v1/jobs/{args.job_id}")
-    print(json.dumps(job, indent=2) if args.json else _summary(job))
+def _get(out: Out, job_id: str) -> int:
+    job = _plain(out.client.jobs.get(job_id))
+    out.dump(job) if out.json else click.echo(_summary(job))
     return 0
 
 
-def jobs_cancel(api: Api, args: argparse.Namespace) -> int:
-    job = api.json("POST", f"/v1/jobs/{args.job_id}/cancel")
-    print(json.dumps(job, indent=2) if args.json else f"{job['id']}: {job['status']}")
+@client_command(jobs, "get")
+@click.argument("job_id")
+def jobs_get(out: Out, job_id: str) -> int:
+    """Show a job: status, progress, latest numbers, and a finished job's before/after table."""
+    return _get(out, job_id)
+
+
+@client_command(jobs, "status", hidden=True)
+@click.argument("job_id")
+def jobs_status(out: Out, job_id: str) -> int:
+    """The former name of `jobs get`."""
+    return _get(out, job_id)
+
+
+@client_command(jobs, "cancel")
+@click.argument("job_id")
+def jobs_cancel(out: Out, job_id: str) -> int:
+    """Cancel a job (a running one stops at its next check, keeping its checkpoints)."""
+    job = out.client.jobs.cancel(job_id)
+    out.dump(job) if out.json else click.echo(f"{job.id}: {job.status}")
     return 0
 
 
-def _sse_events(api: Api, job_id: str, last_id: int) -> Iterator[dict[str, Any]]:
-    headers = {"Accept": "text/event-stream"}
-    if last_id:
-        headers["Last-Event-ID"] = str(last_id)
-    with api.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                         timeout=httpx.Timeout(30.0, read=120.0)) as resp:
-        if resp.status_code >= 400:
-            resp.read()
-            raise ClientError(describe_problem(resp))
-        fields: dict[str, str] = {}
-        for line in resp.iter_lines():
-            if not line:
-                if "data" in fields:
-                    yield {"id": int(fields.get("id", "0") or 0), "event": fields.get("event", "message"),
-                           "data": json.loads(fields["data"])}
-                fields = {}
-            elif not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value[1:] if value.startswith(" ") else value
+@client_command(jobs, "events")
+@click.argument("job_id")
+@click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this event id.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Events per page.")
+@click.option("--follow", is_flag=True, help="Keep following the stream until the job ends (Server-Sent Events).")
+def jobs_events(out: Out, job_id: str, after: int, limit: int, follow: bool) -> int:
+    """A job's event log, oldest first (every page of it)."""
+    events: Iterable[Any] = (out.client.jobs.stream(job_id, after=after) if follow
+                             else out.client.jobs.events(job_id, after=after, limit=limit))
+    for e in events:
+        if out.json:
+            click.echo(json.dumps(_plain(e)))
+        else:
+            click.echo(f"{e.id:>6}  {e.created_at:%Y-%m-%d %H:%M:%S}  {e.type:<10} {e.level:<7} {e.message or ''}"
+                       if e.created_at else f"{e.id:>6}  {e.type:<10} {e.level:<7} {e.message or ''}")
+    return 0
 
 
-def watch(api: Api, job_id: str, *, quiet: bool = False) -> int:
+@client_command(jobs, "watch")
+@click.argument("job_id")
+def jobs_watch(out: Out, job_id: str) -> int:
+    """Follow a job live with a progress bar; exit 0 if it succeeds."""
+    return watch_job(out, job_id, quiet=out.json)
+
+
+def watch_job(out: Out, job_id: str, *, quiet: bool = False) -> int:
     """Live progress bar; 0 if the job succeeded.
 
-    A background thread follows the event stream (resuming with Last-Event-ID when it breaks)
-    and the bar re-reads the job at most once a second: events mark phases and epochs, the job
-    row carries the fine-grained fraction and ETA.
+    A background thread follows the event stream (the SDK resumes it with Last-Event-ID when it
+    breaks) and the bar re-reads the job at most once a second: events mark phases and epochs,
+    the job carries the fine-grained fraction and ETA.
     """
-    import queue
-    import threading
-
     from tqdm import tqdm
 
-    job = api.json("GET", f"/v1/jobs/{job_id}")
+    client = out.client
+    job = _plain(client.jobs.get(job_id))
     bar = tqdm(total=100, desc=job["status"], unit="%", disable=quiet,
                bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
-    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    events: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
 
     def follow() -> None:
-        last_id, failures = 0, 0
-        while not stop.is_set():
-            try:
-                for ev in _sse_events(api, job_id, last_id):
-                    last_id = ev["id"]
-                    events.put(ev)
-                    if stop.is_set():
-                        return
-                events.put(None)  # the server ends the stream once the job is terminal
-                return
-            except (httpx.HTTPError, ClientError):
-                failures += 1
-                if failures > 30:
-                    return  # keep polling in the main loop
-                stop.wait(min(1.0 * failures, 10.0))
+        try:
+            for event in client.jobs.stream(job_id):
+                events.put(event)
+                if stop.is_set():
+                    return
+        except Exception:  # the main loop keeps polling the job
+            return
 
     def refresh(j: dict[str, Any]) -> None:
         progress = j.get("progress") or {}
@@ -372,187 +515,137 @@ def watch(api: Api, job_id: str, *, quiet: bool = False) -> int:
         bar.set_postfix(metrics, refresh=False)
         bar.refresh()
 
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
+    threading.Thread(target=follow, daemon=True).start()
     refresh(job)
     last_read = time.monotonic()
     try:
         while job["status"] not in TERMINAL:
             try:
-                ev = events.get(timeout=0.5)
+                event = events.get(timeout=0.5)
             except queue.Empty:
-                ev = None
-            if ev is not None and ev["event"] == "warning" and not quiet:
-                bar.write(f"warning: {ev['data'].get('message')}")
-            if ev is not None or time.monotonic() - last_read >= 1.0:
-                job = api.json("GET", f"/v1/jobs/{job_id}")
+                event = None
+            if event is not None and event.type == "warning" and not quiet:
+                bar.write(f"warning: {event.message}")
+            if event is not None or time.monotonic() - last_read >= 1.0:
+                job = _plain(client.jobs.get(job_id))
                 last_read = time.monotonic()
                 refresh(job)
     finally:
         stop.set()
         bar.close()
-    if not quiet:
-        print(_summary(job))
+    if quiet:
+        click.echo(json.dumps(job, indent=2))
+    else:
+        click.echo(_summary(job))
     return 0 if job["status"] == "succeeded" else 1
 
 
-def jobs_watch(api: Api, args: argparse.Namespace) -> int:
-    return watch(api, args.job_id, quiet=args.json)
-
-
-def _filename(resp: httpx.Response, default: str) -> str:
-    from robustify._transport import filename_of
-
-    return filename_of(resp, default)
-
-
-def _save(api: Api, path: str, out_dir: Path, default: str, verify: bool) -> Path | None:
-    with api.http.stream("GET", path) as resp:
-        if resp.status_code == 404:
-            return None
-        if resp.status_code >= 400:
-            resp.read()
-            raise ClientError(describe_problem(resp))
-        target = out_dir / _filename(resp, default)
-        digest = hashlib.sha256()
-        tmp = target.with_name(target.name + ".part")
-        with open(tmp, "wb") as fh:
-            for chunk in resp.iter_bytes():
-                digest.update(chunk)
-                fh.write(chunk)
-        # the API's ETag is the sha256; after a redirect the bucket's own ETag (an MD5) is not
-        etag = (resp.history[0] if resp.history else resp).headers.get("etag", "").strip('"')
-    if verify and etag and etag != digest.hexdigest():
-        tmp.unlink(missing_ok=True)
-        raise ClientError(f"{path}: sha256 {digest.hexdigest()} does not match the server's ETag {etag}; "
-                          "the download was corrupted, try again.")
-    tmp.replace(target)
-    return target
-
-
-def jobs_download(api: Api, args: argparse.Namespace) -> int:
-    job = api.json("GET", f"/v1/jobs/{args.job_id}")
-    out = Path(args.out or job["id"])
-    out.mkdir(parents=True, exist_ok=True)
-    got = {
-        "checkpoint": _save(api, f"/v1/jobs/{job['id']}/checkpoint", out, "checkpoint.safetensors", True),
-        "report": _save(api, f"/v1/jobs/{job['id']}/report", out, "report.json", True),
-        "plot": _save(api, f"/v1/jobs/{job['id']}/report.png", out, "report.png", True),
-    }
-    for kind, path in got.items():
-        print(f"{kind:<10} {path if path else '(none yet)'}")
-    if not any(got.values()):
-        raise ClientError(f"job {job['id']} ({job['status']}) has nothing to download yet")
-    if job.get("result"):
-        print(result_table(job["result"]))
+@client_command(jobs, "checkpoints")
+@click.argument("job_id")
+def jobs_checkpoints(out: Out, job_id: str) -> int:
+    """A fine-tune's checkpoints, one per epoch (`jobs download --epoch N` saves one)."""
+    items = out.client.jobs.checkpoints(job_id)
+    if out.json:
+        out.dump(items)
+        return 0
+    for c in items:
+        metrics = {k: v for k, v in (c.metrics or {}).items() if isinstance(v, (int, float))}
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        click.echo(f"{c.id}  epoch {c.epoch:<4} {'best' if c.is_best else '    '}  {c.size:>10} bytes  {shown}")
     return 0
 
 
-# ------------------------------------------------------------------------------- parser
-def build_parser(command: str) -> argparse.ArgumentParser:
-    def options(suppress: bool) -> argparse.ArgumentParser:
-        # The options work before or after the action; in the sub-parsers their defaults are
-        # suppressed, or they would overwrite a value given before the action.
-        p = argparse.ArgumentParser(add_help=False)
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
-        p.add_argument("--url", **({"default": os.environ.get("ROBUSTIFY_URL", DEFAULT_URL)} | kw),
-                       help=f"server URL (env ROBUSTIFY_URL, default {DEFAULT_URL})")
-        p.add_argument("--key", **({"default": os.environ.get("ROBUSTIFY_API_KEY")} | kw),
-                       help="API key rk_… (env ROBUSTIFY_API_KEY)")
-        p.add_argument("--json", action="store_true", **kw, help="print the server's JSON")
-        return p
+@client_command(jobs, "download")
+@click.argument("job_id")
+@click.option("--out", "to", type=click.Path(path_type=Path, file_okay=False), help="Folder (default: the job id).")
+@click.option("--epoch", type=click.IntRange(min=0), help="The checkpoint of this epoch instead of the best one.")
+def jobs_download(out: Out, job_id: str, to: Path | None, epoch: int | None) -> int:
+    """Save the best checkpoint (or --epoch's), report.json and report.png, sha256 verified."""
+    from core.result_table import result_table
 
-    common = options(suppress=True)
-    parser = argparse.ArgumentParser(prog=f"robustify {command}", parents=[options(suppress=False)])
-    sub = parser.add_subparsers(dest="action", required=True)
-
-    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help)
-        p.set_defaults(func=func)
-        return p
-
-    if command == "models":
-        p = add("add", models_add, "register a RobustBench model")
-        p.add_argument("name", help="RobustBench model name, e.g. Wang2023Better_WRN-28-10")
-        p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "imagenet"])
-        p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2", "corruptions"])
-        for q in (p, u := add("upload", models_upload, "upload safetensors weights")):
-            q.add_argument("--wait", action="store_true", help="wait until validation has finished")
-            q.add_argument("--wait-timeout", type=float, default=600.0)
-        u.add_argument("file", help="a .safetensors state dict (pickle files are refused)")
-        u.add_argument("--architecture", required=True,
-                       help="small-cnn, preact-resnet-18, …, timm:<name>, torchvision:<name> (robustify architectures list)")
-        u.add_argument("--num-classes", type=int, required=True)
-        u.add_argument("--dataset", required=True, help="what it was trained on: digits, cifar10, … or a dataset id")
-        u.add_argument("--name")
-        h = add("hub", models_hub, "register a timm model from the Hugging Face Hub (read from the worker's HF cache)")
-        h.add_argument("repo", help="the repository id, e.g. timm/resnet18.a1_in1k")
-        h.add_argument("--revision")
-        h.add_argument("--num-classes", type=int, required=True)
-        h.add_argument("--dataset", required=True, help="what it was trained on: imagenet, cifar10, … or a dataset id")
-        h.add_argument("--wait", action="store_true", help="wait until validation has finished")
-        h.add_argument("--wait-timeout", type=float, default=600.0)
-        for q in (u, h):
-            q.add_argument("--input-size", "--input-shape", dest="input_size", type=_numbers(int),
-                           help='C,H,W, e.g. "3,224,224" (default from the dataset)')
-            q.add_argument("--mean", dest="input_mean", type=_numbers(float),
-                           help="per-channel mean of the normalisation the model was trained with, "
-                                'e.g. "0.485,0.456,0.406"')
-            q.add_argument("--std", dest="input_std", type=_numbers(float),
-                           help='per-channel std, e.g. "0.229,0.224,0.225"')
-            q.add_argument("--metadata", help="a JSON object")
-        add("list", models_list, "list models")
-    elif command == "datasets":
-        p = add("upload", datasets_upload, "upload an .npz (x uint8 images, y int labels) or a .zip / .tar of "
-                                           "class folders")
-        p.add_argument("file")
-        p.add_argument("--name")
-        p.add_argument("--image-size", help="archives: resize to S or H,W (cover and centre-crop)")
-        p.add_argument("--channels", type=int, choices=[1, 3], help="archives: 1 grayscale or 3 RGB (default 3)")
-        p.add_argument("--test-fraction", type=float, help="archives of class folders: held-out share (0.2)")
-        p.add_argument("--seed", type=int, help="archives of class folders: seed of the split (0)")
-        add("list", datasets_list, "list data sets")
-    elif command == "architectures":
-        p = add("list", architectures_list, "the built-ins and families, or a family's names")
-        p.add_argument("--family", choices=["builtin", "timm", "torchvision", "robustbench"])
-        p.add_argument("--q", help="part of a name, or a pattern with * and ?")
-    elif command == "jobs":
-        p = add("submit", jobs_submit, "submit a fine-tune or evaluation job")
-        p.add_argument("--type", choices=["finetune", "evaluate"], default="finetune")
-        p.add_argument("--model", required=True, help="a model id, or robustbench:<name>")
-        p.add_argument("--dataset", required=True, help="digits, fashion-mnist, cifar10, cifar100 or a dataset id")
-        p.add_argument("--threat-model", choices=["w2-linf", "w2-l2", "linf", "l2"])
-        p.add_argument("--delta", type=float)
-        p.add_argument("--seed", type=int)
-        p.add_argument("--config", help="recipe fields as a JSON object")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one recipe field (repeatable)")
-        p.add_argument("--metadata", help="a JSON object")
-        p.add_argument("--idempotency-key")
-        p.add_argument("--watch", action="store_true", help="then follow it with a progress bar")
-        p = add("list", jobs_list, "list recent jobs")
-        p.add_argument("--status")
-        p.add_argument("--limit", type=int, default=20)
-        for name, func, text in (("status", jobs_status, "show a job"), ("watch", jobs_watch, "follow a job live"),
-                                 ("cancel", jobs_cancel, "cancel a job")):
-            add(name, func, text).add_argument("job_id")
-        p = add("download", jobs_download, "save the best checkpoint and the report (sha256 verified)")
-        p.add_argument("job_id")
-        p.add_argument("--out", help="folder (default: the job id)")
-    return parser
+    got = out.client.jobs.download(job_id, to, epoch=epoch)
+    files = {"checkpoint": got.checkpoint, "report": got.report, "plot": got.plot}
+    if out.json:
+        out.dump({k: str(v) if v else None for k, v in files.items()})
+    else:
+        for kind, path in files.items():
+            click.echo(f"{kind:<10} {path if path else '(none yet)'}")
+    if not any(files.values()):
+        raise Failure(f"job {job_id} has nothing to download yet", code="not_found")
+    job = out.client.jobs.get(job_id)
+    if job.result and not out.json:
+        click.echo(result_table(job.result))
+    return 0
 
 
-def main(argv: list[str], http: httpx.Client | None = None) -> int:
-    """argv[0] is models, datasets, jobs or architectures. `http` lets tests pass a client of their own."""
-    command, rest = argv[0], argv[1:]
-    args = build_parser(command).parse_args(rest)
-    api = Api(args.url, args.key, http)
-    try:
-        return int(args.func(api, args) or 0)
-    except ClientError as exc:
-        print(f"robustify {command} {args.action}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if http is None:
-            api.http.close()
+@client_command(jobs, "report")
+@click.argument("job_id")
+def jobs_report(out: Out, job_id: str) -> int:
+    """Print a finished job's report (JSON)."""
+    click.echo(json.dumps(out.client.jobs.report(job_id), indent=2))
+    return 0
+
+
+@client_command(jobs, "deliveries")
+@click.argument("job_id")
+def jobs_deliveries(out: Out, job_id: str) -> int:
+    """The job's webhook deliveries and their attempts."""
+    items = out.client.jobs.webhook_deliveries(job_id)
+    if out.json:
+        out.dump(items)
+        return 0
+    for d in items:
+        last = d.attempts[-1] if d.attempts else None
+        click.echo(f"{d.id}  {d.event_type:<16} {d.status:<9} {len(d.attempts)} attempt(s)"
+                   + (f", last: {last.status_code or last.error}" if last else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------ webhooks
+@click.group(context_settings=CONTEXT)
+def webhooks() -> None:
+    """The endpoints that receive signed job webhooks."""
+
+
+def _endpoint_line(e: dict[str, Any]) -> str:
+    events = ",".join(e["events"]) if e.get("events") else "every event"
+    return f"{e['id']}  {e['url']}  {events}{'  (default)' if e.get('default') else ''}"
+
+
+@client_command(webhooks, "create")
+@click.argument("target", metavar="URL")
+@click.option("--event", "events", multiple=True, metavar="TYPE",
+              help="Only these event types (repeatable), e.g. job.succeeded; default every type.")
+@click.option("--default", "default", is_flag=True, help="Send the webhooks of every job of this key that names none.")
+@click.option("--description", help="A note kept with the endpoint.")
+def webhooks_create(out: Out, target: str, events: tuple[str, ...], default: bool, description: str | None) -> int:
+    """Register URL; prints its signing secret (whsec_…), which verifies the signatures."""
+    e = out.client.webhooks.create(target, events=list(events) or None, default=default, description=description)
+    out.dump(e) if out.json else click.echo(f"{_endpoint_line(_plain(e))}\n  secret {e.secret}")
+    return 0
+
+
+@client_command(webhooks, "get")
+@click.argument("endpoint_id")
+def webhooks_get(out: Out, endpoint_id: str) -> int:
+    """Show one endpoint, with its secret."""
+    e = out.client.webhooks.get(endpoint_id)
+    out.dump(e) if out.json else click.echo(f"{_endpoint_line(_plain(e))}\n  secret {e.secret}")
+    return 0
+
+
+@client_command(webhooks, "list")
+@paging
+def webhooks_list(out: Out, limit: int, after: str | None, all_pages: bool) -> int:
+    """List the endpoints of this key."""
+    return show_page(out, out.client.webhooks.list(limit=limit, after=after), all_pages, _endpoint_line)
+
+
+@client_command(webhooks, "delete")
+@click.argument("endpoint_id")
+def webhooks_delete(out: Out, endpoint_id: str) -> int:
+    """Delete an endpoint (its pending deliveries stop)."""
+    gone = out.client.webhooks.delete(endpoint_id)
+    out.dump(gone) if out.json else click.echo(f"{gone.id}: deleted")
+    return 0
+

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
+
+from cli.params import CONTEXT
 from core.result_table import finetune_table
 from core.settings import get_settings
 
@@ -186,14 +189,21 @@ def run(args: argparse.Namespace) -> int:
         server_thread.join(timeout=15)
         svc.stop_worker()
     _say(f"\nThe service is stopped. Start it again with:\n    ROBUSTIFY_DATA_DIR={data_dir} robustify serve\n"
-         f"and see the job with `robustify jobs status {job_id} --url http://{host}:{settings.port}`.")
+         f"and see the job with `robustify jobs get {job_id} --url http://{host}:{settings.port}`.")
     return 0
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="robustify demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, help="default ROBUSTIFY_DATA_DIR or ./robustify-data")
-    p.add_argument("--port", type=int, help="default 8000, or a free port when 8000 is taken")
-    p.add_argument("--epochs", type=int, default=DEMO_CONFIG["epochs"])
-    return run(p.parse_args(argv[1:]))
+@click.command(context_settings=CONTEXT)
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Data folder of the embedded service (default ROBUSTIFY_DATA_DIR or ./robustify-data).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8000, or a free port when 8000 is taken).")
+@click.option("--epochs", type=click.IntRange(min=1), default=DEMO_CONFIG["epochs"], show_default=True,
+              help="Epochs of the fine-tuning job.")
+def demo(**options: Any) -> int:
+    """Start the embedded service, fine-tune a small CNN on digits over HTTP, show the result.
+
+    Trains a small CNN for a few seconds, uploads it, fine-tunes it with W-TRADES as a job,
+    follows the job live, downloads the robust checkpoint (sha256 checked) and prints the clean /
+    W2 / l-inf robust accuracy before and after; then stops the service. About two minutes.
+    """
+    return run(argparse.Namespace(**options))

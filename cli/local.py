@@ -10,84 +10,100 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import pydantic
+import click
 
+from cli.params import CONTEXT, JsonObject, Numbers, Radius, THREAT_KINDS, recipe_fields
 from core.config import EvaluateConfig, FinetuneConfig
-from core.errors import RobustifyError
 from core.result_table import evaluation_table, finetune_table
 from core.settings import get_settings
 
 
-def _radius(text: str) -> float:
-    """'8/255' or '0.031' → float."""
-    return float(Fraction(text.strip())) if "/" in text else float(text)
+def _settings() -> Any:
+    return get_settings()
 
 
-def _floats(text: str) -> list[float]:
-    """'0.485,0.456,0.406' → [0.485, 0.456, 0.406]."""
-    return [float(v) for v in text.split(",") if v.strip()]
+def _model_options(command: str) -> Any:
+    """The options of `finetune` and `evaluate` (the ones that only make sense for one of them
+    are only on that one)."""
+    def wrap(f: Any) -> Any:
+        opts = [
+            click.option("--model", type=click.Path(path_type=Path, dir_okay=False),
+                         help="The model to start from: a safetensors state dict (pickle files are refused)."),
+            click.option("--architecture", default="small-cnn", show_default=True,
+                         help="Its architecture: a built-in (small-cnn, preact-resnet-18, wide-resnet-28-10, …), "
+                              "timm:<name>, torchvision:<name> or robustbench:<name>."),
+            click.option("--robustbench", metavar="NAME",
+                         help="A RobustBench model instead of --model, e.g. Wang2023Better_WRN-28-10."),
+            click.option("--robustbench-threat-model", "--robustbench-threat", "robustbench_threat_model",
+                         type=click.Choice(["Linf", "L2", "corruptions"]), default="Linf", show_default=True,
+                         help="The RobustBench leaderboard the --robustbench model is from."),
+            click.option("--input-mean", "--mean", "input_mean", type=Numbers("float"),
+                         help="Per-channel mean the model normalises its input with, e.g. 0.485,0.456,0.406 "
+                              "(default: none, the model takes [0, 1] pixels)."),
+            click.option("--input-std", "--std", "input_std", type=Numbers("float"),
+                         help="Per-channel std that goes with --input-mean, e.g. 0.229,0.224,0.225."),
+            click.option("--dataset", default="digits", show_default=True,
+                         help="digits, fashion-mnist, cifar10, cifar100, or an .npz file (x uint8 images, y labels)."),
+            click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+                         help="Output folder (created if missing)."),
+            click.option("--config", type=JsonObject(),
+                         help=f"Recipe fields as a JSON object, inline or in a file (@file.json); "
+                              f"`robustify jobs fields {command}` lists them."),
+            click.option("--set", "assignments", multiple=True, metavar="FIELD=VALUE",
+                         help="One recipe field (repeatable; wins over --config), e.g. --set epochs=3. "
+                              "VALUE is JSON or a fraction (8/255); `--set help` lists the fields."),
+            click.option("--threat-model", type=click.Choice(THREAT_KINDS),
+                         help="The threat model's kind: a W2 ball with l-inf or l2 ground cost, or a pointwise "
+                              "ball (default w2-linf)."),
+            click.option("--delta", type=Radius(),
+                         help="The radius δ, a number or a fraction (8/255); default 8/255 for l-inf costs, "
+                              "0.5 for l2."),
+            click.option("--seed", type=int, help="Seed of the recipe (data order, attack starts)."),
+            click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+            click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+                         default=lambda: _settings().resolved_datasets_dir, show_default="ROBUSTIFY_DATASETS_DIR",
+                         help="Where the built-in data sets are kept."),
+            click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False),
+                         default=lambda: _settings().resolved_model_dir, show_default="ROBUSTIFY_MODEL_DIR",
+                         help="Where RobustBench weights are kept."),
+            click.option("--allow-download/--no-allow-download", default=lambda: _settings().allow_download,
+                         show_default="ROBUSTIFY_ALLOW_DOWNLOAD",
+                         help="Download missing data sets and RobustBench weights."),
+        ]
+        if command == "finetune":
+            opts += [
+                click.option("--pretrain", type=click.IntRange(min=0), default=0, metavar="EPOCHS",
+                             help="Without --model: train --architecture normally for EPOCHS first."),
+                click.option("--pretrain-seed", type=int, default=0, show_default=True,
+                             help="Seed of that pre-training; --seed never changes the starting model."),
+                click.option("--resume", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+                             help="training_state.safetensors of an interrupted run, to continue it."),
+            ]
+        else:
+            opts += [
+                click.option("--deltas", type=Numbers("radius"),
+                             help="Several radii for a robustness curve, e.g. 2/255,8/255,0.1 "
+                                  "(default: the threat model's δ)."),
+                click.option("--linf-attacks", "--attacks", "linf_attacks",
+                             type=click.Choice(["pgd", "autoattack"]), multiple=True,
+                             help="Pointwise l-inf attacks to run as well (repeatable; default pgd)."),
+            ]
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
 
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _parser(command: str) -> argparse.ArgumentParser:
-    settings = get_settings()
-    p = argparse.ArgumentParser(prog=f"robustify {command}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model")
-    src.add_argument("--model", type=Path, help="safetensors state dict of the model")
-    src.add_argument("--architecture", default="small-cnn",
-                     help="built-in architecture, timm:<name>, torchvision:<name> or robustbench:<name> "
-                          "(default small-cnn)")
-    src.add_argument("--robustbench", metavar="NAME", help="a RobustBench model ID instead of --model")
-    src.add_argument("--robustbench-threat", default="Linf", help="RobustBench threat model (default Linf)")
-    src.add_argument("--pretrain", type=int, default=0, metavar="EPOCHS",
-                     help="without --model: train the architecture normally for EPOCHS first")
-    src.add_argument("--mean", type=_floats, help="per-channel mean the model normalises its input with, e.g. "
-                                                  "0.485,0.456,0.406 (default: none)")
-    src.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
-    src.add_argument("--pretrain-seed", type=int, default=0,
-                     help="seed of the pre-training (default 0); --seed never changes the starting model")
-    p.add_argument("--dataset", default="digits", help="cifar10 | cifar100 | fashion-mnist | digits | path.npz")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--config", type=Path, help="JSON file with recipe fields")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override one recipe field (repeatable), e.g. --set epochs=3")
-    p.add_argument("--threat", choices=["w2-linf", "w2-l2", "linf", "l2"], help="threat model kind")
-    p.add_argument("--delta", type=_radius, help="radius δ, e.g. 8/255")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--data-dir", type=Path, default=settings.resolved_datasets_dir)
-    p.add_argument("--model-dir", type=Path, default=settings.resolved_model_dir)
-    p.add_argument("--allow-download", action="store_true", default=settings.allow_download)
-    if command == "finetune":
-        p.add_argument("--resume", type=Path, help="training_state.safetensors of an interrupted run")
-    else:
-        p.add_argument("--deltas", help="comma-separated radii for a curve, e.g. 2/255,4/255,8/255")
-        p.add_argument("--attacks", help="pointwise attacks: pgd, autoattack or pgd,autoattack")
-    return p
+    return wrap
 
 
 def _config(args: argparse.Namespace, cls: type) -> Any:
-    fields: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        fields[key.strip()] = _value(value)
+    recipe = "finetune" if cls is FinetuneConfig else "evaluate"
+    fields = recipe_fields(args.config, tuple(args.assignments), recipe)
     threat = dict(fields.get("threat_model") or {})
-    if args.threat:
-        threat["kind"] = args.threat
+    if args.threat_model:
+        threat["kind"] = args.threat_model
     if args.delta is not None:
         threat["delta"] = args.delta
     if threat:
@@ -96,9 +112,9 @@ def _config(args: argparse.Namespace, cls: type) -> Any:
         fields["seed"] = args.seed
     if cls is EvaluateConfig:
         if args.deltas:
-            fields["deltas"] = [_radius(d) for d in args.deltas.split(",")]
-        if args.attacks:
-            fields["linf_attacks"] = [a.strip() for a in args.attacks.split(",")]
+            fields["deltas"] = args.deltas
+        if args.linf_attacks:
+            fields["linf_attacks"] = list(args.linf_attacks)
     return cls.model_validate(fields)
 
 
@@ -109,12 +125,12 @@ def _load(args: argparse.Namespace):
     data = load_dataset(args.dataset, data_dir=args.data_dir, allow_download=args.allow_download)
     c, h, w = data.image_shape
     if args.robustbench:
-        model = load_robustbench_model(args.robustbench, dataset=args.dataset, threat_model=args.robustbench_threat,
+        model = load_robustbench_model(args.robustbench, dataset=args.dataset, threat_model=args.robustbench_threat_model,
                                        model_dir=args.model_dir, allow_download=args.allow_download)
     elif args.model:
         model = load_model_file(args.model, args.architecture, num_classes=data.num_classes, in_channels=c,
-                                image_size=(h, w), dataset=args.dataset, input_mean=args.mean, input_std=args.std)
-    elif args.pretrain > 0:
+                                image_size=(h, w), dataset=args.dataset, input_mean=args.input_mean, input_std=args.input_std)
+    elif getattr(args, "pretrain", 0) > 0:
         from core.recipes.standard import accuracy, train_standard
 
         import torch
@@ -122,13 +138,14 @@ def _load(args: argparse.Namespace):
         # its own seed: runs that differ only in --seed start from the same weights
         torch.manual_seed(args.pretrain_seed)
         model = with_pixel_input(create_model(args.architecture, num_classes=data.num_classes, in_channels=c,
-                                              image_size=(h, w), dataset=args.dataset), args.mean, args.std)
+                                              image_size=(h, w), dataset=args.dataset), args.input_mean, args.input_std)
         print(f"pre-training {args.architecture} on {args.dataset} for {args.pretrain} epochs (plain CE, "
               f"seed {args.pretrain_seed})...")
         model = train_standard(model, data, epochs=args.pretrain, seed=args.pretrain_seed, device=args.device)
         print(f"clean test accuracy after pre-training: {accuracy(model, data):.4f}")
     else:
-        raise SystemExit("give --model FILE.safetensors, --robustbench NAME, or --pretrain EPOCHS")
+        raise click.UsageError("give --model FILE.safetensors or --robustbench NAME"
+                               + (", or --pretrain EPOCHS" if hasattr(args, "pretrain") else ""))
     return model, data
 
 
@@ -235,16 +252,42 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    command, rest = argv[0], argv[1:]
-    args = _parser(command).parse_args(rest)
-    try:
-        return run_finetune(args) if command == "finetune" else run_evaluate(args)
-    except RobustifyError as exc:
-        print(f"robustify {command}: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except pydantic.ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(part) for part in err["loc"]) or "config"
-            print(f"robustify {command}: validation_error: {field}: {err['msg']}", file=sys.stderr)
-        return 2
+def namespace(command: str, argv: list[str]) -> argparse.Namespace:
+    """The parsed options of `robustify <command> argv` as attributes (what _load and _config read)."""
+    cmd = finetune if command == "finetune" else evaluate
+    with cmd.make_context(command, list(argv)) as ctx:
+        return argparse.Namespace(**ctx.params)
+
+
+@click.command(context_settings=CONTEXT)
+@_model_options("finetune")
+def finetune(**options: Any) -> int:
+    """W-TRADES fine-tuning of a model on this machine (no server).
+
+    \b
+    Writes into --out: checkpoints/epoch_N.safetensors, best.safetensors, last.safetensors,
+    training_state.safetensors (for --resume), report.json and report.png. When no fine-tuned
+    epoch beats the input, best.safetensors is the input model (a byte copy of --model).
+
+    \b
+    Example:
+      robustify finetune --architecture small-cnn --dataset digits --pretrain 5 \\
+          --delta 0.1 --set epochs=3 --out out/ft
+    """
+    return run_finetune(argparse.Namespace(**options))
+
+
+@click.command(context_settings=CONTEXT)
+@_model_options("evaluate")
+def evaluate(**options: Any) -> int:
+    """Clean, W2 and l-inf robust accuracy of a model on this machine (no server).
+
+    \b
+    Writes report.json and report.png into --out and prints one line per radius and attack.
+
+    \b
+    Example:
+      robustify evaluate --model out/ft/best.safetensors --architecture small-cnn \\
+          --dataset digits --deltas 2/255,8/255,0.1 --out out/eval
+    """
+    return run_evaluate(argparse.Namespace(**options))

@@ -1,57 +1,125 @@
-"""Entry point of `robustify`; dispatches to the module that owns each subcommand."""
+"""`robustify`: one command-line tool, built on click.
+
+Local engine (no server): finetune, evaluate. The service: serve, worker, migrate, keys, health,
+demo. A client of a running server (the Python SDK underneath): models, datasets, jobs,
+architectures, webhooks. Option names are the API's field names with dashes
+(--threat-model, --delta, --input-size, ...), the same in the local and the client commands.
+
+Why click and not typer: click is already installed (celery and uvicorn depend on it), so the
+CLI adds nothing to the install; typer would add typer and rich for the same command tree.
+"""
 from __future__ import annotations
 
-import importlib
 import sys
+from typing import Any
 
-# subcommand -> module with `add_parser(subparsers)` registering it and a `run(args)` it sets
-COMMANDS: dict[str, str] = {
-    "finetune": "cli.local",
-    "evaluate": "cli.local",
-    "serve": "cli.service",
-    "worker": "cli.service",
-    "migrate": "cli.service",
-    "keys": "cli.service",
-    "health": "cli.service",
-    "demo": "cli.demo",
-    "models": "cli.client",
-    "datasets": "cli.client",
-    "jobs": "cli.client",
-    "architectures": "cli.client",
-}
+import click
 
-USAGE = """usage: robustify <command> [options]
+from cli.params import CONTEXT, Failure
 
-Local engine (no server):
-  finetune     W-TRADES fine-tuning of a model, writes checkpoint, report.json and plot
-  evaluate     clean / W2 / l-inf robust accuracy of a model, writes report.json and plot
-Service:
-  serve        run the API and one worker (embedded default: SQLite + server-less broker)
-  worker       run a GPU worker against ROBUSTIFY_DATABASE_URL and ROBUSTIFY_BROKER_URL
-  migrate      apply database migrations (alembic upgrade head)
-  keys         manage API keys (keys create NAME)
-  health       api | worker: exit 0 when healthy (container health checks)
-  demo         start the embedded service, fine-tune on digits over HTTP, show the result
-Client of a running server (--url, --key or ROBUSTIFY_URL, ROBUSTIFY_API_KEY):
-  models       add | hub | upload | list
-  datasets     upload | list   (.npz, or a .zip / .tar of class folders)
-  jobs         submit | status | watch | cancel | download
-  architectures list [--family timm --q resnet]
 
-Run `robustify <command> --help` for the options of one command."""
+def _version() -> str:
+    from robustify._version import __version__
+
+    return __version__
+
+
+class RobustifyGroup(click.Group):
+    """Lists the commands in the order they were added, and turns the errors a user can cause
+    (the API's problems, an engine error, a bad recipe value) into one line and an exit status."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            failure = translate(exc)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+def translate(exc: Exception) -> Failure | None:
+    """An exception a user can cause, as a Failure (None: a bug, which keeps its traceback)."""
+    import pydantic
+
+    import robustify
+
+    if isinstance(exc, robustify.RobustifyError):   # API problems carry "[code, HTTP status]"
+        return Failure(exc.message)
+    try:
+        from core.errors import RobustifyError as EngineError
+    except ImportError:  # pragma: no cover - the client commands need no engine
+        EngineError = ()  # type: ignore[assignment,misc]
+    if EngineError and isinstance(exc, EngineError):
+        return Failure(exc.message, code=exc.code)
+    if isinstance(exc, pydantic.ValidationError):
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()]
+        return Failure("; ".join(lines), code="validation_error", exit_code=2)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return Failure(str(exc), code="file_error", exit_code=2)
+    if isinstance(exc, KeyboardInterrupt):
+        return Failure("interrupted", exit_code=130)
+    return None
+
+
+@click.group(cls=RobustifyGroup, context_settings=CONTEXT)
+@click.version_option(version=_version(), prog_name="robustify", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Make image classifiers robust to distribution shift: W-TRADES fine-tuning and W2 /
+    l-infinity robustness evaluation, on this machine or as a service.
+
+    \b
+    Shell completion (bash; zsh and fish alike):
+      eval "$(_ROBUSTIFY_COMPLETE=bash_source robustify)"
+    """
+
+
+def _register() -> None:
+    from cli import client, demo, local, service
+
+    for command in (local.finetune, local.evaluate, service.serve, service.worker, service.migrate_cmd,
+                    service.keys, service.health, demo.demo, client.models, client.datasets, client.jobs,
+                    client.architectures, client.webhooks, reproduce):
+        cli.add_command(command)
+
+
+@click.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True,
+                               "help_option_names": []}, add_help_option=False)
+@click.pass_context
+def reproduce(ctx: click.Context) -> int:
+    """Re-run a job from its report (its own options: robustify reproduce --help)."""
+    try:
+        from cli.reproduce import main as reproduce_main  # type: ignore[import-not-found]
+    except ModuleNotFoundError as exc:
+        if exc.name != "cli.reproduce":
+            raise
+        raise Failure("this installation has no `reproduce` command", code="not_available") from None
+    return int(reproduce_main(list(ctx.args)) or 0)
+
+
+_register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
-    command = argv[0]
-    if command not in COMMANDS:
-        print(f"robustify: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command])
-    return int(module.main(argv) or 0)
+    """Run the CLI on `argv` (default sys.argv[1:]) and return its exit status (for tests and
+    `python -m cli`; the `robustify` script calls it with no arguments)."""
+    try:
+        result = cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="robustify",
+                          standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("robustify: interrupted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

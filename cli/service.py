@@ -25,6 +25,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import click
+
+from cli.params import CONTEXT
 from core.settings import Settings, get_settings
 
 
@@ -337,39 +340,96 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ entry
-def _parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"robustify {command}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, help="embedded data directory (default ROBUSTIFY_DATA_DIR or ./robustify-data)")
-    if command == "serve":
-        p.add_argument("--host", help="default ROBUSTIFY_HOST or 127.0.0.1")
-        p.add_argument("--port", type=int, help="default ROBUSTIFY_PORT or 8000")
-        p.add_argument("--log-level", default="info", help="the API server's log level")
-        p.add_argument("--access-log", action="store_true", help="log every HTTP request (off by default)")
-        p.add_argument("--worker-loglevel", default="INFO",
-                       help="the worker's: INFO shows each job's lifecycle; DEBUG adds Celery's own lines")
-        p.add_argument("--no-worker", action="store_true", help="run only the API")
-    elif command == "worker":
-        p.add_argument("--queues", help="comma-separated queues (default: the gpu and cpu queues)")
-        p.add_argument("--concurrency", type=int, default=1, help="processes; keep 1 per GPU")
-        p.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
-        p.add_argument("--name", help="Celery hostname, e.g. gpu0@%%h")
-        p.add_argument("--gpu", type=int, help="pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES)")
-        p.add_argument("--loglevel", default="INFO")
-        p.add_argument("--migrate", action="store_true", help="apply migrations first")
-        p.add_argument("--quiet", action="store_true", help="no start-up banner")
-        p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # stop when this process is gone
-    elif command == "health":
-        p.add_argument("target", choices=["api", "worker"])
-        p.add_argument("--url", default="http://127.0.0.1:8000", help="api: the server to ask")
-    elif command == "keys":
-        p.add_argument("action", choices=["create", "list", "revoke"])
-        p.add_argument("name", nargs="?", help="create: a name for the key; revoke: its id or prefix")
-    return p
+_DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+                         help="The embedded data folder: SQLite database, artifacts, data sets "
+                              "(default ROBUSTIFY_DATA_DIR or ./robustify-data).")
 
 
-def main(argv: list[str]) -> int:
-    command, rest = argv[0], argv[1:]
-    args = _parser(command).parse_args(rest)
-    return {"serve": run_serve, "worker": run_worker, "migrate": run_migrate, "keys": run_keys,
-            "health": run_health}[command](args)
+@click.command(context_settings=CONTEXT)
+@_DATA_DIR
+@click.option("--host", help="Interface to listen on (default ROBUSTIFY_HOST or 127.0.0.1; another than "
+                             "localhost requires API keys).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default ROBUSTIFY_PORT or 8000).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="The API server's log level.")
+@click.option("--access-log", is_flag=True, help="Log every HTTP request (off by default).")
+@click.option("--worker-loglevel", default="INFO", show_default=True,
+              type=click.Choice(["ERROR", "WARNING", "INFO", "DEBUG"], case_sensitive=False),
+              help="The worker's: INFO shows each job's lifecycle; DEBUG adds Celery's own lines.")
+@click.option("--no-worker", is_flag=True, help="Run only the API (workers run elsewhere).")
+def serve(**options: Any) -> int:
+    """Run the API and one worker: migrations first, then both until Ctrl-C.
+
+    The embedded default needs nothing else: SQLite and a server-less broker in --data-dir.
+    Ctrl-C or SIGTERM stops both within about 15 s (a running job is checkpointed and handed
+    back); the worker also stops if `serve` itself is killed.
+    """
+    return run_serve(argparse.Namespace(**options))
+
+
+@click.command(context_settings=CONTEXT)
+@_DATA_DIR
+@click.option("--queues", help="Comma-separated queues to consume (default: the gpu and cpu queues, "
+                               "ROBUSTIFY_GPU_QUEUE and ROBUSTIFY_CPU_QUEUE).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Job processes; keep 1 per GPU.")
+@click.option("--pool", type=click.Choice(["prefork", "solo"]), default="prefork", show_default=True,
+              help="Celery's pool: prefork runs each job in a child process.")
+@click.option("--name", help="Celery hostname, e.g. gpu0@%h.")
+@click.option("--gpu", type=click.IntRange(min=0), help="Pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--loglevel", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--migrate", is_flag=True, help="Apply database migrations first.")
+@click.option("--quiet", is_flag=True, help="No start-up banner.")
+@click.option("--parent-pid", type=int, hidden=True)  # stop when this process is gone
+def worker(**options: Any) -> int:
+    """Run a worker against ROBUSTIFY_DATABASE_URL and ROBUSTIFY_BROKER_URL (one per GPU).
+
+    SIGTERM checkpoints its running job, hands it back to the queue and exits.
+    """
+    return run_worker(argparse.Namespace(**options))
+
+
+@click.command("migrate", context_settings=CONTEXT)
+@_DATA_DIR
+def migrate_cmd(**options: Any) -> int:
+    """Apply the database migrations (alembic upgrade head) to ROBUSTIFY_DATABASE_URL or the
+    embedded SQLite file."""
+    return run_migrate(argparse.Namespace(**options))
+
+
+@click.group(context_settings=CONTEXT)
+def keys() -> None:
+    """Manage API keys in the database (run on the server's machine)."""
+
+
+@keys.command("create", context_settings=CONTEXT)
+@click.argument("name")
+@_DATA_DIR
+def keys_create(name: str, data_dir: Path | None) -> int:
+    """Create a key called NAME and print it (once: only its hash is stored)."""
+    return run_keys(argparse.Namespace(action="create", name=name, data_dir=data_dir))
+
+
+@keys.command("list", context_settings=CONTEXT)
+@_DATA_DIR
+def keys_list(data_dir: Path | None) -> int:
+    """List the keys: id, prefix, state, creation time and name."""
+    return run_keys(argparse.Namespace(action="list", name=None, data_dir=data_dir))
+
+
+@keys.command("revoke", context_settings=CONTEXT)
+@click.argument("key")
+@_DATA_DIR
+def keys_revoke(key: str, data_dir: Path | None) -> int:
+    """Revoke a key, named by its id or its prefix (rk_…)."""
+    return run_keys(argparse.Namespace(action="revoke", name=key, data_dir=data_dir))
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("target", type=click.Choice(["api", "worker"]))
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="api: the server to ask.")
+@_DATA_DIR
+def health(**options: Any) -> int:
+    """Exit 0 when healthy, for container health checks: TARGET api (the server at --url answers
+    /readyz) or worker (a worker on this host beat recently)."""
+    return run_health(argparse.Namespace(**options))

@@ -1,7 +1,7 @@
 """The before/after table that every command prints for a result, in plain words.
 
 `robustify demo`, the local `robustify finetune` / `evaluate` and the client's `jobs submit
---watch` / `jobs status` all print a job's result (or the local report, which has the same
+--watch` / `jobs get` all print a job's result (or the local report, which has the same
 field names) through these functions, so a user sees the same thing everywhere: every robust
 accuracy with its ball and radius, whether the fine-tune improved on the input, and any
 warning. Pure Python: the HTTP client imports it without torch.

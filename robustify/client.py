@@ -8,6 +8,7 @@ import httpx
 
 from robustify._transport import Transport
 from robustify._version import __version__
+from robustify.resources.architectures import Architectures
 from robustify.resources.datasets import Datasets
 from robustify.resources.jobs import Jobs
 from robustify.resources.models import Models
@@ -41,6 +42,7 @@ class Client:
         self.datasets = Datasets(self._transport)
         self.jobs = Jobs(self._transport)
         self.webhooks = Webhooks(self._transport)
+        self.architectures = Architectures(self._transport)
 
     def ready(self) -> dict[str, Any]:
         """GET /readyz: database, broker and workers (ServiceUnavailableError when one is down)."""

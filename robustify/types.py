@@ -84,9 +84,14 @@ class Model(ApiObject):
     architecture: str | None = None
     num_classes: int | None = None
     dataset: str | None = None
-    input_shape: list[int] | None = None
+    input_size: list[int] | None = None      # [C, H, W]
+    input_shape: list[int] | None = None     # the former name of input_size
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
     threat_model: str | None = None
     status: str = "validating"               # validating | ready | rejected
+    parent_model_id: str | None = None       # a fine-tune's result: the model it started from
+    source_job_id: str | None = None
     error: ErrorInfo | None = None
     metadata: dict[str, Any] | None = None
     sha256: str | None = None
@@ -104,6 +109,8 @@ class Dataset(ApiObject):
     num_examples: int | None = None
     num_classes: int | None = None
     image_shape: list[int] | None = None
+    class_names: list[str] | None = None
+    splits: dict[str, int] | None = None
     sha256: str | None = None
     size: int | None = None
     metadata: dict[str, Any] | None = None

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.catalog import BUILTIN_FAMILY, LISTED_FAMILIES, ArchitectureCatalog
 from api.deps import Caller, caller
 from api.errors import ApiError
+from api import responses as r
 from api.routes.common import MAX_PAGE
 from core.config import BUILTIN_ARCHITECTURES
 
@@ -55,7 +56,8 @@ Family = Literal["builtin", "timm", "torchvision", "robustbench"]
 assert set(get_args(Family)) == {BUILTIN_FAMILY, *LISTED_FAMILIES}  # one list of families
 
 
-@router.get("", summary="List architectures: the built-ins and the families, or search a family's names",
+@router.get("", response_model=r.ArchitectureList, response_model_exclude_unset=True,
+            summary="List architectures: the built-ins and the families, or search a family's names",
             description="A family's names are listed once per server, in the background: until then "
                         "(seconds after an install or upgrade) a search answers 503 `catalog_building` with "
                         "Retry-After.")

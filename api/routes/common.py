@@ -18,6 +18,8 @@ from core.errors import ArtifactMissing
 _STREAM_CHUNK = 1024 * 1024
 
 MAX_PAGE = 100
+# The OpenAPI content of a download: the file's bytes.
+BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 # Ids in query parameters (cursors, filters): what new_id makes, with room for older forms.
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 

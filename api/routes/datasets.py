@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from api.bodies import media_type, parse_metadata_field, read_multipart
 from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
+from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import dataset_object, page
 from core.artifacts import commit_or_unstore, delete_artifact, record_artifact
@@ -56,7 +57,7 @@ def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
     return summarize_npz(path, label="the uploaded .npz", max_bytes=settings.max_dataset_bytes)
 
 
-@router.post("", status_code=201, openapi_extra=_OPENAPI,
+@router.post("", status_code=201, response_model=r.Dataset, openapi_extra=_OPENAPI,
              summary="Upload a data set (.npz, or a .zip / .tar of class folders)")
 async def create_dataset(request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
                          session: Session = SESSION) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def get_owned_dataset(session: Session, who: Caller, dataset_id: str) -> Dataset
     return ds
 
 
-@router.get("", summary="List uploaded data sets")
+@router.get("", response_model=r.DatasetList, summary="List uploaded data sets")
 def list_datasets(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
                   who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     mine = owned(Dataset.owner_key_id, who)
@@ -190,13 +191,13 @@ def list_datasets(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None =
     return page([dataset_object(d, _artifact(session, d)) for d in rows], more)
 
 
-@router.get("/{dataset_id}", summary="Get a data set")
+@router.get("/{dataset_id}", response_model=r.Dataset, summary="Get a data set")
 def get_dataset(dataset_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     ds = get_owned_dataset(session, who, dataset_id)
     return dataset_object(ds, _artifact(session, ds))
 
 
-@router.delete("/{dataset_id}", summary="Delete a data set")
+@router.delete("/{dataset_id}", response_model=r.Deleted, summary="Delete a data set")
 def delete_dataset(dataset_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
                    session: Session = SESSION) -> dict[str, Any]:
     ds = get_owned_dataset(session, who, dataset_id)

@@ -21,7 +21,8 @@ from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
 from api.metrics import JOB_STATES
-from api.routes.common import ID_PATTERN, MAX_PAGE, artifact_download, paginate
+from api import responses as r
+from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.routes.models import get_owned_model, register_robustbench_model
 from api.routes.webhooks import job_webhook
 from api.schemas import (
@@ -93,7 +94,7 @@ def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, An
             and job.config == config and (job.meta or None) == (body.metadata or None))
 
 
-@router.post("", status_code=202, summary="Submit a fine-tuning or evaluation job")
+@router.post("", status_code=202, response_model=r.Job, summary="Submit a fine-tuning or evaluation job")
 def create_job(body: JobCreate, response: Response, svc: Services = Depends(services),
                who: Caller = Depends(caller), session: Session = SESSION,
                idempotency_key: str | None = Header(default=None, max_length=255)) -> dict[str, Any]:
@@ -165,7 +166,7 @@ def get_owned_job(session: Session, who: Caller, job_id: str) -> Job:
 _STATUS_LIST = f"^({'|'.join(JOB_STATES)})(,({'|'.join(JOB_STATES)}))*$"
 
 
-@router.get("", summary="List jobs, newest first")
+@router.get("", response_model=r.JobList, summary="List jobs, newest first")
 def list_jobs(status: str | None = Query(None, pattern=_STATUS_LIST, description="Comma-separated states."),
               type: Literal["finetune", "evaluate"] | None = None,
               model_id: str | None = Query(None, pattern=ID_PATTERN),
@@ -183,12 +184,12 @@ def list_jobs(status: str | None = Query(None, pattern=_STATUS_LIST, description
     return page([job_object(j) for j in rows], more)
 
 
-@router.get("/{job_id}", summary="Get a job")
+@router.get("/{job_id}", response_model=r.Job, summary="Get a job")
 def get_job(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     return job_object(get_owned_job(session, who, job_id))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a job (idempotent)")
+@router.post("/{job_id}/cancel", response_model=r.Job, summary="Cancel a job (idempotent)")
 def cancel_job(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     get_owned_job(session, who, job_id)
     # Lock the row: a worker claiming the job at the same moment must see one consistent state.
@@ -213,8 +214,9 @@ def _events_after(session: Session, job_id: str, after: int, limit: int) -> list
                                 .order_by(JobEvent.id).limit(limit)))
 
 
-@router.get("/{job_id}/events", summary="Job events (JSON, or a Server-Sent Events stream)",
-            responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+@router.get("/{job_id}/events", response_model=r.EventList, summary="Job events (JSON, or a Server-Sent Events stream)",
+            responses={200: {"content": {"text/event-stream": {"schema": {
+                "type": "string", "description": "Server-Sent Events: `id`, `event` (the event type), `data` (an Event)"}}}}})
 def job_events(job_id: str, request: Request, after: int = Query(0, ge=0, le=MAX_EVENT_ID),
                limit: int = Query(100, ge=1, le=1000),
                last_event_id: str = Header(default=None, pattern=r"^[0-9]{1,19}$",
@@ -284,7 +286,7 @@ def _checkpoints(session: Session, job_id: str) -> list[Artifact]:
                                 .order_by(Artifact.created_at, Artifact.id)))
 
 
-@router.get("/{job_id}/checkpoints", summary="The job's checkpoints")
+@router.get("/{job_id}/checkpoints", response_model=r.CheckpointList, summary="The job's checkpoints")
 def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     job = get_owned_job(session, who, job_id)
     items = [checkpoint_object(a) for a in _checkpoints(session, job.id)]
@@ -292,7 +294,8 @@ def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Sessio
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/content", summary="Download a checkpoint (safetensors)",
-            responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified"}})
+            response_class=Response,
+            responses={200: {"content": {"application/octet-stream": BINARY}}, 304: {"description": "Not modified"}})
 def checkpoint_content(job_id: str, checkpoint_id: str, request: Request, svc: Services = Depends(services),
                        who: Caller = Depends(caller), session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
@@ -315,7 +318,7 @@ def best_checkpoint(session: Session, job: Job) -> Artifact | None:
 
 
 @router.get("/{job_id}/checkpoint", summary="Download the job's best checkpoint (safetensors)",
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            response_class=Response, responses={200: {"content": {"application/octet-stream": BINARY}}})
 def job_checkpoint(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
                    session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
@@ -331,7 +334,7 @@ def _single(session: Session, job: Job, kind: str) -> Artifact | None:
                           .order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1))
 
 
-@router.get("/{job_id}/report", summary="The evaluation report (JSON)")
+@router.get("/{job_id}/report", response_model=r.Report, summary="The job's report (JSON)")
 def job_report(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
                session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)
@@ -343,7 +346,7 @@ def job_report(job_id: str, request: Request, svc: Services = Depends(services),
 
 
 @router.get("/{job_id}/report.png", summary="Robust accuracy plot (PNG)",
-            responses={200: {"content": {"image/png": {}}}})
+            response_class=Response, responses={200: {"content": {"image/png": BINARY}}})
 def job_plot(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
              session: Session = SESSION) -> Response:
     job = get_owned_job(session, who, job_id)

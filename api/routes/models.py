@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 from api.bodies import check_metadata, media_type, read_json, read_multipart
 from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
-from api.routes.common import ID_PATTERN, MAX_PAGE, artifact_download, paginate
+from api import responses as r
+from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.schemas import (
     BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate, model_object, page,
 )
@@ -67,7 +68,7 @@ def _enqueue_validation(svc: Services, session: Session, m: Model) -> None:
         session.commit()
 
 
-@router.post("", status_code=201, openapi_extra=_CREATE_OPENAPI, summary="Register a model")
+@router.post("", status_code=201, response_model=r.Model, openapi_extra=_CREATE_OPENAPI, summary="Register a model")
 async def create_model(request: Request, svc: Services = Depends(services),
                        who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     kind = media_type(request)
@@ -224,7 +225,7 @@ def _safe_name(filename: str | None) -> str | None:
     return name[:200] or None
 
 
-@router.get("", summary="List models")
+@router.get("", response_model=r.ModelList, summary="List models")
 def list_models(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
                 status: Literal["validating", "ready", "rejected"] | None = None, who: Caller = Depends(caller),
                 session: Session = SESSION) -> dict[str, Any]:
@@ -244,13 +245,13 @@ def get_owned_model(session: Session, who: Caller, model_id: str) -> Model:
     return m
 
 
-@router.get("/{model_id}", summary="Get a model")
+@router.get("/{model_id}", response_model=r.Model, summary="Get a model")
 def get_model(model_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
     m = get_owned_model(session, who, model_id)
     return model_object(m, _weights(session, m))
 
 
-@router.delete("/{model_id}", summary="Delete a model")
+@router.delete("/{model_id}", response_model=r.Deleted, summary="Delete a model")
 def delete_model(model_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
                  session: Session = SESSION) -> dict[str, Any]:
     m = get_owned_model(session, who, model_id)
@@ -270,7 +271,7 @@ def delete_model(model_id: str, svc: Services = Depends(services), who: Caller =
 
 
 @router.get("/{model_id}/content", summary="Download the weights (safetensors)",
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            response_class=Response, responses={200: {"content": {"application/octet-stream": BINARY}}})
 def model_content(model_id: str, request: Request, svc: Services = Depends(services),
                   who: Caller = Depends(caller), session: Session = SESSION) -> Any:
     m = get_owned_model(session, who, model_id)

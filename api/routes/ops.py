@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, or_, select, text
 
+from api import responses as r
 from api.deps import Services, services
 from api.errors import problem_response
 from core.db import Job, WorkerHeartbeat, utcnow
@@ -17,7 +18,7 @@ from core.db import Job, WorkerHeartbeat, utcnow
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", response_model=r.Health, summary="The process is alive")
 async def healthz() -> dict[str, str]:
     # async: answered on the event loop, so it needs no worker thread even when all are busy
     return {"status": "ok"}
@@ -75,7 +76,7 @@ def _check_storage(svc: Services) -> dict[str, Any]:
     return {"ok": True, "free_bytes": free}
 
 
-@router.get("/readyz", summary="Database, broker and artifact store reachable (with free space), workers seen",
+@router.get("/readyz", response_model=r.Readiness, response_model_exclude_unset=True, summary="Database, broker and artifact store reachable (with free space), workers seen",
             responses={503: {"description": "Not ready: `checks` says which part failed"}})
 async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
     checks = {
@@ -92,6 +93,7 @@ async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
     return {"status": "ready", "checks": checks}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string", "description": "Prometheus text format"}}}}})
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import Caller, Services, caller, db_session, owned, services
 from api.errors import not_found
+from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import JobWebhook, WebhookEndpointCreate, page, webhook_delivery_object, webhook_endpoint_object
 from core.db import WebhookDelivery, WebhookEndpoint, new_id, utcnow
@@ -64,7 +65,7 @@ def _get_endpoint(session: Session, who: Caller, endpoint_id: str) -> WebhookEnd
     return endpoint
 
 
-@router.post("/v1/webhooks", status_code=201, summary="Register a webhook endpoint (returns its signing secret)")
+@router.post("/v1/webhooks", status_code=201, response_model=r.WebhookEndpoint, summary="Register a webhook endpoint (returns its signing secret)")
 def create_endpoint(body: WebhookEndpointCreate, svc: Services = Depends(services), who: Caller = Depends(caller),
                     session: Session = Depends(db_session)) -> dict[str, Any]:
     endpoint = _register(session, svc, who, body.url, list(body.events) if body.events else None,
@@ -73,7 +74,7 @@ def create_endpoint(body: WebhookEndpointCreate, svc: Services = Depends(service
     return webhook_endpoint_object(endpoint)
 
 
-@router.get("/v1/webhooks", summary="List webhook endpoints")
+@router.get("/v1/webhooks", response_model=r.WebhookEndpointList, summary="List webhook endpoints")
 def list_endpoints(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
                    who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
     live = _live(who)
@@ -82,12 +83,12 @@ def list_endpoints(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None 
     return page([webhook_endpoint_object(e) for e in rows], more)
 
 
-@router.get("/v1/webhooks/{endpoint_id}", summary="Get a webhook endpoint")
+@router.get("/v1/webhooks/{endpoint_id}", response_model=r.WebhookEndpoint, summary="Get a webhook endpoint")
 def get_endpoint(endpoint_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
     return webhook_endpoint_object(_get_endpoint(session, who, endpoint_id))
 
 
-@router.delete("/v1/webhooks/{endpoint_id}", summary="Delete a webhook endpoint (its pending deliveries stop)")
+@router.delete("/v1/webhooks/{endpoint_id}", response_model=r.Deleted, summary="Delete a webhook endpoint (its pending deliveries stop)")
 def delete_endpoint(endpoint_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
     endpoint = _get_endpoint(session, who, endpoint_id)
     endpoint.deleted_at, endpoint.is_default = utcnow(), False  # kept: past deliveries refer to it
@@ -95,7 +96,8 @@ def delete_endpoint(endpoint_id: str, who: Caller = Depends(caller), session: Se
     return {"id": endpoint.id, "object": "webhook_endpoint", "deleted": True}
 
 
-@router.get("/v1/jobs/{job_id}/webhook-deliveries", tags=["jobs"], summary="The job's webhook deliveries and their attempts")
+@router.get("/v1/jobs/{job_id}/webhook-deliveries", tags=["jobs"], response_model=r.WebhookDeliveryList,
+            summary="The job's webhook deliveries and their attempts")
 def job_deliveries(job_id: str, who: Caller = Depends(caller), session: Session = Depends(db_session)) -> dict[str, Any]:
     from api.routes.jobs import get_owned_job
 

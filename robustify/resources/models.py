@@ -15,16 +15,23 @@ from robustify.types import Deleted, Model
 class Models(Resource):
     def upload(self, file: str | Path, *, architecture: str, num_classes: int, dataset: str,
                name: str | None = None, input_shape: list[int] | tuple[int, int, int] | None = None,
-               metadata: dict[str, Any] | None = None) -> Model:
-        """Register a safetensors state dict. The model starts `validating`; `wait()` for `ready`."""
+               metadata: dict[str, Any] | None = None, input_size: list[int] | tuple[int, int, int] | None = None,
+               input_mean: list[float] | None = None, input_std: list[float] | None = None) -> Model:
+        """Register a safetensors state dict. The model starts `validating`; `wait()` for `ready`.
+
+        `input_size` [C, H, W] (`input_shape` is its former name) defaults to the data set's;
+        `input_mean` / `input_std` are the per-channel normalisation the model was trained with."""
         path = Path(file)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         fields: dict[str, str] = {"architecture": architecture, "num_classes": str(num_classes), "dataset": dataset}
         if name:
             fields["name"] = name
-        if input_shape:
-            fields["input_shape"] = ",".join(str(int(s)) for s in input_shape)
+        if input_size or input_shape:
+            fields["input_size"] = ",".join(str(int(s)) for s in (input_size or input_shape or ()))
+        for field, values in (("input_mean", input_mean), ("input_std", input_std)):
+            if values:
+                fields[field] = ",".join(str(float(v)) for v in values)
         if metadata is not None:
             fields["metadata"] = json.dumps(metadata)
         return Model.model_validate(self._t.json(
@@ -36,6 +43,18 @@ class Models(Resource):
         """Register a RobustBench model by its zoo name, e.g. "Wang2023Better_WRN-28-10"."""
         body = {"source": "robustbench", "name": name, "dataset": dataset, "threat_model": threat_model,
                 "metadata": metadata}
+        return Model.model_validate(self._t.json("POST", "/v1/models", json=body))
+
+    def hub(self, name: str, *, num_classes: int, dataset: str, revision: str | None = None,
+            input_size: list[int] | None = None, input_mean: list[float] | None = None,
+            input_std: list[float] | None = None, metadata: dict[str, Any] | None = None) -> Model:
+        """Register a timm model on the Hugging Face Hub, e.g. "timm/resnet18.a1_in1k" (read from the
+        worker's Hugging Face cache); the input contract defaults to the hub config's."""
+        body: dict[str, Any] = {"source": "hf-hub", "name": name, "num_classes": num_classes, "dataset": dataset}
+        for field, value in (("revision", revision), ("input_size", input_size), ("input_mean", input_mean),
+                             ("input_std", input_std), ("metadata", metadata)):
+            if value is not None:
+                body[field] = list(value) if isinstance(value, tuple) else value
         return Model.model_validate(self._t.json("POST", "/v1/models", json=body))
 
     def get(self, model_id: str) -> Model:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cli.local import _load, _parser
+from cli.local import _load, namespace
 from core.zoo import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +87,8 @@ def test_a_local_run_that_cannot_help_writes_the_input_as_best(tmp_path: Path) -
 
 def test_the_seed_never_changes_the_pretrained_starting_model(tmp_path: Path) -> None:
     def start(*extra: str) -> dict[str, torch.Tensor]:
-        args = _parser("finetune").parse_args(["--dataset", "digits", "--pretrain", "1", "--out", str(tmp_path),
-                                               "--data-dir", str(tmp_path), *extra])
+        args = namespace("finetune", ["--dataset", "digits", "--pretrain", "1", "--out", str(tmp_path),
+                                      "--data-dir", str(tmp_path), *extra])
         model, _ = _load(args)
         return model.state_dict()
 

@@ -143,7 +143,7 @@ def test_own_models_and_image_folders_end_to_end(tmp_path: Path) -> None:
         assert best.status_code == 200 and best.headers["etag"] == f'"{chained["sha256"]}"'
 
         # --- evaluate the registered model with the CLI, as a user would ---------------------------------
-        from cli.client import main as cli
+        from cli.main import main as cli
 
         out = io.StringIO()
         with redirect_stdout(out):

@@ -122,6 +122,6 @@ def test_readme_service_example(tmp_path: Path) -> None:
             assert best.status_code == 200 and best.content == upload.read_bytes()
             assert job["result"]["best_checkpoint_sha256"] == upload_sha
             assert job["result"]["model_id"] == model_id      # no new model: the input is handed back
-            status = subprocess.run([sys.executable, "-m", "cli", "jobs", "status", stuck_id, "--url", url],
+            status = subprocess.run([sys.executable, "-m", "cli", "jobs", "get", stuck_id, "--url", url],
                                     capture_output=True, text=True, timeout=60)
             assert "NOT IMPROVED" in status.stdout, status.stdout

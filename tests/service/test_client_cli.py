@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli.client import main
+from cli.main import main
 from core.artifacts import ArtifactStore, record_artifact
 from core.db import Job, utcnow
 from tests.service.conftest import LiveServer
@@ -147,12 +147,74 @@ def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp
     assert json.loads((tmp_path / "dl" / "report.json").read_text()) == {"w2_robust_accuracy": 0.5}
     assert "(none yet)" in out  # no plot
 
-    rc, out, _ = run(capsys, live, keys, "jobs", "status", job["id"])
+    rc, out, _ = run(capsys, live, keys, "jobs", "get", job["id"])
     assert rc == 0 and "succeeded" in out and "W2 robust accuracy" in out and "IMPROVED" in out
 
     rc, out, _ = run(capsys, live, keys, "jobs", "submit", "--model", model, "--dataset", "digits", "--json")
     queued = json.loads(out)["id"]
     rc, out, _ = run(capsys, live, keys, "jobs", "cancel", queued)
     assert rc == 0 and "cancelled" in out
-    rc, _, err = run(capsys, live, keys, "jobs", "status", queued, key="b")
+    rc, _, err = run(capsys, live, keys, "jobs", "get", queued, key="b")
     assert rc == 1 and "not_found" in err
+
+
+def test_every_resource_is_reachable(capsys, live, keys, db, settings, tmp_path):
+    """get/list (paged)/delete of models and data sets, a job's events and checkpoints, the
+    download of one epoch's checkpoint, the webhook endpoints, with --json for scripts."""
+    weights = tmp_path / "cnn.safetensors"
+    weights.write_bytes(safetensors_bytes(seed=5))
+    ids = []
+    for _ in range(3):
+        rc, out, _ = run(capsys, live, keys, "models", "upload", str(weights), "--architecture", "small-cnn",
+                         "--num-classes", "10", "--dataset", "digits", "--json", key="b")
+        ids.append(json.loads(out)["id"])
+    rc, out, _ = run(capsys, live, keys, "models", "get", ids[0], "--json", key="b")
+    assert rc == 0 and json.loads(out)["id"] == ids[0]
+    rc, out, err = run(capsys, live, keys, "models", "list", "--limit", "2", "--json", key="b")
+    first = json.loads(out)
+    assert rc == 0 and len(first["data"]) == 2 and first["has_more"] is True
+    rc, out, err = run(capsys, live, keys, "models", "list", "--limit", "2", key="b")
+    assert f"--after {first['last_id']}" in err
+    rc, out, _ = run(capsys, live, keys, "models", "list", "--limit", "2", "--after", first["last_id"], "--json",
+                     key="b")
+    assert [m["id"] for m in first["data"] + json.loads(out)["data"]] == ids[::-1]
+    rc, out, _ = run(capsys, live, keys, "models", "list", "--limit", "1", "--all", "--json", key="b")
+    assert [m["id"] for m in json.loads(out)["data"]] == ids[::-1]
+    rc, out, _ = run(capsys, live, keys, "models", "delete", ids[0], key="b")
+    assert rc == 0 and f"{ids[0]}: deleted" in out
+    rc, _, err = run(capsys, live, keys, "models", "get", ids[0], key="b")
+    assert rc == 1 and "not_found" in err and len(err.strip().splitlines()) == 1
+
+    data = tmp_path / "tiny.npz"
+    data.write_bytes(npz_bytes(n=12))
+    rc, out, _ = run(capsys, live, keys, "datasets", "upload", str(data), "--json", key="b")
+    ds = json.loads(out)["id"]
+    rc, out, _ = run(capsys, live, keys, "datasets", "get", ds, key="b")
+    assert rc == 0 and "12 images" in out
+    rc, out, _ = run(capsys, live, keys, "datasets", "delete", ds, key="b")
+    assert rc == 0 and "deleted" in out
+
+    model = db.add_model(keys["b"]["id"])
+    job = db.add_job(keys["b"]["id"], model, status="succeeded")
+    db.add_event(job, "status", {"status": "running"}, message="job running")
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    with db.Session() as s:
+        for epoch in (1, 2):
+            record_artifact(s, store, kind="checkpoint", content=safetensors_bytes(seed=epoch),
+                            filename=f"epoch_{epoch}.safetensors", content_type="application/octet-stream",
+                            job_id=job, epoch=epoch, is_best=epoch == 2)
+        s.commit()
+    rc, out, _ = run(capsys, live, keys, "jobs", "events", job, key="b")
+    assert rc == 0 and "job running" in out
+    rc, out, _ = run(capsys, live, keys, "jobs", "checkpoints", job, "--json", key="b")
+    assert [c["epoch"] for c in json.loads(out)] == [1, 2]
+    rc, out, _ = run(capsys, live, keys, "jobs", "download", job, "--epoch", "1", "--out", str(tmp_path / "e1"),
+                     key="b")
+    assert rc == 0 and (tmp_path / "e1" / "epoch_1.safetensors").read_bytes() == safetensors_bytes(seed=1)
+    rc, _, err = run(capsys, live, keys, "jobs", "download", job, "--epoch", "7", "--out", str(tmp_path / "e7"),
+                     key="b")
+    assert rc == 1 and "no checkpoint of epoch 7" in err
+    rc, out, _ = run(capsys, live, keys, "jobs", "list", "--status", "succeeded", "--json", key="b")
+    assert [j["id"] for j in json.loads(out)["data"]] == [job]
+    rc, out, _ = run(capsys, live, keys, "webhooks", "list", "--json", key="b")
+    assert rc == 0 and json.loads(out) == {"data": [], "has_more": False, "last_id": None}

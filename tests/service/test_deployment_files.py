@@ -15,15 +15,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 import yaml
 
-from cli.service import _parser
 from core.db import WorkerHeartbeat, record_worker_heartbeat
 from tests.service.conftest import REDIS_URL, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _accepted(argv: list[str]) -> None:
+    """Parse `robustify argv` as the CLI would (a click usage error if it is not accepted)."""
+    from cli.main import cli
+
+    command: Any = cli
+    while isinstance(command, click.Group):
+        name, argv = argv[0], argv[1:]
+        command = command.commands[name]
+    with command.make_context(name, list(argv)):
+        pass
 COMMANDS = ("serve", "worker", "migrate", "keys", "health")
 
 
@@ -54,7 +66,7 @@ def env(pg_url: str, queues: Any, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def test_every_robustify_service_is_built_here_and_runs_a_robustify_command(compose):
     assert _dockerfile("ENTRYPOINT") == ["/usr/bin/tini", "--", "robustify"]
-    _parser(_dockerfile("CMD")[0]).parse_args(_dockerfile("CMD")[1:])
+    _accepted(_dockerfile("CMD"))
     healthcheck = re.search(r"^HEALTHCHECK .* CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
     assert json.loads(healthcheck.group(1)) == ["robustify", "health", "api"]
     services = {name: s for name, s in compose["services"].items() if s.get("image") == "robustify:latest"}
@@ -64,11 +76,11 @@ def test_every_robustify_service_is_built_here_and_runs_a_robustify_command(comp
         assert "entrypoint" not in service, name  # `docker compose run --rm SERVICE keys ...` must work
         command = service["command"]
         assert command[0] in COMMANDS, (name, command)
-        _parser(command[0]).parse_args(command[1:])  # arguments the CLI accepts
+        _accepted(command)  # arguments the CLI accepts
         if "healthcheck" in service:
             test = service["healthcheck"]["test"]
             assert test[:3] == ["CMD", "robustify", "health"], (name, test)
-            _parser("health").parse_args(test[3:])
+            _accepted(test[2:])
     assert services["api"]["healthcheck"]["test"][3] == "api"
     assert services["worker"]["healthcheck"]["test"][3] == "worker"
     grace = services["worker"]["stop_grace_period"]

@@ -57,5 +57,5 @@ def test_keys_create_list_revoke_against_the_api(tmp_path, pg_url, client):
     again = keys(tmp_path, pg_url, "revoke", key_id)
     assert again.returncode == 1 and "no active key" in again.stderr
     nameless = keys(tmp_path, pg_url, "create")
-    assert nameless.returncode == 2 and "give a NAME" in nameless.stderr
+    assert nameless.returncode == 2 and "Missing argument 'NAME'" in nameless.stderr
     assert not (tmp_path / "cli-data").exists() or not any((tmp_path / "cli-data").glob("*.db"))

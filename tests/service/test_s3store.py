@@ -194,7 +194,7 @@ def _s3_app(tmp_path: Path, pg_url: str, queues, endpoint: str, bucket: str, **o
 def _clients_follow_the_redirect(app, keys, db, tmp_path: Path) -> None:  # noqa: ANN001
     """`robustify jobs download` and the SDK through a presigned redirect: the bytes come from the
     bucket and are checked against the API's ETag (the sha256), not the bucket's own ETag."""
-    from cli.client import main
+    from cli.main import main
     from robustify import Client
     from tests.service.conftest import LiveServer
 

@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "keys": "cli.service",
     "health": "cli.service",
     "demo": "cli.demo",
+    "reproduce": "cli.reproduce",
     "models": "cli.client",
     "datasets": "cli.client",
     "jobs": "cli.client",
@@ -32,6 +33,7 @@ Service:
   keys         manage API keys (keys create NAME)
   health       api | worker: exit 0 when healthy (container health checks)
   demo         start the embedded service, fine-tune on digits over HTTP, show the result
+  reproduce    the 2025 paper's table: RobustBench CIFAR-10 models before/after W-TRADES, ours vs the paper's
 Client of a running server (--url, --key or ROBUSTIFY_URL, ROBUSTIFY_API_KEY):
   models       add | hub | upload | list
   datasets     upload | list   (.npz, or a .zip / .tar of class folders)

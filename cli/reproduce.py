@@ -21,7 +21,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
     settings = get_settings()
     p.add_argument("--data-dir", type=Path, default=settings.resolved_datasets_dir,
-                   help="folder holding cifar-10-batches-py/ (default: ROBUSTIFY_DATA_DIR's datasets folder)")
+                   help="folder holding cifar-10-batches-py/ (default: ROBUSTIFY_DATASETS_DIR)")
     p.add_argument("--model-dir", type=Path, default=settings.resolved_model_dir,
                    help="RobustBench's model folder: <model-dir>/cifar10/Linf/<name>.pt")
     p.add_argument("--models", help="comma-separated RobustBench CIFAR-10 Linf names (default: the paper's "

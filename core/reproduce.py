@@ -204,6 +204,29 @@ def _paper(name: str) -> dict[str, Any] | None:
 Progress = Callable[[str], None]
 
 
+def _hooks(name: str, say: Progress):
+    """The recipes' hooks, told as lines: each new phase, and every epoch's validation numbers."""
+    from core.hooks import Hooks
+
+    last: dict[str, Any] = {"key": None}
+
+    def progress(fraction: float, phase: str, metrics: dict[str, Any]) -> None:
+        epoch, total = metrics.get("epoch"), metrics.get("total_epochs")
+        if phase == "train" and "w2_robust_accuracy" in metrics:      # an epoch's end, with validation
+            say(f"{name}: epoch {epoch}/{total}: validation clean {metrics['clean_accuracy']:.4f}, "
+                f"W2 {metrics['w2_robust_accuracy']:.4f}, l-inf {metrics.get('linf_robust_accuracy', float('nan')):.4f}")
+        elif (phase, epoch) != last["key"] and phase != "done":
+            if phase == "train" and epoch == 0:
+                say(f"{name}: estimating the global sensitivity for the W-PGD-Budget")
+            elif phase == "evaluate" and epoch == 0:
+                say(f"{name}: measuring the input (validation and test)")
+            else:
+                say(f"{name}: {phase}" + (f" (epoch {epoch}/{total})" if epoch and total and phase != "test" else ""))
+        last["key"] = (phase, epoch)
+
+    return Hooks(progress=progress, warn=lambda message, data: say(f"{name}: warning: {message}"))
+
+
 def reproduce(options: ReproduceOptions, *, progress: Progress | None = None) -> dict[str, Any]:
     """Run the protocol on each model; the result dict (JSON-ready) holds, per model, our numbers
     before and after fine-tuning and the paper's (fractions in [0, 1]; None where the paper gives
@@ -227,7 +250,7 @@ def reproduce(options: ReproduceOptions, *, progress: Progress | None = None) ->
             from core.recipes.evaluate import evaluate
 
             say(f"{name}: evaluating (clean, W-PGD {options.wpgd_steps} steps, PGD {options.pgd_steps} steps)")
-            report = evaluate(_evaluate_config(options), model, data, device=options.device,
+            report = evaluate(_evaluate_config(options), model, data, _hooks(name, say), device=options.device,
                               context={"model": f"robustbench:{name}", "dataset": DATASET})
             summary = report.summary
             row["ours"] = {"before": _ours(summary), "after": None}
@@ -236,7 +259,7 @@ def reproduce(options: ReproduceOptions, *, progress: Progress | None = None) ->
             from core.recipes.finetune import finetune
 
             say(f"{name}: W-TRADES fine-tuning for {options.epochs} epoch(s), measuring before and after")
-            result = finetune(_finetune_config(options), model, data, device=options.device,
+            result = finetune(_finetune_config(options), model, data, _hooks(name, say), device=options.device,
                               context={"model": f"robustbench:{name}", "dataset": DATASET})
             row["ours"] = {"before": _ours(result.before),
                            "after": _ours(result.after) if result.after is not None else None}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import DatasetUnavailable
+from core.errors import DatasetUnavailable, UnsupportedArchitecture
 from core.reproduce import PAPER_TABLE, ReproduceOptions, check_inputs
 
 CHEAP = "Ding2020MMA"
@@ -106,6 +106,7 @@ def test_reproduce_fine_tunes_and_prints_ours_next_to_the_papers(tmp_path: Path,
     for cell in before[2:7:2] + before[8:] + after[1:6:2] + after[7:]:
         assert 0.0 <= float(cell) <= 100.0, cell
     assert "Not the paper's protocol" in proc.stdout and "gain W2" in proc.stdout
+    assert f"{CHEAP}: epoch 1/1: validation clean" in proc.stderr          # the run tells where it is
 
     result = json.loads(out.read_text())
     assert result["paper"]["reference"].startswith("X. Bai, G. He, Y. Jiang, J. Obłój")
@@ -164,6 +165,5 @@ def test_missing_cifar_files_and_bad_options_are_named(tmp_path: Path, cifar: Pa
         check_inputs(ReproduceOptions.create(data_dir=cifar, model_dir=tmp_path))
     proc = _reproduce("--data-dir", str(cifar), "--model-dir", str(tmp_path), "--epochs", "0", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "epochs must be at least 1" in proc.stderr
-    proc = _reproduce("--data-dir", str(cifar), "--model-dir", str(tmp_path), "--models", "Wang2023Better_WRN-28-1",
-                      cwd=tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and PAPER_MODEL in proc.stderr
+    with pytest.raises(UnsupportedArchitecture, match=f"Did you mean {PAPER_MODEL}"):
+        check_inputs(ReproduceOptions.create(data_dir=cifar, model_dir=tmp_path, models=("Wang2023Better_WRN-28-1",)))

@@ -111,6 +111,17 @@ class ReproduceOptions:
             raise ValidationError(f"train-examples must be at least 2, got {self.train_examples}.")
         if not self.lr > 0:
             raise ValidationError(f"lr must be > 0, got {self.lr}.")
+        if len(set(self.models)) != len(self.models):
+            raise ValidationError(f"a model is named twice in {', '.join(self.models)}.")
+        import pydantic
+
+        try:    # the recipes' own bounds (most images, most steps...), as one error naming the fields
+            _finetune_config(self)
+            _evaluate_config(self)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                                 for err in exc.errors())
+            raise ValidationError(f"the options give an invalid recipe: {problems}.") from None
 
 
 def _cifar_files(data_dir: Path) -> list[Path]:
@@ -213,8 +224,9 @@ def _hooks(name: str, say: Progress):
     def progress(fraction: float, phase: str, metrics: dict[str, Any]) -> None:
         epoch, total = metrics.get("epoch"), metrics.get("total_epochs")
         if phase == "train" and "w2_robust_accuracy" in metrics:      # an epoch's end, with validation
+            linf = metrics.get("linf_robust_accuracy", float("nan"))
             say(f"{name}: epoch {epoch}/{total}: validation clean {metrics['clean_accuracy']:.4f}, "
-                f"W2 {metrics['w2_robust_accuracy']:.4f}, l-inf {metrics.get('linf_robust_accuracy', float('nan')):.4f}")
+                f"W2 {metrics['w2_robust_accuracy']:.4f}, l-inf {linf:.4f}")
         elif (phase, epoch) != last["key"] and phase != "done":
             if phase == "train" and epoch == 0:
                 say(f"{name}: estimating the global sensitivity for the W-PGD-Budget")

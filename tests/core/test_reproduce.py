@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import DatasetUnavailable, UnsupportedArchitecture
+from core.errors import DatasetUnavailable, UnsupportedArchitecture, ValidationError
 from core.reproduce import PAPER_TABLE, ReproduceOptions, check_inputs
 
 CHEAP = "Ding2020MMA"
@@ -165,5 +165,7 @@ def test_missing_cifar_files_and_bad_options_are_named(tmp_path: Path, cifar: Pa
         check_inputs(ReproduceOptions.create(data_dir=cifar, model_dir=tmp_path))
     proc = _reproduce("--data-dir", str(cifar), "--model-dir", str(tmp_path), "--epochs", "0", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "epochs must be at least 1" in proc.stderr
+    with pytest.raises(ValidationError, match="test_wpgd_steps"):
+        check_inputs(ReproduceOptions.create(data_dir=cifar, model_dir=tmp_path, wpgd_steps=10**9))
     with pytest.raises(UnsupportedArchitecture, match=f"Did you mean {PAPER_MODEL}"):
         check_inputs(ReproduceOptions.create(data_dir=cifar, model_dir=tmp_path, models=("Wang2023Better_WRN-28-1",)))

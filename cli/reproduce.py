@@ -33,7 +33,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help=f"training batch (default {PROTOCOL['batch_size']})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {PROTOCOL['lr']})")
     p.add_argument("--attack-steps", type=int, help=f"inner W-PGD steps K (default {PROTOCOL['attack_steps']})")
-    p.add_argument("--wpgd-steps", type=int, help=f"W-PGD steps of the measurement (default {PROTOCOL['wpgd_steps']})")
+    p.add_argument("--wpgd-steps", type=int,
+                   help=f"W-PGD steps of the measurement (default {PROTOCOL['wpgd_steps']})")
     p.add_argument("--pgd-steps", type=int, help=f"l∞ PGD steps of the measurement (default {PROTOCOL['pgd_steps']})")
     p.add_argument("--skip-finetune", action="store_true", help="only measure the models as published")
     p.add_argument("--quick", action="store_true",

@@ -80,26 +80,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from cli import client, demo, local, service
+    from cli import client, demo, local, reproduce, service
 
     for command in (local.finetune, local.evaluate, service.serve, service.worker, service.migrate_cmd,
                     service.keys, service.health, demo.demo, client.models, client.datasets, client.jobs,
-                    client.architectures, client.webhooks, reproduce):
+                    client.architectures, client.webhooks, reproduce.reproduce):
         cli.add_command(command)
-
-
-@click.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True,
-                               "help_option_names": []}, add_help_option=False)
-@click.pass_context
-def reproduce(ctx: click.Context) -> int:
-    """Re-run a job from its report (its own options: robustify reproduce --help)."""
-    try:
-        from cli.reproduce import main as reproduce_main  # type: ignore[import-not-found]
-    except ModuleNotFoundError as exc:
-        if exc.name != "cli.reproduce":
-            raise
-        raise Failure("this installation has no `reproduce` command", code="not_available") from None
-    return int(reproduce_main(list(ctx.args)) or 0)
 
 
 _register()

@@ -7,9 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
@@ -127,16 +125,12 @@ def test_an_unreachable_server_is_one_line(capsys: pytest.CaptureFixture[str]) -
     assert rc == 1 and "cannot reach the server" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_reproduce_forwards_its_arguments(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[list[str]] = []
-    module: Any = types.ModuleType("cli.reproduce")
-    module.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "cli.reproduce", module)
-    assert main(["reproduce", "report.json", "--device", "cpu", "--help"]) == 3
-    assert seen == [["report.json", "--device", "cpu", "--help"]]
-    monkeypatch.delitem(sys.modules, "cli.reproduce")
-    rc, _, err = run(capsys, "reproduce", "x")
-    assert rc == 1 and "not_available" in err
+def test_reproduce_is_a_command_with_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "reproduce", "--help")
+    assert rc == 0 and "2025 paper" in out
+    assert all(option in out for option in ("--data-dir", "--model-dir", "--models", "--skip-finetune", "--quick"))
+    rc, _, err = run(capsys, "reproduce", "--epochs", "many")
+    assert rc == 2 and "'many' is not a valid integer" in err and "Traceback" not in err
 
 
 def test_shell_completion_names_commands_and_options() -> None:

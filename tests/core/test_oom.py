@@ -87,12 +87,12 @@ def test_finetune_held_out_evaluation_halves_but_training_batches_do_not(digits:
     torch.manual_seed(0)
     gpu = SmallGpu(TinyCNN(), capacity=40)
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_size=32,
-                            train_examples=64, eval_examples=96, attack_steps=1, eval_wpgd_steps=1,
+                            train_examples=64, test_examples=96, attack_steps=1, eval_wpgd_steps=1,
                             eval_pgd_steps=1, budget_subset=32)
     hooks, seen = _events()
     result = finetune(config, gpu, digits, hooks, device="cpu")
     assert result.epochs_completed == 1
-    # held-out evaluation starts at max(batch_size, 256) and halves 256 → 128 → 64 → 32, once for the run
+    # held-out evaluation starts at the CPU auto batch for 8×8 digits (256) and halves 256 → 128 → 64 → 32, once for the run
     assert [(d["previous_batch_size"], d["batch_size"]) for _, _, d in seen] == [(256, 128), (128, 64), (64, 32)]
     assert all(d["phase"] == "held-out w-pgd" for _, _, d in seen)
 

@@ -333,7 +333,12 @@ def build_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Modu
                         dataset=spec["dataset"]).to(device).eval()
 
 
-def wpgd_workload(name: str, device: torch.device, n: int, steps: int, compile_model: bool = False) -> Workload:
+def _compile(model: torch.nn.Module, backend: str | None) -> torch.nn.Module:
+    return torch.compile(model) if backend in (None, "inductor") else torch.compile(model, backend=backend)
+
+
+def wpgd_workload(name: str, device: torch.device, n: int, steps: int, compile_model: bool = False,
+                  backend: str | None = None) -> Workload:
     shape = MODELS[name]["shape"]
     model = build_model(name, device)
     g = torch.Generator().manual_seed(1)
@@ -346,7 +351,7 @@ def wpgd_workload(name: str, device: torch.device, n: int, steps: int, compile_m
     batch = user_eval_batch(device, shape)
     base_model = model
     if compile_model:
-        fast, base_model = torch.compile(fast), torch.compile(model)
+        fast, base_model = _compile(fast, backend), _compile(model, backend)
     runs = {"ours": lambda: ours_w_pgd(fast, xf, y, DELTA, steps, compute, batch),
             "lean": lambda: lean_w_pgd(base_model, x, y, DELTA, steps),
             "reference": lambda: reference_w_pgd(base_model, x, y, DELTA, steps)}
@@ -355,7 +360,7 @@ def wpgd_workload(name: str, device: torch.device, n: int, steps: int, compile_m
 
 
 def wtrades_workload(name: str, device: torch.device, batch: int, batches: int, steps: int,
-                     compile_model: bool = False) -> Workload:
+                     compile_model: bool = False, backend: str | None = None) -> Workload:
     shape = MODELS[name]["shape"]
     g = torch.Generator().manual_seed(2)
     x = torch.rand((batch * batches, *shape), generator=g).to(device)
@@ -364,7 +369,7 @@ def wtrades_workload(name: str, device: torch.device, batch: int, batches: int, 
     models = {impl: build_model(name, device) for impl in IMPLEMENTATIONS}
     models["ours"] = compute.prepare_model(models["ours"])
     if compile_model:
-        models = {k: torch.compile(m) for k, m in models.items()}
+        models = {k: _compile(m, backend) for k, m in models.items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
     ours = OursTrades(models["ours"], opts["ours"], steps, compute)
     xf = compute.images(x)
@@ -384,23 +389,37 @@ def wtrades_workload(name: str, device: torch.device, batch: int, batches: int, 
 
 
 def run_model(name: str, device: torch.device, repeats: int, sizes: tuple[int, int, int, int, int],
-              compile_model: bool = False, workloads: tuple[str, ...] = ("w-pgd", "w-trades")) -> list[dict]:
+              compile_model: bool = False, workloads: tuple[str, ...] = ("w-pgd", "w-trades"),
+              backend: str | None = None) -> list[dict]:
+    """Both workloads of one model; `backend`: torch.compile's backend when compiling (default inductor)."""
     n, steps, tbatch, tbatches, k = sizes
     rows = []
     if "w-pgd" in workloads:
-        row = measure(wpgd_workload(name, device, n, steps, compile_model), device, repeats)
+        row = measure(wpgd_workload(name, device, n, steps, compile_model, backend), device, repeats)
         rows.append({"model": name, "model_label": MODELS[name]["label"], "n_images": n, "steps": steps,
-                     "compiled": compile_model, **row})
+                     "compiled": (backend or "inductor") if compile_model else False, **row})
     if "w-trades" in workloads:
-        row = measure(wtrades_workload(name, device, tbatch, tbatches, k, compile_model), device, repeats)
+        row = measure(wtrades_workload(name, device, tbatch, tbatches, k, compile_model, backend), device,
+                      repeats)
         rows.append({"model": name, "model_label": MODELS[name]["label"], "n_images": tbatch * tbatches,
-                     "steps": k, "compiled": compile_model, **row})
+                     "steps": k, "compiled": (backend or "inductor") if compile_model else False, **row})
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, machine: str) -> dict:
+    import os
     return {"machine": machine, "device": torch.cuda.get_device_name() if device.type == "cuda" else
-            f"CPU ({platform.processor() or platform.machine()})", "device_type": device.type,
+            f"CPU: {_cpu_name()}, {os.cpu_count()} cores", "device_type": device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -414,7 +433,7 @@ def table(rows: list[dict]) -> str:
             t, p = v["throughput"], v["passes_per_image_step"]
             ratio = "—" if impl == "ours" else (
                 f"{r['ratios'][impl]['median']:.2f}× ({r['ratios'][impl]['min']:.2f}–{r['ratios'][impl]['max']:.2f})")
-            what = f"{r['workload']}{' (compiled)' if r.get('compiled') else ''}, {r['n_images']} img × {r['steps']} steps"
+            what = f"{r['workload']}{' (compiled: ' + str(r['compiled']) + ')' if r.get('compiled') else ''}, {r['n_images']} img × {r['steps']} steps"
             lines.append(f"| {r['model']} | {what} | {impl} | {v['batch_size']} | {t['min']:.1f} / {t['median']:.1f} / "
                          f"{t['max']:.1f} {r['unit']} | {ratio} | {p['forward']:.2f} / {p['backward']:.2f} |")
     return "\n".join(lines)
@@ -453,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         n, steps, tb, tbs, k = SIZES["cuda" if device.type == "cuda" else "cpu"][name]
         sizes = (args.n or n, args.steps or steps, args.train_batch or tb, args.train_batches or tbs, args.k or k)
         rows += run_model(name, device, args.repeats, sizes, args.compile, workloads)
-    result = {**environment(device, args.machine), "command": " ".join(["python", "bench/bench_engine.py", *(
+    threads_env = [f"OMP_NUM_THREADS={v}" for v in [__import__("os").environ.get("OMP_NUM_THREADS")] if v]
+    result = {**environment(device, args.machine), "command": " ".join([*threads_env, "python", "bench/bench_engine.py", *(
         argv if argv is not None else sys.argv[1:])]), "rows": rows}
     print(f"{result['device']}, {result['threads']} threads, torch {result['torch']}")
     print(table(rows))

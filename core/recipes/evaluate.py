@@ -89,8 +89,8 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
     hooks = hooks or Hooks()
     started_at = utc_timestamp()
     # the finest attack step taken: under bf16 a step below bf16's input spacing keeps the stem in float32
-    finest_step = min(config.wpgd_step_ratio * min(config.radii) / config.wpgd_steps,
-                      *([config.pgd_step_ratio * min(config.radii)] if "pgd" in config.linf_attacks else []))
+    finest_step = min([config.wpgd_step_ratio * min(config.radii) / config.wpgd_steps]
+                      + ([config.pgd_step_ratio * min(config.radii)] if "pgd" in config.linf_attacks else []))
     compute = Compute.resolve(device, config.amp, config.channels_last, attack_step=finest_step)
     model = compute.prepare_model(model).eval()
     n = data.test_x.shape[0] if config.n_examples is None else min(config.n_examples, data.test_x.shape[0])

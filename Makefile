@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install browser test-data demo serve test test-browser test-fast bench docs cli-docs clean
+.PHONY: install browser test-data demo serve test test-browser test-fast bench gpu-check docs cli-docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,11 @@ test: install browser test-data  ## the whole suite (unit, integration against P
 test-browser: install browser  ## only the dashboard's tests in a real browser
 	$(BIN)/python -m pytest -q tests/e2e/test_dashboard.py tests/service/test_dashboard_static.py
 
-bench: install         ## engine throughput against a plain baseline (GPU when present, else a tiny CPU run)
-	$(BIN)/python bench/bench_engine.py
+bench: install         ## engine throughput against the lean and reference-structure baselines (docs/runtimes.md)
+	$(BIN)/python bench/bench_engine.py --out bench/results/$$(hostname).json
+
+gpu-check: install     ## the one GPU check (8 minutes on one H100/H200): precision, throughput, a live fine-tune
+	$(BIN)/python bench/gpu_check.py --out bench/results/gpu-check.json
 
 cli-docs: install      ## regenerate docs/cli.md from the CLI's own help (a test checks it is current)
 	$(BIN)/python -m cli.docgen > docs/cli.md

@@ -58,6 +58,29 @@ SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robu
 _AUTO_FIELD_RANGES: dict[str, tuple[float, float]] = {"epochs": (1, 1000), "batch_size": (1, 65536), "lr": (0.0, 10.0)}
 
 
+def _auto_or_number(name: str, value: object) -> object:
+    """A field that takes a number in its range or "auto", checked in full so that a bad value is
+    one error naming the field (the int | "auto" union would report one error per member)."""
+    if value == AUTO:
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f'{name} must be a number or "auto", got {value!r}') from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'{name} must be a number or "auto"')
+    low, high = _AUTO_FIELD_RANGES[name]
+    if name != "lr":
+        if value != int(value):
+            raise ValueError(f'{name} must be a whole number or "auto", got {value}')
+        value = int(value)
+    if not (value > low if name == "lr" else value >= low) or value > high:
+        bound = f"> {low}" if name == "lr" else f">= {low}"
+        raise ValueError(f'{name} must be {bound} and <= {high}, or "auto"; got {value}')
+    return value
+
+
 class SelectionRule(_Strict):
     """Which checkpoint is "best": epoch 0 (the model that went in) is always a candidate.
 
@@ -135,27 +158,7 @@ class FinetuneConfig(_Strict):
     @field_validator("epochs", "batch_size", "lr", mode="before")
     @classmethod
     def _auto_or_in_range(cls, value: object, info: object) -> object:
-        # Checked here in full so that a bad value is one error naming the field (the int | "auto"
-        # union would report one error per member).
-        name = getattr(info, "field_name", "")
-        if value == AUTO:
-            return value
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f'{name} must be a number or "auto", got {value!r}') from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f'{name} must be a number or "auto"')
-        low, high = _AUTO_FIELD_RANGES[name]
-        if name != "lr":
-            if value != int(value):
-                raise ValueError(f'{name} must be a whole number or "auto", got {value}')
-            value = int(value)
-        if not (value > low if name == "lr" else value >= low) or value > high:
-            bound = f"> {low}" if name == "lr" else f">= {low}"
-            raise ValueError(f'{name} must be {bound} and <= {high}, or "auto"; got {value}')
-        return value
+        return _auto_or_number(getattr(info, "field_name", ""), value)
 
     @model_validator(mode="after")
     def _resolve_selection_metric(self) -> "FinetuneConfig":
@@ -183,7 +186,10 @@ class EvaluateConfig(_Strict):
         default=None, max_length=100, description="Several radii for a robustness curve; default [threat_model.delta].",
     )
     n_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES, description="Evaluate the first N test images.")
-    batch_size: int = Field(default=500, ge=1, le=65536)
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | Auto = Field(
+        default=AUTO, description="Images per forward/backward pass; changes speed only, never a result. auto: "
+                                  "resolved where the job runs: 1,024 CIFAR-sized images on a GPU, a "
+                                  "cache-sized 32-256 on a CPU (core.defaults.auto_eval_batch_size).")
     wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS)
     wpgd_step_ratio: float = Field(default=1.875, gt=0.0, le=MAX_STEP_RATIO)
     attack_loss: Literal["redlr", "dlr", "ce"] = "redlr"
@@ -198,6 +204,11 @@ class EvaluateConfig(_Strict):
         default="off", description="Robust accuracy is measured in float32 unless bf16 is asked for.")
     channels_last: bool = True
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_auto_or_in_range(cls, value: object) -> object:
+        return _auto_or_number("batch_size", value)
 
     @model_validator(mode="after")
     def _check_deltas(self) -> "EvaluateConfig":

@@ -18,6 +18,7 @@ from core.attacks.pgd import pgd
 from core.attacks.wpgd import w_pgd
 from core.config import EvaluateConfig
 from core.data import ImageData, to_unit_float
+from core.defaults import resolve_eval_batch_size
 from core.device import Compute
 from core.hooks import Hooks
 from core.oom import AdaptiveBatch, report_halving
@@ -87,10 +88,14 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
     sha256) goes into the report's provenance as given."""
     hooks = hooks or Hooks()
     started_at = utc_timestamp()
-    compute = Compute.resolve(device, config.amp, config.channels_last)
+    # the finest attack step taken: under bf16 a step below bf16's input spacing keeps the stem in float32
+    finest_step = min([config.wpgd_step_ratio * min(config.radii) / config.wpgd_steps]
+                      + ([config.pgd_step_ratio * min(config.radii)] if "pgd" in config.linf_attacks else []))
+    compute = Compute.resolve(device, config.amp, config.channels_last, attack_step=finest_step)
     model = compute.prepare_model(model).eval()
     n = data.test_x.shape[0] if config.n_examples is None else min(config.n_examples, data.test_x.shape[0])
     x = compute.images(to_unit_float(data.test_x[:n], compute.device))
+    batch_size = resolve_eval_batch_size(config.batch_size, compute.device.type, tuple(x.shape[1:]))
     y = data.test_y[:n].to(compute.device)
     base = Threat.from_spec(config.threat_model)
     w2_base = base if base.distributional else Threat(f"w2-{base.ground}", base.delta)
@@ -100,7 +105,7 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
     done = 0
     report = EvaluationReport(config=config.model_dump(mode="json"), n_examples=n, clean_accuracy=0.0)
 
-    batch = AdaptiveBatch(config.batch_size, report_halving(hooks.event))
+    batch = AdaptiveBatch(batch_size, report_halving(hooks.event))
     for delta in radii:
         phase = f"w-pgd δ={delta:.4g}"
         res = batch.run(phase, lambda size: w_pgd(
@@ -122,7 +127,7 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
                                              "w2_robust_accuracy": res.robust_accuracy, "delta": delta})
         if hooks.should_stop():
             report.stopped = True
-            report.provenance = _provenance(config, n, compute, context, started_at)
+            report.provenance = _provenance(config, n, compute, context, started_at, batch_size)
             return report
         if "pgd" in config.linf_attacks:
             # the l∞ step is a fixed fraction of each radius attacked; l2 keeps PGD's own default
@@ -147,13 +152,16 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
                 model, x[:m], y[:m], aa_threat, batch_size=size, seed=config.seed,
                 on_attack=lambda name, k, total: hooks.progress((done + k) / units, f"autoattack: {name}", {})))
         report.pointwise.append({**result.to_dict(), "threat": w2_base.ground})
-    report.provenance = _provenance(config, n, compute, context, started_at)
+    report.provenance = _provenance(config, n, compute, context, started_at, batch_size)
     hooks.progress(1.0, "done", report.summary)
     return report
 
 
 def _provenance(config: EvaluateConfig, n: int, compute: Compute, context: dict[str, Any] | None,
-                started_at: str) -> dict[str, Any]:
+                started_at: str, batch_size: int) -> dict[str, Any]:
     return {**(context or {}), "seed": config.seed, "examples": {"test": n}, **runtime_provenance(compute.device),
             "evaluation_precision": "bf16" if compute.amp_dtype is not None else "float32",
+            "float32_stem": compute.float32_stem,
+            # the batch the attacks ran with: config.batch_size resolved on this device ("auto")
+            "batch_size": batch_size,
             "started_at": started_at, "finished_at": utc_timestamp()}

@@ -27,7 +27,7 @@ from core.attacks.wpgd import BatchAttack, attack_batch, w_pgd
 from core.checkpoint import TrainingCheckpoint
 from core.config import FinetuneConfig, SelectionRule
 from core.data import ImageData, augment_crop_flip, is_cifar_like, to_unit_float
-from core.defaults import few_steps_warning, resolve_finetune, validation_split_size
+from core.defaults import auto_eval_batch_size, few_steps_warning, resolve_finetune, validation_split_size
 from core.device import Compute, batches
 from core.distributed import SINGLE, World, unwrap
 from core.errors import ValidationError
@@ -106,7 +106,7 @@ def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
     test_*_steps. The batch halves on a CUDA out-of-memory error; `should_stop` cuts both
     attacks short (the numbers are then not to be kept)."""
     model.eval()
-    batch = batch or AdaptiveBatch(max(int(config.batch_size), 256))
+    batch = batch or AdaptiveBatch(auto_eval_batch_size(compute.device.type, tuple(x.shape[1:])))
     w2 = threat.w2
     wpgd_steps = config.test_wpgd_steps if test else config.eval_wpgd_steps
     pgd_steps = config.test_pgd_steps if test else config.eval_pgd_steps
@@ -152,6 +152,15 @@ def estimate_global_sensitivity(model: torch.nn.Module, train_x: torch.Tensor, t
         total += attack.sensitivity
         count += 1
     return total / max(count, 1)
+
+
+def _finest_step(config: FinetuneConfig, threat: Threat) -> float:
+    """The smallest attack step the job takes on the model: the training attack's α = ratio·δ/K
+    and, when evaluation runs in bf16 too, the held-out W-PGD's 1.875·δ/steps."""
+    steps = [config.attack_step_ratio * threat.delta / config.attack_steps]
+    if config.eval_amp == "bf16":
+        steps.append(1.875 * threat.delta / max(config.eval_wpgd_steps, config.test_wpgd_steps))
+    return min(steps)
 
 
 def _start_noise(config: FinetuneConfig) -> float:
@@ -288,7 +297,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     n_available = data.train_x.shape[0] if config.train_examples is None else min(config.train_examples,
                                                                                    data.train_x.shape[0])
     config = resolve_finetune(config, n_available)     # a job's config was resolved at submit
-    compute = Compute.resolve(device, config.amp, config.channels_last)            # the training step
+    compute = Compute.resolve(device, config.amp, config.channels_last,            # the training step
+                              attack_step=_finest_step(config, threat))
     eval_compute = Compute.resolve(compute.device, config.eval_amp, config.channels_last)  # measurements
     model = compute.prepare_model(model)
     generator = torch.Generator(device=compute.device).manual_seed(config.seed)
@@ -320,7 +330,9 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     perturbation = RandomWeightPerturbation(model, config.weight_perturbation)
     dynamic_budget = config.budget == "dynamic" and threat.distributional
-    eval_batch = world.eval_batch(AdaptiveBatch(max(batch_size, 256), report_halving(hooks.event)))
+    # evaluation batches change no number, only speed: sized for this device, not the training batch
+    eval_batch = world.eval_batch(AdaptiveBatch(auto_eval_batch_size(eval_compute.device.type, tuple(val_x.shape[1:])),
+                                                report_halving(hooks.event)))
 
     if resume is None:
         warnings: list[str] = []
@@ -494,6 +506,7 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         **runtime_provenance(compute.device),
         "training_precision": "bf16" if compute.amp_dtype is not None else "float32",
         "evaluation_precision": "bf16" if eval_compute.amp_dtype is not None else "float32",
+        "float32_stem": compute.float32_stem, "evaluation_batch_size": eval_batch.size,
         "started_at": started_at, "finished_at": utc_timestamp(),
     }
     return FinetuneResult(

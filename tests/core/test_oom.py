@@ -93,7 +93,7 @@ def test_finetune_held_out_evaluation_halves_but_training_batches_do_not(digits:
     hooks, seen = _events()
     result = finetune(config, gpu, digits, hooks, device="cpu")
     assert result.epochs_completed == 1
-    # held-out evaluation starts at max(batch_size, 256) and halves 256 → 128 → 64 → 32, once for the run
+    # held-out evaluation starts at the CPU auto batch for 8×8 digits (256) and halves 256 → 128 → 64 → 32, once for the run
     assert [(d["previous_batch_size"], d["batch_size"]) for _, _, d in seen] == [(256, 128), (128, 64), (64, 32)]
     assert all(d["phase"] == "held-out w-pgd" for _, _, d in seen)
 

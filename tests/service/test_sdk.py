@@ -258,9 +258,9 @@ def test_parse_radius():
 
 
 def test_unknown_fields_are_kept():
-    job = robustify.Job.model_validate({"id": "job_1", "status": "running", "improved": True,
+    job = robustify.Job.model_validate({"id": "job_1", "status": "running", "future_field": True,
                                         "progress": {"fraction": 0.5, "new_field": 1}})
-    assert job.improved is True and job.progress.fraction == 0.5 and job.progress.new_field == 1
+    assert job.future_field is True and job.progress.fraction == 0.5 and job.progress.new_field == 1
     assert not job.done and robustify.Job.model_validate({"id": "j", "status": "failed"}).done
 
 

@@ -10,11 +10,10 @@ from cli.local import _config, _parser
 from core.attacks.common import input_gradient
 from core.attacks.wpgd import attack_batch
 from core.config import FinetuneConfig
-from core.data import augment_crop_flip, crop_flip_draw, load_dataset, to_unit_float
+from core.data import augment_crop_flip, crop_flip_draw, to_unit_float
 from core.device import Compute
 from core.losses import attack_loss
 from core.recipes.finetune import PerturbationMemory, RandomWeightPerturbation, finetune, w_trades_step
-from core.recipes.standard import train_standard
 from core.threats import Threat
 from core.zoo import create_model
 
@@ -24,12 +23,8 @@ THREAT = Threat("w2-linf", DELTA)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("data"))
-    torch.manual_seed(0)
-    model = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
-                           epochs=5, seed=0)
-    return model, data
+def setup(digits_small_cnn):
+    return digits_small_cnn
 
 
 def _budget(ratio: float):

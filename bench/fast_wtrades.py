@@ -12,8 +12,9 @@ checkpoint (best on the validation split, as a job returns it) is then attacked 
 
 Methods:
 - standard-k10: the default recipe, K = 10 inner steps (the baseline);
-- memory-k1: attack_schedule "memory" with 1 step: each image's perturbation from the previous
-  epoch, re-projected into the batch's δ_B, then one step;
+- memory-k1: attack_schedule "memory" with its defaults (1 step, step ratio 2): each image's
+  perturbation from the previous epoch, re-projected into the batch's δ_B, then one step;
+- memory-k2: the same with 2 steps;
 - standard-k2: K = 2 at the default step ratio 2, i.e. the first-order map T(x) = x + δ_B·d
   followed by one step of the same size.
 
@@ -50,13 +51,14 @@ from core.zoo import create_model
 METHODS: dict[str, dict[str, Any]] = {
     "standard-k10": {"attack_schedule": "standard", "attack_steps": 10},
     "memory-k1": {"attack_schedule": "memory", "attack_steps": 1},
+    "memory-k2": {"attack_schedule": "memory", "attack_steps": 2},
     "standard-k2": {"attack_schedule": "standard", "attack_steps": 2},
 }
 BASELINE = "standard-k10"
 
 # Per data set: training images (after the validation split), validation images, epochs, pre-training.
 SETUPS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {"train": 10_000, "validation": 500, "epochs": 3, "pretrain_epochs": 2, "delta": 0.05},
+    "fashion-mnist": {"train": 5_000, "validation": 500, "epochs": 3, "pretrain_epochs": 2, "delta": 0.05},
     "digits": {"train": None, "validation": 300, "epochs": 8, "pretrain_epochs": 5, "delta": 0.05},
 }
 
@@ -109,10 +111,15 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def run(datasets: list[str], seeds: list[int], methods: list[str], test_examples: int, data_dir: Path) -> dict:
+def run(datasets: list[str], seeds: list[int], methods: list[str], test_examples: int, data_dir: Path,
+        epochs: int | None = None, train: int | None = None) -> dict:
     runs: list[dict[str, Any]] = []
     for name in datasets:
-        setup = SETUPS[name]
+        setup = dict(SETUPS[name])
+        if epochs is not None:
+            setup["epochs"] = epochs
+        if train is not None:
+            setup["train"], setup["validation"] = train, min(setup["validation"], max(50, train // 4))
         data = load_dataset(name, data_dir=data_dir)
         c, h, w = data.image_shape
         x_test = to_unit_float(data.test_x[:test_examples], "cpu")
@@ -190,6 +197,8 @@ def main() -> None:
     p.add_argument("--test-examples", type=int, default=1000)
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ROBUSTIFY_DATASETS_DIR", "/tmp/robustify-data")))
     p.add_argument("--quick", action="store_true", help="digits, one seed")
+    p.add_argument("--epochs", type=int, help="override every data set's epochs (a smoke run)")
+    p.add_argument("--train", type=int, help="override every data set's training images (a smoke run)")
     p.add_argument("--out", type=Path, help="write the JSON here")
     args = p.parse_args()
     datasets = ["digits"] if args.quick else [d.strip() for d in args.datasets.split(",")]
@@ -202,7 +211,7 @@ def main() -> None:
         raise SystemExit(f"--methods must include the baseline {BASELINE}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t0 = time.perf_counter()
-    out = run(datasets, seeds, methods, args.test_examples, args.data_dir)
+    out = run(datasets, seeds, methods, args.test_examples, args.data_dir, args.epochs, args.train)
     out["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                       "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     out["command_seconds"] = time.perf_counter() - t0

@@ -183,3 +183,40 @@ def test_a_small_memory_finetune_on_digits_improves_w2_robustness(setup) -> None
     assert memory["started_empty_on_resume"] is False
     assert result.improved and result.after["w2_robust_accuracy"] >= result.before["w2_robust_accuracy"] + 0.03
     assert result.config["attack_schedule"] == "memory" and result.config["attack_steps"] == 1
+
+
+def test_a_resumed_memory_run_finishes_with_its_memory_started_empty(setup, tmp_path) -> None:
+    from core.checkpoint import load_training_checkpoint
+    from core.hooks import Hooks
+
+    model, data = setup
+    config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, attack_schedule="memory", epochs=3,
+                            batch_size=32, lr=0.0025, beta=3.0, augment="none", train_examples=300,
+                            validation_examples=60, test_examples=60, eval_wpgd_steps=3, eval_pgd_steps=1,
+                            test_wpgd_steps=3, test_pgd_steps=1, budget_subset=64, amp="off", seed=0)
+
+    def fresh():
+        m = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+        m.load_state_dict(model.state_dict())
+        return m
+
+    uninterrupted = finetune(config, fresh(), data, device="cpu")
+    path = tmp_path / "state.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def crash_after_first_epoch(ckpt) -> None:
+        ckpt.save(path)
+        if ckpt.epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(config, fresh(), data, Hooks(checkpoint=crash_after_first_epoch), device="cpu")
+    resumed = finetune(config, fresh(), data, device="cpu", resume=load_training_checkpoint(path))
+    assert resumed.epochs_completed == 3 and len(resumed.history) == 3
+    assert resumed.provenance["perturbation_memory"]["started_empty_on_resume"] is True
+    assert uninterrupted.provenance["perturbation_memory"]["started_empty_on_resume"] is False
+    # the first epoch is the same run; the second starts from the clean images instead of the memory
+    assert resumed.history[0]["train_loss"] == uninterrupted.history[0]["train_loss"]
+    assert resumed.history[1]["train_loss"] != uninterrupted.history[1]["train_loss"]

@@ -40,4 +40,4 @@ def test_fast_wtrades_bench_reports_ratio_accuracy_difference_and_pass_counts(tm
     fast = [r for r in result["runs"] if r["method"] == "memory-k1"][0]
     assert fast["config"]["attack_schedule"] == "memory" and fast["config"]["attack_steps"] == 1
     assert fast["train_seconds"] > 0 and 0 <= fast["w2_robust_accuracy"] <= fast["clean_accuracy"] <= 1
-    assert "| digits | memory-k1 | 2 |" in proc.stdout
+    assert "| digits | memory-k1 | 2 | 2 |" in proc.stdout

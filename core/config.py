@@ -49,6 +49,7 @@ class ThreatModelSpec(_Strict):
 
 
 AUTO = "auto"
+MEMORY_ATTACK_STEPS = 1   # attack_steps under attack_schedule "memory" when the request leaves it out
 Auto = Literal["auto"]
 SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
                           "w2_robust_to_clean_ratio", "clean_accuracy"]
@@ -112,7 +113,13 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
     beta: float = Field(default=6.0, ge=0.0, le=MAX_BETA, description="TRADES weight β of the KL term.")
     attack_loss: Literal["redlr", "kl", "ce", "dlr"] = "redlr"
-    attack_steps: int = Field(default=10, ge=1, le=1000, description="Inner W-PGD steps K.")
+    attack_steps: int = Field(default=10, ge=1, le=1000,
+                              description="Inner W-PGD steps K (under attack_schedule 'memory' the default is 1).")
+    attack_schedule: Literal["standard", "memory"] = Field(
+        default="standard",
+        description="standard: every batch's attack starts at the clean images. memory (fast W-TRADES): it "
+                    "starts at each training image's perturbation from its previous epoch, re-projected into "
+                    "the batch's budget δ_B, and takes attack_steps steps (default 1).")
     attack_step_ratio: float = Field(default=2.0, gt=0.0, le=MAX_STEP_RATIO, description="Step α = ratio·δ_B/K.")
     budget: Literal["dynamic", "fixed"] = "dynamic"
     budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES, description="Images used for the initial Ῡ.")
@@ -147,6 +154,18 @@ class FinetuneConfig(_Strict):
         description="Devices (GPUs) a service job trains on, one DistributedDataParallel process each; every "
                     "global batch is split between them. Default: the worker's ROBUSTIFY_DEVICES_PER_JOB (1). "
                     "The local `robustify finetune` runs on one device.")
+
+    @model_validator(mode="after")
+    def _check_attack_schedule(self) -> "FinetuneConfig":
+        if self.attack_schedule != "memory":
+            return self
+        if "attack_steps" not in self.model_fields_set:
+            self.attack_steps = MEMORY_ATTACK_STEPS
+        if self.epochs != AUTO and int(self.epochs) < 2:
+            raise ValueError("attack_schedule 'memory' starts each epoch's attack from the image's perturbation of "
+                             "the epoch before, so it needs epochs >= 2 (or \"auto\"); with one epoch use "
+                             "attack_schedule 'standard'")
+        return self
 
     @model_validator(mode="after")
     def _check_devices(self) -> "FinetuneConfig":

@@ -313,28 +313,67 @@ def to_unit_float(x: torch.Tensor, device: torch.device | str | None, dtype: tor
     return x.to(device, non_blocking=True).to(dtype).div_(255.0)
 
 
-def augment_crop_flip(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class CropFlip:
+    """The random crop (offsets into the zero-padded image) and flip drawn for each image of a batch."""
+
+    offset_y: torch.Tensor   # (B,) rows skipped in the padded image
+    offset_x: torch.Tensor   # (B,) columns skipped
+    flip: torch.Tensor       # (B,) bool: mirrored left-right
+    pad: int
+
+    def _indices(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.offset_y.device
+        rows = self.offset_y[:, None] + torch.arange(h, device=device)                # (B, H) in padded coordinates
+        cols_ahead = torch.arange(w, device=device)
+        cols = self.offset_x[:, None] + torch.where(self.flip[:, None], w - 1 - cols_ahead, cols_ahead)  # (B, W)
+        batch = torch.arange(rows.shape[0], device=device)[:, None, None]
+        return batch, rows[:, :, None], cols[:, None, :]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The crop-and-flipped batch (the padding is zeros)."""
+        if x.ndim != 4:
+            raise ValueError(f"augment_crop_flip expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        _, _, h, w = x.shape
+        pad = self.pad
+        padded = F.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+        batch, rows, cols = self._indices(h, w)
+        # Advanced indices around the channel slice put their dims first: (B, H, W, C).
+        out = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def undo(self, seen: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Back to the un-augmented frame: `into` (B, C, H, W) with every pixel that the crop showed
+        replaced by its value in `seen` (the augmented batch); pixels cropped away keep `into`'s."""
+        _, _, h, w = into.shape
+        pad = self.pad
+        padded = F.pad(into, (pad, pad, pad, pad)) if pad > 0 else into.clone()
+        batch, rows, cols = self._indices(h, w)
+        padded[batch, :, rows, cols] = seen.permute(0, 2, 3, 1).to(padded.dtype)
+        return padded[:, :, pad:pad + h, pad:pad + w].contiguous()
+
+
+def crop_flip_draw(batch: int, *, pad: int = 4, generator: torch.Generator | None = None,
+                   device: str | torch.device = "cpu") -> CropFlip:
+    """Draw a random crop (after zero padding by `pad`) and a random horizontal flip per image."""
+    offset_y = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
+    offset_x = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
+    flip = torch.rand(batch, generator=generator, device=device) < 0.5
+    return CropFlip(offset_y, offset_x, flip, pad)
+
+
+def augment_crop_flip(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None,
+                      draw: CropFlip | None = None) -> torch.Tensor:
     """Random crop after zero padding by `pad`, and a random horizontal flip, per image.
 
     One gather on x's device for the whole batch; deterministic for a given generator (which
-    must live on x's device).
+    must live on x's device). `draw`: apply these crops and flips instead of drawing new ones.
     """
     if x.ndim != 4:
         raise ValueError(f"augment_crop_flip expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
-    b, _, h, w = x.shape
-    device = x.device
-    offset_y = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
-    offset_x = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
-    flip = torch.rand(b, generator=generator, device=device) < 0.5
-    padded = F.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
-    rows = offset_y[:, None] + torch.arange(h, device=device)                # (B, H) in padded coordinates
-    cols_ahead = torch.arange(w, device=device)
-    cols = offset_x[:, None] + torch.where(flip[:, None], w - 1 - cols_ahead, cols_ahead)  # (B, W)
-    batch = torch.arange(b, device=device)[:, None, None]
-    # Advanced indices around the channel slice put their dims first: (B, H, W, C).
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    draw = draw or crop_flip_draw(x.shape[0], pad=pad, generator=generator, device=x.device)
+    return draw.apply(x)
 
 
 def is_cifar_like(image_shape: tuple[int, ...] | torch.Size) -> bool:

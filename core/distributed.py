@@ -60,6 +60,15 @@ class World:
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return out
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` (equal shapes) concatenated along the leading dimension in rank order: the
+        inverse of `shard` for a leading dimension that splits evenly."""
+        if not self.distributed:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any (so all ranks take the same branch)."""
         if not self.distributed:

@@ -171,24 +171,31 @@ class BatchAttack:
     x_adv: torch.Tensor
     sensitivity: torch.Tensor   # Υ_B from the first step's gradients (0-d, on the device)
     delta: torch.Tensor         # δ_B actually used (0-d, on the device)
+    x_start: torch.Tensor | None = field(default=None, repr=False)  # a given start, re-projected into δ_B
 
 
 def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
                  loss_fn: PerSampleLoss, steps: int, step_ratio: float, compute: Compute,
                  budget: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 start_noise: float = 0.0, generator: torch.Generator | None = None) -> BatchAttack:
+                 start_noise: float = 0.0, generator: torch.Generator | None = None,
+                 start: torch.Tensor | None = None) -> BatchAttack:
     """K steps of W-PGD (or PGD for a pointwise threat) on one batch, model in eval mode.
 
     `budget(Υ_B) -> δ_B` picks the radius after the first gradient (W-PGD-Budget); None keeps δ.
     `start_noise` > 0 starts from x + start_noise·N(0, I) (needed for the KL loss, whose
-    gradient vanishes at x' = x).
+    gradient vanishes at x' = x). `start`: a perturbation to start from instead of x (the fast
+    schedule's memory); the first gradient is taken at x + start (it gives Υ_B and so δ_B),
+    then the start is re-projected into the δ_B ball (`x_start` of the result) before the
+    first step is added to it.
     """
-    x_adv = x
+    base = x if start is None else (x + start.to(x.dtype)).clamp(0.0, 1.0)
+    x_adv = base
     if start_noise > 0:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = (x + start_noise * noise).clamp(0.0, 1.0)
+        x_adv = (base + start_noise * noise).clamp(0.0, 1.0)
     delta_b = torch.tensor(threat.delta, device=x.device, dtype=torch.float64)
     upsilon_b = torch.zeros((), device=x.device, dtype=torch.float64)
+    x_start = None
     for t in range(steps):
         g, _, _ = input_gradient(model, x_adv, y, loss_fn, compute)
         dual = threat.dual_norms(g)
@@ -196,7 +203,9 @@ def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threa
             upsilon_b = threat.sensitivity(dual)
             if budget is not None:
                 delta_b = budget(upsilon_b)
+            if start is not None:
+                x_adv = x_start = threat.project(x_adv, x, delta_b.to(x.dtype))
         alpha = step_ratio * delta_b / steps
         scale = (alpha / threat.normaliser(dual).clamp_min(1e-30)).to(x.dtype)
         x_adv = threat.project(x_adv + threat.raw_direction(g, dual) * scale, x, delta_b.to(x.dtype))
-    return BatchAttack(x_adv.detach(), upsilon_b, delta_b)
+    return BatchAttack(x_adv.detach(), upsilon_b, delta_b, x_start)

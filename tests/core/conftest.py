@@ -49,3 +49,18 @@ def trained_tiny(digits) -> TinyCNN:
             F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_small_cnn(tmp_path_factory):
+    """scikit-learn's digits as the recipes load them, and the zoo's small CNN trained normally on
+    them (5 epochs). Tests that step the optimiser use lr = 0, so the weights stay shared."""
+    from core.data import load_dataset
+    from core.recipes.standard import train_standard
+    from core.zoo import create_model
+
+    data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("data"))
+    torch.manual_seed(0)
+    model = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
+                           epochs=5, seed=0)
+    return model, data

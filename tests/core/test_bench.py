@@ -140,3 +140,22 @@ def test_gpu_check_cpu_smoke_runs_every_section() -> None:
     svc = s["service"]
     assert svc["job_status"] == "succeeded" and svc["worker_device"] and svc["training_precision"] == "float32"
     assert "precision" in proc.stdout and "service: up in" in proc.stdout and "| ours |" in proc.stdout
+
+
+def test_fast_wtrades_bench_reports_ratio_accuracy_difference_and_pass_counts(tmp_path) -> None:
+    out = tmp_path / "fast.json"
+    proc = subprocess.run([sys.executable, "bench/fast_wtrades.py", "--datasets", "digits", "--seeds", "0",
+                           "--methods", "standard-k10,memory-k1", "--epochs", "2", "--train", "256",
+                           "--test-examples", "64", "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["summary"]}
+    assert rows["standard-k10"]["speedup_vs_k10"]["median"] == 1.0
+    assert rows["standard-k10"]["w2_difference_vs_k10"]["median"] == 0.0
+    assert (rows["standard-k10"]["passes_per_image_per_step"], rows["memory-k1"]["passes_per_image_per_step"]) == (11, 2)
+    fast = [r for r in result["runs"] if r["method"] == "memory-k1"][0]
+    assert fast["config"]["attack_schedule"] == "memory" and fast["config"]["attack_steps"] == 1
+    assert fast["train_seconds"] > 0 and 0 <= fast["w2_robust_accuracy"] <= fast["clean_accuracy"] <= 1
+    assert "| digits | memory-k1 | 2 | 2 |" in proc.stdout

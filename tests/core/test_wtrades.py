@@ -6,11 +6,10 @@ import torch
 
 from core.attacks.wpgd import attack_batch
 from core.config import FinetuneConfig
-from core.data import load_dataset, to_unit_float
+from core.data import to_unit_float
 from core.device import Compute
 from core.losses import attack_loss, cross_entropy, kl_divergence, redlr
 from core.recipes.finetune import RandomWeightPerturbation, estimate_global_sensitivity, w_trades_step
-from core.recipes.standard import train_standard
 from core.threats import Threat
 from core.zoo import create_model
 
@@ -19,11 +18,8 @@ CPU = Compute.resolve("cpu", amp="off")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("data"))
-    torch.manual_seed(0)
-    model = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
-                           epochs=5, seed=0)
+def setup(digits_small_cnn):
+    model, data = digits_small_cnn
     x = to_unit_float(data.train_x[:64], "cpu")
     return model, data, x, data.train_y[:64]
 

@@ -47,7 +47,8 @@ class ApiError(Exception):
 
 
 def not_found(kind: str, ident: str) -> ApiError:
-    return ApiError(404, "not_found", f"{kind} {ident!r} does not exist (or belongs to another API key).")
+    shown = ident if len(ident) <= 64 else f"{ident[:40]}…({len(ident)} characters)"  # never echo a huge id
+    return ApiError(404, "not_found", f"{kind} {shown!r} does not exist (or belongs to another API key).")
 
 
 def invalid_json(exc: json.JSONDecodeError | UnicodeDecodeError) -> ApiError:

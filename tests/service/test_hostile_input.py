@@ -71,6 +71,12 @@ def test_bad_ids_and_query_values(client, keys, nothing_stored, method, url, sta
     assert_problem(client.request(method, url, headers=keys["a"]["headers"]), status, code)
 
 
+def test_a_huge_id_is_not_echoed_back(client, keys, nothing_stored):
+    r = client.get("/v1/jobs/job_" + "x" * 5000, headers=keys["a"]["headers"])
+    assert_problem(r, 404, "not_found")
+    assert len(r.json()["detail"]) < 200 and "(5004 characters)" in r.json()["detail"]
+
+
 @pytest.mark.parametrize("last_event_id", ["²", "1" * 5000, "9" * 20, "9223372036854775808", "-1", "12a"])
 def test_bad_last_event_id_is_refused_before_the_stream_starts(client, keys, db, model_id, last_event_id):
     job = db.add_job(keys["a"]["id"], model_id, status="succeeded")

@@ -58,6 +58,10 @@ METHODS: dict[str, dict[str, Any]] = {
     # the memory schedules given more epochs (Fashion-MNIST 6 and 5, digits 16 and 13): time to the same robustness
     "memory-k1-long": {"attack_schedule": "memory", "attack_steps": 1, "epochs_factor": 2},
     "memory-k2-long": {"attack_schedule": "memory", "attack_steps": 2, "epochs_factor": 5 / 3},
+    # fewer steps AND fewer epochs (Fashion-MNIST 2, digits 5), optionally with a larger β
+    "standard-k3-short": {"attack_schedule": "standard", "attack_steps": 3, "epochs_factor": 2 / 3},
+    "standard-k3-short-b9": {"attack_schedule": "standard", "attack_steps": 3, "epochs_factor": 2 / 3, "beta": 9.0},
+    "memory-k2-short-b9": {"attack_schedule": "memory", "attack_steps": 2, "epochs_factor": 2 / 3, "beta": 9.0},
 }
 DEFAULT_METHODS = ("standard-k10", "memory-k1", "memory-k2", "standard-k2")
 BASELINE = "standard-k10"

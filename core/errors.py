@@ -68,6 +68,8 @@ class StorageUnavailable(RobustifyError):
     """The artifact store (a bucket, a directory) cannot be reached or refused the request."""
     code = "storage_unavailable"
     status = 503
+
+
 class StorageFull(RobustifyError):
     code = "storage_full"
     status = 507

@@ -498,10 +498,13 @@ class EmbeddedServe:
     artifacts on disk, auth off on localhost), ready on entry; stopped with SIGTERM on exit, after
     which `rc` and `worker_pids` tell how it stopped."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 60) -> None:
-        self.data_dir = tmp_path / "robustify-data"
-        self.log_path = tmp_path / "serve.log"
-        self.url = f"http://127.0.0.1:{free_port()}"
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 60, *,
+                 args: tuple[str, ...] = (), port: int | None = None, data_dir: Path | None = None,
+                 log_path: Path | None = None) -> None:
+        self.data_dir = data_dir or tmp_path / "robustify-data"
+        self.log_path = log_path or tmp_path / "serve.log"
+        self.url = f"http://127.0.0.1:{port or free_port()}"
+        self.args = args
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
         self.env.update({"ROBUSTIFY_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                          **(env or {})})
@@ -514,14 +517,17 @@ class EmbeddedServe:
 
     def __enter__(self) -> "EmbeddedServe":
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", self.url.rsplit(":", 1)[1]],
-                                         env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", self.url.rsplit(":", 1)[1],
+                                          *self.args], env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+
+        # readyz: API, database, broker and worker; an API without a worker can only be live
+        probe = "healthz" if "--no-worker" in self.args else "readyz"
 
         def up() -> bool:
             assert self.proc.poll() is None, self.log()[-3000:]
             try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200  # API, database, broker, worker
+                return httpx.get(f"{self.url}/{probe}", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
 

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import free_port, kill_group, wait_until
+from tests.e2e.conftest import EmbeddedServe, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -42,33 +42,10 @@ EVAL = {"deltas": "0.05, 0.1, 0.2", "n_examples": "200", "wpgd_steps": "5", "pgd
 # ------------------------------------------------------------------------------ a live server
 @contextmanager
 def serve(data_dir: Path, port: int, log: Path, *args: str, **env: str) -> Iterator[subprocess.Popen]:
-    """`robustify serve` (API and, unless --no-worker, one worker) until the block ends."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}
-    full_env.update({"ROBUSTIFY_DATA_DIR": str(data_dir), "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3",
-                     "ROBUSTIFY_SSE_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env})
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), *args], env=full_env,
-                                cwd=data_dir.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            # with a worker: ready means it has been seen too (it then validates uploads at once)
-            return httpx.get(f"{url}/{'healthz' if '--no-worker' in args else 'readyz'}", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 90, "robustify serve")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
+    """`robustify serve` (API and, unless --no-worker, one worker) on `port` until the block ends."""
+    env = {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3", "ROBUSTIFY_SSE_POLL_SECONDS": "0.2", **env}
+    with EmbeddedServe(data_dir.parent, env, 90, args=args, port=port, data_dir=data_dir, log_path=log) as server:
+        yield server.proc
 
 
 @pytest.fixture(scope="module")

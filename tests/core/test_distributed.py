@@ -91,15 +91,25 @@ def test_wpgd_on_two_ranks_follows_the_single_process_trajectory(trained_tiny, d
 
 
 # ------------------------------------------------------------------------------ W-TRADES
-def test_wtrades_first_epoch_on_two_ranks_matches_one_process(tmp_path):
-    data = load_dataset("digits", data_dir=tmp_path / "data")
+@pytest.fixture(scope="module")
+def digits_start(tmp_path_factory) -> tuple:
+    """Digits and the weights of a small CNN trained normally on it: where both W-TRADES runs start."""
+    data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("data"))
     torch.manual_seed(0)
     base = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
                           epochs=3, seed=0)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
+    return data, {k: v.clone() for k, v in base.state_dict().items()}
 
-    single = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
-    single.load_state_dict(state)
+
+def _single(state: dict) -> torch.nn.Module:
+    model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    model.load_state_dict(state)
+    return model
+
+
+def test_wtrades_first_epoch_on_two_ranks_matches_one_process(digits_start, tmp_path):
+    data, state = digits_start
+    single = _single(state)
     one = finetune(FinetuneConfig(**WTRADES), single, data, device="cpu", world=SINGLE)
     ranks = _two_ranks(tmp_path, "wtrades", {"state": state, "data": data})
 
@@ -118,14 +128,9 @@ def test_wtrades_first_epoch_on_two_ranks_matches_one_process(tmp_path):
         assert abs(epoch["linf_robust_accuracy"] - ref["linf_robust_accuracy"]) <= 0.03
 
 
-def test_memory_schedule_on_two_ranks_matches_one_process(tmp_path):
-    data = load_dataset("digits", data_dir=tmp_path / "data")
-    torch.manual_seed(0)
-    base = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), data,
-                          epochs=3, seed=0)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    single = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
-    single.load_state_dict(state)
+def test_memory_schedule_on_two_ranks_matches_one_process(digits_start, tmp_path):
+    data, state = digits_start
+    single = _single(state)
     one = finetune(FinetuneConfig(**WTRADES_MEMORY), single, data, device="cpu", world=SINGLE)
     ranks = _two_ranks(tmp_path, "wtrades-memory", {"state": state, "data": data})
 

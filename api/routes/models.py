@@ -50,8 +50,12 @@ _CREATE_OPENAPI = {"requestBody": {"required": True, "content": {
 }}}
 
 
-def _validation_error(exc: pydantic.ValidationError) -> RequestValidationError:
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+def _body(cls: type[pydantic.BaseModel], fields: Any) -> Any:
+    """`fields` validated as `cls`, with its errors located in the request body."""
+    try:
+        return cls.model_validate(fields)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def _weights(session: Session, m: Model) -> Artifact | None:
@@ -76,16 +80,10 @@ async def create_model(request: Request, svc: Services = Depends(services),
     if kind == "application/json":
         body = await read_json(request, svc.settings)
         if isinstance(body, dict) and body.get("source") == "hf-hub":
-            try:
-                hub = HubModelCreate.model_validate(body)
-            except pydantic.ValidationError as exc:
-                raise _validation_error(exc) from None
+            hub = _body(HubModelCreate, body)
             check_metadata(hub.metadata, svc.settings)
             return await run_in_threadpool(_create_hub, svc, session, who, hub)
-        try:
-            spec = RobustBenchModelCreate.model_validate(body)
-        except pydantic.ValidationError as exc:
-            raise _validation_error(exc) from None
+        spec = _body(RobustBenchModelCreate, body)
         check_metadata(spec.metadata, svc.settings)
         return await run_in_threadpool(_create_robustbench, svc, session, who, spec)
     if kind == "multipart/form-data":
@@ -163,10 +161,7 @@ def _check_channels(mean: list[float], size: list[int]) -> None:
 
 def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],
                    file_path: Any, filename: str | None) -> dict[str, Any]:
-    try:
-        form = ModelUploadForm.model_validate(fields)
-    except pydantic.ValidationError as exc:
-        raise _validation_error(exc) from None
+    form = _body(ModelUploadForm, fields)
     check_metadata(form.metadata, svc.settings)
     if file_path is None:
         raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required: the safetensors file part",

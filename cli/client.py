@@ -420,7 +420,9 @@ def _summary(job: dict[str, Any]) -> str:
     if job.get("result"):
         lines.append(result_table(job["result"]))
         if job["result"].get("model_id"):
-            lines.append(f"  registered model {job['result']['model_id']}: robustify jobs submit --type evaluate "
+            what = ("registered model" if job["result"].get("improved") is not False
+                    else "the input model (handed back)")
+            lines.append(f"  {what} {job['result']['model_id']}: robustify jobs submit --type evaluate "
                          f"--model {job['result']['model_id']} --dataset {job['dataset']}")
     return "\n".join(lines)
 

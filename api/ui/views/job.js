@@ -27,7 +27,7 @@ export async function jobView(root, { match, signal }) {
   fill(root,
     h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "← Jobs")),
     head, problems, alerts,
-    finetune ? card("Held-out accuracy per epoch", epochChart, parts.curves) : null,
+    finetune ? card("Validation accuracy per epoch", epochChart, parts.curves) : null,
     finetune ? parts.beforeAfter : parts.evaluation,
     finetune ? parts.checkpoints : null,
     card("Events", logBox),
@@ -81,7 +81,7 @@ export async function jobView(root, { match, signal }) {
     }
     const epoch = ba.epoch === null ? "" : ` (epoch ${ba.epoch})`;
     return card("Before and after",
-      table(["Held-out accuracy", numHead("Input model"), numHead(`Selected checkpoint${epoch}`), numHead("Change")],
+      table(["Test accuracy", numHead("Input model"), numHead(`Selected checkpoint${epoch}`), numHead("Change")],
         ba.rows.map((r) => h("tr", { "data-metric": r.key },
           h("th", {}, r.key === "clean_accuracy" ? "Clean" : `${r.label} at δ = ${fmtDelta(ba.threat.delta)}`),
           h("td", { class: "num" }, pct(r.before)), h("td", { class: "num" }, pct(r.after)),
@@ -180,7 +180,7 @@ function epochSpec({ job, events, checkpoints }) {
   const sel = selectedEpoch(job, checkpoints, events);
   const delta = job.threat_model?.delta;
   return {
-    id: "epochs", xLabel: "epoch (0 = input model)", yLabel: "held-out accuracy", xName: "epoch", xInteger: true,
+    id: "epochs", xLabel: "epoch (0 = input model)", yLabel: "validation accuracy", xName: "epoch", xInteger: true,
     xMin: 0, xMax: job.config?.epochs ?? job.progress?.total_epochs ?? undefined,
     empty: "waiting for the first epoch…",
     series: epochMetrics(job.threat_model).map((m, i) => ({

@@ -5,20 +5,22 @@
 
 For every data set and seed: a small CNN is trained normally (the input model, the same for
 every method of that seed), then fine-tuned with each method through the real recipe
-(core.recipes.finetune.finetune, same epochs, batch, lr, β, δ), the methods in a rotated order
-per seed so that a change of machine load hits all of them alike. Each method's chosen
-checkpoint (best on the validation split, as a job returns it) is then attacked with W-PGD-ReDLR,
-50 steps, on the first `--test-examples` test images, in float32.
+(core.recipes.finetune.finetune, the user's defaults: auto epochs, batch and lr; β, δ the same),
+the methods in a rotated order per seed so that a change of machine load hits all of them alike.
+Each method's chosen checkpoint (best on the validation split, as a job returns it) is then
+attacked with W-PGD-ReDLR, 50 steps, on the first `--test-examples` test images, in float32.
 
-Methods:
+Methods (the default run: standard-k10, allocate, memory-k1):
 - standard-k10: the default recipe, K = 10 inner steps (the baseline);
+- allocate: attack_schedule "allocate" with its defaults (1 step, overshoot γ = 1.5): one
+  gradient, then the batch's W2 budget goes to the images nearest the decision boundary;
+  allocate-g<γ> and allocate-g1.5-b9 (β = 9) are the screened variants;
 - memory-k1: attack_schedule "memory" with its defaults (1 step, step ratio 2): each image's
   perturbation from the previous epoch, re-projected into the batch's δ_B, then one step;
-- memory-k2: the same with 2 steps;
-- standard-k2: K = 2 at the default step ratio 2, i.e. the first-order map T(x) = x + δ_B·d
-  followed by one step of the same size;
-- memory-k1-long, memory-k2-long (not in the default run): memory-k1 with twice the epochs,
-  memory-k2 with 5/3 of them.
+- memory-k2: the same with 2 steps; standard-k2: K = 2 at the default step ratio 2, i.e. the
+  first-order map T(x) = x + δ_B·d followed by one step of the same size;
+- memory-k1-long, memory-k2-long: memory-k1 with twice the epochs, memory-k2 with 5/3 of them;
+  standard-k3-short(-b9), memory-k2-short-b9: fewer steps and 2/3 of the epochs.
 
 Training time counts what the recipe does between evaluations (the Ῡ estimate, the attacks,
 the outer steps, the memory's reads and writes), not the per-epoch validation, which is the
@@ -43,6 +45,7 @@ import torch
 from core.attacks.wpgd import w_pgd
 from core.config import FinetuneConfig
 from core.data import ImageData, load_dataset, to_unit_float
+from core.defaults import resolve_finetune
 from core.device import Compute
 from core.hooks import Hooks
 from core.recipes.finetune import finetune
@@ -62,14 +65,24 @@ METHODS: dict[str, dict[str, Any]] = {
     "standard-k3-short": {"attack_schedule": "standard", "attack_steps": 3, "epochs_factor": 2 / 3},
     "standard-k3-short-b9": {"attack_schedule": "standard", "attack_steps": 3, "epochs_factor": 2 / 3, "beta": 9.0},
     "memory-k2-short-b9": {"attack_schedule": "memory", "attack_steps": 2, "epochs_factor": 2 / 3, "beta": 9.0},
+    # budget allocation (attack_schedule "allocate", 1 step); "allocate" is its defaults (γ = 1.5), the others
+    # were screened: γ = attack_overshoot, b9: β = 9
+    "allocate": {"attack_schedule": "allocate", "attack_steps": 1},
+    "allocate-g1.5": {"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.5},
+    "allocate-g1": {"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.0},
+    "allocate-g1.25": {"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.25},
+    "allocate-g1.5-b9": {"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.5, "beta": 9.0},
+    "allocate-g2": {"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 2.0},
+    "allocate-g3": {"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 3.0},
 }
-DEFAULT_METHODS = ("standard-k10", "memory-k1", "memory-k2", "standard-k2")
+DEFAULT_METHODS = ("standard-k10", "allocate", "memory-k1")
 BASELINE = "standard-k10"
 
-# Per data set: training images (after the validation split), validation images, epochs, pre-training.
+# Per data set: training images (after the validation split), validation images, epochs ("auto": what a
+# user gets, core.defaults: Fashion-MNIST's 5,000 images 7, digits' 1,138 8), pre-training.
 SETUPS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {"train": 5_000, "validation": 500, "epochs": 3, "pretrain_epochs": 2, "delta": 0.05},
-    "digits": {"train": None, "validation": 300, "epochs": 8, "pretrain_epochs": 5, "delta": 0.05},
+    "fashion-mnist": {"train": 5_000, "validation": 500, "epochs": "auto", "pretrain_epochs": 2, "delta": 0.05},
+    "digits": {"train": None, "validation": 300, "epochs": "auto", "pretrain_epochs": 5, "delta": 0.05},
 }
 
 
@@ -99,11 +112,14 @@ def _available(setup: dict[str, Any], data: ImageData) -> int:
 
 def _config(setup: dict[str, Any], method: dict[str, Any], seed: int, n_available: int) -> FinetuneConfig:
     fields = {k: v for k, v in method.items() if k != "epochs_factor"}
+    split = {"train_examples": n_available, "validation_examples": setup["validation"],
+             "validation_fraction": setup["validation"] / n_available}
+    epochs = setup["epochs"]
+    if epochs == "auto":
+        epochs = int(resolve_finetune(FinetuneConfig(**split), n_available).epochs)
     return FinetuneConfig(
         threat_model={"kind": "w2-linf", "delta": setup["delta"]},
-        epochs=round(setup["epochs"] * method.get("epochs_factor", 1)),
-        train_examples=n_available, validation_examples=setup["validation"],
-        validation_fraction=setup["validation"] / n_available,
+        epochs=max(1, round(epochs * method.get("epochs_factor", 1))), **split,
         eval_wpgd_steps=10, eval_pgd_steps=1,
         # the recipe's own test numbers are not used (the bench attacks the chosen checkpoint itself)
         test_examples=8, test_wpgd_steps=1, test_pgd_steps=1,
@@ -165,7 +181,7 @@ def run(datasets: list[str], seeds: list[int], methods: list[str], test_examples
                              "passes_per_image_per_step": steps + 1,
                              "config": {k: result.config[k] for k in ("epochs", "batch_size", "lr", "beta",
                                                                       "attack_steps", "attack_step_ratio",
-                                                                      "attack_schedule")}})
+                                                                      "attack_schedule", "attack_overshoot")}})
                 print(f"{name:14s} seed {seed} {method:13s} train {clock.seconds:7.1f} s  "
                       f"W2 {w2:.3f}  clean {clean:.3f}  (input W2 {w2_in:.3f})", flush=True)
 

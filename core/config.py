@@ -50,6 +50,7 @@ class ThreatModelSpec(_Strict):
 
 AUTO = "auto"
 MEMORY_ATTACK_STEPS = 1   # attack_steps under attack_schedule "memory" when the request leaves it out
+ALLOCATE_ATTACK_STEPS = 1  # ... and under attack_schedule "allocate"
 Auto = Literal["auto"]
 SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
                           "w2_robust_to_clean_ratio", "clean_accuracy"]
@@ -115,12 +116,18 @@ class FinetuneConfig(_Strict):
     attack_loss: Literal["redlr", "kl", "ce", "dlr"] = "redlr"
     attack_steps: int = Field(default=10, ge=1, le=1000,
                               description="Inner W-PGD steps K (under attack_schedule 'memory' the default is 1).")
-    attack_schedule: Literal["standard", "memory"] = Field(
+    attack_schedule: Literal["standard", "memory", "allocate"] = Field(
         default="standard",
         description="standard: every batch's attack starts at the clean images. memory (fast W-TRADES): it "
                     "starts at each training image's perturbation from its previous epoch, re-projected into "
-                    "the batch's budget δ_B, and takes attack_steps steps (default 1).")
+                    "the batch's budget δ_B, and takes attack_steps steps (default 1). allocate (fast W-TRADES, "
+                    "W2 threats): the first step gives the batch's budget to the images nearest the decision "
+                    "boundary, each moved attack_overshoot times its first-order distance, cheapest first; "
+                    "attack_steps steps in all (default 1).")
     attack_step_ratio: float = Field(default=2.0, gt=0.0, le=MAX_STEP_RATIO, description="Step α = ratio·δ_B/K.")
+    attack_overshoot: float = Field(default=1.5, ge=1.0, le=MAX_STEP_RATIO,
+                                    description="attack_schedule 'allocate': γ, the multiple of each point's "
+                                                "first-order distance to the decision boundary it is moved.")
     budget: Literal["dynamic", "fixed"] = "dynamic"
     budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES, description="Images used for the initial Ῡ.")
     budget_ema_decay: float = Field(default=0.8, ge=0.0, lt=1.0,
@@ -157,10 +164,19 @@ class FinetuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_attack_schedule(self) -> "FinetuneConfig":
-        if self.attack_schedule != "memory":
+        if self.attack_schedule == "standard":
             return self
         if "attack_steps" not in self.model_fields_set:
-            self.attack_steps = MEMORY_ATTACK_STEPS
+            self.attack_steps = MEMORY_ATTACK_STEPS if self.attack_schedule == "memory" else ALLOCATE_ATTACK_STEPS
+        if self.attack_schedule == "allocate":
+            if not self.threat_model.kind.startswith("w2"):
+                raise ValueError("attack_schedule 'allocate' shares a Wasserstein budget between the batch's images, "
+                                 f"so it needs a w2-linf or w2-l2 threat_model, not {self.threat_model.kind!r}")
+            if self.attack_loss not in ("redlr", "dlr"):
+                raise ValueError("attack_schedule 'allocate' measures each image's distance to the decision boundary "
+                                 "with a margin loss: attack_loss must be 'redlr' or 'dlr', not "
+                                 f"{self.attack_loss!r}")
+            return self
         if self.epochs != AUTO and int(self.epochs) < 2:
             raise ValueError("attack_schedule 'memory' starts each epoch's attack from the image's perturbation of "
                              "the epoch before, so it needs epochs >= 2 (or \"auto\"); with one epoch use "

@@ -164,6 +164,63 @@ def w_fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thr
     return moved.clamp(0.0, 1.0) if clip else moved
 
 
+def allocate_budget(cost: torch.Tensor, delta: torch.Tensor, threat: Threat) -> torch.Tensor:
+    """Sizes s_i ≥ 0 with mean_i s_i² ≤ δ² over the (global) batch, given each point's wanted size
+    `cost` (inf: none): the cheapest points first get all they want, the next one what is left,
+    the rest nothing. Across ranks the order is global; this rank's sizes come back."""
+    n_local = cost.shape[0]
+    world = threat.world
+    if world.distributed:
+        n_max = int(world.max(torch.tensor([float(n_local)], device=cost.device)).item())
+        padded = torch.full((n_max,), float("inf"), device=cost.device, dtype=cost.dtype)
+        padded[:n_local] = cost
+        everyone = world.gather(padded)
+        n_total = world.sum(torch.tensor(float(n_local), device=cost.device, dtype=torch.float64))
+    else:
+        n_max, everyone, n_total = n_local, cost, torch.tensor(float(n_local), dtype=torch.float64)
+    wanted = everyone.double()
+    order = torch.argsort(wanted)
+    sq = wanted[order].square()
+    finite = torch.isfinite(sq)
+    cum = torch.cumsum(torch.where(finite, sq, torch.zeros_like(sq)), 0)
+    total = n_total.to(cum.device) * delta.double().to(cum.device).square()
+    full = finite & (cum <= total)
+    before = cum - torch.where(finite, sq, torch.zeros_like(sq))            # spent by the points ahead
+    # the first point that does not fit whole gets the rest of the budget
+    first_short = finite & ~full & torch.cat([torch.ones(1, dtype=torch.bool, device=cum.device), full[:-1]])
+    rest = (total - before).clamp_min(0).sqrt()
+    size_sorted = torch.where(full, wanted[order], torch.where(first_short, rest, torch.zeros_like(rest)))
+    sizes = torch.empty_like(size_sorted)
+    sizes[order] = size_sorted
+    if world.distributed:
+        sizes = sizes[world.rank * n_max: world.rank * n_max + n_local]
+    return sizes.to(cost.dtype)
+
+
+def allocation_step(threat: Threat, g: torch.Tensor, dual: torch.Tensor, loss: torch.Tensor,
+                    delta: torch.Tensor, overshoot: float) -> torch.Tensor:
+    """The budget-allocating first step of fast W-TRADES (attack_schedule "allocate").
+
+    A W2 ball lets the attack spend its budget unevenly. With a margin loss L ≤ 0 on correctly
+    classified points (ReDLR, DLR), where L = 0 is the decision boundary, the first-order distance
+    of point i to the boundary along the steepest-ascent direction u_i (‖u_i‖_r = 1) is
+    t_i = −L_i / ‖g_i‖_s. The points closest to it are moved γ·t_i along u_i (γ > 1 overshoots the
+    linear estimate), cheapest first, until mean_i ‖e_i‖_r² reaches δ_B²; misclassified and flat
+    points stay. Returns the perturbation e."""
+    if not threat.distributional:
+        raise ValueError("the allocation step needs a Wasserstein threat (a pointwise ball has no budget to share)")
+    live = (loss < 0) & (dual > 0)
+    never = torch.full(dual.shape, float("inf"), device=dual.device, dtype=torch.float64)
+    reach = torch.where(live, -loss.double() / dual.double().clamp_min(1e-30), never)
+    sizes = allocate_budget(overshoot * reach, delta, threat)
+    unit = threat.raw_direction(g, dual) / _per_sample_view(dual.clamp_min(1e-30), g)
+    return unit * _per_sample_view(sizes.to(g.dtype), g)
+
+
+def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
 @dataclass
 class BatchAttack:
     """The inner attack of W-TRADES on one batch (the batch is the set being normalised)."""
@@ -178,7 +235,7 @@ def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threa
                  loss_fn: PerSampleLoss, steps: int, step_ratio: float, compute: Compute,
                  budget: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  start_noise: float = 0.0, generator: torch.Generator | None = None,
-                 start: torch.Tensor | None = None) -> BatchAttack:
+                 start: torch.Tensor | None = None, allocate: float | None = None) -> BatchAttack:
     """K steps of W-PGD (or PGD for a pointwise threat) on one batch, model in eval mode.
 
     `budget(Υ_B) -> δ_B` picks the radius after the first gradient (W-PGD-Budget); None keeps δ.
@@ -197,7 +254,7 @@ def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threa
     upsilon_b = torch.zeros((), device=x.device, dtype=torch.float64)
     x_start = None
     for t in range(steps):
-        g, _, _ = input_gradient(model, x_adv, y, loss_fn, compute)
+        g, _, loss = input_gradient(model, x_adv, y, loss_fn, compute)
         dual = threat.dual_norms(g)
         if t == 0:
             upsilon_b = threat.sensitivity(dual)
@@ -205,6 +262,10 @@ def attack_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threa
                 delta_b = budget(upsilon_b)
             if start is not None:
                 x_adv = x_start = threat.project(x_adv, x, delta_b.to(x.dtype))
+            if allocate is not None:
+                x_adv = threat.project(x_adv + allocation_step(threat, g, dual, loss, delta_b, allocate), x,
+                                       delta_b.to(x.dtype))
+                continue
         alpha = step_ratio * delta_b / steps
         scale = (alpha / threat.normaliser(dual).clamp_min(1e-30)).to(x.dtype)
         x_adv = threat.project(x_adv + threat.raw_direction(g, dual) * scale, x, delta_b.to(x.dtype))

@@ -9,6 +9,9 @@ With attack_schedule "memory" (fast W-TRADES) each batch's attack starts from it
 perturbations of the previous epoch (PerturbationMemory), re-projected into the batch's δ_B, and
 takes attack_steps (default 1) steps. The memory is not checkpointed: a resumed run starts it
 empty (its first epoch attacks from the clean images, as the first epoch of any run does).
+With attack_schedule "allocate" (fast W-TRADES) the attack's first step shares the batch's W2
+budget out to the images nearest the decision boundary (core.attacks.wpgd.allocation_step), and
+takes attack_steps (default 1) steps in all.
 
 The split loss of the 2025 paper: the inner attack maximises `attack_loss` (ReDLR by default)
 and the outer step minimises CE + β·KL(p(x) ‖ p(x')). Plain TRADES is the same loop with a
@@ -280,7 +283,8 @@ def w_trades_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
 
     adv = attack_batch(bare, x, y, threat, loss_fn=_attack_loss_fn(bare, x, config, compute),
                        steps=config.attack_steps, step_ratio=config.attack_step_ratio, compute=compute,
-                       budget=budget, start_noise=_start_noise(config), generator=generator, start=start)
+                       budget=budget, start_noise=_start_noise(config), generator=generator, start=start,
+                       allocate=config.attack_overshoot if config.attack_schedule == "allocate" else None)
     if upsilon_ema is not None:
         upsilon_ema = updated["ema"]
 

@@ -145,7 +145,7 @@ def test_gpu_check_cpu_smoke_runs_every_section() -> None:
 def test_fast_wtrades_bench_reports_ratio_accuracy_difference_and_pass_counts(tmp_path) -> None:
     out = tmp_path / "fast.json"
     proc = subprocess.run([sys.executable, "bench/fast_wtrades.py", "--datasets", "digits", "--seeds", "0",
-                           "--methods", "standard-k10,memory-k1", "--epochs", "2", "--train", "256",
+                           "--methods", "standard-k10,memory-k1,allocate", "--epochs", "2", "--train", "256",
                            "--test-examples", "64", "--data-dir", str(tmp_path / "data"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
@@ -159,3 +159,6 @@ def test_fast_wtrades_bench_reports_ratio_accuracy_difference_and_pass_counts(tm
     assert fast["config"]["attack_schedule"] == "memory" and fast["config"]["attack_steps"] == 1
     assert fast["train_seconds"] > 0 and 0 <= fast["w2_robust_accuracy"] <= fast["clean_accuracy"] <= 1
     assert "| digits | memory-k1 | 2 | 2 |" in proc.stdout
+    fast = [r for r in result["runs"] if r["method"] == "allocate"][0]
+    assert (fast["config"]["attack_schedule"], fast["config"]["attack_steps"]) == ("allocate", 1)
+    assert rows["allocate"]["passes_per_image_per_step"] == 2 and "| digits | allocate | 2 | 2 |" in proc.stdout

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from core.attacks.wpgd import w_pgd
+from core.attacks.wpgd import allocate_budget, w_pgd
 from core.config import FinetuneConfig
 from core.data import load_dataset
 from core.distributed import SINGLE, World, init_world, shutdown_world
@@ -33,6 +33,9 @@ WTRADES = dict(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_s
 WTRADES_MEMORY = {**WTRADES, "epochs": 2, "attack_schedule": "memory", "train_examples": 320,
                   "validation_examples": 64, "test_examples": 64}
 
+# fast W-TRADES by budget allocation: the global batch's images compete for one budget, across ranks
+WTRADES_ALLOCATE = {**WTRADES, "attack_schedule": "allocate", "attack_overshoot": 1.5, "augment": "none"}
+
 
 # ------------------------------------------------------------------------------ the ranks
 def _rank(rank: int, size: int, work: str, task: str, inputs: dict) -> None:
@@ -45,6 +48,8 @@ def _rank(rank: int, size: int, work: str, task: str, inputs: dict) -> None:
 
 
 def _run(task: str, inputs: dict, world: World) -> dict:
+    if task == "allocate-budget":
+        return {"sizes": allocate_budget(world.shard(inputs["wanted"]), inputs["delta"], THREAT.across(world))}
     if task == "wpgd":
         model = TinyCNN()
         model.load_state_dict(inputs["state"])
@@ -54,7 +59,8 @@ def _run(task: str, inputs: dict, world: World) -> dict:
         return {"result": {k: v for k, v in res.to_dict().items()}, "x_final": res.x_final}
     model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
     model.load_state_dict(inputs["state"])
-    config = FinetuneConfig(**(WTRADES_MEMORY if task == "wtrades-memory" else WTRADES))
+    fields = {"wtrades-memory": WTRADES_MEMORY, "wtrades-allocate": WTRADES_ALLOCATE}.get(task, WTRADES)
+    config = FinetuneConfig(**fields)
     res = finetune(config, model, inputs["data"], device="cpu", world=world)
     return {"weights": res.last_model_state, "epoch": res.history[0], "history": res.history,
             "memory": res.provenance.get("perturbation_memory")}
@@ -143,3 +149,29 @@ def test_memory_schedule_on_two_ranks_matches_one_process(digits_start, tmp_path
         for got, ref in zip(r["history"], one.history):
             assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
             assert got["mean_batch_delta"] == pytest.approx(ref["mean_batch_delta"], rel=1e-4)
+
+
+def test_allocate_schedule_on_two_ranks_matches_one_process(digits_start, tmp_path):
+    data, state = digits_start
+    one = finetune(FinetuneConfig(**WTRADES_ALLOCATE), _single(state), data, device="cpu", world=SINGLE)
+    ranks = _two_ranks(tmp_path, "wtrades-allocate", {"state": state, "data": data})
+
+    moved = max((one.last_model_state[k] - state[k]).abs().max().item() for k in state)
+    assert moved > 1e-3
+    for r in ranks:   # one global allocation: per-shard budgets would give other perturbations and weights
+        for k, w in one.last_model_state.items():
+            assert (r["weights"][k] - w).abs().max().item() < 1e-4 * max(1.0, w.abs().max().item()), k
+        got, ref = r["epoch"], one.history[0]
+        assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
+        assert got["mean_batch_delta"] == pytest.approx(ref["mean_batch_delta"], rel=1e-4)
+
+
+def test_allocate_budget_on_two_ranks_is_one_global_allocation(tmp_path):
+    """Shards of different sizes (4 and 5 of 9): the cheapest points of the whole batch come first."""
+    wanted = torch.tensor([0.3, 0.01, float("inf"), 0.05, 0.2, 0.02, 0.15, 0.04, 0.5], dtype=torch.float64)
+    delta = torch.tensor(0.1, dtype=torch.float64)
+    one = allocate_budget(wanted, delta, THREAT)
+    ranks = _two_ranks(tmp_path, "allocate-budget", {"wanted": wanted, "delta": delta})
+    assert torch.equal(torch.cat([r["sizes"] for r in ranks]), one)
+    assert [r["sizes"].numel() for r in ranks] == [4, 5]
+    assert 0 < int((one == wanted).sum()) < 8          # some points served whole, the dearest not at all

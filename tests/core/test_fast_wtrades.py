@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from cli.local import _config, namespace
 from core.attacks.common import input_gradient
-from core.attacks.wpgd import attack_batch
+from core.attacks.wpgd import allocate_budget, attack_batch
 from core.config import FinetuneConfig
 from core.data import augment_crop_flip, crop_flip_draw, to_unit_float
 from core.device import Compute
@@ -118,7 +118,8 @@ def test_forward_backward_passes_per_image_per_step(setup) -> None:
 
     handle = model.register_forward_hook(count)
     try:
-        for schedule, steps, passes in (("standard", None, 11), ("memory", None, 2), ("memory", 2, 3)):
+        for schedule, steps, passes in (("standard", None, 11), ("memory", None, 2), ("memory", 2, 3),
+                                        ("allocate", None, 2)):
             counts.update(attack=0, outer=0)
             extra = {} if steps is None else {"attack_steps": steps}
             config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, attack_schedule=schedule,
@@ -220,3 +221,70 @@ def test_a_resumed_memory_run_finishes_with_its_memory_started_empty(setup, tmp_
     # the first epoch is the same run; the second starts from the clean images instead of the memory
     assert resumed.history[0]["train_loss"] == uninterrupted.history[0]["train_loss"]
     assert resumed.history[1]["train_loss"] != uninterrupted.history[1]["train_loss"]
+
+
+# ------------------------------------------------------------------ attack_schedule "allocate"
+def test_allocate_budget_serves_the_cheapest_points_first_and_the_next_one_the_rest() -> None:
+    delta = torch.tensor(0.1, dtype=torch.float64)
+    wanted = torch.tensor([0.05, float("inf"), 0.1, 0.2, 0.01])
+    sizes = allocate_budget(wanted, delta, THREAT)
+    # budget n·δ² = 0.05: 0.01² + 0.05² + 0.1² = 0.0126 fit whole, 0.2² = 0.04 does not: it gets the rest
+    assert sizes[[4, 0, 2]].tolist() == pytest.approx([0.01, 0.05, 0.1])
+    assert sizes[1] == 0.0
+    assert sizes[3].item() == pytest.approx((0.05 - 0.0126) ** 0.5, rel=1e-5)
+    assert sizes.double().square().mean().item() == pytest.approx(0.1 ** 2, rel=1e-5)
+    # budget to spare: everyone gets what they want; nothing wanted: nothing given
+    assert allocate_budget(torch.tensor([0.01, 0.02]), delta, THREAT).tolist() == pytest.approx([0.01, 0.02])
+    assert allocate_budget(torch.full((3,), float("inf")), delta, THREAT).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_allocation_step_spends_the_budget_where_it_flips_points(setup) -> None:
+    """One gradient, then the images nearest the boundary (first order) get γ times their distance:
+    inside the W2 ball, fooled images untouched, and more images flipped than by W-FGSM's
+    gradient-proportional spread of the same budget."""
+    model, data = setup
+    model.eval()
+    x, y = to_unit_float(data.train_x[:256], "cpu"), data.train_y[:256]
+    loss_fn = attack_loss("redlr")
+    g, logits, loss = input_gradient(model, x, y, loss_fn, CPU)
+    adv = attack_batch(model, x, y, THREAT, loss_fn=loss_fn, steps=1, step_ratio=1.0, compute=CPU, allocate=1.5)
+    e = adv.x_adv - x
+    assert THREAT.distance(adv.x_adv, x) <= DELTA * (1 + 1e-5)
+    assert THREAT.distance(adv.x_adv, x) >= DELTA * 0.9            # the budget is spent
+    wrong = logits.argmax(1) != y
+    assert wrong.any() and e[wrong].abs().max() == 0.0
+    moved = e.flatten(1).abs().amax(1) > 0
+    assert 0 < int(moved.sum()) < int((~wrong).sum())             # concentrated, not spread over all
+    reach = -loss / THREAT.dual_norms(g)
+    assert reach[moved].max() <= reach[~moved & ~wrong].min() + 1e-6   # the nearest ones first
+    fgsm = attack_batch(model, x, y, THREAT, loss_fn=loss_fn, steps=1, step_ratio=1.0, compute=CPU)
+    with torch.no_grad():
+        robust_alloc = (model(adv.x_adv).argmax(1) == y).float().mean().item()
+        robust_fgsm = (model(fgsm.x_adv).argmax(1) == y).float().mean().item()
+    assert robust_alloc < robust_fgsm - 0.02
+
+
+def test_allocate_option_defaults_and_invalid_combinations() -> None:
+    config = FinetuneConfig(attack_schedule="allocate")
+    assert (config.attack_steps, config.attack_overshoot) == (1, 1.5)
+    assert FinetuneConfig(attack_schedule="allocate", attack_steps=3).attack_steps == 3
+    with pytest.raises(ValidationError, match="needs a w2-linf or w2-l2 threat_model"):
+        FinetuneConfig(attack_schedule="allocate", threat_model={"kind": "linf"})
+    with pytest.raises(ValidationError, match="attack_loss must be 'redlr' or 'dlr'"):
+        FinetuneConfig(attack_schedule="allocate", attack_loss="kl")
+    with pytest.raises(ValidationError, match="attack_overshoot"):
+        FinetuneConfig(attack_schedule="allocate", attack_overshoot=0.5)
+
+
+def test_a_small_allocate_finetune_on_digits_improves_w2_robustness(setup) -> None:
+    model, data = setup
+    start = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    start.load_state_dict(model.state_dict())
+    config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, attack_schedule="allocate",
+                            attack_overshoot=1.5, epochs=4, batch_size=32, lr=0.0025, beta=3.0, augment="none",
+                            train_examples=700, validation_examples=150, test_examples=300, eval_wpgd_steps=10,
+                            eval_pgd_steps=2, test_wpgd_steps=20, test_pgd_steps=2, budget_subset=256, amp="off",
+                            seed=0)
+    result = finetune(config, start, data, device="cpu")
+    assert result.improved and result.after["w2_robust_accuracy"] >= result.before["w2_robust_accuracy"] + 0.03
+    assert result.config["attack_schedule"] == "allocate" and result.config["attack_steps"] == 1

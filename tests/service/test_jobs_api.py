@@ -62,6 +62,9 @@ def test_evaluate_defaults(client, keys, ready_model):
     ({"threat_model": {"kind": "w3", "delta": 0.1}}, "threat_model.kind"),
     ({"config": {"lr": -1}}, "config.lr"),
     ({"type": "train"}, "type"),
+    ({"config": {"attack_overshoot": 1e308}}, "config.attack_overshoot"),
+    ({"config": {"attack_schedule": "allocate", "attack_loss": "kl"}}, "config"),
+    ({"config": {"attack_schedule": "allocate"}, "threat_model": {"kind": "linf", "delta": 0.03}}, "config"),
 ])
 def test_bad_config_is_422_naming_the_field(client, keys, ready_model, db, queues, over, field):
     jobs, queued = db.count(Job), queues.length(queues.gpu)

@@ -427,7 +427,8 @@ def keys_revoke(key: str, data_dir: Path | None) -> int:
 
 @click.command(context_settings=CONTEXT)
 @click.argument("target", type=click.Choice(["api", "worker"]))
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="api: the server to ask.")
+@click.option("--url", envvar="ROBUSTIFY_URL", default="http://127.0.0.1:8000", show_default=True,
+              help="api: the server to ask (env ROBUSTIFY_URL, as for the client commands).")
 @_DATA_DIR
 def health(**options: Any) -> int:
     """Exit 0 when healthy, for container health checks: TARGET api (the server at --url answers

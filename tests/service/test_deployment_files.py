@@ -122,6 +122,8 @@ def test_api_service_command_and_its_readiness_check(compose, env, pg_url, db):
             s.commit()
         try:
             assert _robustify(["health", *health], env).returncode == 0
+            # ROBUSTIFY_URL, as the client commands read it, when --url is not given
+            assert _robustify(["health", "api"], {**env, "ROBUSTIFY_URL": url}).returncode == 0
             worker_check = compose["services"]["worker"]["healthcheck"]["test"][3:]
             assert _robustify(["health", *worker_check], env).returncode == 0  # this host's worker beats
         finally:

@@ -380,8 +380,10 @@ def jobs_submit(out: Out, recipe: str, model: str, dataset: str, threat_model: s
         click.echo(f"{j['id']}  {j['status']}  {j['type']} of {j['model_id']} on {j['dataset']}")
         cfg = j["config"]
         if j["type"] == "finetune":
+            from core.result_table import attack_summary
             click.echo(f"  epochs {cfg['epochs']}, batch_size {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, "
-                       f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}")
+                       f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}, "
+                       f"inner attack {attack_summary(cfg)}")
     return watch_job(out, job.id, quiet=out.json) if watch else 0
 
 

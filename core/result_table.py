@@ -67,7 +67,8 @@ def finetune_table(result: dict[str, Any]) -> str:
     config = result.get("config") or {}
     if config:
         lines.append(f"trained {config.get('epochs')} epochs, batch_size {config.get('batch_size')}, "
-                     f"lr {config.get('lr')}, beta {config.get('beta')}, seed {config.get('seed')}")
+                     f"lr {config.get('lr')}, beta {config.get('beta')}, seed {config.get('seed')}, "
+                     f"inner attack {attack_summary(config)}")
     lines += [f"warning: {w}" for w in result.get("warnings") or []]
     return "\n".join(lines)
 
@@ -93,3 +94,15 @@ def result_table(result: dict[str, Any]) -> str:
     if result.get("type") == "evaluate" or "summary" in result:
         return evaluation_table(result.get("summary") or {}, result.get("warnings"))
     return finetune_table(result)
+
+
+def attack_summary(config: dict[str, Any]) -> str:
+    """The fine-tune's inner attack in a few words: "W-PGD K=10", "memory, 1 step", "allocate γ=1.5"."""
+    steps = int(config.get("attack_steps") or 0)
+    schedule = config.get("attack_schedule", "standard")
+    if schedule == "allocate":
+        extra = f" + {steps - 1} W-PGD step{'s' if steps > 2 else ''}" if steps > 1 else ""
+        return f"allocate γ={config.get('attack_overshoot')}{extra}"
+    if schedule == "memory":
+        return f"memory, {steps} step{'s' if steps != 1 else ''}"
+    return f"W-PGD K={steps}"

@@ -50,6 +50,7 @@ def test_readme_local_finetune_then_evaluate(tmp_path: Path) -> None:
     assert re.search(r"W2 robust accuracy\s+0\.\d{3}\s+0\.\d{3}\s+[+-]\d\.\d{3}\s+W2 ball, l-inf cost, δ=0.1",
                      proc.stdout), proc.stdout
     assert ("IMPROVED: the best checkpoint is epoch" in proc.stdout) == report["improved"]
+    assert "seed 0, inner attack W-PGD K=10" in proc.stdout          # the recipe's default inner attack
     model = load_model_file(out / "best.safetensors", "small-cnn", num_classes=10, in_channels=1, image_size=8)
     assert set(model.state_dict()) == set(load_file(str(out / "best.safetensors")))
 
@@ -107,3 +108,13 @@ def test_bad_input_gives_a_clear_error(tmp_path: Path) -> None:
     proc = _robustify("finetune", "--dataset", "digits", "--set", "epochs=0", "--pretrain", "1",
                       "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode != 0 and "epochs" in proc.stderr
+
+
+def test_the_result_names_its_inner_attack() -> None:
+    from core.result_table import attack_summary
+
+    assert attack_summary({"attack_schedule": "standard", "attack_steps": 10}) == "W-PGD K=10"
+    assert attack_summary({"attack_schedule": "memory", "attack_steps": 1}) == "memory, 1 step"
+    assert attack_summary({"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.5}) == "allocate γ=1.5"
+    assert (attack_summary({"attack_schedule": "allocate", "attack_steps": 3, "attack_overshoot": 2.0})
+            == "allocate γ=2.0 + 2 W-PGD steps")

@@ -169,7 +169,7 @@ class FinetuneConfig(_Strict):
         if "attack_steps" not in self.model_fields_set:
             self.attack_steps = MEMORY_ATTACK_STEPS if self.attack_schedule == "memory" else ALLOCATE_ATTACK_STEPS
         if self.attack_schedule == "allocate":
-            if not self.threat_model.kind.startswith("w2"):
+            if not self.threat_model.is_distributional:
                 raise ValueError("attack_schedule 'allocate' shares a Wasserstein budget between the batch's images, "
                                  f"so it needs a w2-linf or w2-l2 threat_model, not {self.threat_model.kind!r}")
             if self.attack_loss not in ("redlr", "dlr"):

@@ -102,6 +102,13 @@ class Threat:
             return g.sign()
         return g / _per_sample(dual.clamp_min(_EPS), g)
 
+    def unit_direction(self, g: torch.Tensor, dual: torch.Tensor | None = None) -> torch.Tensor:
+        """u_i = h_i / ‖h_i‖_r, the steepest-ascent direction of unit ground norm (‖h_i‖_r = ‖g_i‖_s for
+        W2 threats): sgn(g_i) for w2-linf, g_i/‖g_i‖_2 for w2-l2."""
+        if dual is None:
+            dual = self.dual_norms(g)
+        return self.raw_direction(g, dual) / _per_sample(dual.clamp_min(_EPS), g)
+
     def normaliser(self, dual_all: torch.Tensor) -> torch.Tensor:
         """N = (mean_i ‖h_i‖_r^2)^{1/2} over the whole set, a 0-d tensor on the device.
 

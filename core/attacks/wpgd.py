@@ -170,26 +170,25 @@ def allocate_budget(cost: torch.Tensor, delta: torch.Tensor, threat: Threat) -> 
     the rest nothing. Across ranks the order is global; this rank's sizes come back."""
     n_local = cost.shape[0]
     world = threat.world
-    if world.distributed:
-        n_max = int(world.max(torch.tensor([float(n_local)], device=cost.device)).item())
+    if world.distributed:   # shards may differ by one: pad each to the largest with inf (wants nothing)
+        counts = world.gather(torch.tensor([n_local], device=cost.device))
+        n_max, n_total = int(counts.max()), int(counts.sum())
         padded = torch.full((n_max,), float("inf"), device=cost.device, dtype=cost.dtype)
         padded[:n_local] = cost
-        everyone = world.gather(padded)
-        n_total = world.sum(torch.tensor(float(n_local), device=cost.device, dtype=torch.float64))
+        wanted = world.gather(padded).double()
     else:
-        n_max, everyone, n_total = n_local, cost, torch.tensor(float(n_local), dtype=torch.float64)
-    wanted = everyone.double()
+        n_max, n_total, wanted = n_local, n_local, cost.double()
     order = torch.argsort(wanted)
-    sq = wanted[order].square()
-    finite = torch.isfinite(sq)
-    cum = torch.cumsum(torch.where(finite, sq, torch.zeros_like(sq)), 0)
-    total = n_total.to(cum.device) * delta.double().to(cum.device).square()
+    want = wanted[order]
+    finite = torch.isfinite(want)
+    sq = torch.where(finite, want.square(), torch.zeros_like(want))
+    cum = torch.cumsum(sq, 0)
+    total = n_total * delta.double().to(cum.device).square()
     full = finite & (cum <= total)
-    before = cum - torch.where(finite, sq, torch.zeros_like(sq))            # spent by the points ahead
-    # the first point that does not fit whole gets the rest of the budget
+    # the first point that does not fit whole gets what the points ahead of it left
     first_short = finite & ~full & torch.cat([torch.ones(1, dtype=torch.bool, device=cum.device), full[:-1]])
-    rest = (total - before).clamp_min(0).sqrt()
-    size_sorted = torch.where(full, wanted[order], torch.where(first_short, rest, torch.zeros_like(rest)))
+    rest = (total - (cum - sq)).clamp_min(0).sqrt()
+    size_sorted = torch.where(full, want, torch.where(first_short, rest, torch.zeros_like(rest)))
     sizes = torch.empty_like(size_sorted)
     sizes[order] = size_sorted
     if world.distributed:
@@ -212,13 +211,8 @@ def allocation_step(threat: Threat, g: torch.Tensor, dual: torch.Tensor, loss: t
     live = (loss < 0) & (dual > 0)
     never = torch.full(dual.shape, float("inf"), device=dual.device, dtype=torch.float64)
     reach = torch.where(live, -loss.double() / dual.double().clamp_min(1e-30), never)
-    sizes = allocate_budget(overshoot * reach, delta, threat)
-    unit = threat.raw_direction(g, dual) / _per_sample_view(dual.clamp_min(1e-30), g)
-    return unit * _per_sample_view(sizes.to(g.dtype), g)
-
-
-def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
+    sizes = allocate_budget(overshoot * reach, delta, threat).to(g.dtype)
+    return threat.unit_direction(g, dual) * sizes.reshape((-1,) + (1,) * (g.dim() - 1))
 
 
 @dataclass

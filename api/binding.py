@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import Scope
 
-from core.settings import Settings
+from core.service.settings import Settings
 
 def is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()

@@ -4,7 +4,7 @@ and no request waiting for them.
 Importing timm or torchvision to list their names would put torch into the API process (measured
 on the shared 2-core machine: after `import api.app` (76 MB resident), `import timm` takes 5-12 s
 and brings the process to 708-753 MB). Instead a background thread runs
-`python -m core.architectures.catalog timm torchvision robustbench` the first time a family's
+`python -m core.engine.architectures.catalog timm torchvision robustbench` the first time a family's
 names are needed: one interpreter lists every family not known yet, in about the time of one
 (measured here: 6.6 s for the three together, 6.4 s for timm alone, 18.5 s one by one; they all
 import torch, and robustbench imports timm). Meanwhile the route answers 503
@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from api.errors import ApiError
-from core.config import FAMILY_PREFIXES
+from core.engine.config import FAMILY_PREFIXES
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FAMILY = "builtin"
 LISTED_FAMILIES: tuple[str, ...] = tuple(prefix.rstrip(":") for prefix in FAMILY_PREFIXES)
-LIST_COMMAND: tuple[str, ...] = (sys.executable, "-m", "core.architectures.catalog")
+LIST_COMMAND: tuple[str, ...] = (sys.executable, "-m", "core.engine.architectures.catalog")
 # What a first listing takes (torch, timm, torchvision, robustbench imported once): the Retry-After
 # of a 503 catalog_building until a listing on this server has been timed.
 EXPECTED_BUILD_SECONDS = 15.0

@@ -15,15 +15,15 @@ from sqlalchemy.orm import Session
 from api.deps import Caller, owned
 from api.errors import ApiError, not_found
 from api.schemas import BUILTIN_DATASETS
-from core.db import Dataset, Model
+from core.service.db import Dataset, Model
 
 # The images a model row takes when it records no input shape (what the worker assumes too).
 DEFAULT_INPUT_SHAPE = [3, 32, 32]
-# Share of an uploaded .npz that core.data.load_npz holds out as its test split.
+# Share of an uploaded .npz that core.engine.data.datasets.load_npz holds out as its test split.
 UPLOAD_TEST_FRACTION = 0.2
 
 # name -> (number of classes, training images) of the built-in data sets; the image shapes are
-# api.schemas.BUILTIN_DATASETS. digits: scikit-learn's 1,797 images less core.data's test split.
+# api.schemas.BUILTIN_DATASETS. digits: scikit-learn's 1,797 images less core.engine.data.datasets's test split.
 BUILTIN_CLASSES_AND_TRAIN: dict[str, tuple[int, int]] = {
     "digits": (10, 1438), "fashion-mnist": (10, 60000), "cifar10": (10, 50000), "cifar100": (100, 50000),
 }

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from api.binding import AuthPolicy
 from api.errors import ApiError
-from core.apikeys import authenticate
-from core.artifacts import Store
-from core.settings import Settings
+from core.service.apikeys import authenticate
+from core.storage.artifacts import Store
+from core.service.settings import Settings
 
 
 @dataclass

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.binding import AuthPolicy, foreign_host, foreign_origin, header
 from api.bodies import content_length, parse_json, too_large
 from api.errors import ApiError, allowed_methods, busy, problem
-from core.settings import Settings
+from core.service.settings import Settings
 
 _WAITING_PER_SLOT = 16  # requests allowed to wait per concurrency slot; beyond that, 503 at once
 

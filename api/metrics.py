@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from core.db import Job
+from core.service.db import Job
 
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 

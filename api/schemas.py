@@ -1,7 +1,7 @@
 """Request bodies and the JSON objects the API returns.
 
 The job's `config` and `threat_model` are the engine's own pydantic models
-(core.config.FinetuneConfig / EvaluateConfig / ThreatModelSpec), so defaults are filled in
+(core.engine.config.FinetuneConfig / EvaluateConfig / ThreatModelSpec), so defaults are filled in
 and bad values are 422s naming the field.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pydantic import (
 )
 from pydantic.json_schema import models_json_schema
 
-from core.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
-from core.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
-from core.settings import MAX_NUM_CLASSES, MAX_SEED
-from core.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
+from core.engine.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
+from core.service.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
+from core.limits import MAX_NUM_CLASSES, MAX_SEED
+from core.service.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
     # name -> the input shape [C, H, W] of its images
@@ -130,7 +130,7 @@ class InputContract(_Body):
 
     @model_validator(mode="after")
     def _stats_per_channel(self) -> "InputContract":
-        from core.input_contract import check_input_stats
+        from core.engine.input_contract import check_input_stats
 
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("give both input_mean and input_std, or neither")
@@ -197,7 +197,7 @@ class HubModelCreate(InputContract):
     @field_validator("name")
     @classmethod
     def _repo(cls, value: str) -> str:
-        from core.hub import REPO_ID
+        from core.engine.hub import REPO_ID
 
         if not REPO_ID.match(value):
             raise ValueError("name must be a Hugging Face repository id such as timm/resnet18.a1_in1k")
@@ -209,7 +209,7 @@ class InlineModelRef(_Body):
 
 
 def _webhook_url(value: str) -> str:
-    from core.webhooks import url_problem
+    from core.service.webhooks import url_problem
 
     problem = url_problem(value)
     if problem:

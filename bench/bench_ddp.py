@@ -5,7 +5,7 @@
     python bench/bench_ddp.py --cpu-tiny       # CPU: a tiny CNN, gloo, 1 process against 2
                                                # (checks that the script runs; CPU ratios say nothing about GPUs)
 
-Both sides run the product's step, core.recipes.finetune.w_trades_step, on the same global batch
+Both sides run the product's step, core.engine.recipes.finetune.w_trades_step, on the same global batch
 (strong scaling: N devices share each batch), with the multi-device side set up as a job is
 (World.wrap: DDP, SyncBatchNorm on CUDA; the threat across the world, so Υ_B and δ_B are global).
 The last line is JSON: images per second for each side and their ratio (N would be ideal).
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 
 def _setup(args: argparse.Namespace, device: torch.device):  # noqa: ANN202 - model and data
-    from core.zoo import create_model
+    from core.engine.zoo import create_model
 
     torch.manual_seed(0)
     if args.cpu_tiny:
@@ -38,11 +38,11 @@ def _setup(args: argparse.Namespace, device: torch.device):  # noqa: ANN202 - mo
 
 def throughput(args: argparse.Namespace, rank: int = 0, size: int = 1, rendezvous: str | None = None) -> float:
     """Images per second of W-TRADES steps on `size` ranks (this call is rank `rank`)."""
-    from core.config import FinetuneConfig
-    from core.device import Compute
-    from core.distributed import SINGLE, init_world, shutdown_world
-    from core.recipes.finetune import RandomWeightPerturbation, w_trades_step
-    from core.threats import Threat
+    from core.engine.config import FinetuneConfig
+    from core.engine.device import Compute
+    from core.engine.distributed import SINGLE, init_world, shutdown_world
+    from core.engine.recipes.finetune import RandomWeightPerturbation, w_trades_step
+    from core.engine.threats import Threat
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     if cuda:

@@ -9,8 +9,8 @@ Three implementations of each workload, run interleaved (ours, lean, reference, 
 and the ratio ours/baseline of every repetition (min/median/max of the per-repetition ratios).
 
 W-PGD (evaluation, images·steps/s), w2-linf at δ = 8/255, ReDLR, step ratio 1.875:
-- ours: core.attacks.w_pgd with the defaults a user gets from EvaluateConfig: float32, the batch
-  "auto" resolves to on this device (core.defaults.auto_eval_batch_size), channels_last on a GPU.
+- ours: core.engine.attacks.w_pgd with the defaults a user gets from EvaluateConfig: float32, the batch
+  "auto" resolves to on this device (core.engine.defaults.auto_eval_batch_size), channels_last on a GPU.
   Per step one forward and one backward per image (the accuracy of iterate t is read from the
   forward that takes step t+1's gradient) and one final forward.
 - lean: the algorithm written plainly: batch 32, gradients copied to the host for the whole-set
@@ -23,7 +23,7 @@ W-PGD (evaluation, images·steps/s), w2-linf at δ = 8/255, ReDLR, step ratio 1.
 
 W-TRADES (training, images/s), K inner steps, β = 6, same batch size for all three (the batch
 is a recipe choice, not an engine speed):
-- ours: core.recipes.finetune.w_trades_step with FinetuneConfig's defaults (ReDLR inner loss,
+- ours: core.engine.recipes.finetune.w_trades_step with FinetuneConfig's defaults (ReDLR inner loss,
   dynamic budget, random weight perturbation; bf16 autocast and channels_last on a GPU).
 - lean: KL inner loss, float32, the clean forward recomputed in every inner step, gradients
   copied to the host for the normalisation.
@@ -54,14 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.attacks.wpgd import w_pgd  # noqa: E402
-from core.config import EvaluateConfig, FinetuneConfig  # noqa: E402
-from core.defaults import resolve_eval_batch_size  # noqa: E402
-from core.device import Compute  # noqa: E402
-from core.losses import kl_divergence, redlr  # noqa: E402
-from core.recipes.finetune import RandomWeightPerturbation, w_trades_step  # noqa: E402
-from core.threats import Threat  # noqa: E402
-from core.zoo import create_model  # noqa: E402
+from core.engine.attacks.wpgd import w_pgd  # noqa: E402
+from core.engine.config import EvaluateConfig, FinetuneConfig  # noqa: E402
+from core.engine.defaults import resolve_eval_batch_size  # noqa: E402
+from core.engine.device import Compute  # noqa: E402
+from core.engine.losses import kl_divergence, redlr  # noqa: E402
+from core.engine.recipes.finetune import RandomWeightPerturbation, w_trades_step  # noqa: E402
+from core.engine.threats import Threat  # noqa: E402
+from core.engine.zoo import create_model  # noqa: E402
 
 DELTA = 8 / 255
 MODELS: dict[str, dict] = {

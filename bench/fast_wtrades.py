@@ -5,7 +5,7 @@
 
 For every data set and seed: a small CNN is trained normally (the input model, the same for
 every method of that seed), then fine-tuned with each method through the real recipe
-(core.recipes.finetune.finetune, the user's defaults: auto epochs, batch and lr; β, δ the same),
+(core.engine.recipes.finetune.finetune, the user's defaults: auto epochs, batch and lr; β, δ the same),
 the methods in a rotated order per seed so that a change of machine load hits all of them alike.
 Each method's chosen checkpoint (best on the validation split, as a job returns it) is then
 attacked with W-PGD-ReDLR, 50 steps, on the first `--test-examples` test images, in float32.
@@ -42,16 +42,16 @@ from typing import Any
 
 import torch
 
-from core.attacks.wpgd import w_pgd
-from core.config import FinetuneConfig
-from core.data import ImageData, load_dataset, to_unit_float
-from core.defaults import resolve_finetune
-from core.device import Compute
-from core.hooks import Hooks
-from core.recipes.finetune import finetune
-from core.recipes.standard import train_standard
-from core.threats import Threat
-from core.zoo import create_model
+from core.engine.attacks.wpgd import w_pgd
+from core.engine.config import FinetuneConfig
+from core.engine.data.datasets import ImageData, load_dataset, to_unit_float
+from core.engine.defaults import resolve_finetune
+from core.engine.device import Compute
+from core.engine.hooks import Hooks
+from core.engine.recipes.finetune import finetune
+from core.engine.recipes.standard import train_standard
+from core.engine.threats import Threat
+from core.engine.zoo import create_model
 
 METHODS: dict[str, dict[str, Any]] = {
     "standard-k10": {"attack_schedule": "standard", "attack_steps": 10},
@@ -79,7 +79,7 @@ DEFAULT_METHODS = ("standard-k10", "allocate", "memory-k1")
 BASELINE = "standard-k10"
 
 # Per data set: training images (after the validation split), validation images, epochs ("auto": what a
-# user gets, core.defaults: Fashion-MNIST's 5,000 images 7, digits' 1,138 8), pre-training.
+# user gets, core.engine.defaults: Fashion-MNIST's 5,000 images 7, digits' 1,138 8), pre-training.
 SETUPS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {"train": 5_000, "validation": 500, "epochs": "auto", "pretrain_epochs": 2, "delta": 0.05},
     "digits": {"train": None, "validation": 300, "epochs": "auto", "pretrain_epochs": 5, "delta": 0.05},

@@ -77,9 +77,9 @@ def run_section(results: dict, name: str, fn: Callable[[], dict], deadline: floa
 
 # --- (a) precision ---------------------------------------------------------------------------------
 def trained_digits_model(epochs: int, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    from core.data import load_digits
-    from core.recipes.standard import train_standard
-    from core.zoo import create_model
+    from core.engine.data.datasets import load_digits
+    from core.engine.recipes.standard import train_standard
+    from core.engine.zoo import create_model
 
     data = load_digits()
     torch.manual_seed(0)
@@ -88,8 +88,8 @@ def trained_digits_model(epochs: int, device: torch.device) -> tuple[torch.nn.Mo
 
 
 def precision_section(device: torch.device, sizes: dict) -> dict:
-    from core.config import EvaluateConfig
-    from core.recipes.evaluate import evaluate
+    from core.engine.config import EvaluateConfig
+    from core.engine.recipes.evaluate import evaluate
 
     model, data = trained_digits_model(sizes["train_epochs"], device)
     base = {"threat_model": {"kind": "w2-linf", "delta": 0.1}, "n_examples": sizes["n_eval"],
@@ -140,7 +140,7 @@ def _free_port() -> int:
 
 
 def service_section(device: torch.device, sizes: dict) -> dict:
-    from core.zoo import save_model_file
+    from core.engine.zoo import save_model_file
     from robustify import Client
 
     model, _ = trained_digits_model(sizes["train_epochs"], torch.device("cpu"))

@@ -380,7 +380,7 @@ def jobs_submit(out: Out, recipe: str, model: str, dataset: str, threat_model: s
         click.echo(f"{j['id']}  {j['status']}  {j['type']} of {j['model_id']} on {j['dataset']}")
         cfg = j["config"]
         if j["type"] == "finetune":
-            from core.result_table import attack_summary
+            from cli.result_table import attack_summary
             click.echo(f"  epochs {cfg['epochs']}, batch_size {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, "
                        f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}, "
                        f"inner attack {attack_summary(cfg)}")
@@ -406,7 +406,7 @@ def jobs_list(out: Out, status: tuple[str, ...], recipe: str | None, model_id: s
 
 
 def _summary(job: dict[str, Any]) -> str:
-    from core.result_table import result_table
+    from cli.result_table import result_table
 
     lines = [f"{job['id']}: {job['status']} ({job['type']}, attempt {job['attempt']})"]
     p = job.get("progress") or {}
@@ -565,7 +565,7 @@ def jobs_checkpoints(out: Out, job_id: str) -> int:
 @click.option("--epoch", type=click.IntRange(min=0), help="The checkpoint of this epoch instead of the best one.")
 def jobs_download(out: Out, job_id: str, to: Path | None, epoch: int | None) -> int:
     """Save the best checkpoint (or --epoch's), report.json and report.png, sha256 verified."""
-    from core.result_table import result_table
+    from cli.result_table import result_table
 
     got = out.client.jobs.download(job_id, to, epoch=epoch)
     files = {"checkpoint": got.checkpoint, "report": got.report, "plot": got.plot}

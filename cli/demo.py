@@ -20,8 +20,8 @@ from typing import Any
 import click
 
 from cli.params import CONTEXT
-from core.result_table import finetune_table
-from core.settings import get_settings
+from cli.result_table import finetune_table
+from core.service.settings import get_settings
 
 # The README's service example: every field at its default but the epochs (the defaults fit digits'
 # size: batch 16, lr 0.0025, 71 optimizer steps per epoch). About a minute on 2 CPU cores; it lifts
@@ -62,9 +62,9 @@ def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.3) -> A
 def _train_model(path: Path, data_dir: Path) -> float:
     import torch
 
-    from core.data import load_dataset
-    from core.recipes.standard import accuracy, train_standard
-    from core.zoo import create_model, save_model_file
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.standard import accuracy, train_standard
+    from core.engine.zoo import create_model, save_model_file
 
     torch.manual_seed(0)
     data = load_dataset("digits", data_dir=data_dir)

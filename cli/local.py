@@ -16,9 +16,9 @@ from typing import Any
 import click
 
 from cli.params import CONTEXT, JsonObject, Numbers, Radius, THREAT_KINDS, recipe_fields
-from core.config import EvaluateConfig, FinetuneConfig
-from core.result_table import evaluation_table, finetune_table
-from core.settings import get_settings
+from core.engine.config import EvaluateConfig, FinetuneConfig
+from cli.result_table import evaluation_table, finetune_table
+from core.service.settings import get_settings
 
 
 def _settings() -> Any:
@@ -119,8 +119,8 @@ def _config(args: argparse.Namespace, cls: type) -> Any:
 
 
 def _load(args: argparse.Namespace):
-    from core.data import load_dataset
-    from core.zoo import create_model, load_model_file, load_robustbench_model, with_pixel_input
+    from core.engine.data.datasets import load_dataset
+    from core.engine.zoo import create_model, load_model_file, load_robustbench_model, with_pixel_input
 
     data = load_dataset(args.dataset, data_dir=args.data_dir, allow_download=args.allow_download)
     c, h, w = data.image_shape
@@ -131,7 +131,7 @@ def _load(args: argparse.Namespace):
         model = load_model_file(args.model, args.architecture, num_classes=data.num_classes, in_channels=c,
                                 image_size=(h, w), dataset=args.dataset, input_mean=args.input_mean, input_std=args.input_std)
     elif getattr(args, "pretrain", 0) > 0:
-        from core.recipes.standard import accuracy, train_standard
+        from core.engine.recipes.standard import accuracy, train_standard
 
         import torch
 
@@ -178,9 +178,9 @@ class _Bar:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from core.checkpoint import load_training_checkpoint, save_weights
-    from core.hooks import Hooks
-    from core.recipes.finetune import finetune
+    from core.engine.checkpoint import load_training_checkpoint, save_weights
+    from core.engine.hooks import Hooks
+    from core.engine.recipes.finetune import finetune
 
     config = _config(args, FinetuneConfig)
     model, data = _load(args)
@@ -226,8 +226,8 @@ def _context(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from core.hooks import Hooks
-    from core.recipes.evaluate import evaluate
+    from core.engine.hooks import Hooks
+    from core.engine.recipes.evaluate import evaluate
 
     config = _config(args, EvaluateConfig)
     model, data = _load(args)

@@ -127,7 +127,7 @@ def recipe_fields(config: dict[str, Any] | None, assignments: tuple[str, ...], r
 
 
 def recipe_model(recipe: str) -> Any:
-    from core.config import EvaluateConfig, FinetuneConfig
+    from core.engine.config import EvaluateConfig, FinetuneConfig
 
     return {"finetune": FinetuneConfig, "evaluate": EvaluateConfig}[recipe]
 

@@ -3,7 +3,7 @@ next to the paper's (clean, W2 and l∞ robust accuracy at δ = 8/255, before an
 
 Offline only: CIFAR-10 in torchvision's format under --data-dir (cifar-10-batches-py/) and each
 model's RobustBench file at --model-dir/cifar10/Linf/<name>.pt. Nothing is downloaded. The
-protocol and the paper's table live in core/reproduce.py; docs/reproduce.md explains both.
+protocol and the paper's table live in core/engine/recipes/reproduce.py; docs/reproduce.md explains both.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cli.params import CONTEXT, Failure
-from core.reproduce import PAPER_TABLE, PROTOCOL, QUICK
+from core.engine.recipes.reproduce import PAPER_TABLE, PROTOCOL, QUICK
 
 
 @click.command(context_settings=CONTEXT)
@@ -46,9 +46,9 @@ def reproduce(data_dir: Path | None, model_dir: Path | None, models: str | None,
     """The 2025 paper's table: RobustBench CIFAR-10 models before and after W-TRADES, ours next to
     the paper's numbers (offline: local CIFAR-10 and RobustBench weights, nothing downloaded)."""
     from core.errors import RobustifyError
-    from core.reproduce import ReproduceOptions, format_table
-    from core.reproduce import reproduce as run_protocol
-    from core.settings import get_settings
+    from core.engine.recipes.reproduce import ReproduceOptions, format_table
+    from core.engine.recipes.reproduce import reproduce as run_protocol
+    from core.service.settings import get_settings
 
     settings = get_settings()
     names = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None

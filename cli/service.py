@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from cli.params import CONTEXT
-from core.settings import Settings, get_settings
+from core.service.settings import Settings, get_settings
 
 
 def _settings(data_dir: Path | None = None) -> Settings:
@@ -264,8 +264,8 @@ def _redact(url: str) -> str:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from core.apikeys import create_api_key, list_api_keys, revoke_api_key
-    from core.db import make_engine, make_sessionmaker
+    from core.service.apikeys import create_api_key, list_api_keys, revoke_api_key
+    from core.service.sessions import make_engine, make_sessionmaker
 
     settings = _settings(args.data_dir)
     migrate(settings) if settings.is_embedded else None
@@ -318,7 +318,9 @@ def run_health(args: argparse.Namespace) -> int:
 
     from sqlalchemy import select
 
-    from core.db import WorkerHeartbeat, make_engine, make_sessionmaker, utcnow
+    from core.service.db import WorkerHeartbeat, utcnow
+
+    from core.service.sessions import make_engine, make_sessionmaker
 
     settings = _settings(args.data_dir)
     since = utcnow() - timedelta(seconds=settings.stale_heartbeat_seconds)

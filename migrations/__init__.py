@@ -14,7 +14,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent
 
 
 def alembic_config(database_url: str | None = None) -> Config:
-    """An Alembic Config pointing at this package; the URL falls back to core.settings."""
+    """An Alembic Config pointing at this package; the URL falls back to core.service.settings."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if database_url:
@@ -35,7 +35,7 @@ def current(database_url: str) -> str | None:
     """The database's current revision (None when not migrated yet)."""
     from alembic.runtime.migration import MigrationContext
 
-    from core.db import make_engine
+    from core.service.sessions import make_engine
 
     engine = make_engine(database_url)
     try:

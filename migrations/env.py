@@ -1,10 +1,12 @@
-"""Alembic environment: the URL comes from the Alembic config, else from core.settings."""
+"""Alembic environment: the URL comes from the Alembic config, else from core.service.settings."""
 from __future__ import annotations
 
 from alembic import context
 
-from core.db import Base, make_engine
-from core.settings import get_settings
+from core.service.db import Base
+
+from core.service.sessions import make_engine
+from core.service.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -55,7 +55,7 @@ def s3_server(log_path: Path) -> Iterator[str]:
 
 
 def s3_client(endpoint: str):  # noqa: ANN201 - a boto3 client
-    from core.s3store import make_s3_client
+    from core.storage.s3 import make_s3_client
 
     return make_s3_client(endpoint, "us-east-1", "path")
 

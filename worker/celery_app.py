@@ -1,4 +1,4 @@
-"""The worker's Celery app: core.queue's configuration plus the tasks and process signals.
+"""The worker's Celery app: core.service.queue's configuration plus the tasks and process signals.
 
 Start it with `robustify worker` (or `celery -A worker.celery_app worker --concurrency 1`).
 
@@ -17,7 +17,7 @@ from typing import Any
 from billiard.process import current_process
 from celery import signals
 
-from core.queue import enqueue_job, make_celery
+from core.service.queue import enqueue_job, make_celery
 from worker.runtime import mark_worker_stopping, reset_after_fork, shutdown_requested
 
 log = logging.getLogger("robustify.worker")
@@ -38,8 +38,8 @@ quiet_libraries = False
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     """Our handler and format (text, or JSON with the job context) instead of Celery's."""
-    from core.logs import configure_logging
-    from core.settings import get_settings
+    from core.service.logs import configure_logging
+    from core.service.settings import get_settings
 
     settings = get_settings()
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or settings.log_level)

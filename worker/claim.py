@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.db import Job, JobEvent, TERMINAL_STATES, utcnow
+from core.service.db import Job, JobEvent, TERMINAL_STATES, utcnow
 from worker.runtime import Runtime, heartbeat_is_stale
 
 log = logging.getLogger("robustify.worker")

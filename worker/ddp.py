@@ -5,7 +5,7 @@ The task keeps the job's claim and heartbeat. It fills this node's artifact cach
 job's inputs, then starts one fresh interpreter per device (`python -m worker.ddp`; not forks:
 a forked child cannot use CUDA), which meet through a file rendezvous under the cache folder: NCCL on
 CUDA (rank r on cuda:r of CUDA_VISIBLE_DEVICES), gloo on the CPU. Every rank loads the model, the
-data and the resume state itself and runs core.recipes.finetune with its World; rank 0 alone
+data and the resume state itself and runs core.engine.recipes.finetune with its World; rank 0 alone
 reports progress, events and checkpoints and finishes the job, all under the task's owner id,
 so the ownership checks of one-device jobs hold unchanged. A cancel seen by rank 0 is agreed by
 all ranks at the same step (an all-reduce), so they stop together.
@@ -36,9 +36,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.db import Artifact, Dataset, Job, Model
+from core.service.db import Artifact, Dataset, Job, Model
 from core.errors import RobustifyError
-from core.settings import Settings
+from core.service.settings import Settings
 from worker.claim import add_event
 from worker.runtime import HOSTNAME, Runtime
 
@@ -110,7 +110,7 @@ def _check_devices(devices: int) -> str:
 def _work_dir(root: Path) -> Path:
     """A fresh folder for one attempt's rendezvous and error reports, named after this process;
     folders left by processes that died (a worker killed before it could clean up) go first."""
-    from core.process import pid_alive
+    from core.service.process import pid_alive
 
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("pid*-*"):
@@ -122,7 +122,7 @@ def _work_dir(root: Path) -> Path:
 
 def _prefetch(rt: Runtime, job_id: str, resume_artifact_id: str | None) -> None:
     """Put the job's stored inputs into this node's cache once, before the ranks all read them."""
-    from core.artifacts import artifact_relpath
+    from core.storage.artifacts import artifact_relpath
 
     with rt.session() as s:
         job = s.get(Job, job_id)
@@ -180,7 +180,7 @@ def _first_report(work: Path) -> dict[str, str] | None:
 
 def _end_attempt(rt: Runtime, job_id: str, owner: str, why: str) -> str:
     """Give the job back: queued again, so the next attempt resumes from its last checkpoint."""
-    from core.queue import enqueue_job
+    from core.service.queue import enqueue_job
     from worker.celery_app import app
     from worker.jobs import LostOwnership
 
@@ -213,12 +213,12 @@ def _die_with_parent(parent: int) -> None:
 def _run_rank(args: argparse.Namespace) -> None:
     import torch
 
-    from core.artifacts import artifact_relpath
-    from core.checkpoint import load_training_checkpoint
-    from core.config import FinetuneConfig
-    from core.distributed import init_world, shutdown_world
-    from core.hooks import Hooks
-    from core.recipes.finetune import finetune
+    from core.storage.artifacts import artifact_relpath
+    from core.engine.checkpoint import load_training_checkpoint
+    from core.engine.config import FinetuneConfig
+    from core.engine.distributed import init_world, shutdown_world
+    from core.engine.hooks import Hooks
+    from core.engine.recipes.finetune import finetune
     from worker.jobs import (Heartbeat, JobHooks, LostOwnership, _finish_finetune, _load_resume, load_data_for,
                              load_model_for)
     from worker.runtime import runtime

@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from core.artifacts import Store, add_artifact_row, artifact_relpath, delete_artifact, record_artifact
-from core.db import Artifact, Dataset, Job, Model, utcnow
+from core.storage.artifacts import Store, add_artifact_row, artifact_relpath, delete_artifact, record_artifact
+from core.service.db import Artifact, Dataset, Job, Model, utcnow
 from core.errors import RobustifyError, StorageFull, is_storage_full
-from core.logs import job_context
-from core.queue import enqueue_job
+from core.service.logs import job_context
+from core.service.queue import enqueue_job
 from worker.claim import add_event, claim_job
 from worker.outage import DatabaseUnavailable, is_database_down, retry_while_down
 from worker.runtime import Runtime, runtime, shutdown_requested, worker_id
@@ -98,7 +98,7 @@ class Heartbeat:
 
 
 class JobHooks:
-    """The recipe's hooks (core.hooks.Hooks callables) writing progress, events and checkpoints.
+    """The recipe's hooks (core.engine.hooks.Hooks callables) writing progress, events and checkpoints.
 
     Progress and events are kept in memory while the database is unreachable and written with the
     next write that gets through; checkpoint rows are retried. The run's attempt is counted with
@@ -205,7 +205,7 @@ class JobHooks:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, ckpt: Any) -> None:
-        from core.checkpoint import save_weights
+        from core.engine.checkpoint import save_weights
 
         store: Store = self.rt.store
         partial = "partial" in (ckpt.extra or {})   # stopped inside an epoch
@@ -275,7 +275,7 @@ class JobHooks:
         self.event("warning", message, data)
 
     def as_hooks(self) -> Any:
-        from core.hooks import Hooks
+        from core.engine.hooks import Hooks
 
         return Hooks(progress=self.progress, should_stop=self.should_stop, checkpoint=self.checkpoint,
                      event=self.event, warn=self.warn)
@@ -294,7 +294,7 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
     """The nn.Module of a model row, taking [0, 1] pixels: its stored safetensors weights (an
     upload, a fine-tune's result, or a validated RobustBench or Hub model), the RobustBench zoo,
     or the Hugging Face Hub cache (a Hub model before its validation stored the weights)."""
-    from core import zoo
+    from core.engine import zoo
 
     shape = _input_size(model_row)
     if model_row.weights_artifact_id:
@@ -322,7 +322,7 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
 def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
     """A built-in data set, or an uploaded one (an .npz, or an image folder stored as one, with
     its own test split and class names)."""
-    from core import data
+    from core.engine.data import datasets as data
 
     if dataset.startswith("ds_"):
         row = session.get(Dataset, dataset)
@@ -414,7 +414,7 @@ def _hand_back(rt: Runtime, job_id: str, owner: str, attempt: int) -> None:
 def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifact_id: str | None) -> str:
     import torch
 
-    from core.config import EvaluateConfig, FinetuneConfig
+    from core.engine.config import EvaluateConfig, FinetuneConfig
     from worker.ddp import devices_for, run_distributed
 
     with rt.session() as s:
@@ -439,14 +439,14 @@ def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifac
         context = _provenance_context(s, job, model_row)
 
     if job_type == "finetune":
-        from core.recipes.finetune import finetune
+        from core.engine.recipes.finetune import finetune
 
         result = finetune(FinetuneConfig.model_validate(config_json), model, data, hooks.as_hooks(),
                           device=device, resume=resume, context=context)
         _stop_unless_done(hooks, result.stopped)
         return retry_while_down(lambda: _finish_finetune(rt, job_id, owner, hooks, result),
                                 seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
-    from core.recipes.evaluate import evaluate
+    from core.engine.recipes.evaluate import evaluate
 
     report = evaluate(EvaluateConfig.model_validate(config_json), model, data, hooks.as_hooks(), device=device,
                       context=context)
@@ -463,7 +463,7 @@ def _provenance_context(s: Any, job: Job, model_row: Model) -> dict[str, Any]:
 
 
 def _load_resume(rt: Runtime, s: Any, job_id: str, artifact_id: str, hooks: JobHooks) -> Any:
-    from core.checkpoint import load_training_checkpoint
+    from core.engine.checkpoint import load_training_checkpoint
 
     art = s.get(Artifact, artifact_id)
     if art is None:
@@ -552,7 +552,7 @@ def _input_as_checkpoint(rt: Runtime, s: Any, job: Job, result: Any) -> Artifact
                is_best=True, data=_json_safe(result.validation["before"]))
     if weights is not None and rt.store.exists(artifact_relpath(weights)):
         return add_artifact_row(s, sha256=weights.sha256, size=weights.size, **row)  # the same stored bytes
-    from core.checkpoint import save_weights
+    from core.engine.checkpoint import save_weights
 
     tmp = rt.store.temp_file(".safetensors")   # a model row without its file (not expected): its weights
     try:
@@ -677,7 +677,7 @@ def _load_hub_model(rt: Runtime, m: Model) -> Any:
     """Load a Hub model and write on its row what the hub's config fixed: the timm architecture
     (once validation has stored the weights, they load like an upload's; the model's name stays
     the repository id) and the input size, mean and std the registration left to it."""
-    from core.hub import load_hub_model, parse_hub_architecture
+    from core.engine.hub import load_hub_model, parse_hub_architecture
 
     repo, revision = parse_hub_architecture(m.architecture)
     model, resolved = load_hub_model(repo, revision=revision, num_classes=m.num_classes, input_size=m.input_shape,
@@ -702,7 +702,7 @@ def _forward_check(model: Any, m: Model) -> None:
 
 
 def _store_state_dict(rt: Runtime, s: Any, m: Model, model: Any) -> Artifact:
-    from core.checkpoint import save_weights
+    from core.engine.checkpoint import save_weights
 
     tmp = rt.store.temp_file(".safetensors")
     try:

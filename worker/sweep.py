@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from sqlalchemy import select
 
-from core.db import Job, as_utc, record_worker_heartbeat, utcnow
+from core.service.db import Job, as_utc, record_worker_heartbeat, utcnow
 from worker.runtime import Runtime, heartbeat_is_stale, runtime
 
 log = logging.getLogger("robustify.worker")

@@ -10,7 +10,7 @@ from typing import Callable
 
 from celery.exceptions import Reject
 
-from core.queue import TASK_RUN_JOB, TASK_VALIDATE_MODEL
+from core.service.queue import TASK_RUN_JOB, TASK_VALIDATE_MODEL
 from worker.celery_app import app
 from worker.outage import DatabaseUnavailable
 from worker.runtime import worker_stopping

@@ -17,8 +17,8 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import or_, select, update
 
-from core.db import WebhookDelivery, WebhookEndpoint, utcnow
-from core.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target
+from core.service.db import WebhookDelivery, WebhookEndpoint, utcnow
+from core.service.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target
 from robustify.webhooks import sign
 from worker.runtime import Runtime, runtime
 

@@ -12,7 +12,7 @@ from api.deps import Caller, caller
 from api.errors import ApiError
 from api import responses as r
 from api.routes.common import MAX_PAGE
-from core.config import BUILTIN_ARCHITECTURES
+from core.engine.config import BUILTIN_ARCHITECTURES
 
 router = APIRouter(prefix="/v1/architectures", tags=["architectures"])
 

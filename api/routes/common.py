@@ -11,8 +11,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from core.artifacts import Store, artifact_relpath
-from core.db import Artifact
+from core.storage.artifacts import Store, artifact_relpath
+from core.service.db import Artifact
 from core.errors import ArtifactMissing
 
 _STREAM_CHUNK = 1024 * 1024

@@ -2,7 +2,7 @@
 list, get, delete.
 
 Built-in data sets (digits, fashion-mnist, cifar10, cifar100) need no upload. An image-folder
-archive is decoded here (core/imagefolder.py, numpy and Pillow) and stored as the project's own
+archive is decoded here (core/engine/data/imagefolder.py, numpy and Pillow) and stored as the project's own
 .npz with its train/test split and class names.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from api.errors import ApiError, not_found
 from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import dataset_object, page
-from core.artifacts import commit_or_unstore, delete_artifact, record_artifact
-from core.db import Artifact, Dataset, Job, TERMINAL_STATES, new_id
-from core.settings import Settings
+from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
+from core.service.db import Artifact, Dataset, Job, TERMINAL_STATES, new_id
+from core.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -52,7 +52,7 @@ _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data":
 
 def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
     """num_examples, num_classes and image_shape [C,H,W] of a valid .npz; else InvalidDataset."""
-    from core.npz import summarize_npz  # numpy only: the API process stays free of torch
+    from core.engine.data.npz import summarize_npz  # numpy only: the API process stays free of torch
 
     return summarize_npz(path, label="the uploaded .npz", max_bytes=settings.max_dataset_bytes)
 
@@ -108,7 +108,7 @@ def upload_kind(path: Path, filename: str | None) -> str:
     """"archive" for a .zip or .tar of image folders, "npz" otherwise (an .npz is a zip of .npy files)."""
     import zipfile
 
-    from core.imagefolder import archive_format
+    from core.engine.data.imagefolder import archive_format
 
     kind = archive_format(path)
     if kind == "zip":
@@ -153,7 +153,7 @@ def _archive_options(fields: dict[str, str]) -> dict[str, Any]:
 def _create_from_archive(svc: Services, session: Session, who: Caller, fields: dict[str, str], archive: Path,
                          name: str, meta: dict[str, Any] | None) -> dict[str, Any]:
     """Decode an image-folder archive into the project's .npz (nothing is kept when it is refused)."""
-    from core.imagefolder import ImageFolderLimits, read_image_folder
+    from core.engine.data.imagefolder import ImageFolderLimits, read_image_folder
 
     settings = svc.settings
     limits = ImageFolderLimits(max_uncompressed_bytes=settings.max_archive_bytes,

@@ -28,11 +28,11 @@ from api.routes.webhooks import job_webhook
 from api.schemas import (
     JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
 )
-from core.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
-from core.db import Artifact, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
-from core.defaults import resolve_finetune
-from core.settings import MAX_EVENT_ID
-from core.queue import enqueue_job
+from core.engine.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
+from core.service.db import Artifact, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
+from core.engine.defaults import resolve_finetune
+from core.limits import MAX_EVENT_ID
+from core.service.queue import enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -82,7 +82,7 @@ def _robustbench_model(session: Session, svc: Services, who: Caller, ref: Robust
 
 def _resolved(cfg: pydantic.BaseModel, facts: DatasetFacts) -> pydantic.BaseModel:
     """A fine-tune's "auto" fields filled in from the training-set size, so that the job stores
-    and shows the values it will run with (core.defaults)."""
+    and shows the values it will run with (core.engine.defaults)."""
     if not isinstance(cfg, FinetuneConfig):
         return cfg
     available = facts.train_examples if cfg.train_examples is None else min(cfg.train_examples, facts.train_examples)

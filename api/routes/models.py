@@ -19,13 +19,13 @@ from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, p
 from api.schemas import (
     BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate, model_object, page,
 )
-from core.artifacts import commit_or_unstore, delete_artifact, record_artifact
-from core.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
-from core.hub import hub_architecture
-from core.input_contract import default_input_stats
-from core.db import Artifact, Dataset, Job, Model, TERMINAL_STATES, new_id, utcnow
-from core.queue import enqueue_model_validation
-from core.uploads import inspect_safetensors
+from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
+from core.engine.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
+from core.engine.hub import hub_architecture
+from core.engine.input_contract import default_input_stats
+from core.service.db import Artifact, Dataset, Job, Model, TERMINAL_STATES, new_id, utcnow
+from core.service.queue import enqueue_model_validation
+from core.service.uploads import inspect_safetensors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -143,7 +143,7 @@ def _create_hub(svc: Services, session: Session, who: Caller, spec: HubModelCrea
 
 def _input_contract(architecture: str, dataset: str, size: list[int], form: InputContract
                     ) -> tuple[list[float], list[float]]:
-    """The stated mean/std, else the defaults of core.input_contract; checked against the channels."""
+    """The stated mean/std, else the defaults of core.engine.input_contract; checked against the channels."""
     if form.input_mean is None or form.input_std is None:
         return default_input_stats(architecture, dataset, size[0])
     _check_channels(form.input_mean, size)

@@ -13,7 +13,7 @@ from sqlalchemy import func, or_, select, text
 from api import responses as r
 from api.deps import Services, services
 from api.errors import problem_response
-from core.db import Job, WorkerHeartbeat, utcnow
+from core.service.db import Job, WorkerHeartbeat, utcnow
 
 router = APIRouter(tags=["operations"])
 

@@ -2,7 +2,7 @@
 
 An endpoint belongs to the API key that registered it and has its own signing secret. A job
 names a URL (registered on first use) or falls back to the key's default endpoint; which
-events are sent, the signing and the retries are core/webhooks.py and worker/webhooks.py.
+events are sent, the signing and the retries are core/service/webhooks.py and worker/webhooks.py.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from api.errors import not_found
 from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import JobWebhook, WebhookEndpointCreate, page, webhook_delivery_object, webhook_endpoint_object
-from core.db import WebhookDelivery, WebhookEndpoint, new_id, utcnow
-from core.webhooks import check_target, new_secret
+from core.service.db import WebhookDelivery, WebhookEndpoint, new_id, utcnow
+from core.service.webhooks import check_target, new_secret
 
 router = APIRouter(tags=["webhooks"])
 

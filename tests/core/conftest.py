@@ -55,9 +55,9 @@ def trained_tiny(digits) -> TinyCNN:
 def digits_small_cnn(tmp_path_factory):
     """scikit-learn's digits as the recipes load them, and the zoo's small CNN trained normally on
     them (5 epochs). Tests that step the optimiser use lr = 0, so the weights stay shared."""
-    from core.data import load_dataset
-    from core.recipes.standard import train_standard
-    from core.zoo import create_model
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.standard import train_standard
+    from core.engine.zoo import create_model
 
     data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("data"))
     torch.manual_seed(0)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core.config import EvaluateConfig
-from core.defaults import auto_eval_batch_size, resolve_eval_batch_size
-from core.device import Compute, Float32Conv2d, bf16_rounds_step, keep_stem_float32, release_stem
-from core.zoo import create_model
+from core.engine.config import EvaluateConfig
+from core.engine.defaults import auto_eval_batch_size, resolve_eval_batch_size
+from core.engine.device import Compute, Float32Conv2d, bf16_rounds_step, keep_stem_float32, release_stem
+from core.engine.zoo import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -89,8 +89,8 @@ def test_baselines_agree_with_ours_and_pass_counts(tmp_path: Path) -> None:
     assert wpgd["implementations"]["ours"]["batch_size"] == 256   # the CPU auto batch for 8×8 images
 
     # the three W-PGDs compute the same attack: the same robust accuracy on a trained model
-    from core.data import load_digits
-    from core.recipes.standard import train_standard
+    from core.engine.data.datasets import load_digits
+    from core.engine.recipes.standard import train_standard
     data = load_digits()
     net = train_standard(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits"),
                          data, epochs=2, device="cpu")

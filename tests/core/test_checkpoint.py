@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.checkpoint import TrainingCheckpoint, load_training_checkpoint, save_training_checkpoint, save_weights
+from core.engine.checkpoint import TrainingCheckpoint, load_training_checkpoint, save_training_checkpoint, save_weights
 from core.errors import InvalidModelFile
 
 

@@ -13,7 +13,7 @@ import click
 import pytest
 
 from cli.main import cli, main
-from core.config import EvaluateConfig, FinetuneConfig
+from core.engine.config import EvaluateConfig, FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

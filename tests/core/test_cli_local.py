@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli.local import _load, namespace
-from core.zoo import load_model_file
+from core.engine.zoo import load_model_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,9 +65,9 @@ def test_readme_local_finetune_then_evaluate(tmp_path: Path) -> None:
 
 
 def test_a_local_run_that_cannot_help_writes_the_input_as_best(tmp_path: Path) -> None:
-    from core.data import load_dataset
-    from core.recipes.standard import train_standard
-    from core.zoo import create_model, save_model_file
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.standard import train_standard
+    from core.engine.zoo import create_model, save_model_file
 
     torch.manual_seed(0)
     data = load_dataset("digits", data_dir=tmp_path)
@@ -111,7 +111,7 @@ def test_bad_input_gives_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_the_result_names_its_inner_attack() -> None:
-    from core.result_table import attack_summary
+    from cli.result_table import attack_summary
 
     assert attack_summary({"attack_schedule": "standard", "attack_steps": 10}) == "W-PGD K=10"
     assert attack_summary({"attack_schedule": "memory", "attack_steps": 1}) == "memory, 1 step"

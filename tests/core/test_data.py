@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import (
+from core.engine.data.datasets import (
     ImageData, augment_crop_flip, is_cifar_like, load_dataset, load_npz, read_idx, to_unit_float,
 )
 from core.errors import DatasetUnavailable, InvalidDataset
-from core.npz import stratified_split, validate_npz_arrays
+from core.engine.data.npz import stratified_split, validate_npz_arrays
 
 
 # --- helpers that write files in the original formats ---------------------------------------------
@@ -160,9 +160,9 @@ def test_idx_reader_rejects_bad_files(tmp_path: Path) -> None:
 
 
 def test_missing_fashion_mnist_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.data
+    import core.engine.data.datasets
 
-    monkeypatch.setattr(core.data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")  # the machine may have the package
+    monkeypatch.setattr(core.engine.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")  # the machine may have the package
     with pytest.raises(DatasetUnavailable, match="IDX files"):
         load_dataset("fashion-mnist", data_dir=tmp_path)
 
@@ -317,8 +317,8 @@ def test_is_cifar_like() -> None:
 
 
 def test_npz_checks_do_not_import_torch() -> None:
-    """The API validates uploads with core.npz and must stay torch-free."""
+    """The API validates uploads with core.engine.data.npz and must stay torch-free."""
     import subprocess
 
-    code = "import sys, core.npz; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, core.engine.data.npz; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0

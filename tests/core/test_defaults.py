@@ -5,14 +5,14 @@ import pytest
 
 from api.compatibility import BUILTIN_CLASSES_AND_TRAIN
 from api.schemas import BUILTIN_DATASETS
-from core.attacks.wpgd import converged
-from core.config import EvaluateConfig, FinetuneConfig, SelectionRule
-from core.data import load_dataset
-from core.defaults import (
+from core.engine.attacks.wpgd import converged
+from core.engine.config import EvaluateConfig, FinetuneConfig, SelectionRule
+from core.engine.data.datasets import load_dataset
+from core.engine.defaults import (
     FEW_STEPS_PER_EPOCH, auto_batch_size, few_steps_warning, resolve_finetune, steps_per_epoch,
     validation_split_size,
 )
-from core.recipes.finetune import is_better, is_eligible
+from core.engine.recipes.finetune import is_better, is_eligible
 
 
 def test_digits_defaults_take_enough_steps() -> None:
@@ -35,7 +35,7 @@ def test_auto_rule_over_data_set_sizes(n: int) -> None:
     assert 2 <= config.epochs <= 10                          # about 500 optimizer steps in all
     assert config.epochs == 10 or config.epochs * steps >= 500
     assert config.epochs == 2 or (config.epochs - 1) * steps < 500
-    assert config.lr == 0.0025                             # the batch size does not raise it (core.defaults)
+    assert config.lr == 0.0025                             # the batch size does not raise it (core.engine.defaults)
     assert few_steps_warning(n_train, config.batch_size) is None or n_train < 16 * FEW_STEPS_PER_EPOCH
 
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from core.attacks.wpgd import allocate_budget, w_pgd
-from core.config import FinetuneConfig
-from core.data import load_dataset
-from core.distributed import SINGLE, World, init_world, shutdown_world
-from core.recipes.finetune import finetune
-from core.recipes.standard import train_standard
-from core.threats import Threat
-from core.zoo import create_model
+from core.engine.attacks.wpgd import allocate_budget, w_pgd
+from core.engine.config import FinetuneConfig
+from core.engine.data.datasets import load_dataset
+from core.engine.distributed import SINGLE, World, init_world, shutdown_world
+from core.engine.recipes.finetune import finetune
+from core.engine.recipes.standard import train_standard
+from core.engine.threats import Threat
+from core.engine.zoo import create_model
 from tests.core.conftest import TinyCNN
 
 THREAT = Threat("w2-linf", 0.1)

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from core.config import FinetuneConfig
-from core.data import load_dataset
-from core.recipes.finetune import finetune
-from core.recipes.standard import train_standard
-from core.zoo import create_model
+from core.engine.config import FinetuneConfig
+from core.engine.data.datasets import load_dataset
+from core.engine.recipes.finetune import finetune
+from core.engine.recipes.standard import train_standard
+from core.engine.zoo import create_model
 
 TRAIN_IMAGES = 2000
 

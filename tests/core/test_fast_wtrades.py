@@ -7,15 +7,15 @@ import torch
 from pydantic import ValidationError
 
 from cli.local import _config, namespace
-from core.attacks.common import input_gradient
-from core.attacks.wpgd import allocate_budget, attack_batch
-from core.config import FinetuneConfig
-from core.data import augment_crop_flip, crop_flip_draw, to_unit_float
-from core.device import Compute
-from core.losses import attack_loss
-from core.recipes.finetune import PerturbationMemory, RandomWeightPerturbation, finetune, w_trades_step
-from core.threats import Threat
-from core.zoo import create_model
+from core.engine.attacks.common import input_gradient
+from core.engine.attacks.wpgd import allocate_budget, attack_batch
+from core.engine.config import FinetuneConfig
+from core.engine.data.datasets import augment_crop_flip, crop_flip_draw, to_unit_float
+from core.engine.device import Compute
+from core.engine.losses import attack_loss
+from core.engine.recipes.finetune import PerturbationMemory, RandomWeightPerturbation, finetune, w_trades_step
+from core.engine.threats import Threat
+from core.engine.zoo import create_model
 
 DELTA = 0.1
 CPU = Compute.resolve("cpu", amp="off")
@@ -187,8 +187,8 @@ def test_a_small_memory_finetune_on_digits_improves_w2_robustness(setup) -> None
 
 
 def test_a_resumed_memory_run_finishes_with_its_memory_started_empty(setup, tmp_path) -> None:
-    from core.checkpoint import load_training_checkpoint
-    from core.hooks import Hooks
+    from core.engine.checkpoint import load_training_checkpoint
+    from core.engine.hooks import Hooks
 
     model, data = setup
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, attack_schedule="memory", epochs=3,

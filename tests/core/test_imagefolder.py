@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.data import load_npz
+from core.engine.data.datasets import load_npz
 from core.errors import InvalidDataset
-from core.imagefolder import ArchiveError, ImageFolderLimits, read_image_folder
+from core.engine.data.imagefolder import ArchiveError, ImageFolderLimits, read_image_folder
 from tests.archives import (
     CLASSES, bad_archives, folder_entries, png_bytes, tar_bytes, zip_bytes,
 )

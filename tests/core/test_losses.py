@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.losses import attack_loss, cross_entropy, dlr, kl_divergence, redlr
+from core.engine.losses import attack_loss, cross_entropy, dlr, kl_divergence, redlr
 
 
 def _logits(seed: int = 0, n: int = 200, c: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from core.config import EvaluateConfig, FinetuneConfig
-from core.data import ImageData, load_digits
-from core.hooks import Hooks
-from core.oom import AdaptiveBatch
-from core.recipes.evaluate import evaluate
-from core.recipes.finetune import finetune
+from core.engine.config import EvaluateConfig, FinetuneConfig
+from core.engine.data.datasets import ImageData, load_digits
+from core.engine.hooks import Hooks
+from core.engine.oom import AdaptiveBatch
+from core.engine.recipes.evaluate import evaluate
+from core.engine.recipes.finetune import finetune
 from tests.core.conftest import TinyCNN
 
 

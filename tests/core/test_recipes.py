@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from core.checkpoint import load_training_checkpoint
-from core.config import EvaluateConfig, FinetuneConfig
-from core.data import load_dataset
-from core.hooks import Hooks
-from core.recipes.evaluate import evaluate
-from core.recipes.finetune import finetune
-from core.recipes.standard import train_standard
-from core.zoo import create_model
+from core.engine.checkpoint import load_training_checkpoint
+from core.engine.config import EvaluateConfig, FinetuneConfig
+from core.engine.data.datasets import load_dataset
+from core.engine.hooks import Hooks
+from core.engine.recipes.evaluate import evaluate
+from core.engine.recipes.finetune import finetune
+from core.engine.recipes.standard import train_standard
+from core.engine.zoo import create_model
 
 # δ = 0.1 on 8×8 digits: a radius where a normally trained CNN loses most of its W2 accuracy,
 # so the gain from W-TRADES is well above run-to-run noise.
@@ -198,7 +198,7 @@ def test_dynamic_budget_keeps_the_mean_batch_radius_at_delta(base_model, digits_
 
 def test_selection_on_validation_and_the_test_set_only_for_the_reported_numbers(base_model, digits_data,
                                                                                 monkeypatch) -> None:
-    import core.recipes.finetune as recipe
+    import core.engine.recipes.finetune as recipe
 
     evaluated: list[int] = []
     real = recipe.evaluate_heldout
@@ -266,7 +266,7 @@ def test_too_few_optimizer_steps_per_epoch_warn_with_the_numbers(base_model, dig
 def test_default_evaluation_runs_in_float32_while_training_may_use_bf16(base_model, digits_data) -> None:
     """Forward hooks record whether autocast was on: the validation and test attacks never use it,
     even when the training step is asked to run in bf16."""
-    from core.device import Compute
+    from core.engine.device import Compute
 
     phase = {"now": ""}
     seen: list[tuple[str, bool]] = []

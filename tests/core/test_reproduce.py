@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from core.errors import DatasetUnavailable, UnsupportedArchitecture, ValidationError
-from core.reproduce import PAPER_TABLE, ReproduceOptions, check_inputs
+from core.engine.recipes.reproduce import PAPER_TABLE, ReproduceOptions, check_inputs
 
 CHEAP = "Ding2020MMA"
 PAPER_MODEL = "Wang2023Better_WRN-28-10"
@@ -54,7 +54,7 @@ def _write_weights(model_dir: Path, name: str) -> Path:
     """Random weights of the real architecture, saved as RobustBench's files are (a torch state dict).
     The last layer's bias favours class 0 by far, so that the model answers 0 to every image and
     the numbers are known: clean accuracy = the share of label 0, and no δ = 8/255 attack flips it."""
-    from core.architectures.robustbench_zoo import robustbench_entry
+    from core.engine.architectures.robustbench_zoo import robustbench_entry
 
     torch.manual_seed(0)
     model = robustbench_entry(name, dataset="cifar10", threat_model="Linf")["model"]()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.threats import Threat
+from core.engine.threats import Threat
 
 KINDS = ["w2-linf", "w2-l2", "linf", "l2"]
 

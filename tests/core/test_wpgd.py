@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from core.attacks import pgd, w_fgsm, w_pgd
-from core.losses import redlr
-from core.threats import Threat
+from core.engine.attacks import pgd, w_fgsm, w_pgd
+from core.engine.losses import redlr
+from core.engine.threats import Threat
 
 
 def _reference_w_pgd(model, x, y, delta: float, steps: int, ratio: float, ground: str = "linf") -> list[float]:

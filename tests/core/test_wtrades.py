@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.attacks.wpgd import attack_batch
-from core.config import FinetuneConfig
-from core.data import to_unit_float
-from core.device import Compute
-from core.losses import attack_loss, cross_entropy, kl_divergence, redlr
-from core.recipes.finetune import RandomWeightPerturbation, estimate_global_sensitivity, w_trades_step
-from core.threats import Threat
-from core.zoo import create_model
+from core.engine.attacks.wpgd import attack_batch
+from core.engine.config import FinetuneConfig
+from core.engine.data.datasets import to_unit_float
+from core.engine.device import Compute
+from core.engine.losses import attack_loss, cross_entropy, kl_divergence, redlr
+from core.engine.recipes.finetune import RandomWeightPerturbation, estimate_global_sensitivity, w_trades_step
+from core.engine.threats import Threat
+from core.engine.zoo import create_model
 
 DELTA = 0.1
 CPU = Compute.resolve("cpu", amp="off")

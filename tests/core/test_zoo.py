@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.architectures import PreActResNet, SmallCNN, WideResNet
-from core.config import BUILTIN_ARCHITECTURES
+from core.engine.architectures import PreActResNet, SmallCNN, WideResNet
+from core.engine.config import BUILTIN_ARCHITECTURES
 from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture, ValidationError
-from core.zoo import (
+from core.engine.zoo import (
     PixelInputModel, create_model, import_robustbench, list_architectures, load_model_file, load_robustbench_model,
     load_state_dict_file, save_model_file, with_pixel_input,
 )

@@ -31,7 +31,7 @@ def test_site_builds_strictly_with_every_page(tmp_path):
 
 
 def test_every_setting_is_documented():
-    from core.settings import Settings
+    from core.service.settings import Settings
 
     operations = (ROOT / "docs" / "operations.md").read_text()
     missing = [f"ROBUSTIFY_{name.upper()}" for name in Settings.model_fields

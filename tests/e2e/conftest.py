@@ -158,8 +158,8 @@ def service_env(pg_url: str, queues: dict[str, str], tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="module")
 def api_key(pg_url: str) -> str:
-    from core.apikeys import create_api_key
-    from core.db import make_engine, make_sessionmaker
+    from core.service.apikeys import create_api_key
+    from core.service.sessions import make_engine, make_sessionmaker
 
     engine = make_engine(pg_url)
     try:
@@ -266,9 +266,9 @@ def digits_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """small-cnn trained normally on digits for a few epochs (seconds), as safetensors."""
     import torch
 
-    from core.data import load_dataset
-    from core.recipes.standard import train_standard
-    from core.zoo import create_model, save_model_file
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.standard import train_standard
+    from core.engine.zoo import create_model, save_model_file
 
     torch.manual_seed(0)
     data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("datasets"))
@@ -357,10 +357,10 @@ def w2_accuracy(path: Path) -> float:
     """W2 robust accuracy (W-PGD through the engine's evaluate) of a small-cnn weights file."""
     import tempfile
 
-    from core.config import EvaluateConfig
-    from core.data import load_dataset
-    from core.recipes.evaluate import evaluate
-    from core.zoo import load_model_file
+    from core.engine.config import EvaluateConfig
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.evaluate import evaluate
+    from core.engine.zoo import load_model_file
 
     model = load_model_file(path, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")
     data = load_dataset("digits", data_dir=tempfile.gettempdir())

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from core.db import Job, JobEvent, Model, make_engine, make_sessionmaker, new_id, utcnow
-from core.settings import Settings
+from core.service.db import Job, JobEvent, Model, new_id, utcnow
+
+from core.service.sessions import make_engine, make_sessionmaker
+from core.service.settings import Settings
 from worker.claim import claim_job
 from worker.runtime import HOSTNAME, Runtime, worker_id
 from worker.sweep import Sweeper
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture(params=["postgresql", "sqlite"])
 def rt(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     import migrations
-    from core.artifacts import ArtifactStore
+    from core.storage.artifacts import ArtifactStore
 
     if request.param == "postgresql":
         url = request.getfixturevalue("pg_url")
@@ -166,7 +168,7 @@ def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pyt
     from celery.exceptions import Reject
 
     import worker.runtime
-    from core.settings import get_settings
+    from core.service.settings import get_settings
     from tests.e2e.conftest import free_port
     from worker.jobs import run_job, validate_model
     from worker.tasks import _requeued_on_outage

@@ -90,7 +90,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert step in out
     assert "verified" in out and "W2 robust accuracy" in out and "robustify serve" in out
     weights = data_dir / "demo" / "robust-small-cnn-digits.safetensors"
-    from core.zoo import load_model_file
+    from core.engine.zoo import load_model_file
 
     load_model_file(weights, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")
 

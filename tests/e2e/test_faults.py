@@ -134,8 +134,8 @@ def env(own_pg: OwnPostgres, own_redis: OwnRedis, tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="module")
 def client(env: dict[str, str], own_pg: OwnPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    from core.apikeys import create_api_key
-    from core.db import make_engine, make_sessionmaker
+    from core.service.apikeys import create_api_key
+    from core.service.sessions import make_engine, make_sessionmaker
 
     engine = make_engine(own_pg.url)
     with make_sessionmaker(engine)() as s:

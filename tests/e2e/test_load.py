@@ -39,8 +39,9 @@ async def _burst(url: str, key: str, n: int) -> list[tuple[Any, dict[str, str], 
 
 def _running_job(pg_url: str, api_key: str) -> str:
     """A job row of this key, running, with one event: its event stream stays open."""
-    from core.apikeys import hash_key
-    from core.db import ApiKey, Job, JobEvent, Model, make_engine, make_sessionmaker, new_id, utcnow
+    from core.service.apikeys import hash_key
+    from core.service.db import ApiKey, Job, JobEvent, Model, new_id, utcnow
+    from core.service.sessions import make_engine, make_sessionmaker
 
     engine = make_engine(pg_url)
     try:

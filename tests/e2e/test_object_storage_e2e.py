@@ -43,7 +43,9 @@ def _files(root: Path) -> list[Path]:
 def _recorded_sha256(pg_url: str) -> set[str]:
     from sqlalchemy import select
 
-    from core.db import Artifact, make_engine, make_sessionmaker
+    from core.service.db import Artifact
+
+    from core.service.sessions import make_engine, make_sessionmaker
 
     engine = make_engine(pg_url)
     try:
@@ -100,7 +102,7 @@ def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, se
         s3 = s3_client(s3_endpoint)
         assert s3.get_object(Bucket=module_bucket, Key=f"{PREFIX}sha256/{sha[:2]}/{sha}")["Body"].read() == r.content
         (tmp_path / "best.safetensors").write_bytes(r.content)
-        from core.zoo import load_model_file
+        from core.engine.zoo import load_model_file
 
         load_model_file(tmp_path / "best.safetensors", "small-cnn", num_classes=10, in_channels=1, image_size=8,
                         dataset="digits")

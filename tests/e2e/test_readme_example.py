@@ -31,10 +31,10 @@ def robustify(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def w2_robust_accuracy(path: Path, data_dir: Path) -> float:
     """W2 robust accuracy at δ = 0.1 of a digits small-cnn file on the whole test split (50-step W-PGD)."""
-    from core.config import EvaluateConfig
-    from core.data import load_dataset
-    from core.recipes.evaluate import evaluate
-    from core.zoo import load_model_file
+    from core.engine.config import EvaluateConfig
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.evaluate import evaluate
+    from core.engine.zoo import load_model_file
 
     model = load_model_file(path, "small-cnn", num_classes=10, in_channels=1, image_size=8, dataset="digits")
     config = EvaluateConfig(threat_model={"kind": "w2-linf", "delta": 0.1}, linf_attacks=[])

@@ -29,7 +29,8 @@ EXAMPLES = os.environ.get("ST_MAX_EXAMPLES", "3")
 @pytest.fixture(scope="module")
 def live_url(service_env: dict[str, str], pg_url: str, api_key: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from core.db import make_engine, make_sessionmaker, record_worker_heartbeat
+    from core.service.db import record_worker_heartbeat
+    from core.service.sessions import make_engine, make_sessionmaker
 
     # /readyz wants a worker seen recently: a heartbeat row that stays fresh for the run
     engine = make_engine(pg_url)

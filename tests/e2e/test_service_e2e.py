@@ -93,7 +93,7 @@ def test_rejected_upload_keeps_nothing(client: httpx.Client, cpu_worker: Any, se
                                        tmp_path: Any) -> None:
     import torch
 
-    from core.zoo import create_model, save_model_file
+    from core.engine.zoo import create_model, save_model_file
 
     torch.manual_seed(123)
     path = tmp_path / "ten-classes.safetensors"

@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 import migrations
-from core.apikeys import create_api_key
-from core.db import Artifact, Job, JobEvent, Model, make_engine, make_sessionmaker, new_id, utcnow
-from core.settings import Settings
+from core.service.apikeys import create_api_key
+from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from core.service.sessions import make_engine, make_sessionmaker
+from core.service.settings import Settings
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"

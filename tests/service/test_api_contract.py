@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 import migrations
 from api.app import create_app
-from core.config import EvaluateConfig, FinetuneConfig
-from core.settings import Settings
+from core.engine.config import EvaluateConfig, FinetuneConfig
+from core.service.settings import Settings
 from tests.service.test_models_api import assert_problem
 
 JSON = {"Content-Type": "application/json"}

@@ -11,11 +11,12 @@ import pytest
 from safetensors.numpy import save as save_safetensors
 
 import migrations
-from core.apikeys import authenticate, create_api_key, hash_key, revoke_api_key
-from core.artifacts import ArtifactStore, delete_artifact, record_artifact
-from core.db import ApiKey, Artifact, make_engine, make_sessionmaker
+from core.service.apikeys import authenticate, create_api_key, hash_key, revoke_api_key
+from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
+from core.service.db import ApiKey, Artifact
+from core.service.sessions import make_engine, make_sessionmaker
 from core.errors import InvalidModelFile
-from core.uploads import inspect_safetensors
+from core.service.uploads import inspect_safetensors
 from tests.service.payloads import pickle_bytes, safetensors_bytes, torch_zip_bytes
 
 
@@ -66,7 +67,7 @@ def test_temp_files_of_stopped_processes_are_removed(tmp_path):
 
     store = ArtifactStore(tmp_path / "art")
     mine = store.temp_file()
-    code = f"from core.artifacts import ArtifactStore; print(ArtifactStore({str(store.root)!r}).temp_file())"
+    code = f"from core.storage.artifacts import ArtifactStore; print(ArtifactStore({str(store.root)!r}).temp_file())"
     dead = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
                                ).stdout.strip())
@@ -81,7 +82,7 @@ def test_temp_files_of_stopped_processes_are_removed(tmp_path):
 def test_a_failed_commit_takes_the_new_file_out_of_the_store(tmp_path, session):
     from sqlalchemy.exc import IntegrityError
 
-    from core.artifacts import commit_or_unstore
+    from core.storage.artifacts import commit_or_unstore
 
     store = ArtifactStore(tmp_path / "art")
     art = record_artifact(session, store, kind="dataset", content=b"new bytes", filename="d", content_type="x")

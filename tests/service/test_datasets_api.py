@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from core.db import Artifact, Dataset, Job
+from core.service.db import Artifact, Dataset, Job
 from tests.service.conftest import store_files
 from tests.service.payloads import npz_bytes, safetensors_bytes
 from tests.service.test_models_api import assert_problem
@@ -43,7 +43,7 @@ def test_upload_describes_the_data(client, keys, db):
                     files={"file": ("m.safetensors", safetensors_bytes(), "application/octet-stream")})
     assert m.status_code == 201 and m.json()["input_shape"] == [3, 8, 8]
     # ... and a job may use it; another key may not.
-    db.update(__import__("core.db", fromlist=["Model"]).Model, m.json()["id"], status="ready")
+    db.update(__import__("core.service.db", fromlist=["Model"]).Model, m.json()["id"], status="ready")
     job = client.post("/v1/jobs", headers=keys["a"]["headers"],
                       json={"type": "evaluate", "model_id": m.json()["id"], "dataset": ds["id"]})
     assert job.status_code == 202, job.text
@@ -95,7 +95,7 @@ def upload_archive(client, headers, data: bytes, filename: str = "photos.zip", *
 
 
 def test_image_folder_zip_becomes_a_data_set_with_class_names(client, keys, db, settings):
-    from core.npz import read_npz_dataset
+    from core.engine.data.npz import read_npz_dataset
     from tests.archives import CLASSES, folder_entries, zip_bytes
 
     h = keys["a"]["headers"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import FinetuneConfig
-from core.settings import Settings
+from core.engine.config import FinetuneConfig
+from core.service.settings import Settings
 from worker.ddp import _first_report, _stop, _supervise, devices_for
 
 

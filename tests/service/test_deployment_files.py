@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from core.db import WorkerHeartbeat, record_worker_heartbeat
+from core.service.db import WorkerHeartbeat, record_worker_heartbeat
 from tests.service.conftest import REDIS_URL, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 import migrations
 from api.app import create_app
-from core.db import Model, record_worker_heartbeat
-from core.settings import Settings
+from core.service.db import Model, record_worker_heartbeat
+from core.service.settings import Settings
 from tests.service.conftest import REDIS_URL, Db
 from tests.service.payloads import safetensors_bytes
 from tests.service.test_models_api import assert_problem

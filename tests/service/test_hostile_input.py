@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.db import Artifact, Dataset, Job, Model
+from core.service.db import Artifact, Dataset, Job, Model
 from tests.service.conftest import make_settings, store_files
 from tests.service.test_models_api import assert_problem
 

@@ -10,8 +10,8 @@ from sqlalchemy.exc import IntegrityError
 
 import migrations
 from api.app import create_app
-from core.db import Job, new_id, utcnow
-from core.settings import Settings
+from core.service.db import Job, new_id, utcnow
+from core.service.settings import Settings
 from tests.service.conftest import REDIS_URL, Db
 
 

@@ -12,7 +12,7 @@ def test_api_never_imports_torch(tmp_path):
     code = (
         "import sys\n"
         "import api.app, cli.client, migrations\n"
-        "from core.settings import Settings\n"
+        "from core.service.settings import Settings\n"
         f"app = api.app.create_app(Settings(data_dir={str(tmp_path)!r}))\n"
         "app.openapi()\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
@@ -37,7 +37,7 @@ def test_image_folder_uploads_and_architecture_listings_stay_torch_free(tmp_path
     code = (
         "import sys\n"
         "import api.app, migrations\n"
-        "from core.settings import Settings\n"
+        "from core.service.settings import Settings\n"
         "from fastapi.testclient import TestClient\n"
         f"settings = Settings(data_dir={str(tmp_path)!r}, auth='off')\n"
         "migrations.upgrade(settings.resolved_database_url)\n"

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from core.artifacts import ArtifactStore, record_artifact
-from core.db import Job, JobEvent, utcnow
+from core.storage.artifacts import ArtifactStore, record_artifact
+from core.service.db import Job, JobEvent, utcnow
 from tests.service.conftest import LiveServer
 from tests.service.test_models_api import assert_problem
 
@@ -96,7 +96,7 @@ def test_inline_robustbench_reference_registers_then_waits(client, keys, queues,
     body = assert_problem(submit(client, keys["b"]["headers"], None, model=ref, dataset="cifar10"),
                           409, "model_not_ready")
     assert queues.length(queues.cpu) == cpu + 1  # validation queued once
-    from core.db import Model
+    from core.service.db import Model
     db.update(Model, body["model_id"], status="ready")
     resp = submit(client, keys["b"]["headers"], None, model=ref, dataset="cifar10")
     assert resp.status_code == 202 and resp.json()["model_id"] == body["model_id"]

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 
 import migrations
 from api.app import create_app
-from core.db import Artifact, Model
-from core.settings import Settings
+from core.service.db import Artifact, Model
+from core.service.settings import Settings
 from tests.service.conftest import REDIS_URL, Db, LiveServer, free_port, store_files
 from tests.service.payloads import safetensors_bytes
 from tests.service.test_models_api import assert_problem

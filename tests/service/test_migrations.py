@@ -11,7 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 import migrations
-from core.db import Base, make_engine
+from core.service.db import Base
+from core.service.sessions import make_engine
 from tests.service.conftest import create_pg_database, drop_pg_database
 
 

@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from core.db import Artifact, Job, Model
+from core.service.db import Artifact, Job, Model
 from tests.service.conftest import LiveServer, store_files
 from tests.service.payloads import multipart_body, pickle_bytes, safetensors_bytes, torch_zip_bytes
 

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from core.settings import Settings
+from core.service.settings import Settings
 
 
 @pytest.fixture(scope="module")

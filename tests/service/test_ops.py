@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from core.db import Model, WorkerHeartbeat, record_worker_heartbeat
+from core.service.db import Model, WorkerHeartbeat, record_worker_heartbeat
 from tests.service.conftest import free_port, make_settings
 from tests.service.payloads import safetensors_bytes
 from tests.service.test_models_api import assert_problem

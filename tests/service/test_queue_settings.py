@@ -2,8 +2,8 @@
 requeue on a lost worker, prefetch 1, a visibility timeout above the longest job, task routes."""
 from __future__ import annotations
 
-from core.queue import TASK_RUN_JOB, TASK_VALIDATE_MODEL, make_celery
-from core.settings import Settings
+from core.service.queue import TASK_RUN_JOB, TASK_VALIDATE_MODEL, make_celery
+from core.service.settings import Settings
 
 DAY = 24 * 3600
 

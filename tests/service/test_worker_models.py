@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from core.artifacts import ArtifactStore, delete_artifact, record_artifact
-from core.checkpoint import save_weights
-from core.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
+from core.engine.checkpoint import save_weights
+from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
 from tests.e2e.test_claim import rt  # noqa: F401  (the worker runtime on PostgreSQL and on SQLite)
 from worker.chain import register_finetuned_model
 from worker.jobs import Heartbeat, JobHooks, load_data_for, load_model_for
@@ -17,7 +17,7 @@ from worker.runtime import Runtime, worker_id
 
 
 def _model_with_weights(rt: Runtime, tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    from core.zoo import create_model
+    from core.engine.zoo import create_model
 
     torch.manual_seed(0)
     state = create_model("small-cnn", num_classes=3, in_channels=3, image_size=16).state_dict()
@@ -44,8 +44,8 @@ def _job(rt: Runtime, model_id: str) -> str:
 
 def test_a_model_row_loads_with_its_input_contract_and_data_with_its_classes(rt: Runtime, tmp_path: Path) -> None:
     from tests.archives import CLASSES, folder_entries, zip_bytes
-    from core.imagefolder import ImageFolderLimits, read_image_folder
-    from core.db import Dataset
+    from core.engine.data.imagefolder import ImageFolderLimits, read_image_folder
+    from core.service.db import Dataset
 
     model_id, state = _model_with_weights(rt, tmp_path)
     with rt.session() as s:

@@ -1,0 +1,285 @@
+"""Typed configurations of the two recipes: the seam between the service and the engine.
+
+These pydantic models validate the HTTP request, document the OpenAPI schema and drive the
+recipes; the module imports no torch, so the API process can use it. Defaults follow the
+algorithm's specification (docs/concepts.md); `epochs`, `batch_size` and `lr` default to "auto"
+and are resolved from the training-set size by core.engine.defaults.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.limits import (
+    MAX_BETA, MAX_EXAMPLES, MAX_RADIUS, MAX_SEED, MAX_STEP_RATIO, MAX_STEPS,
+)
+
+ThreatKind = Literal["w2-linf", "w2-l2", "linf", "l2"]
+
+DEFAULT_DELTA: dict[str, float] = {"w2-linf": 8 / 255, "linf": 8 / 255, "w2-l2": 0.5, "l2": 0.5}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no NaN or Infinity
+
+
+class ThreatModelSpec(_Strict):
+    """A threat model (p, r, δ): W2 balls with l∞ or l2 ground cost, or pointwise balls."""
+
+    kind: ThreatKind = "w2-linf"
+    delta: float | None = Field(
+        default=None, ge=0.0, le=MAX_RADIUS,
+        description="Radius δ; omitted → 8/255 for l∞ ground cost, 0.5 for l2.",
+    )
+
+    @model_validator(mode="after")
+    def _fill_delta(self) -> "ThreatModelSpec":
+        if self.delta is None:
+            self.delta = DEFAULT_DELTA[self.kind]
+        return self
+
+    @property
+    def is_distributional(self) -> bool:
+        return self.kind.startswith("w2")
+
+    @property
+    def ground_norm(self) -> Literal["linf", "l2"]:
+        return "linf" if self.kind.endswith("linf") else "l2"
+
+
+AUTO = "auto"
+MEMORY_ATTACK_STEPS = 1   # attack_steps under attack_schedule "memory" when the request leaves it out
+ALLOCATE_ATTACK_STEPS = 1  # ... and under attack_schedule "allocate"
+Auto = Literal["auto"]
+SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
+                          "w2_robust_to_clean_ratio", "clean_accuracy"]
+
+
+# Bounds of the numeric values of the fields that also take "auto" (lr: strictly above its low end).
+_AUTO_FIELD_RANGES: dict[str, tuple[float, float]] = {"epochs": (1, 1000), "batch_size": (1, 65536), "lr": (0.0, 10.0)}
+
+
+def _auto_or_number(name: str, value: object) -> object:
+    """A field that takes a number in its range or "auto", checked in full so that a bad value is
+    one error naming the field (the int | "auto" union would report one error per member)."""
+    if value == AUTO:
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f'{name} must be a number or "auto", got {value!r}') from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'{name} must be a number or "auto"')
+    low, high = _AUTO_FIELD_RANGES[name]
+    if name != "lr":
+        if value != int(value):
+            raise ValueError(f'{name} must be a whole number or "auto", got {value}')
+        value = int(value)
+    if not (value > low if name == "lr" else value >= low) or value > high:
+        bound = f"> {low}" if name == "lr" else f">= {low}"
+        raise ValueError(f'{name} must be {bound} and <= {high}, or "auto"; got {value}')
+    return value
+
+
+class SelectionRule(_Strict):
+    """Which checkpoint is "best": epoch 0 (the model that went in) is always a candidate.
+
+    Among the epochs whose validation clean accuracy is at most `max_clean_drop` below the
+    input's, the one with the highest validation `metric` at the job's δ wins; a tie goes to
+    the earlier epoch, so a fine-tune that does not beat the input hands the input back.
+    """
+
+    metric: SelectionMetric | Auto = Field(
+        default=AUTO, description="auto: w2_robust_accuracy for W2 threats, the pointwise robust accuracy "
+                                  "(linf_/l2_robust_accuracy) for linf/l2 threats.")
+    max_clean_drop: float | None = Field(
+        default=0.10, ge=0.0, le=1.0,
+        description="Largest allowed drop of validation clean accuracy from the input's; null: no limit.")
+
+
+class FinetuneConfig(_Strict):
+    """W-TRADES fine-tuning (plain TRADES with a pointwise threat and attack_loss='kl')."""
+
+    threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
+    epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field(
+        default=AUTO, description="auto: about 500 optimizer steps, between 2 and 10 epochs (core.engine.defaults).")
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | Auto = Field(
+        default=AUTO, description="auto: a power of two in [16, 512] near training images / 64 (core.engine.defaults).")
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | Auto = Field(
+        default=AUTO, description="auto: 0.0025, safe for β = 6 from a non-robust start (core.engine.defaults).")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    beta: float = Field(default=6.0, ge=0.0, le=MAX_BETA, description="TRADES weight β of the KL term.")
+    attack_loss: Literal["redlr", "kl", "ce", "dlr"] = "redlr"
+    attack_steps: int = Field(default=10, ge=1, le=1000,
+                              description="Inner W-PGD steps K (under attack_schedule 'memory' the default is 1).")
+    attack_schedule: Literal["standard", "memory", "allocate"] = Field(
+        default="standard",
+        description="standard: every batch's attack starts at the clean images. memory (fast W-TRADES): it "
+                    "starts at each training image's perturbation from its previous epoch, re-projected into "
+                    "the batch's budget δ_B, and takes attack_steps steps (default 1). allocate (fast W-TRADES, "
+                    "W2 threats): the first step gives the batch's budget to the images nearest the decision "
+                    "boundary, each moved attack_overshoot times its first-order distance, cheapest first; "
+                    "attack_steps steps in all (default 1).")
+    attack_step_ratio: float = Field(default=2.0, gt=0.0, le=MAX_STEP_RATIO, description="Step α = ratio·δ_B/K.")
+    attack_overshoot: float = Field(default=1.5, ge=1.0, le=MAX_STEP_RATIO,
+                                    description="attack_schedule 'allocate': γ, the multiple of each point's "
+                                                "first-order distance to the decision boundary it is moved.")
+    budget: Literal["dynamic", "fixed"] = "dynamic"
+    budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES, description="Images used for the initial Ῡ.")
+    budget_ema_decay: float = Field(default=0.8, ge=0.0, lt=1.0,
+                                    description="After each batch Ῡ ← decay·Ῡ + (1 − decay)·min(Υ_B, cap·Ῡ).")
+    budget_cap: float = Field(default=3.0, ge=0.0, le=MAX_STEP_RATIO, description="δ_B is clamped to [0, cap·δ].")
+    weight_perturbation: float = Field(default=0.005, ge=0.0, le=1.0, description="γ; 0 disables.")
+    augment: Literal["auto", "crop_flip", "none"] = "auto"
+    selection: SelectionRule = Field(default_factory=SelectionRule)
+    validation_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0,
+        description="Share of the training images held out (stratified, seeded) to select the checkpoint.")
+    validation_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES,
+                                     description="At most this many validation images.")
+    test_examples: int | None = Field(
+        default=None, ge=1, le=MAX_EXAMPLES,
+        description="Test images for the reported before/after numbers; null: all of them.")
+    eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="W-PGD steps of the per-epoch validation.")
+    eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS, description="PGD steps of the per-epoch validation.")
+    test_wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS, description="W-PGD steps of the reported test numbers.")
+    test_pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="PGD steps of the reported test numbers.")
+    train_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES,
+                                       description="Use only the first N training images.")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        default="auto", description="The training step: auto is bf16 on CUDA, float32 on CPU.")
+    eval_amp: Literal["off", "bf16"] = Field(
+        default="off", description="Validation and test attacks: float32 unless bf16 is asked for.")
+    channels_last: bool = True
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    devices: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Devices (GPUs) a service job trains on, one DistributedDataParallel process each; every "
+                    "global batch is split between them. Default: the worker's ROBUSTIFY_DEVICES_PER_JOB (1). "
+                    "The local `robustify finetune` runs on one device.")
+
+    @model_validator(mode="after")
+    def _check_attack_schedule(self) -> "FinetuneConfig":
+        if self.attack_schedule == "standard":
+            return self
+        if "attack_steps" not in self.model_fields_set:
+            self.attack_steps = MEMORY_ATTACK_STEPS if self.attack_schedule == "memory" else ALLOCATE_ATTACK_STEPS
+        if self.attack_schedule == "allocate":
+            if not self.threat_model.is_distributional:
+                raise ValueError("attack_schedule 'allocate' shares a Wasserstein budget between the batch's images, "
+                                 f"so it needs a w2-linf or w2-l2 threat_model, not {self.threat_model.kind!r}")
+            if self.attack_loss not in ("redlr", "dlr"):
+                raise ValueError("attack_schedule 'allocate' measures each image's distance to the decision boundary "
+                                 "with a margin loss: attack_loss must be 'redlr' or 'dlr', not "
+                                 f"{self.attack_loss!r}")
+            return self
+        if self.epochs != AUTO and int(self.epochs) < 2:
+            raise ValueError("attack_schedule 'memory' starts each epoch's attack from the image's perturbation of "
+                             "the epoch before, so it needs epochs >= 2 (or \"auto\"); with one epoch use "
+                             "attack_schedule 'standard'")
+        return self
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> "FinetuneConfig":
+        if self.devices and isinstance(self.batch_size, int) and self.batch_size % self.devices:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of devices {self.devices}: "
+                             "each device takes an equal share of every batch")
+        return self
+
+    @field_validator("epochs", "batch_size", "lr", mode="before")
+    @classmethod
+    def _auto_or_in_range(cls, value: object, info: object) -> object:
+        return _auto_or_number(getattr(info, "field_name", ""), value)
+
+    @model_validator(mode="after")
+    def _resolve_selection_metric(self) -> "FinetuneConfig":
+        ground = self.threat_model.ground_norm
+        if self.selection.metric == AUTO:
+            self.selection.metric = ("w2_robust_accuracy" if self.threat_model.is_distributional
+                                     else f"{ground}_robust_accuracy")
+        other = "l2" if ground == "linf" else "linf"
+        if self.selection.metric.startswith(other + "_"):
+            raise ValueError(f"selection.metric {self.selection.metric} is not measured for a "
+                             f"{self.threat_model.kind} threat; use w2_robust_accuracy or {ground}_robust_accuracy")
+        return self
+
+    @property
+    def unresolved(self) -> list[str]:
+        """The fields still "auto" (core.engine.defaults.resolve_finetune fills them in)."""
+        return [name for name in ("epochs", "batch_size", "lr") if getattr(self, name) == AUTO]
+
+
+class EvaluateConfig(_Strict):
+    """Clean, W2 distributional (W-PGD) and pointwise (PGD / AutoAttack) robust accuracy."""
+
+    threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
+    deltas: list[Annotated[float, Field(ge=0.0, le=MAX_RADIUS)]] | None = Field(
+        default=None, max_length=100, description="Several radii for a robustness curve; default [threat_model.delta].",
+    )
+    n_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES, description="Evaluate the first N test images.")
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | Auto = Field(
+        default=AUTO, description="Images per forward/backward pass; changes speed only, never a result. auto: "
+                                  "resolved where the job runs: 1,024 CIFAR-sized images on a GPU, a "
+                                  "cache-sized 32-256 on a CPU (core.engine.defaults.auto_eval_batch_size).")
+    wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    wpgd_step_ratio: float = Field(default=1.875, gt=0.0, le=MAX_STEP_RATIO)
+    attack_loss: Literal["redlr", "dlr", "ce"] = "redlr"
+    linf_attacks: list[Literal["pgd", "autoattack"]] = Field(default_factory=lambda: ["pgd"])
+    pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
+    pgd_step_ratio: float = Field(
+        default=0.25, gt=0.0, le=MAX_STEP_RATIO,
+        description="l∞ PGD step as a fraction of the radius attacked (2/255 at 8/255).")
+    pgd_loss: Literal["ce", "dlr"] = "ce"
+    autoattack_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES)
+    amp: Literal["off", "bf16"] = Field(
+        default="off", description="Robust accuracy is measured in float32 unless bf16 is asked for.")
+    channels_last: bool = True
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_auto_or_in_range(cls, value: object) -> object:
+        return _auto_or_number("batch_size", value)
+
+    @model_validator(mode="after")
+    def _check_deltas(self) -> "EvaluateConfig":
+        if self.deltas is not None:
+            if not self.deltas:
+                raise ValueError("deltas must not be empty")
+            if any(d < 0 for d in self.deltas):
+                raise ValueError("every delta must be >= 0")
+        return self
+
+    @property
+    def radii(self) -> list[float]:
+        return list(self.deltas) if self.deltas else [float(self.threat_model.delta)]
+
+    @property
+    def headline_delta(self) -> tuple[float, str]:
+        """The radius the summary reports: the threat model's δ when it is among the radii, else
+        the largest radius; with where it came from ("threat_model" or "largest_radius")."""
+        delta = float(self.threat_model.delta)
+        if any(abs(r - delta) <= 1e-12 * max(1.0, delta) for r in self.radii):
+            return delta, "threat_model"
+        return max(self.radii), "largest_radius"
+
+
+# Architectures the zoo builds itself (core/engine/zoo.py registers exactly these names). Families
+# resolve the rest of a name: "robustbench:<model name>" (e.g. "robustbench:Wang2023Better_WRN-28-10"),
+# "timm:<timm model name>" and "torchvision:<classification model name>".
+BUILTIN_ARCHITECTURES: tuple[str, ...] = (
+    "small-cnn", "preact-resnet-18", "wide-resnet-28-10", "wide-resnet-34-10",
+)
+ROBUSTBENCH_PREFIX = "robustbench:"
+FAMILY_PREFIXES: tuple[str, ...] = (ROBUSTBENCH_PREFIX, "timm:", "torchvision:")
+
+
+def is_known_architecture_name(name: str) -> bool:
+    """Cheap, torch-free check the API runs before storing an upload (the worker checks the
+    family's own names and suggests close ones)."""
+    return name in BUILTIN_ARCHITECTURES or any(
+        name.startswith(prefix) and len(name) > len(prefix) for prefix in FAMILY_PREFIXES)

@@ -1,0 +1,1 @@
+"""Data sets: built-in loaders, uploaded .npz files and image-folder archives."""

@@ -1,0 +1,1 @@
+"""Service plumbing: settings, database, API keys, queue, logs, webhooks and uploads."""

@@ -8,14 +8,10 @@ import numpy as np
 from sklearn.datasets import load_digits as sklearn_digits
 
 from core.engine.data.census import (
-    BUILTIN_CLASS_COUNTS, IMBALANCE_RATIO, census_warnings, class_counts, npz_labels, split_counts,
+    BUILTIN_CLASS_COUNTS, IMBALANCE_RATIO, census_warnings, npz_labels, split_counts,
 )
+from core.engine.data.sampling import class_counts
 from core.engine.data.datasets import DEBIAN_FASHION_MNIST, load_digits, load_fashion_mnist, load_npz
-
-
-def test_counts_every_class_including_empty_ones() -> None:
-    assert class_counts(np.array([0, 2, 2, 4]), 5) == [1, 0, 2, 0, 1]
-    assert class_counts(np.array([], dtype=np.int64), 3) == [0, 0, 0]
 
 
 def test_a_class_missing_from_a_split_is_named_with_its_name() -> None:

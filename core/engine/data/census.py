@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from core.engine.data.npz import stratified_split
+from core.engine.data.sampling import class_counts
 
 IMBALANCE_RATIO = 10.0
 IMBALANCE_RULE = f"largest class / smallest class > {IMBALANCE_RATIO:g} within a split"
-SPLITS = ("train", "test")
 
 # The built-in data sets' counts per class (label order), train then test, as the engine loads
 # them: digits is scikit-learn's 1,797 images split by core.engine.data.npz.stratified_split
@@ -36,12 +36,6 @@ BUILTIN_CLASS_COUNTS: dict[str, dict[str, list[int]]] = {
     "cifar10": {"train": [5000] * 10, "test": [1000] * 10},
     "cifar100": {"train": [500] * 100, "test": [100] * 100},
 }
-
-
-def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
-    """Images per class 0..num_classes-1 (labels at or above num_classes are not counted)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    return [int(c) for c in np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)]
 
 
 def split_counts(y: np.ndarray, y_test: np.ndarray | None, num_classes: int, *,

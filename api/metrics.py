@@ -11,8 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from core.service.db import Job
-
-JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+from core.states import JOB_STATES
 
 
 class _JobsByStatus:

@@ -14,12 +14,13 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.states import JobStatus, JobType
+
 # An ISO 8601 UTC time as the API writes it ("2026-01-31T12:00:00.123456Z"); kept a string so
 # that the answer is byte for byte what the route built.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 # A JSON number written as it came (an int stays an int, a float a float).
 Number = int | float
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 class _Closed(BaseModel):
@@ -76,7 +77,7 @@ class Job(_Closed):
 
     id: str
     object: Literal["job"]
-    type: Literal["finetune", "evaluate"]
+    type: JobType
     status: JobStatus
     model_id: str | None
     dataset: str
@@ -137,7 +138,7 @@ class Report(_Open):
     """The report of a finished job (report.json): a fine-tune's before/after numbers, history and
     provenance, or an evaluation's curves; see docs/concepts.md for every field."""
 
-    type: Literal["finetune", "evaluate"]
+    type: JobType
 
 
 # ------------------------------------------------------------------------------- models, datasets

@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from core.engine.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
 from core.service.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
 from core.limits import MAX_NUM_CLASSES, MAX_SEED
+from core.states import JobType
 from core.service.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
@@ -241,7 +242,7 @@ class WebhookEndpointCreate(_Body):
 
 
 class JobCreate(_Body):
-    type: Literal["finetune", "evaluate"]
+    type: JobType
     model_id: str | None = Field(default=None, max_length=40)
     model: InlineModelRef | None = None
     dataset: str = Field(min_length=1, max_length=100, examples=list(BUILTIN_DATASETS),

@@ -21,8 +21,7 @@ import click
 from cli.params import CONTEXT, RECIPES, THREAT_KINDS, Failure, JsonObject, Numbers, Radius, fields_help, recipe_fields
 from robustify import Client
 from robustify.client import DEFAULT_URL
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from robustify.types import JOB_STATES, TERMINAL_STATUSES
 BUILTIN_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 
 
@@ -392,8 +391,7 @@ def _job_line(j: dict[str, Any]) -> str:
 
 
 @client_command(jobs, "list")
-@click.option("--status", multiple=True, type=click.Choice(["queued", "running", "cancelling", "succeeded",
-                                                            "failed", "cancelled"]),
+@click.option("--status", multiple=True, type=click.Choice(JOB_STATES),
               help="Only jobs in this state (repeatable).")
 @click.option("--type", "recipe", type=click.Choice(RECIPES), help="Only this recipe.")
 @click.option("--model-id", help="Only jobs of this model.")
@@ -410,7 +408,7 @@ def _summary(job: dict[str, Any]) -> str:
 
     lines = [f"{job['id']}: {job['status']} ({job['type']}, attempt {job['attempt']})"]
     p = job.get("progress") or {}
-    if job["status"] not in TERMINAL and p.get("fraction") is not None:
+    if job["status"] not in TERMINAL_STATUSES and p.get("fraction") is not None:
         lines.append(f"  progress {100 * p['fraction']:.0f}%  phase {p.get('phase')}  epoch {p.get('epoch')}"
                      f"/{p.get('total_epochs')}  eta {p.get('eta_seconds')} s")
     metrics = {k: v for k, v in (job.get("latest_metrics") or {}).items() if v is not None}
@@ -523,7 +521,7 @@ def watch_job(out: Out, job_id: str, *, quiet: bool = False) -> int:
     refresh(job)
     last_read = time.monotonic()
     try:
-        while job["status"] not in TERMINAL:
+        while job["status"] not in TERMINAL_STATUSES:
             try:
                 event = events.get(timeout=0.5)
             except queue.Empty:

@@ -22,6 +22,7 @@ import click
 from cli.params import CONTEXT
 from cli.result_table import finetune_table
 from core.service.settings import get_settings
+from core.states import TERMINAL_STATES
 
 # The README's service example: every field at its default but the epochs (the defaults fit digits'
 # size: batch 16, lr 0.0025, 71 optimizer steps per epoch). About a minute on 2 CPU cores; it lifts
@@ -91,7 +92,7 @@ def _follow(client: Any, job_id: str) -> dict[str, Any]:
                      if metrics.get(k) is not None}
             bar.set_postfix(shown, refresh=False)
             bar.update(max(0, int(100 * (prog.get("fraction") or 0)) - bar.n))
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in TERMINAL_STATES:
                 return job
             time.sleep(0.5)
     finally:

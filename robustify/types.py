@@ -7,10 +7,16 @@ Open-ended parts (config, metrics, result, metadata) stay dictionaries.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The server's job vocabulary (core/states.py), copied because the SDK installs without the
+# server; tests/service/test_sdk.py checks that the copies are equal.
+JobType = Literal["finetune", "evaluate"]
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JOB_TYPES: tuple[str, ...] = get_args(JobType)
+JOB_STATES: tuple[str, ...] = get_args(JobStatus)
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 

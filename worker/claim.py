@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.service.db import Job, JobEvent, TERMINAL_STATES, utcnow
+from core.service.db import Job, JobEvent, utcnow
+from core.states import TERMINAL_STATES, WORKER_STATES
 from worker.runtime import Runtime, heartbeat_is_stale
 
 log = logging.getLogger("robustify.worker")
@@ -56,7 +57,7 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
         now = utcnow()
         # This very process is not running the job (it is claiming it): a run of its own that ended
         # without recording an outcome (the database was down) counts as gone.
-        if (job.status in ("running", "cancelling") and job.worker_id != owner
+        if (job.status in WORKER_STATES and job.worker_id != owner
                 and not heartbeat_is_stale(job.heartbeat_at, job.worker_id, settings)):
             session.rollback()
             return Claim(False, f"duplicate delivery: {job.worker_id} is running it")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from core.service.db import Job, as_utc, record_worker_heartbeat, utcnow
+from core.states import LIVE_STATES
 from worker.runtime import Runtime, heartbeat_is_stale, runtime
 
 log = logging.getLogger("robustify.worker")
@@ -40,7 +41,7 @@ class Sweeper:
         due: list[str] = []
         with self.rt.session() as s:
             rows = s.execute(select(Job.id, Job.status, Job.heartbeat_at, Job.worker_id, Job.created_at)
-                             .where(Job.status.in_(("queued", "running", "cancelling")))).all()
+                             .where(Job.status.in_(LIVE_STATES))).all()
         for row in rows:
             if row.status == "queued":
                 waited = now - (as_utc(row.created_at) or now)

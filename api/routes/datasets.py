@@ -22,7 +22,8 @@ from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import dataset_object, page
 from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
-from core.service.db import Artifact, Dataset, Job, TERMINAL_STATES, new_id
+from core.service.db import Artifact, Dataset, Job, new_id
+from core.states import TERMINAL_STATES
 from core.service.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])

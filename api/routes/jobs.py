@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -20,7 +20,6 @@ from api.bodies import check_metadata
 from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.deps import SESSION, Caller, Services, caller, owned, services
 from api.errors import ApiError, not_found
-from api.metrics import JOB_STATES
 from api import responses as r
 from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.routes.models import get_owned_model, register_robustbench_model
@@ -29,7 +28,8 @@ from api.schemas import (
     JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
 )
 from core.engine.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
-from core.service.db import Artifact, Job, JobEvent, Model, TERMINAL_STATES, new_id, utcnow
+from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from core.states import JOB_STATES, TERMINAL_STATES, JobType
 from core.engine.defaults import resolve_finetune
 from core.limits import MAX_EVENT_ID
 from core.service.queue import enqueue_job
@@ -168,7 +168,7 @@ _STATUS_LIST = f"^({'|'.join(JOB_STATES)})(,({'|'.join(JOB_STATES)}))*$"
 
 @router.get("", response_model=r.JobList, summary="List jobs, newest first")
 def list_jobs(status: str | None = Query(None, pattern=_STATUS_LIST, description="Comma-separated states."),
-              type: Literal["finetune", "evaluate"] | None = None,
+              type: JobType | None = None,
               model_id: str | None = Query(None, pattern=ID_PATTERN),
               limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
               who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:

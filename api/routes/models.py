@@ -23,7 +23,8 @@ from core.storage.artifacts import commit_or_unstore, delete_artifact, record_ar
 from core.engine.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
 from core.engine.hub import hub_architecture
 from core.engine.input_contract import default_input_stats
-from core.service.db import Artifact, Dataset, Job, Model, TERMINAL_STATES, new_id, utcnow
+from core.service.db import Artifact, Dataset, Job, Model, new_id, utcnow
+from core.states import TERMINAL_STATES
 from core.service.queue import enqueue_model_validation
 from core.service.uploads import inspect_safetensors
 

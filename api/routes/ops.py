@@ -8,12 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import func, select, text
 
 from api import responses as r
 from api.deps import Services, services
 from api.errors import problem_response
 from core.service.db import Job, WorkerHeartbeat, utcnow
+from core.states import WORKER_STATES
 
 router = APIRouter(tags=["operations"])
 
@@ -50,7 +51,7 @@ def _check_workers(svc: Services) -> dict[str, Any]:
                                      .where(WorkerHeartbeat.heartbeat_at >= since)) or 0
             # A worker busy on a job also beats on the job row.
             busy = session.scalar(select(func.count()).select_from(Job).where(
-                Job.heartbeat_at >= since, or_(Job.status == "running", Job.status == "cancelling"))) or 0
+                Job.heartbeat_at >= since, Job.status.in_(WORKER_STATES))) or 0
     except Exception as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
     if workers or busy:

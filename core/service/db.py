@@ -118,9 +118,9 @@ class Job(Base):
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_key_id: Mapped[str | None] = mapped_column(String(40))
-    type: Mapped[str] = mapped_column(String(20))  # finetune | evaluate
+    type: Mapped[str] = mapped_column(String(20))  # one of core.states.JOB_TYPES
     status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
-    # queued | running | cancelling | succeeded | failed | cancelled
+    # one of core.states.JOB_STATES
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
     dataset: Mapped[str] = mapped_column(String(100))  # built-in name or a dataset id
     threat_model: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -219,5 +219,3 @@ def as_utc(value: datetime | None) -> datetime | None:
         return value
     return value.replace(tzinfo=timezone.utc)
 
-
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})

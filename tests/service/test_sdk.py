@@ -43,6 +43,16 @@ def test_importing_the_sdk_loads_no_torch_nor_the_service():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_sdk_copy_of_the_job_vocabulary_is_the_servers():
+    """The SDK installs without the server, so it spells the job states itself: the same ones."""
+    from core import states
+    from robustify import types
+
+    assert types.JOB_STATES == states.JOB_STATES and types.JOB_TYPES == states.JOB_TYPES
+    assert types.TERMINAL_STATUSES == states.TERMINAL_STATES
+    assert types.JobStatus == states.JobStatus and types.JobType == states.JobType
+
+
 def test_models_and_datasets(sdk, tmp_path, live, keys):
     weights = tmp_path / "cnn.safetensors"
     weights.write_bytes(safetensors_bytes(seed=4))

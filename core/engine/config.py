@@ -52,6 +52,8 @@ AUTO = "auto"
 MEMORY_ATTACK_STEPS = 1   # attack_steps under attack_schedule "memory" when the request leaves it out
 ALLOCATE_ATTACK_STEPS = 1  # ... and under attack_schedule "allocate"
 Auto = Literal["auto"]
+# What the before/after (and an evaluation's) W2 numbers run: core.engine.evaluation.ensemble's table.
+EvaluationPreset = Literal["standard", "quick"]
 SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",
                           "w2_robust_to_clean_ratio", "clean_accuracy"]
 
@@ -129,7 +131,8 @@ class FinetuneConfig(_Strict):
                                     description="attack_schedule 'allocate': γ, the multiple of each point's "
                                                 "first-order distance to the decision boundary it is moved.")
     budget: Literal["dynamic", "fixed"] = "dynamic"
-    budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES, description="Images used for the initial Ῡ.")
+    budget_subset: int = Field(default=1024, ge=1, le=MAX_EXAMPLES,
+                               description="Training images (a seeded stratified sample) that give the initial Ῡ.")
     budget_ema_decay: float = Field(default=0.8, ge=0.0, lt=1.0,
                                     description="After each batch Ῡ ← decay·Ῡ + (1 − decay)·min(Υ_B, cap·Ῡ).")
     budget_cap: float = Field(default=3.0, ge=0.0, le=MAX_STEP_RATIO, description="δ_B is clamped to [0, cap·δ].")
@@ -138,18 +141,26 @@ class FinetuneConfig(_Strict):
     selection: SelectionRule = Field(default_factory=SelectionRule)
     validation_fraction: float = Field(
         default=0.2, gt=0.0, lt=1.0,
-        description="Share of the training images held out (stratified, seeded) to select the checkpoint.")
+        description="Share of the training images held out (a seeded stratified sample) to select the checkpoint.")
     validation_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES,
                                      description="At most this many validation images.")
     test_examples: int | None = Field(
         default=None, ge=1, le=MAX_EXAMPLES,
-        description="Test images for the reported before/after numbers; null: all of them.")
+        description="Test images for the reported before/after numbers, a seeded stratified sample of the test "
+                    "split (every class in proportion); null: all of them.")
+    evaluation: EvaluationPreset = Field(
+        default="standard",
+        description="The attack ensemble of the before/after test numbers (core.engine.evaluation.ensemble): "
+                    "standard runs every attack to convergence; quick is cheaper, for smoke tests. The "
+                    "per-epoch validation keeps its own cheaper eval_* attacks.")
     eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="W-PGD steps of the per-epoch validation.")
     eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS, description="PGD steps of the per-epoch validation.")
     test_wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS, description="W-PGD steps of the reported test numbers.")
     test_pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="PGD steps of the reported test numbers.")
-    train_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES,
-                                       description="Use only the first N training images.")
+    train_examples: int | None = Field(
+        default=None, ge=1, le=MAX_EXAMPLES,
+        description="Use only N training images, a seeded stratified sample (every class in proportion, each "
+                    "class at least once when N is at least the number of classes); null: all of them.")
     amp: Literal["auto", "bf16", "off"] = Field(
         default="auto", description="The training step: auto is bf16 on CUDA, float32 on CPU.")
     eval_amp: Literal["off", "bf16"] = Field(

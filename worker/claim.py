@@ -79,7 +79,7 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
                       {"status": "failed", "error": job.error}, level="error")
             session.commit()
             return Claim(False, "worker_lost")
-        # The attempt is counted by the run's first write (worker/jobs.py): a worker killed before
+        # The attempt is counted by the run's first write (worker/hooks.py): a worker killed before
         # doing any work costs the job no attempt.
         attempt = job.attempt + 1
         previous, previous_owner = job.status, job.worker_id

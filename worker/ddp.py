@@ -36,10 +36,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.service.db import Artifact, Dataset, Job, Model
 from core.errors import RobustifyError
+from core.service.db import Artifact, Dataset, Job, Model
 from core.service.settings import Settings
 from worker.claim import add_event
+from worker.finish import error_of, finish_finetune
+from worker.hooks import Heartbeat, LostOwnership
+from worker.inputs import set_up_job
 from worker.runtime import HOSTNAME, Runtime
 
 log = logging.getLogger("robustify.worker")
@@ -59,8 +62,6 @@ def devices_for(settings: Settings, job_type: str, config: dict[str, Any] | None
 def run_distributed(rt: Runtime, job_id: str, owner: str, hb: Any, devices: int,
                     resume_artifact_id: str | None) -> str:
     """Run the claimed job on `devices` ranks; returns the job's status word (as run_job does)."""
-    from worker.jobs import LostOwnership
-
     backend = _check_devices(devices)
     _prefetch(rt, job_id, resume_artifact_id)
     work = _work_dir(rt.settings.resolved_cache_dir / "ddp")
@@ -182,7 +183,6 @@ def _end_attempt(rt: Runtime, job_id: str, owner: str, why: str) -> str:
     """Give the job back: queued again, so the next attempt resumes from its last checkpoint."""
     from core.service.queue import enqueue_job
     from worker.celery_app import app
-    from worker.jobs import LostOwnership
 
     with rt.session() as s:
         job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
@@ -211,16 +211,12 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run_rank(args: argparse.Namespace) -> None:
+    """One rank: the job's setup (worker/inputs.py, as on one device), the recipe with this rank's
+    World, and on rank 0 the job's end."""
     import torch
 
-    from core.storage.artifacts import artifact_relpath
-    from core.engine.checkpoint import load_training_checkpoint
-    from core.engine.config import FinetuneConfig
     from core.engine.distributed import init_world, shutdown_world
     from core.engine.hooks import Hooks
-    from core.engine.recipes.finetune import finetune
-    from worker.jobs import (Heartbeat, JobHooks, LostOwnership, _finish_finetune, _load_resume, load_data_for,
-                             load_model_for)
     from worker.runtime import runtime
 
     rt = runtime()
@@ -229,28 +225,15 @@ def _run_rank(args: argparse.Namespace) -> None:
         torch.cuda.set_device(args.rank)
     world = init_world(args.rank, args.world, str(Path(args.work) / "rendezvous"))
     # on an error the rank reports and exits at once (main): no teardown that could wait on dead peers
-    with rt.session() as s:
-        job = s.get(Job, args.job)
-        assert job is not None
-        model = load_model_for(rt, s, s.get(Model, job.model_id))
-        data = load_data_for(rt, s, job.dataset)
-        hb = Heartbeat(rt, args.job, args.owner)   # not started: the task's heartbeat runs; rank 0 reads cancels
-        hooks = JobHooks(rt, job, args.owner, hb) if world.is_main else None
-        resume = None
-        if args.resume and hooks is not None:
-            resume = _load_resume(rt, s, args.job, args.resume, hooks)
-        elif args.resume:
-            art = s.get(Artifact, args.resume)
-            resume = load_training_checkpoint(rt.store.local_path(artifact_relpath(art))) if art else None
-        config = FinetuneConfig.model_validate(job.config)
-    mine = hooks.as_hooks() if hooks is not None else Hooks()
+    hb = Heartbeat(rt, args.job, args.owner)   # not started: the task's heartbeat runs; rank 0 reads cancels
+    setup = set_up_job(rt, args.job, args.owner, hb, args.resume or None, reports=world.is_main)
+    mine = setup.hooks.as_hooks() if setup.hooks is not None else Hooks()
     agreed = dataclasses.replace(mine, should_stop=lambda: world.any(mine.should_stop()))
-    result = finetune(config, model, data, agreed, device=f"cuda:{args.rank}" if cuda else "cpu",
-                      resume=resume, world=world)
-    if hooks is not None:
+    result = setup.finetune(agreed, device=f"cuda:{args.rank}" if cuda else "cpu", world=world)
+    if setup.hooks is not None:
         if hb.lost:
             raise LostOwnership(args.job)
-        _finish_finetune(rt, args.job, args.owner, hooks, result)
+        finish_finetune(rt, setup.hooks, result)
     shutdown_world(world)
 
 
@@ -263,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format=f"[rank {args.rank}] %(levelname)s %(name)s: %(message)s")
-    from worker.jobs import LostOwnership, _error_of
-
     try:
         _run_rank(args)
         return 0
@@ -272,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, str] = {"code": "lost", "message": "another worker took the job over"}
         code = 3
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the task
-        report = {**_error_of(exc), "traceback": "".join(traceback.format_exception(exc))[-20000:]}
+        report = {**error_of(exc), "traceback": "".join(traceback.format_exception(exc))[-20000:]}
         log.error("rank %d failed: %s", args.rank, report["traceback"])
         code = 1
     Path(args.work, f"rank{args.rank}.error.json").write_text(json.dumps(report))

@@ -3,7 +3,7 @@
 Writes that must happen (a checkpoint's rows, the finished job) are retried for up to the
 stale-heartbeat limit, the time after which another worker may take the job over anyway.
 Writes that may wait (progress, events, heartbeats) are kept and sent with the next one
-(worker/jobs.py). A task that cannot read its job row at all goes back to the queue.
+(worker/hooks.py). A task that cannot read its job row at all goes back to the queue.
 """
 from __future__ import annotations
 

@@ -34,6 +34,6 @@ def run_job(job_id: str) -> str:
 
 @app.task(name=TASK_VALIDATE_MODEL, acks_late=True, reject_on_worker_lost=True)
 def validate_model(model_id: str) -> str:
-    from worker.jobs import validate_model as validate
+    from worker.validate import validate_model as validate
 
     return _requeued_on_outage(validate, model_id)

@@ -18,7 +18,7 @@ import httpx
 from sqlalchemy import or_, select, update
 
 from core.service.db import WebhookDelivery, WebhookEndpoint, utcnow
-from core.service.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target
+from core.service.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target, policy_of
 from robustify.webhooks import sign
 from worker.runtime import Runtime, runtime
 
@@ -108,7 +108,7 @@ class WebhookDispatcher:
             error, final = "the endpoint was deleted", True
         else:
             try:
-                check_target(url, allow_private=self.settings.webhook_allow_private)
+                check_target(url, policy_of(self.settings))
                 stamp = int(time.time())
                 response = self.http.post(url, content=body, headers={
                     "Content-Type": "application/json", "webhook-id": delivery_id,

@@ -170,7 +170,8 @@ def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pyt
     import worker.runtime
     from core.service.settings import get_settings
     from tests.e2e.conftest import free_port
-    from worker.jobs import run_job, validate_model
+    from worker.jobs import run_job
+    from worker.validate import validate_model
     from worker.tasks import _requeued_on_outage
 
     monkeypatch.setenv("ROBUSTIFY_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone")

@@ -12,7 +12,8 @@ from core.engine.checkpoint import save_weights
 from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
 from tests.e2e.test_claim import rt  # noqa: F401  (the worker runtime on PostgreSQL and on SQLite)
 from worker.chain import register_finetuned_model
-from worker.jobs import Heartbeat, JobHooks, load_data_for, load_model_for
+from worker.hooks import Heartbeat, JobHooks
+from worker.inputs import load_data_for, load_model_for
 from worker.runtime import Runtime, worker_id
 
 

@@ -18,7 +18,7 @@ from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
 from api.schemas import JobWebhook, WebhookEndpointCreate, page, webhook_delivery_object, webhook_endpoint_object
 from core.service.db import WebhookDelivery, WebhookEndpoint, new_id, utcnow
-from core.service.webhooks import check_target, new_secret
+from core.service.webhooks import check_target, new_secret, policy_of
 
 router = APIRouter(tags=["webhooks"])
 
@@ -29,7 +29,7 @@ def _live(who: Caller) -> list[Any]:
 
 def _register(session: Session, svc: Services, who: Caller, url: str, events: list[str] | None,
               default: bool = False, description: str | None = None) -> WebhookEndpoint:
-    check_target(url, allow_private=svc.settings.webhook_allow_private)
+    check_target(url, policy_of(svc.settings))
     if default:  # one default endpoint per key
         session.execute(update(WebhookEndpoint).where(*_live(who), WebhookEndpoint.is_default.is_(True))
                         .values(is_default=False))
@@ -53,7 +53,7 @@ def job_webhook(session: Session, svc: Services, who: Caller, spec: JobWebhook |
     if endpoint is None:
         endpoint = _register(session, svc, who, spec.url, None)
     else:
-        check_target(endpoint.url, allow_private=svc.settings.webhook_allow_private)
+        check_target(endpoint.url, policy_of(svc.settings))
     events = list(spec.events) if spec.events else endpoint.events
     return endpoint.id, events
 

@@ -15,8 +15,11 @@ the providers' others) and the service's own database and broker ports.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -96,3 +99,25 @@ class TargetPolicy:
                 return (f"{ip} is not a globally routable address (loopback, private, shared or reserved) and is "
                         "outside ROBUSTIFY_WEBHOOK_ALLOW_NETWORKS")
         return None
+
+
+def _endpoints(url: str, default_port: int) -> set[tuple[IPAddress, int]]:
+    """The (address, port) pairs a database or broker URL points at; none for a file-backed one."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return set()
+    try:
+        port = parts.port or default_port
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        return set()
+    return {(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]), port) for info in infos}
+
+
+@lru_cache(maxsize=8)
+def target_policy(allow_networks: str, allow_private: bool, database_url: str, broker_url: str) -> TargetPolicy:
+    """The policy that the settings describe (cached: the database and broker hosts are resolved once)."""
+    allowed = parse_networks(allow_networks) + (parse_networks(PRIVATE_NETWORKS) if allow_private else ())
+    protected = _endpoints(database_url, 5432) | _endpoints(broker_url, 6379)
+    return TargetPolicy(allowed=allowed, protected=frozenset(protected),
+                        protected_ports=frozenset(port for _, port in protected))

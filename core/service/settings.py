@@ -12,7 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.service.netpolicy import parse_networks
 
 
 
@@ -99,10 +102,19 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
-    # Webhooks (core/service/webhooks.py, worker/webhooks.py). Targets on loopback, private and
-    # link-local addresses are refused unless webhook_allow_private (SSRF: the workers sit
-    # inside the operator's network).
+    # Webhooks (core/service/webhooks.py, worker/webhooks.py). A target must be a globally routable
+    # address or lie in webhook_allow_networks (comma-separated CIDRs; SSRF: the workers sit inside
+    # the operator's network); webhook_allow_private adds the RFC 1918, loopback and unique-local
+    # ranges. Metadata addresses and this service's database and broker ports are always refused
+    # (core/service/netpolicy.py).
+    webhook_allow_networks: str = ""
     webhook_allow_private: bool = False
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        parse_networks(value)  # a bad entry stops the service at start, naming the entry
+        return value
     webhook_timeout_seconds: float = 15.0
     webhook_max_attempts: int = 8
     webhook_retry_base_seconds: float = 5.0      # first retry after about this, doubling each time

@@ -23,6 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.service.db import Job, JobEvent, WebhookDelivery, utcnow
+from core.service.netpolicy import TargetPolicy, target_policy
 from core.errors import RobustifyError
 from core.service.settings import get_settings
 
@@ -56,13 +57,6 @@ def new_message_id() -> str:
 
 
 # ------------------------------------------------------------------------------ targets
-def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified)
-
-
 # What the request schemas state about a webhook URL (JSON Schema regex; url_problem checks the rest).
 WEBHOOK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#]+([/?#]\S*)?$"
 
@@ -81,9 +75,16 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def check_target(url: str, *, allow_private: bool) -> None:
-    """Refuse a webhook URL that is not http(s), or whose host resolves to a loopback, private or
-    link-local address (unless the operator allows them: ROBUSTIFY_WEBHOOK_ALLOW_PRIVATE=1).
+def policy_of(settings: Any) -> TargetPolicy:
+    """The webhook target policy of these settings (core/service/netpolicy.py)."""
+    return target_policy(settings.webhook_allow_networks, settings.webhook_allow_private,
+                         settings.resolved_database_url, settings.resolved_broker_url)
+
+
+def check_target(url: str, policy: TargetPolicy) -> None:
+    """Refuse a webhook URL that is not http(s), or any of whose host's addresses the policy
+    refuses: not globally routable and outside ROBUSTIFY_WEBHOOK_ALLOW_NETWORKS, a metadata
+    address, or this service's own database or broker.
 
     The dispatcher checks again before each attempt, so a name that later resolves inwards
     (DNS rebinding) is refused too."""
@@ -97,14 +98,13 @@ def check_target(url: str, *, allow_private: bool) -> None:
     except (socket.gaierror, UnicodeError) as exc:
         raise WebhookTargetUnresolvable(f"webhook host {parts.hostname!r} does not resolve ({exc}); "
                                         "check the URL.") from None
-    if allow_private:
-        return
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if _forbidden(ip):
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        why = policy.problem(ip, port)
+        if why:
             raise WebhookTargetRefused(
-                f"webhook host {parts.hostname!r} resolves to {ip}, a loopback, private or link-local "
-                "address; use a public address, or ask the operator to set ROBUSTIFY_WEBHOOK_ALLOW_PRIVATE=1.")
+                f"webhook host {parts.hostname!r} resolves to {ip}: {why}. Use a public address, or ask the "
+                "operator to list its network in ROBUSTIFY_WEBHOOK_ALLOW_NETWORKS.")
 
 
 # ------------------------------------------------------------------------------ messages

@@ -54,3 +54,12 @@ def test_embedded_ipv4_addresses_are_found():
     assert ip("127.0.0.1") in carried_addresses(ip("2002:7f00:1::"))
     assert ip("100.100.100.200") in carried_addresses(ip("::ffff:100.100.100.200"))
     assert ip("127.0.0.1") in carried_addresses(ip("64:ff9b::7f00:1"))
+
+
+def test_a_bad_allow_list_stops_the_settings_naming_the_entry():
+    from pydantic import ValidationError
+
+    from core.service.settings import Settings
+
+    with pytest.raises(ValidationError, match="'foo' is not a network"):
+        Settings(webhook_allow_networks="10.0.0.0/8,foo")

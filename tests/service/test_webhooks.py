@@ -71,18 +71,31 @@ def _hmac(secret: str, headers: dict[str, str], body: bytes) -> str:
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/hook", "http://192.168.0.7/hook",
     "http://169.254.169.254/latest/meta-data", "http://[::1]/hook", "http://[::ffff:127.0.0.1]/hook",
+    # not "private" in Python's sense, but not global either: metadata in 100.64.0.0/10, site-local, 6to4
+    "http://100.100.100.200/", "http://[::ffff:100.100.100.200]/", "http://[fec0::1]/", "http://[2002:7f00:1::]/",
 ])
 def test_private_targets_are_refused(client, keys, db, url):
     model_id = db.add_model(keys["a"]["id"])
     jobs_before = db.count(Job)
     r = client.post("/v1/webhooks", json={"url": url}, headers=keys["a"]["headers"])
     assert r.status_code == 422 and r.json()["code"] == "webhook_target_forbidden", r.text
-    assert "ROBUSTIFY_WEBHOOK_ALLOW_PRIVATE" in r.json()["detail"]
+    assert "ROBUSTIFY_WEBHOOK_ALLOW_NETWORKS" in r.json()["detail"]
     r = client.post("/v1/jobs", json={"type": "finetune", "model_id": model_id, "dataset": "digits",
                                       "webhook": {"url": url}}, headers=keys["a"]["headers"])
     assert r.status_code == 422 and r.json()["code"] == "webhook_target_forbidden"
     assert db.count(Job) == jobs_before  # nothing left behind
     assert client.get("/v1/webhooks", headers=keys["a"]["headers"]).json()["data"] == []
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data", "http://100.100.100.200/",  # metadata
+    "http://127.0.0.1:6379/", "http://[::1]:5432/",                        # this service's broker and database
+])
+def test_allowing_private_networks_never_opens_metadata_or_the_service_ports(open_client, keys, url):
+    r = open_client.post("/v1/webhooks", json={"url": url}, headers=keys["a"]["headers"])
+    assert r.status_code == 422 and r.json()["code"] == "webhook_target_forbidden", r.text
+    assert open_client.post("/v1/webhooks", json={"url": "http://127.0.0.1:8099/hook"},
+                            headers=keys["a"]["headers"]).status_code == 201
 
 
 def test_endpoint_registration(client, keys):

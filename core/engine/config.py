@@ -224,28 +224,52 @@ class FinetuneConfig(_Strict):
         return [name for name in ("epochs", "batch_size", "lr") if getattr(self, name) == AUTO]
 
 
+EVALUATION_DESCRIPTION = (
+    "The attack preset of the robust accuracies (docs/concepts.md, 'The evaluation protocol'). standard: W2 is "
+    "the minimum over W-PGD with ReDLR, W-PGD with cross-entropy and W-PGD from a random start in the ball, each "
+    "run until its accuracy stops falling (patience 25 steps, cap 500); the pointwise number is AutoAttack's "
+    "standard version on a GPU, APGD-CE + APGD-T on a CPU. quick: ReDLR and cross-entropy W-PGD (patience 10, "
+    "cap 100) and PGD, for per-epoch validation and smoke tests.")
+
+
 class EvaluateConfig(_Strict):
-    """Clean, W2 distributional (W-PGD) and pointwise (PGD / AutoAttack) robust accuracy."""
+    """Clean, W2 distributional (an ensemble of W-PGD attacks) and pointwise (AutoAttack / APGD / PGD)
+    robust accuracy, each with n and a 95 % interval, a masking audit and per-class numbers."""
 
     threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
     deltas: list[Annotated[float, Field(ge=0.0, le=MAX_RADIUS)]] | None = Field(
         default=None, max_length=100, description="Several radii for a robustness curve; default [threat_model.delta].",
     )
-    n_examples: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES, description="Evaluate the first N test images.")
+    evaluation: EvaluationPreset = Field(default="standard", description=EVALUATION_DESCRIPTION)
+    n_examples: int | None = Field(
+        default=None, ge=1, le=MAX_EXAMPLES,
+        description="Evaluate a seeded (seed), stratified random sample of N test images; null: all of them.")
     batch_size: Annotated[int, Field(ge=1, le=65536)] | Auto = Field(
         default=AUTO, description="Images per forward/backward pass; changes speed only, never a result. auto: "
                                   "resolved where the job runs: 1,024 CIFAR-sized images on a GPU, a "
                                   "cache-sized 32-256 on a CPU (core.engine.defaults.auto_eval_batch_size).")
-    wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    wpgd_steps: int = Field(
+        default=50, ge=1, le=MAX_STEPS,
+        description="Nominal W-PGD steps T: each attack of the ensemble steps by wpgd_step_ratio·δ/T, runs at least "
+                    "T steps, then until it stops improving (the preset's patience and step cap).")
     wpgd_step_ratio: float = Field(default=1.875, gt=0.0, le=MAX_STEP_RATIO)
-    attack_loss: Literal["redlr", "dlr", "ce"] = "redlr"
-    linf_attacks: list[Literal["pgd", "autoattack"]] = Field(default_factory=lambda: ["pgd"])
+    attack_loss: Literal["redlr", "dlr", "ce"] = Field(
+        default="redlr", description="Loss of the ensemble's first W-PGD attack and of its random-start attack "
+                                     "(the second attack uses cross-entropy, or ReDLR when this is ce).")
+    linf_attacks: list[Literal["pgd", "apgd", "autoattack"]] | None = Field(
+        default=None,
+        description="Pointwise attacks at every radius (a W2 ensemble member each); null: the preset's "
+                    "(standard: autoattack on a GPU, apgd = APGD-CE + APGD-T on a CPU; quick: pgd); [] for none.")
     pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS)
     pgd_step_ratio: float = Field(
         default=0.25, gt=0.0, le=MAX_STEP_RATIO,
         description="l∞ PGD step as a fraction of the radius attacked (2/255 at 8/255).")
     pgd_loss: Literal["ce", "dlr"] = "ce"
-    autoattack_examples: int = Field(default=1000, ge=1, le=MAX_EXAMPLES)
+    autoattack_examples: int = Field(
+        default=1000, ge=1, le=MAX_EXAMPLES,
+        description="No longer used: the pointwise attacks run on the whole sample (n_examples), so that W2 <= "
+                    "pointwise holds image for image; accepted so that older requests validate.")
+    audit: bool = Field(default=True, description="Run the masking audit at the headline radius.")
     amp: Literal["off", "bf16"] = Field(
         default="off", description="Robust accuracy is measured in float32 unless bf16 is asked for.")
     channels_last: bool = True

@@ -34,6 +34,10 @@ class WPGDResult:
     worst_step: int
     final_distance: float           # W_p distance of X_T from X (≤ δ)
     x_final: torch.Tensor | None = field(default=None, repr=False)
+    # per image: classified correctly at the worst iterate (keep_correct=True), for intervals and per-class numbers
+    correct: torch.Tensor | None = field(default=None, repr=False)
+    patience: int | None = None     # adaptive stop: the run ended after this many steps without a new minimum
+    stopped_by: str = "steps"       # "steps" (fixed count), "patience", "cap" (max_steps) or "request" (should_stop)
 
     @property
     def ratio(self) -> float:
@@ -46,6 +50,8 @@ class WPGDResult:
         If the accuracy still fell in the last quarter, more steps would likely fool more
         points: the robust accuracy is then an upper bound that may be loose.
         """
+        if self.patience is not None:
+            return self.stopped_by == "patience"
         return converged(self.accuracy_trajectory)
 
     def to_dict(self) -> dict:
@@ -57,6 +63,7 @@ class WPGDResult:
             "loss_clean": self.loss_clean, "loss_max": self.loss_max,
             "sensitivity": self.sensitivity, "first_order_estimate": self.first_order_estimate,
             "final_distance": self.final_distance, "converged": self.converged,
+            **({"patience": self.patience, "stopped_by": self.stopped_by} if self.patience is not None else {}),
         }
 
 
@@ -74,12 +81,21 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
           steps: int = 50, step_ratio: float = 1.875, loss: LossName = "redlr",
           batch_size: int = 500, compute: Compute | None = None,
           progress: Callable[[int, int], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, keep_final: bool = False) -> WPGDResult:
+          should_stop: Callable[[], bool] | None = None, keep_final: bool = False,
+          start: torch.Tensor | None = None, patience: int | None = None, max_steps: int | None = None,
+          keep_correct: bool = False) -> WPGDResult:
     """W-PGD on the whole set (x, y) with step α = step_ratio·δ/steps and no random start.
 
     `x` (N, C, H, W) in [0, 1] should already be on the compute device; `model` in eval mode.
     `progress(t, steps)` is called after each step; `should_stop()` every step ends the run
     early (the result then covers the steps done).
+
+    Additions for the evaluation ensemble (core.engine.evaluation), none of which changes a
+    default result: `start`, a perturbed copy of x to start from instead of x (projected into the
+    ball first; acc_0 is then the start's accuracy, not the clean one); `patience`, adaptive steps:
+    after the first `steps` steps the run goes on until `patience` steps in a row have brought no new
+    minimum of the whole-set accuracy, up to `max_steps` (α stays ratio·δ/steps); `keep_correct`:
+    the per-image correctness at the worst iterate (`correct`).
     """
     compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
     if loss == "kl":
@@ -87,26 +103,35 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
     loss_fn: PerSampleLoss = attack_loss(loss)
     n = x.shape[0]
     alpha = step_ratio * threat.delta / steps
-    x_adv = x.clone()
+    limit = steps if patience is None else max(steps, max_steps or steps)
+    x_adv = x.clone() if start is None else threat.project(start.to(x.dtype), x)
     direction = torch.empty_like(x)
     dual = torch.empty(n, device=x.device, dtype=x.dtype)
     correct_per_step: list[torch.Tensor] = []
     loss_per_step: list[torch.Tensor] = []
     upsilon = torch.zeros((), device=x.device, dtype=torch.float64)
+    tracker = _WorstIterate(n, x.device, threat) if keep_correct else None
+    minimum = _RunningMinimum()
 
     steps_done = 0
-    for t in range(1, steps + 1):
+    stopped_by = "steps" if patience is None else "cap"
+    for t in range(1, limit + 1):
         correct = torch.zeros((), device=x.device, dtype=torch.int64)
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
         for b in batches(n, batch_size):
             g, logits, l = input_gradient(model, x_adv[b], y[b], loss_fn, compute)
-            correct += (logits.argmax(dim=1) == y[b]).sum()
+            hit = logits.argmax(dim=1) == y[b]
+            if tracker is not None:
+                tracker.now[b] = hit
+            correct += hit.sum()
             loss_sum += l.double().sum()
             d = threat.dual_norms(g)
             dual[b] = d
             direction[b] = threat.raw_direction(g, d)
         correct_per_step.append(correct)          # accuracy of X_{t-1}
         loss_per_step.append(loss_sum)
+        if tracker is not None:
+            tracker.update()
         norm = threat.normaliser(dual)           # N (= Υ at this iterate for W2 threats)
         if t == 1:
             upsilon = threat.sensitivity(dual)
@@ -114,18 +139,27 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
         x_adv = threat.project(x_adv.add_(direction * scale), x)
         steps_done = t
         if progress is not None:
-            progress(t, steps)
+            progress(t, limit)
         if should_stop is not None and should_stop():
+            stopped_by = "request"
+            break
+        if patience is not None and minimum.since_new(threat.world.sum(correct)) >= patience and t >= steps:
+            stopped_by = "patience"
             break
 
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     for b in batches(n, batch_size):
         logits = predict(model, x_adv[b], compute)
-        correct += (logits.argmax(dim=1) == y[b]).sum()
+        hit = logits.argmax(dim=1) == y[b]
+        if tracker is not None:
+            tracker.now[b] = hit
+        correct += hit.sum()
         loss_sum += loss_fn(logits, y[b]).double().sum()
     correct_per_step.append(correct)
     loss_per_step.append(loss_sum)
+    if tracker is not None:
+        tracker.update()
 
     # one host synchronisation (and, across ranks, one all-reduce) for the whole run
     world = threat.world
@@ -142,7 +176,43 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
         sensitivity=upsilon_f, first_order_estimate=losses[0] + threat.delta * upsilon_f,
         worst_step=worst, final_distance=threat.distance(x_adv, x),
         x_final=x_adv if keep_final else None,
+        correct=tracker.best if tracker is not None else None,
+        patience=patience, stopped_by=stopped_by,
     )
+
+
+class _RunningMinimum:
+    """How many steps ago the whole-set count of correct images last reached a new minimum (the
+    adaptive stop; one host synchronisation per step, which only an adaptive run pays)."""
+
+    def __init__(self) -> None:
+        self.best: int | None = None
+        self.age = 0
+
+    def since_new(self, count: torch.Tensor) -> int:
+        value = int(count)
+        if self.best is None or value < self.best:
+            self.best, self.age = value, 0
+        else:
+            self.age += 1
+        return self.age
+
+
+class _WorstIterate:
+    """The per-image correctness at the iterate with the fewest correct images (the latest among
+    ties, as W-PGD's `worst_step`), kept on the device without a host synchronisation."""
+
+    def __init__(self, n: int, device: torch.device, threat: Threat) -> None:
+        self.now = torch.zeros(n, dtype=torch.bool, device=device)
+        self.best = torch.ones(n, dtype=torch.bool, device=device)
+        self.count = torch.full((), 2 ** 62, dtype=torch.int64, device=device)   # above any set's size
+        self.world = threat.world
+
+    def update(self) -> None:
+        count = self.world.sum(self.now.sum())
+        better = count <= self.count
+        self.best = torch.where(better, self.now, self.best)
+        self.count = torch.where(better, count, self.count)
 
 
 def w_fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,

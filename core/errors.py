@@ -6,6 +6,7 @@ in the job's or model's `error` field. Messages say what went wrong and what to 
 from __future__ import annotations
 
 import errno
+import re
 
 
 class RobustifyError(Exception):
@@ -75,14 +76,31 @@ class StorageFull(RobustifyError):
     status = 507
 
     @classmethod
-    def from_os_error(cls, exc: OSError) -> "StorageFull":
-        return cls(f"the artifact store is full ({exc.strerror or exc}). Free space in the store "
+    def from_os_error(cls, exc: BaseException) -> "StorageFull":
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return cls(f"the artifact store is full ({why}). Free space in the store "
                    "(ROBUSTIFY_ARTIFACT_DIR) or delete old models, data sets and jobs, then retry.")
 
 
+# Libraries with a Rust core (safetensors' SafetensorError) report an I/O error as text that
+# ends in "(os error N)" instead of raising an OSError with errno N.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def is_storage_full(exc: BaseException) -> bool:
-    """A write failed because the disk (or the user's quota) has no room left."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """A write failed because the disk (or the user's quota) has no room left: an OSError with
+    ENOSPC/EDQUOT, or an error whose message carries that os error, here or in its causes."""
+    full = (errno.ENOSPC, errno.EDQUOT)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in full:
+            return True
+        if any(int(code) in full for code in _RUST_OS_ERROR.findall(str(current))):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class DatasetTooLarge(InvalidDataset):

@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     db_pool_size: int = 10
     db_max_overflow: int = 30
     db_pool_timeout_seconds: float = 5.0
-    min_free_bytes: int = 1024**3                    # /readyz fails below this free space in the store
+    # /readyz fails below this free space in a directory store: min_free_bytes when set, else
+    # min_free_fraction of the disk, kept within [256 MiB, 10 GiB] (required_free_bytes).
+    min_free_bytes: int | None = None
+    min_free_fraction: float = 0.02
 
     # GPUs one fine-tuning job uses when it does not say (`devices`): with CUDA_VISIBLE_DEVICES=0,1,2,3
     # and 4 here, one worker runs each job on all four GPUs (worker/ddp.py).
@@ -109,6 +112,13 @@ class Settings(BaseSettings):
     # (core/service/netpolicy.py).
     webhook_allow_networks: str = ""
     webhook_allow_private: bool = False
+
+    def required_free_bytes(self, disk_total: int) -> int:
+        """The free space /readyz asks of a store on a disk of `disk_total` bytes: a fixed amount
+        would be most of a small disk and nothing on a large one."""
+        if self.min_free_bytes is not None:
+            return self.min_free_bytes
+        return int(min(max(disk_total * self.min_free_fraction, 256 * 1024**2), 10 * 1024**3))
 
     @field_validator("webhook_allow_networks")
     @classmethod

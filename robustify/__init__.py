@@ -16,15 +16,18 @@ from robustify.errors import (
 from robustify.pagination import Page
 from robustify.radius import parse_radius
 from robustify.resources.jobs import Downloads
+from robustify.results import Accuracy, AttackRun, AuditCheck, Change, ClassNumbers, Measurements, Outcome
 from robustify.types import (
-    Checkpoint, Dataset, Deleted, ErrorInfo, Event, Job, Model, Progress, WebhookDelivery, WebhookEndpoint,
+    Checkpoint, Dataset, DatasetWarning, Deleted, ErrorInfo, Event, Job, Model, Progress, WebhookDelivery,
+    WebhookEndpoint,
 )
 
 __all__ = [
-    "APIConnectionError", "APIError", "APITimeoutError", "AuthenticationError", "BadRequestError", "Checkpoint",
-    "ChecksumMismatchError", "Client", "ConflictError", "DEFAULT_URL", "Dataset", "Deleted", "Downloads",
-    "ErrorInfo", "Event", "GoneError", "Job", "Model", "NotFoundError", "Page", "PayloadTooLargeError",
-    "PermissionDeniedError", "Progress", "RateLimitError", "RobustifyError", "ServerError",
-    "ServiceUnavailableError", "UnsupportedMediaTypeError", "ValidationError", "WaitTimeoutError",
-    "WebhookDelivery", "WebhookEndpoint", "__version__", "parse_radius",
+    "__version__", "Accuracy", "APIConnectionError", "APIError", "APITimeoutError", "AttackRun", "AuditCheck",
+    "AuthenticationError", "BadRequestError", "Change", "Checkpoint", "ChecksumMismatchError", "ClassNumbers",
+    "Client", "ConflictError", "Dataset", "DatasetWarning", "DEFAULT_URL", "Deleted", "Downloads", "ErrorInfo",
+    "Event", "GoneError", "Job", "Measurements", "Model", "NotFoundError", "Outcome", "Page", "parse_radius",
+    "PayloadTooLargeError", "PermissionDeniedError", "Progress", "RateLimitError", "RobustifyError",
+    "ServerError", "ServiceUnavailableError", "UnsupportedMediaTypeError", "ValidationError",
+    "WaitTimeoutError", "WebhookDelivery", "WebhookEndpoint",
 ]

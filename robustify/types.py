@@ -9,7 +9,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from robustify._base import ApiObject
+from robustify.results import Outcome
 
 # The server's job vocabulary (core/states.py), copied because the SDK installs without the
 # server; tests/service/test_sdk.py checks that the copies are equal.
@@ -18,10 +21,6 @@ JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "c
 JOB_TYPES: tuple[str, ...] = get_args(JobType)
 JOB_STATES: tuple[str, ...] = get_args(JobStatus)
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-
-
-class ApiObject(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=(), populate_by_name=True)
 
 
 class ErrorInfo(ApiObject):
@@ -81,6 +80,11 @@ class Job(ApiObject):
         value = (self.result or {}).get("improved")
         return value if isinstance(value, bool) else None
 
+    @property
+    def outcome(self) -> Outcome | None:
+        """The result typed: intervals, preset, audit, per-class numbers, verdict (robustify.results)."""
+        return Outcome.model_validate(self.result) if self.result else None
+
 
 class Model(ApiObject):
     id: str
@@ -107,6 +111,15 @@ class Model(ApiObject):
     urls: dict[str, str | None] = Field(default_factory=dict)
 
 
+class DatasetWarning(ApiObject):
+    """A census warning: a class missing from a split, or a split badly imbalanced."""
+
+    code: str = ""                           # class_missing | class_imbalance
+    split: str | None = None
+    classes: list[int] = Field(default_factory=list)
+    message: str = ""
+
+
 class Dataset(ApiObject):
     id: str
     object: str = "dataset"
@@ -117,6 +130,8 @@ class Dataset(ApiObject):
     image_shape: list[int] | None = None
     class_names: list[str] | None = None
     splits: dict[str, int] | None = None
+    class_counts: dict[str, list[int]] | None = None   # split -> images per class (label order)
+    warnings: list[DatasetWarning] = Field(default_factory=list)
     sha256: str | None = None
     size: int | None = None
     metadata: dict[str, Any] | None = None

@@ -280,3 +280,70 @@ def test_job_improved_reads_the_result_of_a_finished_fine_tune():
     assert job({"id": "job_2", "status": "succeeded", "result": {"improved": False, "best_epoch": 0}}).improved is False
     assert job({"id": "job_3", "status": "running", "result": None}).improved is None
     assert job({"id": "job_4", "status": "succeeded", "result": {"type": "evaluate"}}).improved is None
+
+
+# A fine-tune's result in the shapes the engine writes (core/engine/evaluation: an accuracy beside
+# "<key>_ci95" and "n_examples", per-class rows, the audit's checks, the paired change).
+FINETUNE_RESULT = {
+    "type": "finetune", "improved": False, "verdict": "no_significant_change", "best_epoch": 3,
+    "before": {"n_examples": 359, "clean_accuracy": 0.95, "clean_accuracy_ci95": [0.92, 0.97],
+               "w2_robust_accuracy": 0.43, "w2_robust_accuracy_ci95": [0.38, 0.48]},
+    "after": {"n_examples": 359, "clean_accuracy": {"accuracy": 0.94, "n": 359, "ci95": [0.91, 0.96]},
+              "w2_robust_accuracy": 0.45, "w2_robust_accuracy_ci95": [0.40, 0.50]},
+    "change": {"w2_robust_accuracy": {"change": 0.02, "ci95": [-0.01, 0.05], "n": 359,
+                                      "method": "paired bootstrap over images"}},
+    "audit": [{"check": "radius", "status": "pass", "detail": "robust accuracy falls as δ grows"},
+              {"check": "transfer", "status": "warn", "detail": "the transferred attack is as strong"}],
+    "per_class": [{"class": 0, "name": "zero", "n": 36, "clean_accuracy": 1.0, "clean_accuracy_ci95": [0.9, 1.0],
+                   "w2_robust_accuracy": 0.5, "w2_robust_accuracy_ci95": [0.34, 0.66]}],
+    "confusion_matrix": [[36, 0], [1, 35]],
+    "provenance": {"evaluation": "standard"},
+}
+
+
+def test_outcome_types_the_intervals_audit_per_class_numbers_and_verdict():
+    job = robustify.Job.model_validate({"id": "job_1", "status": "succeeded", "result": FINETUNE_RESULT})
+    outcome = job.outcome
+    assert isinstance(outcome, robustify.Outcome) and outcome.evaluation == "standard"
+    assert outcome.verdict == "no_significant_change" and outcome.verdict_words.startswith("no significant change")
+    assert (outcome.before.w2.accuracy, outcome.before.w2.n, outcome.before.w2.ci95) == (0.43, 359, (0.38, 0.48))
+    assert outcome.after.clean == robustify.Accuracy(accuracy=0.94, n=359, ci95=(0.91, 0.96))
+    assert str(outcome.after.w2) == "0.450 [0.400, 0.500] (n=359)"
+    change = outcome.changes["w2_robust_accuracy"]
+    assert (change.change, change.ci95, change.significant) == (0.02, (-0.01, 0.05), False)
+    assert [(c.check, c.status, c.passed) for c in outcome.audit] == [("radius", "pass", True), ("transfer", "warn", False)]
+    assert outcome.audit_status == "warn"
+    row = outcome.per_class[0]
+    assert (row.label, row.name, row.n, row.w2.accuracy, row.w2.ci95) == (0, "zero", 36, 0.5, (0.34, 0.66))
+    assert outcome.confusion_matrix == [[36, 0], [1, 35]] and job.improved is False
+    # a result without the newer fields reads as None / empty, and the old verdict follows `improved`
+    old = robustify.Job.model_validate({"id": "j", "result": {"improved": False, "after": {"w2_robust_accuracy": 0.5}}})
+    assert (old.outcome.audit, old.outcome.per_class, old.outcome.evaluation, old.outcome.after.w2.ci95) == ([], [], None, None)
+    assert old.outcome.verdict_words.startswith("not improved") and old.outcome.audit_status is None
+    assert robustify.Job.model_validate({"id": "q"}).outcome is None
+
+
+def test_outcome_reads_an_evaluation_report_per_attack():
+    report = {"type": "evaluate", "summary": {"n_examples": 200, "w2_robust_accuracy": 0.3,
+                                             "w2_robust_accuracy_ci95": [0.24, 0.37]},
+              "config": {"evaluation": "quick"},
+              "w2": [{"delta": 0.1, "robust_accuracy": 0.3, "n": 200, "ci95": [0.24, 0.37], "attacks": [
+                  {"attack": "w-pgd-redlr", "robust_accuracy": 0.31, "n": 200, "ci95": [0.25, 0.38], "steps": 120,
+                   "converged": True},
+                  {"attack": "w-pgd-ce", "robust_accuracy": 0.3, "n": 200, "ci95": [0.24, 0.37], "steps": 400,
+                   "converged": False}]}]}
+    outcome = robustify.Outcome.from_report(report)
+    assert outcome.evaluation == "quick" and outcome.summary.w2.ci95 == (0.24, 0.37) and outcome.numbers is outcome.summary
+    assert [(a.attack, a.delta, a.steps, a.converged, a.robust_accuracy.accuracy, a.robust_accuracy.ci95)
+            for a in outcome.attacks] == [("w-pgd-redlr", 0.1, 120, True, 0.31, (0.25, 0.38)),
+                                          ("w-pgd-ce", 0.1, 400, False, 0.3, (0.24, 0.37))]
+    assert outcome.verdict_words is None
+
+
+def test_dataset_census_fields():
+    ds = robustify.Dataset.model_validate({
+        "id": "ds_1", "class_counts": {"train": [40, 3], "test": [10, 0]},
+        "warnings": [{"code": "class_missing", "split": "test", "classes": [1], "message": "no image of class 1"}]})
+    assert ds.class_counts["test"] == [10, 0]
+    assert [(w.code, w.split, w.classes) for w in ds.warnings] == [("class_missing", "test", [1])]
+    assert robustify.Dataset.model_validate({"id": "ds_2"}).warnings == []

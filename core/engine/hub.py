@@ -21,8 +21,21 @@ from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchit
 from core.engine.input_contract import check_input_stats
 
 HUB_PREFIX = "timm:hf-hub:"
-# The Hub's repository ids: "name" or "org/name", letters, digits, ".", "_", "-"; no "--" or "..".
-REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# The Hub's repository ids: "name" or "org/name", letters, digits, ".", "_", "-"; no "--" or "..",
+# no part ending in "." or "-". \Z, not $: Python's $ also matches before a trailing newline.
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"(?!.*(--|\.\.)){_PART}(/{_PART})?\Z")
+# A git revision: a branch, tag or commit, possibly with "/" (refs/pr/1); no ".." or "//", no part
+# that starts with "." and no leading or trailing "/" (git's own ref-name rules, restricted).
+REVISION = re.compile(r"(?!.*(\.\.|//))(?!/)(?!.*/\Z)(?!\.)(?!.*/\.)[A-Za-z0-9._/-]{1,100}\Z")
+
+
+def is_repo_id(value: str) -> bool:
+    return REPO_ID.match(value) is not None
+
+
+def is_revision(value: str) -> bool:
+    return REVISION.match(value) is not None
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,11 @@ def parse_hub_architecture(architecture: str) -> tuple[str, str]:
     """(repo, revision) of "timm:hf-hub:<repo>[@<revision>]" (revision "main" when absent)."""
     rest = architecture.removeprefix(HUB_PREFIX)
     repo, _, revision = rest.partition("@")
-    return repo, revision or "main"
+    revision = revision or "main"
+    if not (is_repo_id(repo) and is_revision(revision)):  # the API refuses these; a stored row is checked again
+        raise UnsupportedArchitecture(f"{architecture!r} does not name a Hugging Face Hub repository and revision "
+                                      "(org/name[@revision], no '..', no leading '/' or '.').")
+    return repo, revision
 
 
 def hub_cache_dir() -> Path:

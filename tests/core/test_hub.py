@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture
-from core.engine.hub import hub_cache_dir, load_hub_model, parse_hub_architecture, read_hub_config
+from core.engine.hub import hub_architecture, hub_cache_dir, load_hub_model, parse_hub_architecture, read_hub_config
 
 REPO = "acme/tiny-resnet"
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -113,3 +113,22 @@ def test_configs_that_cannot_be_used_say_why(hf_home: Path, weights, config: byt
 def test_hub_architecture_names_carry_the_revision() -> None:
     assert parse_hub_architecture("timm:hf-hub:acme/tiny") == ("acme/tiny", "main")
     assert parse_hub_architecture("timm:hf-hub:acme/tiny@v1.0") == ("acme/tiny", "v1.0")
+
+
+@pytest.mark.parametrize("name", ["timm/resnet18\n", "timm/resnet18.", "a--b", "x/../y", "timm/", "timm/x-", ""])
+def test_repository_ids_with_a_trailing_newline_dot_or_traversal_are_refused(name: str) -> None:
+    from core.engine.hub import is_repo_id
+
+    assert not is_repo_id(name)
+    with pytest.raises(UnsupportedArchitecture):
+        parse_hub_architecture(hub_architecture(name or "x/y", None if name else "../../etc"))
+
+
+@pytest.mark.parametrize("revision", ["../../etc", "/etc", "a//b", "main\n", ".hidden", "a/.b", "a/"])
+def test_revisions_that_leave_the_cache_are_refused(revision: str) -> None:
+    from core.engine.hub import is_revision
+
+    assert not is_revision(revision)
+    assert all(is_revision(ok) for ok in ("main", "v1.0", "refs/pr/1", "0123abcd"))
+    with pytest.raises(UnsupportedArchitecture, match="revision"):
+        parse_hub_architecture(hub_architecture("timm/resnet18.a1_in1k", revision))

@@ -59,9 +59,8 @@ def read_accuracy(block: Mapping[str, Any] | None, key: str) -> Accuracy | None:
     return Accuracy(accuracy=float(value), n=n if isinstance(n, int) else None, ci95=ci95)
 
 
-class Measurements(ApiObject):
-    """A block of numbers (before, after, an evaluation's summary); `accuracy(key)` reads one
-    with its interval, and `clean`, `w2`, `linf`, `l2` are the usual ones."""
+class _Accuracies(ApiObject):
+    """A block of accuracies by key; `accuracy(key)` reads one with its interval."""
 
     def accuracy(self, key: str) -> Accuracy | None:
         return read_accuracy(self.model_dump(), key)
@@ -73,6 +72,11 @@ class Measurements(ApiObject):
     @property
     def w2(self) -> Accuracy | None:
         return self.accuracy("w2_robust_accuracy")
+
+
+class Measurements(_Accuracies):
+    """A block of numbers (before, after, an evaluation's summary): `clean`, `w2`, `linf`, `l2`,
+    or any key through `accuracy(key)`."""
 
     @property
     def linf(self) -> Accuracy | None:
@@ -114,24 +118,13 @@ class AttackRun(ApiObject):
         return data
 
 
-class ClassNumbers(ApiObject):
+class ClassNumbers(_Accuracies):
     """One class of the test split: its label, name and images, and its accuracies by key
     ("clean_accuracy", "w2_robust_accuracy", ...), each with its interval."""
 
     label: int | None = Field(default=None, validation_alias="class")
     name: str | None = None
     n: int | None = None
-
-    def accuracy(self, key: str) -> Accuracy | None:
-        return read_accuracy(self.model_dump(), key)
-
-    @property
-    def clean(self) -> Accuracy | None:
-        return self.accuracy("clean_accuracy")
-
-    @property
-    def w2(self) -> Accuracy | None:
-        return self.accuracy("w2_robust_accuracy")
 
 
 class Change(ApiObject):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import Caller, owned
+from api.crud import find_owned_dataset
+from api.deps import Caller
 from api.errors import ApiError, not_found
 from api.schemas import BUILTIN_DATASETS
-from core.service.db import Dataset, Model
+from core.service.db import Model
 
 # The images a model row takes when it records no input shape (what the worker assumes too).
 DEFAULT_INPUT_SHAPE = [3, 32, 32]
@@ -45,7 +45,7 @@ def dataset_facts(session: Session, who: Caller, dataset: str) -> DatasetFacts:
         classes, train = BUILTIN_CLASSES_AND_TRAIN[dataset]
         return DatasetFacts(dataset, list(BUILTIN_DATASETS[dataset]), classes, train)
     if dataset.startswith("ds_"):
-        row = session.scalar(select(Dataset).where(Dataset.id == dataset, owned(Dataset.owner_key_id, who)))
+        row = find_owned_dataset(session, who, dataset)
         if row is None:
             raise not_found("dataset", dataset)
         splits = row.splits or {}  # an image-folder upload records its own train/test split

@@ -1,8 +1,9 @@
 """Request dependencies: the database session, the caller's API key, shared services.
 
-No dependency keeps a database connection while it waits for anything: the key lookup uses a
-session of its own, closed before the route runs, and routes take `db_session` with
-`scope="function"`, so their session closes as soon as the route returns (before a download
+Routes take them as Annotated aliases (`session: SessionDep`, `who: CallerDep`, `svc:
+ServicesDep`). No dependency keeps a database connection while it waits for anything: the key
+lookup uses a session of its own, closed before the route runs, and SessionDep has
+`scope="function"`, so its session closes as soon as the route returns (before a download
 streams to a slow client).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
@@ -42,14 +43,17 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def db_session(svc: Services = Depends(services)) -> Iterator[Session]:
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+def db_session(svc: ServicesDep) -> Iterator[Session]:
     with svc.sessionmaker() as session:
         yield session
 
 
-# What routes take as `session: Session = SESSION`: closed when the route function returns,
-# not after the response was sent (a download to a slow client holds no connection).
-SESSION: Any = Depends(db_session, scope="function")
+# Closed when the route function returns, not after the response was sent (a download to a
+# slow client holds no connection).
+SessionDep = Annotated[Session, Depends(db_session, scope="function")]
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Caller:
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="robustify"'}
 
 
-async def caller(request: Request, svc: Services = Depends(services)) -> Caller:
+async def caller(request: Request, svc: ServicesDep) -> Caller:
     if not svc.auth.keys_required(request.scope):
         return Caller(None)
     header = request.headers.get("authorization", "")
@@ -87,6 +91,4 @@ def _key_id(svc: Services, token: str) -> str | None:
         return key.id if key is not None else None
 
 
-def owned(column: Any, who: Caller) -> Any:
-    """SQL condition: the row belongs to the caller (NULL owner when auth is off)."""
-    return column.is_(None) if who.key_id is None else column == who.key_id
+CallerDep = Annotated[Caller, Depends(caller)]

@@ -1,19 +1,20 @@
-"""The JSON objects the API returns, as pydantic models: the routes' `response_model`s, and so
-the typed schemas of /openapi.json (Job, Model, Dataset, Checkpoint, Event, WebhookEndpoint,
+"""The JSON objects the API returns, as pydantic models: what the routes answer, and so the
+typed schemas of /openapi.json (Job, Model, Dataset, Checkpoint, Event, WebhookEndpoint,
 WebhookDelivery, the list envelopes, health and architectures).
 
-They describe what api/schemas.py's *_object() functions build, field for field: the routes
-still build plain dicts, FastAPI checks them against these models and writes the same JSON. A
-top-level object forbids unknown fields, so a field added to a builder but not here fails the
-tests (a 500 there) instead of vanishing from the answer; the open-ended parts (config, result,
+Each resource model builds itself from its database row (`Job.from_row(job)`), so a shape is
+written once. A top-level object forbids unknown fields; the open-ended parts (config, result,
 metrics, metadata, progress) stay objects that accept any key.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.service import db
 from core.states import JobStatus, JobType
 
 # An ISO 8601 UTC time as the API writes it ("2026-01-31T12:00:00.123456Z"); kept a string so
@@ -21,6 +22,12 @@ from core.states import JobStatus, JobType
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 # A JSON number written as it came (an int stays an int, a float a float).
 Number = int | float
+
+
+def ts(value: datetime | None) -> str | None:
+    """A stored time as the API writes it: ISO 8601 in UTC with a Z."""
+    value = db.as_utc(value)
+    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 class _Closed(BaseModel):
@@ -100,6 +107,27 @@ class Job(_Closed):
     webhook: JobWebhookInfo | None
     urls: JobUrls
 
+    @classmethod
+    def from_row(cls, j: db.Job) -> Job:
+        # every progress and metric key is present (null until the worker reports it)
+        progress: dict[str, Any] = dict.fromkeys(Progress.model_fields)
+        progress["fraction"] = 1.0 if j.status == "succeeded" else 0.0
+        base = f"/v1/jobs/{j.id}"
+        return cls(
+            id=j.id, object="job", type=j.type, status=j.status, model_id=j.model_id, dataset=j.dataset,
+            threat_model=j.threat_model, config=j.config, seed=j.seed, metadata=j.meta,
+            created_at=ts(j.created_at), started_at=ts(j.started_at), finished_at=ts(j.finished_at),
+            progress=Progress.model_validate({**progress, **(j.progress or {})}),
+            latest_metrics=LatestMetrics.model_validate({**dict.fromkeys(LatestMetrics.model_fields),
+                                                         **(j.latest_metrics or {})}),
+            result=j.result, error=j.error, attempt=j.attempt, max_attempts=j.max_attempts,
+            cancel_requested_at=ts(j.cancel_requested_at),
+            webhook=(JobWebhookInfo(endpoint_id=j.webhook_endpoint_id, events=j.webhook_events)
+                     if j.webhook_endpoint_id else None),
+            urls=JobUrls(self_=base, cancel=f"{base}/cancel", events=f"{base}/events",
+                         checkpoint=f"{base}/checkpoint", report=f"{base}/report"),
+        )
+
 
 class Event(_Closed):
     """One entry of a job's event log (also the `data` of a Server-Sent Event)."""
@@ -112,6 +140,11 @@ class Event(_Closed):
     message: str | None
     data: dict[str, Any] | None
     created_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, e: db.JobEvent) -> Event:
+        return cls(id=e.id, object="event", job_id=e.job_id, type=e.type, level=e.level, message=e.message,
+                   data=e.data, created_at=ts(e.created_at))
 
 
 class CheckpointUrls(_Closed):
@@ -132,6 +165,12 @@ class Checkpoint(_Closed):
     filename: str
     created_at: Timestamp | None
     urls: CheckpointUrls
+
+    @classmethod
+    def from_row(cls, a: db.Artifact) -> Checkpoint:
+        return cls(id=a.id, object="checkpoint", job_id=a.job_id, epoch=a.epoch, is_best=bool(a.is_best),
+                   metrics=a.data, sha256=a.sha256, size=a.size, filename=a.filename, created_at=ts(a.created_at),
+                   urls=CheckpointUrls(content=f"/v1/jobs/{a.job_id}/checkpoints/{a.id}/content"))
 
 
 class Report(_Open):
@@ -173,6 +212,19 @@ class Model(_Closed):
     updated_at: Timestamp | None
     urls: ModelUrls
 
+    @classmethod
+    def from_row(cls, m: db.Model, weights: db.Artifact | None) -> Model:
+        """`weights`: the row of its stored weights file (None: none stored, e.g. RobustBench)."""
+        return cls(
+            id=m.id, object="model", name=m.name, source=m.source, architecture=m.architecture,
+            num_classes=m.num_classes, dataset=m.dataset, input_size=m.input_shape, input_shape=m.input_shape,
+            input_mean=m.input_mean, input_std=m.input_std, threat_model=m.threat_model, status=m.status,
+            parent_model_id=m.parent_model_id, source_job_id=m.source_job_id, error=m.error, metadata=m.meta,
+            sha256=weights.sha256 if weights else None, size=weights.size if weights else None,
+            created_at=ts(m.created_at), updated_at=ts(m.updated_at),
+            urls=ModelUrls(self_=f"/v1/models/{m.id}", content=f"/v1/models/{m.id}/content" if weights else None),
+        )
+
 
 class DatasetUrls(_Closed):
     self_: str = Field(alias="self")
@@ -196,6 +248,15 @@ class Dataset(_Closed):
     created_at: Timestamp | None
     urls: DatasetUrls
 
+    @classmethod
+    def from_row(cls, d: db.Dataset, artifact: db.Artifact | None) -> Dataset:
+        return cls(
+            id=d.id, object="dataset", name=d.name, status=d.status, num_examples=d.num_examples,
+            num_classes=d.num_classes, image_shape=d.image_shape, class_names=d.class_names, splits=d.splits,
+            sha256=artifact.sha256 if artifact else None, size=artifact.size if artifact else None,
+            metadata=d.meta, created_at=ts(d.created_at), urls=DatasetUrls(self_=f"/v1/datasets/{d.id}"),
+        )
+
 
 class Deleted(_Closed):
     id: str
@@ -213,6 +274,11 @@ class WebhookEndpoint(_Closed):
     default: bool
     description: str | None
     created_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, e: db.WebhookEndpoint) -> WebhookEndpoint:
+        return cls(id=e.id, object="webhook_endpoint", url=e.url, secret=e.secret, events=e.events,
+                   default=bool(e.is_default), description=e.description, created_at=ts(e.created_at))
 
 
 class WebhookAttempt(_Open):
@@ -233,6 +299,14 @@ class WebhookDelivery(_Closed):
     next_attempt_at: Timestamp | None
     delivered_at: Timestamp | None
     created_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, d: db.WebhookDelivery) -> WebhookDelivery:
+        return cls(id=d.id, object="webhook_delivery", job_id=d.job_id, endpoint_id=d.endpoint_id,
+                   event_type=d.event_type, status=d.status,
+                   attempts=[WebhookAttempt.model_validate(a) for a in d.attempt_log or []],
+                   next_attempt_at=ts(d.next_attempt_at) if d.status == "pending" else None,
+                   delivered_at=ts(d.delivered_at), created_at=ts(d.created_at))
 
 
 # ------------------------------------------------------------------------------- architectures
@@ -268,6 +342,11 @@ class _List(_Closed, Generic[T]):
     has_more: bool
     last_id: str | None
 
+    @classmethod
+    def page(cls, items: Sequence[Any], has_more: bool = False) -> Self:
+        """One page of `items` (resource models); `last_id` is the last one's id."""
+        return cls(object="list", data=list(items), has_more=has_more, last_id=items[-1].id if items else None)
+
 
 class JobList(_List[Job]): ...
 class ModelList(_List[Model]): ...
@@ -282,6 +361,10 @@ class EventList(_Closed):
     data: list[Event]
     has_more: bool
     last_id: int | None = Field(description="pass as `after` for the next page")
+
+    @classmethod
+    def page(cls, items: Sequence[Event], has_more: bool) -> Self:
+        return cls(object="list", data=list(items), has_more=has_more, last_id=items[-1].id if items else None)
 
 
 class ArchitectureList(_Closed):

@@ -1,4 +1,4 @@
-"""Request bodies and the JSON objects the API returns.
+"""Request bodies (what the API answers is api/responses.py).
 
 The job's `config` and `threat_model` are the engine's own pydantic models
 (core.engine.config.FinetuneConfig / EvaluateConfig / ThreatModelSpec), so defaults are filled in
@@ -6,7 +6,6 @@ and bad values are 422s naming the field.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,7 +14,6 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 
 from core.engine.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
-from core.service.db import Artifact, Dataset, Job, JobEvent, Model, WebhookDelivery, WebhookEndpoint, as_utc
 from core.limits import MAX_NUM_CLASSES, MAX_SEED
 from core.states import JobType
 from core.service.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
@@ -266,92 +264,3 @@ class JobCreate(_Body):
         if (self.model_id is None) == (self.model is None):
             raise ValueError("give exactly one of model_id or model (an inline {\"robustbench\": {...}} reference)")
         return self
-
-
-# ---------------------------------------------------------------------------- responses
-def ts(value: datetime | None) -> str | None:
-    value = as_utc(value)
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def model_object(m: Model, weights: Artifact | None) -> dict[str, Any]:
-    return {
-        "id": m.id, "object": "model", "name": m.name, "source": m.source,
-        "architecture": m.architecture, "num_classes": m.num_classes, "dataset": m.dataset,
-        "input_size": m.input_shape, "input_shape": m.input_shape,
-        "input_mean": m.input_mean, "input_std": m.input_std,
-        "threat_model": m.threat_model, "status": m.status,
-        "parent_model_id": m.parent_model_id, "source_job_id": m.source_job_id,
-        "error": m.error, "metadata": m.meta,
-        "sha256": weights.sha256 if weights else None, "size": weights.size if weights else None,
-        "created_at": ts(m.created_at), "updated_at": ts(m.updated_at),
-        "urls": {"self": f"/v1/models/{m.id}",
-                 "content": f"/v1/models/{m.id}/content" if weights else None},
-    }
-
-
-def dataset_object(d: Dataset, artifact: Artifact | None) -> dict[str, Any]:
-    return {
-        "id": d.id, "object": "dataset", "name": d.name, "status": d.status,
-        "num_examples": d.num_examples, "num_classes": d.num_classes, "image_shape": d.image_shape,
-        "class_names": d.class_names, "splits": d.splits,
-        "sha256": artifact.sha256 if artifact else None, "size": artifact.size if artifact else None,
-        "metadata": d.meta, "created_at": ts(d.created_at), "urls": {"self": f"/v1/datasets/{d.id}"},
-    }
-
-
-_PROGRESS_KEYS = ("fraction", "phase", "epoch", "total_epochs", "step", "total_steps", "eta_seconds")
-_METRIC_KEYS = ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "train_loss", "delta")
-
-
-def job_object(j: Job) -> dict[str, Any]:
-    progress: dict[str, Any] = dict.fromkeys(_PROGRESS_KEYS)
-    progress["fraction"] = 1.0 if j.status == "succeeded" else 0.0
-    progress.update(j.progress or {})
-    metrics: dict[str, Any] = dict.fromkeys(_METRIC_KEYS)
-    metrics.update(j.latest_metrics or {})
-    base = f"/v1/jobs/{j.id}"
-    return {
-        "id": j.id, "object": "job", "type": j.type, "status": j.status, "model_id": j.model_id,
-        "dataset": j.dataset, "threat_model": j.threat_model, "config": j.config, "seed": j.seed,
-        "metadata": j.meta, "created_at": ts(j.created_at), "started_at": ts(j.started_at),
-        "finished_at": ts(j.finished_at), "progress": progress, "latest_metrics": metrics,
-        "result": j.result, "error": j.error, "attempt": j.attempt, "max_attempts": j.max_attempts,
-        "cancel_requested_at": ts(j.cancel_requested_at),
-        "webhook": {"endpoint_id": j.webhook_endpoint_id, "events": j.webhook_events} if j.webhook_endpoint_id else None,
-        "urls": {"self": base, "cancel": f"{base}/cancel", "events": f"{base}/events",
-                 "checkpoint": f"{base}/checkpoint", "report": f"{base}/report"},
-    }
-
-
-def event_object(e: JobEvent) -> dict[str, Any]:
-    return {
-        "id": e.id, "object": "event", "job_id": e.job_id, "type": e.type, "level": e.level,
-        "message": e.message, "data": e.data, "created_at": ts(e.created_at),
-    }
-
-
-def checkpoint_object(a: Artifact) -> dict[str, Any]:
-    return {
-        "id": a.id, "object": "checkpoint", "job_id": a.job_id, "epoch": a.epoch,
-        "is_best": bool(a.is_best), "metrics": a.data, "sha256": a.sha256, "size": a.size,
-        "filename": a.filename, "created_at": ts(a.created_at),
-        "urls": {"content": f"/v1/jobs/{a.job_id}/checkpoints/{a.id}/content"},
-    }
-
-
-def webhook_endpoint_object(e: WebhookEndpoint) -> dict[str, Any]:
-    return {"id": e.id, "object": "webhook_endpoint", "url": e.url, "secret": e.secret, "events": e.events,
-            "default": bool(e.is_default), "description": e.description, "created_at": ts(e.created_at)}
-
-
-def webhook_delivery_object(d: WebhookDelivery) -> dict[str, Any]:
-    return {"id": d.id, "object": "webhook_delivery", "job_id": d.job_id, "endpoint_id": d.endpoint_id,
-            "event_type": d.event_type, "status": d.status, "attempts": d.attempt_log or [],
-            "next_attempt_at": ts(d.next_attempt_at) if d.status == "pending" else None,
-            "delivered_at": ts(d.delivered_at), "created_at": ts(d.created_at)}
-
-
-def page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": items, "has_more": has_more,
-            "last_id": items[-1]["id"] if items else None}

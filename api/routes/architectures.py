@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.catalog import BUILTIN_FAMILY, LISTED_FAMILIES, ArchitectureCatalog
-from api.deps import Caller, caller
+from api.deps import CallerDep
 from api.errors import ApiError
 from api import responses as r
 from api.routes.common import MAX_PAGE
@@ -50,6 +50,9 @@ def catalog(request: Request) -> ArchitectureCatalog:
     return request.app.state.architecture_catalog
 
 
+CatalogDep = Annotated[ArchitectureCatalog, Depends(catalog)]
+
+
 # The families a search without `family` covers (RobustBench's names are searched by family).
 _SEARCHED_BY_DEFAULT = ("timm", "torchvision")
 Family = Literal["builtin", "timm", "torchvision", "robustbench"]
@@ -61,14 +64,14 @@ assert set(get_args(Family)) == {BUILTIN_FAMILY, *LISTED_FAMILIES}  # one list o
             description="A family's names are listed once per server, in the background: until then "
                         "(seconds after an install or upgrade) a search answers 503 `catalog_building` with "
                         "Retry-After.")
-async def list_architectures(family: Family | None = Query(None, description="the family to search"),
+async def list_architectures(who: CallerDep, names: CatalogDep,
+                             family: Family | None = Query(None, description="the family to search"),
                              q: str | None = Query(None, max_length=200,
                                                    description="part of a name, or a pattern with * and ?; without "
                                                                "family it searches builtin, timm and torchvision"),
                              limit: int = Query(50, ge=1, le=MAX_PAGE),
-                             after: str | None = Query(None, max_length=300, description="last_id of the page before"),
-                             who: Caller = Depends(caller),
-                             names: ArchitectureCatalog = Depends(catalog)) -> dict[str, Any]:
+                             after: str | None = Query(None, max_length=300,
+                                                       description="last_id of the page before")) -> dict[str, Any]:
     if family is None and not q:
         items = _builtins() + _families()   # no name lists: answers at once
     else:

@@ -10,17 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.bodies import media_type, parse_metadata_field, read_multipart
-from api.deps import SESSION, Caller, Services, caller, owned, services
-from api.errors import ApiError, not_found
+from api.crud import get_owned_dataset, owned
+from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
+from api.errors import ApiError
 from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
-from api.schemas import dataset_object, page
 from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
 from core.service.db import Artifact, Dataset, Job, new_id
 from core.states import TERMINAL_STATES
@@ -60,8 +60,7 @@ def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
 
 @router.post("", status_code=201, response_model=r.Dataset, openapi_extra=_OPENAPI,
              summary="Upload a data set (.npz, or a .zip / .tar of class folders)")
-async def create_dataset(request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-                         session: Session = SESSION) -> dict[str, Any]:
+async def create_dataset(request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> r.Dataset:
     if media_type(request) != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send the .npz as multipart/form-data in a part named `file`.")
     upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
@@ -72,7 +71,7 @@ async def create_dataset(request: Request, svc: Services = Depends(services), wh
 
 
 def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str],
-            file_path: Path | None, filename: str | None) -> dict[str, Any]:
+            file_path: Path | None, filename: str | None) -> r.Dataset:
     if file_path is None:
         raise ApiError(422, "validation_error", "the `file` part (an .npz) is missing.",
                        errors=[{"loc": ["body", "file"], "field": "file", "msg": "Field required", "type": "missing"}])
@@ -89,7 +88,7 @@ def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str]
 
 
 def _store(svc: Services, session: Session, who: Caller, npz_path: Path, name: str, meta: dict[str, Any] | None,
-           info: dict[str, Any]) -> dict[str, Any]:
+           info: dict[str, Any]) -> r.Dataset:
     art = record_artifact(session, svc.store, kind="dataset", src_path=npz_path, move=True,
                           filename=name if name.endswith(".npz") else f"{name}.npz",
                           content_type="application/octet-stream", owner_key_id=who.key_id)
@@ -97,7 +96,7 @@ def _store(svc: Services, session: Session, who: Caller, npz_path: Path, name: s
                  meta=meta, **info)
     session.add(ds)
     commit_or_unstore(session, svc.store, art.sha256)
-    return dataset_object(ds, art)
+    return r.Dataset.from_row(ds, art)
 
 
 # ------------------------------------------------------------------------------- image folders
@@ -152,7 +151,7 @@ def _archive_options(fields: dict[str, str]) -> dict[str, Any]:
 
 
 def _create_from_archive(svc: Services, session: Session, who: Caller, fields: dict[str, str], archive: Path,
-                         name: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+                         name: str, meta: dict[str, Any] | None) -> r.Dataset:
     """Decode an image-folder archive into the project's .npz (nothing is kept when it is refused)."""
     from core.engine.data.imagefolder import ImageFolderLimits, read_image_folder
 
@@ -177,30 +176,22 @@ def _artifact(session: Session, ds: Dataset) -> Artifact | None:
     return session.get(Artifact, ds.artifact_id) if ds.artifact_id else None
 
 
-def get_owned_dataset(session: Session, who: Caller, dataset_id: str) -> Dataset:
-    ds = session.scalar(select(Dataset).where(Dataset.id == dataset_id, owned(Dataset.owner_key_id, who)))
-    if ds is None:
-        raise not_found("dataset", dataset_id)
-    return ds
-
-
 @router.get("", response_model=r.DatasetList, summary="List uploaded data sets")
-def list_datasets(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
-                  who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+def list_datasets(who: CallerDep, session: SessionDep, limit: int = Query(20, ge=1, le=MAX_PAGE),
+                  after: str | None = Query(None, pattern=ID_PATTERN)) -> r.DatasetList:
     mine = owned(Dataset.owner_key_id, who)
     rows, more = paginate(session, select(Dataset).where(mine), Dataset, after, limit, after_filter=mine)
-    return page([dataset_object(d, _artifact(session, d)) for d in rows], more)
+    return r.DatasetList.page([r.Dataset.from_row(d, _artifact(session, d)) for d in rows], more)
 
 
 @router.get("/{dataset_id}", response_model=r.Dataset, summary="Get a data set")
-def get_dataset(dataset_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+def get_dataset(dataset_id: str, who: CallerDep, session: SessionDep) -> r.Dataset:
     ds = get_owned_dataset(session, who, dataset_id)
-    return dataset_object(ds, _artifact(session, ds))
+    return r.Dataset.from_row(ds, _artifact(session, ds))
 
 
 @router.delete("/{dataset_id}", response_model=r.Deleted, summary="Delete a data set")
-def delete_dataset(dataset_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
-                   session: Session = SESSION) -> dict[str, Any]:
+def delete_dataset(dataset_id: str, svc: ServicesDep, who: CallerDep, session: SessionDep) -> r.Deleted:
     ds = get_owned_dataset(session, who, dataset_id)
     busy = session.scalar(select(Job.id).where(Job.dataset == ds.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
     if busy:
@@ -212,4 +203,4 @@ def delete_dataset(dataset_id: str, svc: Services = Depends(services), who: Call
     if art is not None:
         delete_artifact(session, svc.store, art)
     session.commit()
-    return {"id": dataset_id, "object": "dataset", "deleted": True}
+    return r.Deleted(id=dataset_id, object="dataset", deleted=True)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pydantic
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
@@ -18,15 +18,14 @@ from sqlalchemy.orm import Session
 
 from api.bodies import check_metadata
 from api.compatibility import DatasetFacts, check_compatible, dataset_facts
-from api.deps import SESSION, Caller, Services, caller, owned, services
+from api.crud import get_owned_job, get_owned_model, owned
+from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api import responses as r
 from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
-from api.routes.models import get_owned_model, register_robustbench_model
+from api.routes.models import register_robustbench_model
 from api.routes.webhooks import job_webhook
-from api.schemas import (
-    JobCreate, RobustBenchModelCreate, RobustBenchRef, checkpoint_object, event_object, job_object, page,
-)
+from api.schemas import JobCreate, RobustBenchModelCreate, RobustBenchRef
 from core.engine.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
 from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
 from core.states import JOB_STATES, TERMINAL_STATES, JobType
@@ -95,9 +94,8 @@ def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, An
 
 
 @router.post("", status_code=202, response_model=r.Job, summary="Submit a fine-tuning or evaluation job")
-def create_job(body: JobCreate, response: Response, svc: Services = Depends(services),
-               who: Caller = Depends(caller), session: Session = SESSION,
-               idempotency_key: str | None = Header(default=None, max_length=255)) -> dict[str, Any]:
+def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: CallerDep, session: SessionDep,
+               idempotency_key: str | None = Header(default=None, max_length=255)) -> r.Job:
     check_metadata(body.metadata, svc.settings)
     cfg = _recipe_config(body)
     facts = dataset_facts(session, who, body.dataset)
@@ -142,36 +140,29 @@ def create_job(body: JobCreate, response: Response, svc: Services = Depends(serv
         session.commit()
         raise ApiError(503, "broker_unavailable", job.error["message"], job_id=job.id) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_object(job)
+    return r.Job.from_row(job)
 
 
-def _replay(prior: Job, body: JobCreate, config: dict[str, Any], response: Response) -> dict[str, Any]:
+def _replay(prior: Job, body: JobCreate, config: dict[str, Any], response: Response) -> r.Job:
     model_id = body.model_id or prior.model_id
     if not _same_request(prior, body, model_id, config):
         raise ApiError(409, "conflict", "this Idempotency-Key was already used for a different request; "
                                         "use a new key for a new job.", job_id=prior.id)
     response.headers["Location"] = f"/v1/jobs/{prior.id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return job_object(prior)
+    return r.Job.from_row(prior)
 
 
 # ------------------------------------------------------------------------------- read
-def get_owned_job(session: Session, who: Caller, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, owned(Job.owner_key_id, who)))
-    if job is None:
-        raise not_found("job", job_id)
-    return job
-
-
 _STATUS_LIST = f"^({'|'.join(JOB_STATES)})(,({'|'.join(JOB_STATES)}))*$"
 
 
 @router.get("", response_model=r.JobList, summary="List jobs, newest first")
-def list_jobs(status: str | None = Query(None, pattern=_STATUS_LIST, description="Comma-separated states."),
-              type: JobType | None = None,
-              model_id: str | None = Query(None, pattern=ID_PATTERN),
-              limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
-              who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+def list_jobs(who: CallerDep, session: SessionDep,
+              status: str | None = Query(None, pattern=_STATUS_LIST, description="Comma-separated states."),
+              type: JobType | None = None, model_id: str | None = Query(None, pattern=ID_PATTERN),
+              limit: int = Query(20, ge=1, le=MAX_PAGE),
+              after: str | None = Query(None, pattern=ID_PATTERN)) -> r.JobList:
     mine = owned(Job.owner_key_id, who)
     stmt = select(Job).where(mine)
     if status:
@@ -181,16 +172,16 @@ def list_jobs(status: str | None = Query(None, pattern=_STATUS_LIST, description
     if model_id:
         stmt = stmt.where(Job.model_id == model_id)
     rows, more = paginate(session, stmt, Job, after, limit, after_filter=mine)
-    return page([job_object(j) for j in rows], more)
+    return r.JobList.page([r.Job.from_row(j) for j in rows], more)
 
 
 @router.get("/{job_id}", response_model=r.Job, summary="Get a job")
-def get_job(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
-    return job_object(get_owned_job(session, who, job_id))
+def get_job(job_id: str, who: CallerDep, session: SessionDep) -> r.Job:
+    return r.Job.from_row(get_owned_job(session, who, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=r.Job, summary="Cancel a job (idempotent)")
-def cancel_job(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+def cancel_job(job_id: str, who: CallerDep, session: SessionDep) -> r.Job:
     get_owned_job(session, who, job_id)
     # Lock the row: a worker claiming the job at the same moment must see one consistent state.
     job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
@@ -205,7 +196,7 @@ def cancel_job(job_id: str, who: Caller = Depends(caller), session: Session = SE
         session.add(JobEvent(job_id=job.id, type="status", message="cancellation requested; the worker stops at its next check",
                              data={"status": "cancelling"}))
     session.commit()
-    return job_object(job)
+    return r.Job.from_row(job)
 
 
 # ------------------------------------------------------------------------------- events
@@ -217,11 +208,10 @@ def _events_after(session: Session, job_id: str, after: int, limit: int) -> list
 @router.get("/{job_id}/events", response_model=r.EventList, summary="Job events (JSON, or a Server-Sent Events stream)",
             responses={200: {"content": {"text/event-stream": {"schema": {
                 "type": "string", "description": "Server-Sent Events: `id`, `event` (the event type), `data` (an Event)"}}}}})
-def job_events(job_id: str, request: Request, after: int = Query(0, ge=0, le=MAX_EVENT_ID),
-               limit: int = Query(100, ge=1, le=1000),
+def job_events(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep,
+               after: int = Query(0, ge=0, le=MAX_EVENT_ID), limit: int = Query(100, ge=1, le=1000),
                last_event_id: str = Header(default=None, pattern=r"^[0-9]{1,19}$",
-                                           description="Resume a stream after this event id."),
-               svc: Services = Depends(services), who: Caller = Depends(caller), session: Session = SESSION) -> Any:
+                                           description="Resume a stream after this event id.")) -> Any:
     job = get_owned_job(session, who, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         start = max(after, _event_id(last_event_id))  # checked before the stream starts, never inside it
@@ -231,7 +221,7 @@ def job_events(job_id: str, request: Request, after: int = Query(0, ge=0, le=MAX
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     rows = _events_after(session, job.id, after, limit + 1)
-    return page([event_object(e) for e in rows[:limit]], len(rows) > limit)
+    return r.EventList.page([r.Event.from_row(e) for e in rows[:limit]], len(rows) > limit)
 
 
 def _event_id(header: str | None) -> int:
@@ -249,7 +239,7 @@ def _poll(svc: Services, job_id: str, after: int) -> tuple[str | None, list[dict
     with svc.sessionmaker() as session:
         # Status first, then events: an event written before the job turned terminal is seen.
         status = session.scalar(select(Job.status).where(Job.id == job_id))
-        return status, [event_object(e) for e in _events_after(session, job_id, after, 500)]
+        return status, [r.Event.from_row(e).model_dump(mode="json") for e in _events_after(session, job_id, after, 500)]
 
 
 async def _sse(request: Request, svc: Services, job_id: str, after: int) -> AsyncIterator[str]:
@@ -287,17 +277,16 @@ def _checkpoints(session: Session, job_id: str) -> list[Artifact]:
 
 
 @router.get("/{job_id}/checkpoints", response_model=r.CheckpointList, summary="The job's checkpoints")
-def list_checkpoints(job_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+def list_checkpoints(job_id: str, who: CallerDep, session: SessionDep) -> r.CheckpointList:
     job = get_owned_job(session, who, job_id)
-    items = [checkpoint_object(a) for a in _checkpoints(session, job.id)]
-    return {"object": "list", "data": items, "has_more": False, "last_id": items[-1]["id"] if items else None}
+    return r.CheckpointList.page([r.Checkpoint.from_row(a) for a in _checkpoints(session, job.id)])
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/content", summary="Download a checkpoint (safetensors)",
             response_class=Response,
             responses={200: {"content": {"application/octet-stream": BINARY}}, 304: {"description": "Not modified"}})
-def checkpoint_content(job_id: str, checkpoint_id: str, request: Request, svc: Services = Depends(services),
-                       who: Caller = Depends(caller), session: Session = SESSION) -> Response:
+def checkpoint_content(job_id: str, checkpoint_id: str, request: Request, svc: ServicesDep, who: CallerDep,
+                       session: SessionDep) -> Response:
     job = get_owned_job(session, who, job_id)
     art = session.scalar(select(Artifact).where(Artifact.id == checkpoint_id, Artifact.job_id == job.id,
                                                 Artifact.kind == "checkpoint"))
@@ -319,8 +308,7 @@ def best_checkpoint(session: Session, job: Job) -> Artifact | None:
 
 @router.get("/{job_id}/checkpoint", summary="Download the job's best checkpoint (safetensors)",
             response_class=Response, responses={200: {"content": {"application/octet-stream": BINARY}}})
-def job_checkpoint(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-                   session: Session = SESSION) -> Response:
+def job_checkpoint(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> Response:
     job = get_owned_job(session, who, job_id)
     art = best_checkpoint(session, job)
     if art is None:
@@ -335,8 +323,7 @@ def _single(session: Session, job: Job, kind: str) -> Artifact | None:
 
 
 @router.get("/{job_id}/report", response_model=r.Report, summary="The job's report (JSON)")
-def job_report(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-               session: Session = SESSION) -> Response:
+def job_report(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> Response:
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "report")
     if art is None:
@@ -347,8 +334,7 @@ def job_report(job_id: str, request: Request, svc: Services = Depends(services),
 
 @router.get("/{job_id}/report.png", summary="Robust accuracy plot (PNG)",
             response_class=Response, responses={200: {"content": {"image/png": BINARY}}})
-def job_plot(job_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller),
-             session: Session = SESSION) -> Response:
+def job_plot(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> Response:
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "plot")
     if art is None:

@@ -5,25 +5,26 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.bodies import check_metadata, media_type, read_json, read_multipart
-from api.deps import SESSION, Caller, Services, caller, owned, services
-from api.errors import ApiError, not_found
+from api.crud import find_owned_dataset, get_owned_model, visible_models
+from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
+from api.errors import ApiError
 from api import responses as r
 from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
 from api.schemas import (
-    BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate, model_object, page,
+    BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate,
 )
 from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
 from core.engine.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
 from core.engine.hub import hub_architecture
 from core.engine.input_contract import default_input_stats
-from core.service.db import Artifact, Dataset, Job, Model, new_id, utcnow
+from core.service.db import Artifact, Job, Model, new_id, utcnow
 from core.states import TERMINAL_STATES
 from core.service.queue import enqueue_model_validation
 from core.service.uploads import inspect_safetensors
@@ -74,8 +75,7 @@ def _enqueue_validation(svc: Services, session: Session, m: Model) -> None:
 
 
 @router.post("", status_code=201, response_model=r.Model, openapi_extra=_CREATE_OPENAPI, summary="Register a model")
-async def create_model(request: Request, svc: Services = Depends(services),
-                       who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+async def create_model(request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> r.Model:
     kind = media_type(request)
     limit = svc.settings.max_upload_bytes
     if kind == "application/json":
@@ -120,11 +120,11 @@ def register_robustbench_model(svc: Services, session: Session, who: Caller,
     return m
 
 
-def _create_robustbench(svc: Services, session: Session, who: Caller, spec: RobustBenchModelCreate) -> dict[str, Any]:
-    return model_object(register_robustbench_model(svc, session, who, spec), None)
+def _create_robustbench(svc: Services, session: Session, who: Caller, spec: RobustBenchModelCreate) -> r.Model:
+    return r.Model.from_row(register_robustbench_model(svc, session, who, spec), None)
 
 
-def _create_hub(svc: Services, session: Session, who: Caller, spec: HubModelCreate) -> dict[str, Any]:
+def _create_hub(svc: Services, session: Session, who: Caller, spec: HubModelCreate) -> r.Model:
     """A `validating` row for a Hub model; the worker reads its config and weights, and fills in
     the input size, mean and std that the registration left to the hub's config."""
     size = spec.input_size or BUILTIN_DATASETS.get(spec.dataset) or _uploaded_shape(session, who, spec.dataset)
@@ -139,7 +139,7 @@ def _create_hub(svc: Services, session: Session, who: Caller, spec: HubModelCrea
     session.add(m)
     session.commit()
     _enqueue_validation(svc, session, m)
-    return model_object(m, None)
+    return r.Model.from_row(m, None)
 
 
 def _input_contract(architecture: str, dataset: str, size: list[int], form: InputContract
@@ -161,7 +161,7 @@ def _check_channels(mean: list[float], size: list[int]) -> None:
 
 
 def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],
-                   file_path: Any, filename: str | None) -> dict[str, Any]:
+                   file_path: Any, filename: str | None) -> r.Model:
     form = _body(ModelUploadForm, fields)
     check_metadata(form.metadata, svc.settings)
     if file_path is None:
@@ -196,11 +196,11 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
     session.add(m)
     commit_or_unstore(session, svc.store, weights.sha256)
     _enqueue_validation(svc, session, m)
-    return model_object(m, weights)
+    return r.Model.from_row(m, weights)
 
 
 def _uploaded_shape(session: Session, who: Caller, dataset: str) -> list[int] | None:
-    ds = session.scalar(select(Dataset).where(Dataset.id == dataset, owned(Dataset.owner_key_id, who)))
+    ds = find_owned_dataset(session, who, dataset)
     return list(ds.image_shape) if ds is not None else None
 
 
@@ -222,34 +222,25 @@ def _safe_name(filename: str | None) -> str | None:
 
 
 @router.get("", response_model=r.ModelList, summary="List models")
-def list_models(limit: int = Query(20, ge=1, le=MAX_PAGE), after: str | None = Query(None, pattern=ID_PATTERN),
-                status: Literal["validating", "ready", "rejected"] | None = None, who: Caller = Depends(caller),
-                session: Session = SESSION) -> dict[str, Any]:
-    visible = [owned(Model.owner_key_id, who), Model.deleted_at.is_(None)]
+def list_models(who: CallerDep, session: SessionDep, limit: int = Query(20, ge=1, le=MAX_PAGE),
+                after: str | None = Query(None, pattern=ID_PATTERN),
+                status: Literal["validating", "ready", "rejected"] | None = None) -> r.ModelList:
+    visible = visible_models(who)
     stmt = select(Model).where(*visible)
     if status:
         stmt = stmt.where(Model.status == status)
     rows, more = paginate(session, stmt, Model, after, limit, after_filter=visible[0])
-    return page([model_object(m, _weights(session, m)) for m in rows], more)
-
-
-def get_owned_model(session: Session, who: Caller, model_id: str) -> Model:
-    m = session.scalar(select(Model).where(Model.id == model_id, owned(Model.owner_key_id, who),
-                                           Model.deleted_at.is_(None)))
-    if m is None:
-        raise not_found("model", model_id)
-    return m
+    return r.ModelList.page([r.Model.from_row(m, _weights(session, m)) for m in rows], more)
 
 
 @router.get("/{model_id}", response_model=r.Model, summary="Get a model")
-def get_model(model_id: str, who: Caller = Depends(caller), session: Session = SESSION) -> dict[str, Any]:
+def get_model(model_id: str, who: CallerDep, session: SessionDep) -> r.Model:
     m = get_owned_model(session, who, model_id)
-    return model_object(m, _weights(session, m))
+    return r.Model.from_row(m, _weights(session, m))
 
 
 @router.delete("/{model_id}", response_model=r.Deleted, summary="Delete a model")
-def delete_model(model_id: str, svc: Services = Depends(services), who: Caller = Depends(caller),
-                 session: Session = SESSION) -> dict[str, Any]:
+def delete_model(model_id: str, svc: ServicesDep, who: CallerDep, session: SessionDep) -> r.Deleted:
     m = get_owned_model(session, who, model_id)
     busy = session.scalar(select(Job.id).where(Job.model_id == m.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
     if busy:
@@ -263,13 +254,12 @@ def delete_model(model_id: str, svc: Services = Depends(services), who: Caller =
     if weights is not None:
         delete_artifact(session, svc.store, weights)
     session.commit()
-    return {"id": m.id, "object": "model", "deleted": True}
+    return r.Deleted(id=m.id, object="model", deleted=True)
 
 
 @router.get("/{model_id}/content", summary="Download the weights (safetensors)",
             response_class=Response, responses={200: {"content": {"application/octet-stream": BINARY}}})
-def model_content(model_id: str, request: Request, svc: Services = Depends(services),
-                  who: Caller = Depends(caller), session: Session = SESSION) -> Any:
+def model_content(model_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> Any:
     m = get_owned_model(session, who, model_id)
     weights = _weights(session, m)
     if weights is None and m.status == "validating":

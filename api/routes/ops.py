@@ -5,13 +5,13 @@ import shutil
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
 from api import responses as r
-from api.deps import Services, services
+from api.deps import Services, ServicesDep
 from api.errors import problem_response
 from core.service.db import Job, WorkerHeartbeat, utcnow
 from core.states import WORKER_STATES
@@ -67,19 +67,21 @@ def _check_storage(svc: Services) -> dict[str, Any]:
     if root is None:
         return {"ok": True, "free_bytes": None}
     try:
-        free = shutil.disk_usage(root).free
+        usage = shutil.disk_usage(root)
     except OSError as exc:
         return {"ok": False, "error": f"the artifact store cannot be read: {exc.strerror or exc}"}
-    if free < svc.settings.min_free_bytes:
+    free, required = usage.free, svc.settings.required_free_bytes(usage.total)
+    if free < required:
         return {"ok": False, "free_bytes": free,
-                "error": f"only {free} bytes free in the artifact store (ROBUSTIFY_MIN_FREE_BYTES is "
-                         f"{svc.settings.min_free_bytes}); free space before uploads and checkpoints fail."}
+                "error": f"only {free} bytes free in the artifact store, below the {required} required "
+                         "(ROBUSTIFY_MIN_FREE_BYTES, else ROBUSTIFY_MIN_FREE_FRACTION of the disk); free space "
+                         "before uploads and checkpoints fail."}
     return {"ok": True, "free_bytes": free}
 
 
 @router.get("/readyz", response_model=r.Readiness, response_model_exclude_unset=True, summary="Database, broker and artifact store reachable (with free space), workers seen",
             responses={503: {"description": "Not ready: `checks` says which part failed"}})
-async def readyz(request: Request, svc: Services = Depends(services)) -> Any:
+async def readyz(request: Request, svc: ServicesDep) -> Any:
     checks = {
         "database": await run_in_threadpool(_check_database, svc),
         "broker": await run_in_threadpool(_check_broker, svc),

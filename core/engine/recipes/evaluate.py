@@ -1,10 +1,16 @@
-"""Robustness evaluation, one readable recipe: clean accuracy, W2 robust accuracy by W-PGD at
-one or several radii, pointwise robust accuracy by PGD and/or AutoAttack, with ratios to the
-clean accuracy, a JSON report and a PNG of accuracy against δ.
+"""Robustness evaluation, one readable recipe:
 
-Every number is labelled with the radius and threat model it measures. The headline (summary)
-is at the threat model's δ when that δ is among the radii, else at the largest radius, and it
-says which. Attacks run in float32 unless bf16 is asked for (`amp`): bf16 weakens W-PGD.
+    a seeded stratified sample of the test split → for each radius δ: the pointwise attack
+    (AutoAttack / APGD / PGD) → the W2 ensemble (W-PGD attacks run to convergence, the pointwise
+    set as a member) → at the headline δ: the masking audit, per-class numbers and the confusion
+    matrix → a JSON report and a PNG of accuracy against δ
+
+Every number is labelled with the radius and threat model it measures, the preset that measured it
+(`evaluation`: standard or quick, core.engine.evaluation.ensemble.PRESETS), and carries n and a
+95 % Wilson interval. The headline (summary) is at the threat model's δ when that δ is among the
+radii, else at the largest radius, and it says which. W2 ≤ pointwise holds by construction: the
+pointwise attack's points are a member of the W2 ensemble. Attacks run in float32 unless bf16 is
+asked for (`amp`): bf16 weakens W-PGD.
 """
 from __future__ import annotations
 
@@ -13,13 +19,16 @@ from typing import Any
 
 import torch
 
-from core.engine.attacks.autoattack import autoattack
-from core.engine.attacks.pgd import pgd
-from core.engine.attacks.wpgd import w_pgd
 from core.engine.config import EvaluateConfig
 from core.engine.data.datasets import ImageData, to_unit_float
+from core.engine.data.sampling import sample_record, stratified_indices
 from core.engine.defaults import resolve_eval_batch_size
 from core.engine.device import Compute
+from core.engine.evaluation.audit import audit_status, masking_audit
+from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, preset_attacks, w2_ensemble
+from core.engine.evaluation.intervals import accuracy_stat
+from core.engine.evaluation.perclass import confusion_matrix, per_class
+from core.engine.evaluation.pointwise import PointwiseResult, pointwise_attack
 from core.engine.hooks import Hooks
 from core.engine.oom import AdaptiveBatch, report_halving
 from core.engine.plots import robustness_curve_png
@@ -32,37 +41,46 @@ class EvaluationReport:
     config: dict[str, Any]
     n_examples: int
     clean_accuracy: float
-    w2: list[dict[str, Any]] = field(default_factory=list)         # one W-PGD result per δ
-    pointwise: list[dict[str, Any]] = field(default_factory=list)  # PGD per δ, AutoAttack at δ
+    w2: list[dict[str, Any]] = field(default_factory=list)         # one W2 ensemble row per δ
+    pointwise: list[dict[str, Any]] = field(default_factory=list)  # one row per pointwise attack and δ
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    clean: dict[str, Any] = field(default_factory=dict)            # accuracy, n, ci95
+    audit: list[dict[str, str]] = field(default_factory=list)      # the masking audit at the headline δ
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # at the headline δ
+    confusion_matrix: list[list[int]] = field(default_factory=list)  # [true][predicted], clean
 
     @property
     def headline(self) -> dict[str, Any] | None:
-        """The W-PGD row at the headline radius (EvaluateConfig.headline_delta)."""
+        """The W2 row at the headline radius (EvaluateConfig.headline_delta)."""
         delta, _ = EvaluateConfig.model_validate(self.config).headline_delta
-        return next((r for r in self.w2 if abs(r["delta"] - delta) <= 1e-12 * max(1.0, delta)), None)
+        return next((r for r in self.w2 if _same(r["delta"], delta)), None)
 
     @property
     def summary(self) -> dict[str, Any]:
-        """Headline metrics, with the radius and threat models they measure and why that radius."""
+        """Headline metrics, with the radius and threat models they measure, why that radius, the
+        preset, n and every accuracy's 95 % interval (`<metric>_ci95`)."""
         config = EvaluateConfig.model_validate(self.config)
         delta, source = config.headline_delta
         threat = Threat.from_spec(config.threat_model, delta)
-        out: dict[str, Any] = {**threat.labels(), "delta_source": source, "n_examples": self.n_examples,
-                               "clean_accuracy": self.clean_accuracy}
+        out: dict[str, Any] = {**threat.labels(), "delta_source": source, "evaluation": config.evaluation,
+                               "n_examples": self.n_examples, "clean_accuracy": self.clean_accuracy,
+                               "clean_accuracy_ci95": self.clean.get("ci95")}
+        if self.audit:
+            out["audit"] = audit_status(self.audit)
         row = self.headline
         if row is None:
             return out
-        out["w2_robust_accuracy"] = row["robust_accuracy"]
-        out["w2_robust_to_clean_ratio"] = row["robust_to_clean_ratio"]
-        out["w2_converged"] = row["converged"]
-        at_delta = [p for p in self.pointwise if abs(p["delta"] - row["delta"]) <= 1e-12 * max(1.0, delta)]
+        out.update(w2_robust_accuracy=row["robust_accuracy"], w2_robust_accuracy_ci95=row["ci95"],
+                   w2_robust_to_clean_ratio=row["robust_to_clean_ratio"], w2_converged=row["converged"],
+                   w2_attack=row["attack"])
+        at_delta = [p for p in self.pointwise if _same(p["delta"], row["delta"])]
         if at_delta:
             strongest = min(at_delta, key=lambda p: p["robust_accuracy"])
             ground = strongest["threat"]
             out[f"{ground}_robust_accuracy"] = strongest["robust_accuracy"]
+            out[f"{ground}_robust_accuracy_ci95"] = strongest["ci95"]
             out[f"{ground}_robust_to_clean_ratio"] = strongest["robust_to_clean_ratio"]
             out[f"{ground}_attack"] = strongest["attack"]
         return out
@@ -70,96 +88,148 @@ class EvaluationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"type": "evaluate", "summary": self.summary, "warnings": self.warnings, "config": self.config,
                 "provenance": self.provenance, "n_examples": self.n_examples,
-                "clean_accuracy": self.clean_accuracy, "w2": self.w2, "pointwise": self.pointwise,
-                "stopped": self.stopped}
+                "clean_accuracy": self.clean_accuracy, "clean": self.clean, "w2": self.w2,
+                "pointwise": self.pointwise, "audit": self.audit, "per_class": self.per_class,
+                "confusion_matrix": self.confusion_matrix, "stopped": self.stopped}
 
     def plot_png(self) -> bytes:
-        series = {"W2 (W-PGD)": [r["robust_accuracy"] for r in self.w2]}
-        pgd_rows = [p for p in self.pointwise if p["attack"] == "pgd"]
-        if pgd_rows:
-            series[f"{pgd_rows[0]['threat']} (PGD)"] = [p["robust_accuracy"] for p in pgd_rows]
+        preset = self.config.get("evaluation", "standard")
+        series = {f"W2 ({preset} ensemble)": [r["robust_accuracy"] for r in self.w2]}
+        names = list(dict.fromkeys(p["attack"] for p in self.pointwise))
+        for name in names:
+            rows = [p for p in self.pointwise if p["attack"] == name]
+            if len(rows) == len(self.w2):
+                series[f"{rows[0]['threat']} ({name})"] = [p["robust_accuracy"] for p in rows]
         return robustness_curve_png([r["delta"] for r in self.w2], series, self.clean_accuracy,
                                     "robust accuracy against the radius")
 
 
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-12 * max(1.0, b)
+
+
 def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
              *, device: str | torch.device | None = None, context: dict[str, Any] | None = None) -> EvaluationReport:
-    """Evaluate `model` on the test split; `context` (job, model and data set ids, the model's
-    sha256) goes into the report's provenance as given."""
+    """Evaluate `model` on a stratified sample of the test split; `context` (job, model and data
+    set ids, the model's sha256) goes into the report's provenance as given."""
     hooks = hooks or Hooks()
     started_at = utc_timestamp()
     # the finest attack step taken: under bf16 a step below bf16's input spacing keeps the stem in float32
-    finest_step = min([config.wpgd_step_ratio * min(config.radii) / config.wpgd_steps]
-                      + ([config.pgd_step_ratio * min(config.radii)] if "pgd" in config.linf_attacks else []))
+    finest_step = min(config.wpgd_step_ratio * min(config.radii) / config.wpgd_steps,
+                      config.pgd_step_ratio * min(config.radii))
     compute = Compute.resolve(device, config.amp, config.channels_last, attack_step=finest_step)
     model = compute.prepare_model(model).eval()
-    n = data.test_x.shape[0] if config.n_examples is None else min(config.n_examples, data.test_x.shape[0])
-    x = compute.images(to_unit_float(data.test_x[:n], compute.device))
+    labels = data.test_y.numpy()
+    indices = stratified_indices(labels, config.n_examples, config.seed)
+    chosen = torch.from_numpy(indices)
+    x = compute.images(to_unit_float(data.test_x[chosen], compute.device))
+    y = data.test_y[chosen].to(compute.device)
+    n = int(x.shape[0])
     batch_size = resolve_eval_batch_size(config.batch_size, compute.device.type, tuple(x.shape[1:]))
-    y = data.test_y[:n].to(compute.device)
     base = Threat.from_spec(config.threat_model)
-    w2_base = base if base.distributional else Threat(f"w2-{base.ground}", base.delta)
-    radii = config.radii
-    use_aa = "autoattack" in config.linf_attacks
-    units = len(radii) * (1 + ("pgd" in config.linf_attacks)) + (4 if use_aa else 0)
-    done = 0
+    w2_base = base.w2
+    headline_delta = config.headline_delta[0]
+    point_names = (list(dict.fromkeys(config.linf_attacks)) if config.linf_attacks is not None
+                   else [PRESETS[config.evaluation].pointwise(compute.device.type)])
+    units = len(config.radii) * (1 + len(point_names)) + (1 if config.audit else 0)
+    progress = _Progress(hooks, units)
     report = EvaluationReport(config=config.model_dump(mode="json"), n_examples=n, clean_accuracy=0.0)
-
     batch = AdaptiveBatch(batch_size, report_halving(hooks.event))
-    for delta in radii:
-        phase = f"w-pgd δ={delta:.4g}"
-        res = batch.run(phase, lambda size: w_pgd(
-            model, x, y, w2_base.with_delta(delta), steps=config.wpgd_steps, step_ratio=config.wpgd_step_ratio,
-            loss=config.attack_loss, batch_size=size, compute=compute,
-            progress=lambda t, T: hooks.progress((done + t / T) / units, phase, {"step": t, "total_steps": T}),
-            should_stop=hooks.should_stop))
-        report.clean_accuracy = res.clean_accuracy
-        report.w2.append({"threat": w2_base.kind, **res.to_dict()})
-        if not res.converged:
-            message = (f"W-PGD had not converged at δ={delta:.4g}: the accuracy still fell in the last quarter of "
-                       f"its {res.steps} steps ({res.accuracy_trajectory[(3 * res.steps) // 4]:.4f} → "
-                       f"{res.robust_accuracy:.4f}), so {res.robust_accuracy:.4f} is an upper bound; raise "
-                       "wpgd_steps for a tighter number.")
-            report.warnings.append(message)
-            hooks.warn(message, {"delta": delta, "steps": res.steps})
-        done += 1
-        hooks.progress(done / units, phase, {"clean_accuracy": res.clean_accuracy,
-                                             "w2_robust_accuracy": res.robust_accuracy, "delta": delta})
-        if hooks.should_stop():
-            report.stopped = True
-            report.provenance = _provenance(config, n, compute, context, started_at, batch_size)
-            return report
-        if "pgd" in config.linf_attacks:
-            # the l∞ step is a fixed fraction of each radius attacked; l2 keeps PGD's own default
-            p = batch.run(f"pgd δ={delta:.4g}", lambda size: pgd(
-                model, x, y, w2_base.pointwise.with_delta(delta), steps=config.pgd_steps,
-                step_size=config.pgd_step_ratio * delta if base.ground == "linf" else None,
-                loss=config.pgd_loss, batch_size=size, compute=compute,
-                generator=torch.Generator(device=compute.device).manual_seed(config.seed),
-                should_stop=hooks.should_stop))
-            report.pointwise.append(p.to_dict())
-            done += 1
-            hooks.progress(done / units, f"pgd δ={delta:.4g}", {})
-            if hooks.should_stop():
-                report.stopped = True
-                return report
+    head: tuple[W2EnsembleResult, list[PointwiseResult]] | None = None
 
-    if use_aa:
-        m = min(config.autoattack_examples, n)
-        aa_threat = w2_base.pointwise.with_delta(config.headline_delta[0])
-        with compute.autocast():
-            result = batch.run("autoattack", lambda size: autoattack(
-                model, x[:m], y[:m], aa_threat, batch_size=size, seed=config.seed,
-                on_attack=lambda name, k, total: hooks.progress((done + k) / units, f"autoattack: {name}", {})))
-        report.pointwise.append({**result.to_dict(), "threat": w2_base.ground})
-    report.provenance = _provenance(config, n, compute, context, started_at, batch_size)
+    for delta in config.radii:
+        points = []
+        for name in point_names:
+            points.append(pointwise_attack(
+                model, x, y, w2_base.pointwise.with_delta(delta), name, batch_size=batch, compute=compute,
+                seed=config.seed, steps=config.pgd_steps, step_ratio=config.pgd_step_ratio, loss=config.pgd_loss,
+                on_attack=lambda attack, k, total: progress.within(k / total, f"autoattack: {attack}"),
+                should_stop=hooks.should_stop))
+            report.pointwise.append(points[-1].to_dict())
+            progress.unit_done(f"{name} δ={delta:.4g}", {f"{w2_base.ground}_robust_accuracy": points[-1].robust_accuracy})
+            if hooks.should_stop():
+                return _stopped(report, config, n, compute, context, started_at, batch_size, indices, labels)
+        ensemble = w2_ensemble(
+            model, x, y, w2_base.with_delta(delta), preset=config.evaluation, batch_size=batch, compute=compute,
+            seed=config.seed, steps=config.wpgd_steps, step_ratio=config.wpgd_step_ratio,
+            attacks=preset_attacks(config.evaluation, config.attack_loss), progress=progress.within,
+            should_stop=hooks.should_stop, members=[Member.of(p) for p in points])
+        report.clean = accuracy_stat(ensemble.clean_correct)
+        report.clean_accuracy = report.clean["accuracy"]
+        if ensemble.stopped:
+            return _stopped(report, config, n, compute, context, started_at, batch_size, indices, labels)
+        report.w2.append(ensemble.to_dict())
+        for message in ensemble.warnings():
+            report.warnings.append(message)
+            hooks.warn(message, {"delta": delta})
+        progress.unit_done(f"w-pgd δ={delta:.4g}", {"clean_accuracy": report.clean_accuracy,
+                                                    "w2_robust_accuracy": ensemble.robust_accuracy, "delta": delta})
+        if _same(delta, headline_delta):
+            head = (ensemble, points)
+
+    if head is not None:
+        ensemble, points = head
+        strongest = min(points, key=lambda p: p.robust_accuracy) if points else None
+        if config.audit:
+            report.audit = masking_audit(
+                model, x, y, w2_base.with_delta(headline_delta), ensemble=ensemble, compute=compute,
+                batch_size=batch, seed=config.seed, steps=config.wpgd_steps, step_ratio=config.wpgd_step_ratio,
+                pointwise_accuracy=strongest.robust_accuracy if strongest else None,
+                progress=progress.within, should_stop=hooks.should_stop)
+            progress.unit_done("audit", {"audit": audit_status(report.audit)})
+            _warn_on_failed_audit(report, hooks)
+        outcomes = {"clean_accuracy": ensemble.clean_correct, "w2_robust_accuracy": ensemble.correct}
+        if strongest is not None:
+            outcomes[f"{strongest.threat}_robust_accuracy"] = strongest.correct
+        report.per_class = per_class(y, outcomes, data.num_classes, data.class_names)
+        report.confusion_matrix = confusion_matrix(y, ensemble.clean_pred, data.num_classes)
+    report.provenance = _provenance(config, n, compute, context, started_at, batch_size, indices, labels,
+                                    point_names)
     hooks.progress(1.0, "done", report.summary)
     return report
 
 
+class _Progress:
+    """The recipe's share of work done: `units` equal parts (an attack at a radius, the audit),
+    with `within(fraction, phase)` inside the current one."""
+
+    def __init__(self, hooks: Hooks, units: int) -> None:
+        self.hooks, self.units, self.done = hooks, max(units, 1), 0
+
+    def within(self, fraction: float, phase: str) -> None:
+        self.hooks.progress(min(1.0, (self.done + fraction) / self.units), phase, {})
+
+    def unit_done(self, phase: str, metrics: dict[str, Any]) -> None:
+        self.done += 1
+        self.hooks.progress(min(1.0, self.done / self.units), phase, metrics)
+
+
+def _warn_on_failed_audit(report: EvaluationReport, hooks: Hooks) -> None:
+    failed = [c for c in report.audit if c["status"] == "fail"]
+    if failed:
+        message = ("the masking audit failed (" + "; ".join(f"{c['check']}: {c['detail']}" for c in failed)
+                   + "): the robust accuracies may be far too high, as for a model that hides its gradients.")
+        report.warnings.append(message)
+        hooks.warn(message, {"audit": "fail", "checks": [c["check"] for c in failed]})
+
+
+def _stopped(report: EvaluationReport, config: EvaluateConfig, n: int, compute: Compute,
+             context: dict[str, Any] | None, started_at: str, batch_size: int, indices: Any,
+             labels: Any) -> EvaluationReport:
+    report.stopped = True
+    report.provenance = _provenance(config, n, compute, context, started_at, batch_size, indices, labels, [])
+    return report
+
+
 def _provenance(config: EvaluateConfig, n: int, compute: Compute, context: dict[str, Any] | None,
-                started_at: str, batch_size: int) -> dict[str, Any]:
-    return {**(context or {}), "seed": config.seed, "examples": {"test": n}, **runtime_provenance(compute.device),
+                started_at: str, batch_size: int, indices: Any, labels: Any, point_names: list[str]) -> dict[str, Any]:
+    preset = PRESETS[config.evaluation]
+    return {**(context or {}), "seed": config.seed, "examples": {"test": n},
+            "test_sample": sample_record(labels, indices, config.seed),
+            "evaluation": {"preset": config.evaluation, **preset.describe(),
+                           "w2_attacks": [a.name for a in preset_attacks(config.evaluation, config.attack_loss)],
+                           "pointwise_attacks": point_names},
+            **runtime_provenance(compute.device),
             "evaluation_precision": "bf16" if compute.amp_dtype is not None else "float32",
             "float32_stem": compute.float32_stem,
             # the batch the attacks ran with: config.batch_size resolved on this device ("auto")

@@ -85,15 +85,20 @@ export function beforeAfter(job) {
   const asThreat = (t) => (typeof t === "string" ? { kind: t } : t && typeof t === "object" ? t : null);
   const threat = asThreat(r.threat_model) || asThreat(after.threat_model) || asThreat(job.threat_model);
   const rows = epochMetrics(threat).map(({ key, label }) => {
-    const b = num(r.before[key]);
-    const a = num(after[key]);
-    return { key, label, before: b, after: a, change: a !== null && b !== null ? a - b : null };
+    const b = accuracyOf(r.before, key);
+    const a = accuracyOf(after, key);
+    const paired = changeOf(r, key);   // the paired interval of the change, when the result has one
+    return {
+      key, label, before: b?.value ?? null, after: a?.value ?? null, beforeCi: b?.ci95 ?? null, afterCi: a?.ci95 ?? null,
+      change: paired?.change ?? (a && b ? a.value - b.value : null), changeCi: paired?.ci95 ?? null,
+    };
   });
   const delta = num(after.delta) ?? num(r.delta) ?? num(threat?.delta);
   return {
     rows, threat: { ...(threat || {}), delta }, epoch: num(after.epoch) ?? num(r.best_epoch),
     improved: typeof r.improved === "boolean" ? r.improved : null,
-    examples: num(after.n_examples) ?? num(r.provenance?.examples?.test) ?? num(job.config?.test_examples),
+    examples: num(after.n_examples) ?? accuracyOf(after, "clean_accuracy")?.n ?? num(r.provenance?.examples?.test)
+      ?? num(job.config?.test_examples),
   };
 }
 
@@ -106,8 +111,10 @@ const ATTACK_NAMES = { pgd: "PGD", autoattack: "AutoAttack", apgd: "APGD" };
 export function robustnessCurves(report) {
   if (!report || typeof report !== "object") return null;
   const curves = [];
+  // a point is [δ, accuracy, its 95 % interval or null]
   const w2 = (Array.isArray(report.w2) ? report.w2 : [])
-    .map((row) => [num(row?.delta), num(row?.robust_accuracy)]).filter(([d, a]) => d !== null && a !== null);
+    .map((row) => [num(row?.delta), num(row?.robust_accuracy), accuracyOf(row, "robust_accuracy")?.ci95 ?? null])
+    .filter(([d, a]) => d !== null && a !== null);
   if (w2.length) curves.push({ name: "W2 (W-PGD)", attack: "w-pgd", threat: "w2", points: w2 });
   const groups = new Map();
   for (const row of Array.isArray(report.pointwise) ? report.pointwise : []) {
@@ -118,7 +125,7 @@ export function robustnessCurves(report) {
     const attack = String(row.attack || "attack");
     const name = `${threat} ${ATTACK_NAMES[attack] || (attack.startsWith("autoattack") ? "AutoAttack" : attack)}`;
     if (!groups.has(name)) groups.set(name, { name, attack: row.attack, threat, points: [] });
-    groups.get(name).points.push([d, a]);
+    groups.get(name).points.push([d, a, accuracyOf(row, "robust_accuracy")?.ci95 ?? null]);
   }
   for (const g of groups.values()) curves.push(g);
   for (const c of curves) c.points.sort((p, q) => p[0] - q[0]);
@@ -151,4 +158,113 @@ export function progressOf(job) {
   if (num(p.epoch) !== null && num(p.total_epochs) !== null && p.total_epochs > 0) parts.push(`epoch ${p.epoch}/${p.total_epochs}`);
   if (p.phase && p.phase !== "done") parts.push(p.phase);
   return { fraction: Math.min(Math.max(fraction, 0), 1), text: parts.join(" · "), eta: num(p.eta_seconds) };
+}
+
+// ------------------------------------------------------------------ uncertainty, audit, verdict
+// The report's newer fields (intervals, the evaluation preset, the masking audit, per-class
+// numbers, a fine-tune's verdict); an older report simply has none of them.
+
+/**
+ * An accuracy with its n and 95 % interval, {value, n, ci95: [lo, hi] | null}, from either shape the
+ * engine writes: a block {accuracy, n, ci95}, or a number beside "<key>_ci95" (and "n_examples").
+ */
+export function accuracyOf(block, key) {
+  const v = block?.[key];
+  if (v && typeof v === "object") {
+    return num(v.accuracy) === null ? null : { value: v.accuracy, n: num(v.n), ci95: pair(v.ci95) };
+  }
+  if (num(v) === null) return null;
+  const ci = block[`${key}_ci95`] ?? (key === "robust_accuracy" ? block.ci95 : null);
+  return { value: v, n: num(block[`${key}_n`]) ?? num(block.n) ?? num(block.n_examples), ci95: pair(ci) };
+}
+
+const pair = (v) => (Array.isArray(v) && v.length === 2 && num(v[0]) !== null && num(v[1]) !== null ? v : null);
+
+/** "58.1–68.0 %" for an interval; "" without one. */
+export const intervalText = (ci) => (ci ? `${(100 * ci[0]).toFixed(1)}–${(100 * ci[1]).toFixed(1)} %` : "");
+
+/** The evaluation preset the numbers were measured with ("standard", "quick"), or null. */
+export function presetOf(...sources) {
+  for (const s of sources) {
+    const p = s?.provenance?.evaluation ?? s?.evaluation ?? s?.summary?.evaluation ?? s?.config?.evaluation;
+    if (typeof p === "string") return p;
+    if (typeof p?.preset === "string") return p.preset;
+  }
+  return null;
+}
+
+/** The masking audit's checks [{check, status, detail}] of the first source that has one. */
+export function auditOf(...sources) {
+  for (const s of sources) {
+    const a = s?.audit ?? s?.summary?.audit;
+    if (Array.isArray(a) && a.length) {
+      return a.filter((c) => c && typeof c === "object")
+        .map((c) => ({ check: String(c.check ?? "check"), status: ["pass", "warn", "fail"].includes(c.status) ? c.status : "warn", detail: String(c.detail ?? "") }));
+    }
+  }
+  return [];
+}
+
+// A fine-tune's verdict in plain words, and how the page shows it.
+const VERDICTS = {
+  improved: ["ok", "Improved: the 95 % interval of the change lies above zero."],
+  no_significant_change: ["warn", "No significant change: the 95 % interval of the change includes zero."],
+  worse: ["warn", "Worse: the 95 % interval of the change lies below zero."],
+  improved_with_clean_drop: ["warn", "More robust, but the clean accuracy fell by more than the allowed drop."],
+  improved_with_class_collapse: ["warn", "More robust, but the accuracy on a class collapsed."],
+};
+
+/** {code, tone: "ok" | "warn", words} of a finished fine-tune's verdict, or null. */
+export function verdictOf(result) {
+  if (!result || typeof result !== "object") return null;
+  const code = typeof result.verdict === "string" ? result.verdict : typeof result.verdict?.code === "string" ? result.verdict.code : null;
+  const own = typeof result.verdict_text === "string" ? result.verdict_text : typeof result.verdict?.text === "string" ? result.verdict.text : null;
+  if (code) {
+    const [tone, words] = VERDICTS[code] || ["warn", `${code.replaceAll("_", " ")}.`];
+    return { code, tone, words: own || words };
+  }
+  return null;
+}
+
+/** The paired change of `key` with its interval {change, ci95}, when the result has one. */
+export function changeOf(result, key) {
+  const c = result?.change?.[key] ?? (result?.change?.metric === key ? result.change : null);
+  if (c && typeof c === "object" && num(c.change) !== null) return { change: c.change, ci95: pair(c.ci95) };
+  return null;
+}
+
+/** Per-class rows [{label, name, n, clean, robust}] (accuracies as accuracyOf gives them). */
+export function perClassOf(...sources) {
+  for (const s of sources) {
+    let rows = s?.per_class;
+    if (rows && !Array.isArray(rows) && typeof rows === "object") rows = rows.after ?? rows.test;
+    if (!Array.isArray(rows) || !rows.length) continue;
+    return rows.filter((r) => r && typeof r === "object").map((r) => ({
+      label: num(r.class) ?? num(r.label), name: typeof r.name === "string" ? r.name : null, n: num(r.n),
+      clean: accuracyOf(r, "clean_accuracy"),
+      robust: accuracyOf(r, "w2_robust_accuracy") ?? accuracyOf(r, "robust_accuracy"),
+    }));
+  }
+  return [];
+}
+
+/** An evaluation's attack rows [{delta, attack, steps, converged, accuracy}] from its W2 rows. */
+export function attackRows(report) {
+  const out = [];
+  for (const row of Array.isArray(report?.w2) ? report.w2 : []) {
+    for (const a of Array.isArray(row?.attacks) ? row.attacks : []) {
+      if (!a || typeof a !== "object") continue;
+      out.push({ delta: num(row.delta), attack: String(a.attack ?? "attack"), steps: num(a.steps),
+        converged: typeof a.converged === "boolean" ? a.converged : null, accuracy: accuracyOf(a, "robust_accuracy") });
+    }
+  }
+  return out;
+}
+
+/** A data set's census: per-class counts per split and its warnings [{code, split, message}]. */
+export function censusOf(dataset) {
+  const counts = dataset?.class_counts && typeof dataset.class_counts === "object" ? dataset.class_counts : null;
+  const splits = counts ? Object.entries(counts).filter(([, v]) => Array.isArray(v)) : [];
+  const warnings = (Array.isArray(dataset?.warnings) ? dataset.warnings : []).filter((w) => w && typeof w === "object");
+  return { splits, warnings };
 }

@@ -4,7 +4,10 @@
 import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
 import { ago, badge, bytes, card, clock, duration, errorNote, every, fill, h, note, numHead, pct, points, progressBar, swap, table } from "../dom.js";
-import { beforeAfter, epochHistory, epochMetrics, fmtDelta, progressOf, robustnessCurves, selectedEpoch, threatText } from "../results.js";
+import {
+  attackRows, auditOf, beforeAfter, epochHistory, epochMetrics, fmtDelta, intervalText, perClassOf, presetOf, progressOf,
+  robustnessCurves, selectedEpoch, threatText, verdictOf,
+} from "../results.js";
 
 const ACTIVE = new Set(["queued", "running", "cancelling"]);
 const MAX_LOG = 400;
@@ -21,7 +24,7 @@ export async function jobView(root, { match, signal }) {
   const log = h("ol", { class: "log", id: "event-log" });
   const logBox = h("div", { class: "log-box" }, log);
   const parts = {
-    curves: h("div"), beforeAfter: h("div"), checkpoints: h("div"), evaluation: h("div"),
+    curves: h("div"), beforeAfter: h("div"), checkpoints: h("div"), evaluation: h("div"), audit: h("div"), perClass: h("div"),
   };
   const epochChart = finetune ? lineChart(epochSpec(state)) : null;
   fill(root,
@@ -29,6 +32,7 @@ export async function jobView(root, { match, signal }) {
     head, problems, alerts,
     finetune ? card("Validation accuracy per epoch", epochChart, parts.curves) : null,
     finetune ? parts.beforeAfter : parts.evaluation,
+    parts.audit, parts.perClass,
     finetune ? parts.checkpoints : null,
     card("Events", logBox),
     card("Configuration", h("details", {}, h("summary", {}, "Recipe settings (defaults filled in by the server)"),
@@ -57,10 +61,11 @@ export async function jobView(root, { match, signal }) {
       job.started_at && job.finished_at ? fact("Ran for", duration((Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000)) : null,
       job.attempt > 1 ? fact("Attempt", `${job.attempt} of ${job.max_attempts}`) : null));
     bar.replaceChildren(progressBar(p.fraction, `${Math.round(100 * p.fraction)} %${p.text ? ` · ${p.text}` : ""}${active && p.eta !== null ? ` · about ${duration(p.eta)} left` : ""}`));
-    swap(problems, [job.status, job.error, job.result?.improved], () => [
+    swap(problems, [job.status, job.error, job.result?.improved, job.result?.best_epoch], () => [
       job.error ? note("error", h("strong", {}, `${job.error.code || "error"}: `), job.error.message || "") : null,
       job.status === "cancelling" ? note("info", "Cancelling: the worker stops at its next check and keeps the checkpoints written so far.") : null,
-      job.result?.improved === false ? note("warn", h("strong", {}, "No improvement. "),
+      // the input model handed back (epoch 0); an older result says so only through `improved`
+      job.result?.best_epoch === 0 || (job.result?.improved === false && !job.result?.verdict) ? note("warn", h("strong", {}, "No improvement. "),
         "No fine-tuned epoch beat the input model under the selection rule, so the checkpoint this job hands back is the input model itself.") : null]);
   };
 
@@ -80,16 +85,22 @@ export async function jobView(root, { match, signal }) {
         ACTIVE.has(state.job.status) ? "The before/after comparison appears when the job finishes." : "This job has no result."));
     }
     const epoch = ba.epoch === null ? "" : ` (epoch ${ba.epoch})`;
+    const verdict = verdictOf(state.job.result);
+    const preset = presetOf(state.job.result, state.job.config);
     return card("Before and after",
+      verdict ? h("div", { class: `note ${verdict.tone === "ok" ? "info" : "warn"}`, role: "status", id: "verdict", "data-verdict": verdict.code },
+        h("strong", {}, verdict.words)) : null,
       table(["Test accuracy", numHead("Input model"), numHead(`Selected checkpoint${epoch}`), numHead("Change")],
         ba.rows.map((r) => h("tr", { "data-metric": r.key },
           h("th", {}, r.key === "clean_accuracy" ? "Clean" : `${r.label} at δ = ${fmtDelta(ba.threat.delta)}`),
-          h("td", { class: "num" }, pct(r.before)), h("td", { class: "num" }, pct(r.after)),
-          h("td", { class: `num ${r.change > 0 ? "up" : r.change < 0 ? "down" : ""}` }, points(r.change)))),
+          h("td", { class: "num" }, pct(r.before), interval(r.beforeCi)), h("td", { class: "num" }, pct(r.after), interval(r.afterCi)),
+          h("td", { class: `num ${r.change > 0 ? "up" : r.change < 0 ? "down" : ""}` }, points(r.change), interval(r.changeCi, true)))),
         { id: "before-after" }),
       h("p", { class: "caption", id: "before-after-threat" },
         `Threat model: ${threatText(ba.threat)}${ba.examples ? `; ${ba.examples} test images` : ""}. `
-        + "The checkpoint is selected on the validation split; these numbers are on the test split."),
+        + "The checkpoint is selected on the validation split; these numbers are on the test split"
+        + `${preset ? `, attacked with the “${preset}” evaluation preset` : ""}. `
+        + "Below each number: its 95 % interval (the change's is paired, over the same test images)."),
       h("div", { class: "actions" },
         h("button", { type: "button", class: "primary", id: "download-selected", onclick: () => api.download(`v1/jobs/${id}/checkpoint`) }, "Download the selected checkpoint"),
         state.job.status === "succeeded" ? h("button", { type: "button", onclick: () => api.download(`v1/jobs/${id}/report`, `${id}-report.json`) }, "Report (JSON)") : null));
@@ -117,6 +128,8 @@ export async function jobView(root, { match, signal }) {
         ACTIVE.has(state.job.status) ? "The curves appear when the evaluation finishes." : "This evaluation has no report."));
     }
     const deltas = [...new Set(curves.curves.flatMap((c) => c.points.map((p) => p[0])))].sort((a, b) => a - b);
+    const preset = presetOf(state.report, state.job.result, state.job.config);
+    const attacks = attackRows(state.report);
     return card("Robust accuracy against δ",
       lineChart({
         id: "robustness", xLabel: "radius δ", yLabel: "accuracy", xName: "δ", xMin: 0, xFormat: fmtDelta,
@@ -125,14 +138,32 @@ export async function jobView(root, { match, signal }) {
       }),
       table(["δ", ...curves.curves.map((c) => numHead(c.name))], deltas.map((d) => h("tr", {},
         h("th", {}, fmtDelta(d)),
-        curves.curves.map((c) => h("td", { class: "num" }, pct(c.points.find((p) => p[0] === d)?.[1]))))), { id: "robustness-table" }),
+        curves.curves.map((c) => {
+          const p = c.points.find((q) => q[0] === d);
+          return h("td", { class: "num" }, pct(p?.[1]), interval(p?.[2]));
+        }))), { id: "robustness-table" }),
       h("p", { class: "caption" }, `Clean accuracy ${pct(curves.clean)}${curves.examples ? ` on ${curves.examples} test images` : ""}; `,
-        `threat model of the job: ${threatText(state.job.threat_model)}.`));
+        `threat model of the job: ${threatText(state.job.threat_model)}`,
+        preset ? h("span", { id: "evaluation-preset", "data-preset": preset }, `; evaluation preset “${preset}”`) : null,
+        ". Below each number: its 95 % interval. The W2 number at a radius is the smallest over the attacks below."),
+      attacks.length ? h("details", {}, h("summary", {}, `The attacks (${attacks.length})`),
+        table(["δ", "Attack", numHead("Steps"), "Converged", numHead("Robust accuracy")], attacks.map((a) => h("tr", { "data-attack": a.attack },
+          h("td", {}, fmtDelta(a.delta)), h("td", {}, a.attack), h("td", { class: "num" }, a.steps ?? "—"),
+          h("td", {}, a.converged === null ? "—" : a.converged ? "yes" : "no (an upper bound)"),
+          h("td", { class: "num" }, pct(a.accuracy?.value), interval(a.accuracy?.ci95)))), { id: "attacks" })) : null);
   });
+
+  // the masking audit and the per-class numbers: a fine-tune's result, an evaluation's report
+  const drawFindings = () => {
+    const sources = [state.report, state.job.result];
+    swap(parts.audit, [state.job.status, !!state.report, state.job.result?.audit], () => auditCard(auditOf(...sources)));
+    swap(parts.perClass, [state.job.status, !!state.report, state.job.result?.per_class], () => perClassCard(perClassOf(...sources)));
+  };
 
   const drawAll = () => {
     drawHead();
     if (finetune) { drawCurves(); drawBeforeAfter(); drawCheckpoints(); } else drawEvaluation();
+    drawFindings();
   };
 
   // ------------------------------------------------------------------ data
@@ -173,6 +204,42 @@ export async function jobView(root, { match, signal }) {
 }
 
 const fact = (term, value) => [h("dt", {}, term), h("dd", {}, value)];
+
+/** A 95 % interval under its number (`signed`: a change, in points). */
+function interval(ci, signed = false) {
+  if (!ci) return null;
+  const text = signed ? `${points(ci[0])} to ${points(ci[1])}` : intervalText(ci);
+  return h("span", { class: "ci", title: "95 % interval" }, text);
+}
+
+const AUDIT_WORDS = { pass: "pass", warn: "warning", fail: "fail" };
+
+/** The masking audit: one line per check, its status first. */
+function auditCard(checks) {
+  if (!checks.length) return null;
+  const failed = checks.filter((c) => c.status === "fail").length;
+  const warned = checks.filter((c) => c.status === "warn").length;
+  const summary = failed
+    ? note("error", h("strong", {}, `${failed} check${failed > 1 ? "s" : ""} failed: `), "the robust accuracy may be overstated (gradient masking); do not trust it before the cause is found.")
+    : warned ? note("warn", `${warned} warning${warned > 1 ? "s" : ""}: read the lines below before relying on the number.`) : null;
+  return card("Masking audit", summary,
+    h("ul", { class: "audit", id: "audit" }, checks.map((c) => h("li", { "data-check": c.check, "data-status": c.status },
+      h("span", { class: `audit-status a-${c.status}` }, AUDIT_WORDS[c.status]), h("strong", {}, c.check), " ", c.detail))),
+    h("p", { class: "caption" }, "Checks that the attack found what there is to find: robust accuracy falls with the radius and with more steps, "
+      + "random noise of the same size hurts far less, the attacks agree, and (fine-tunes) an attack transferred from the input model is weaker."));
+}
+
+/** Per-class accuracy on the test split. */
+function perClassCard(rows) {
+  if (!rows.length) return null;
+  const hasRobust = rows.some((r) => r.robust);
+  return card("Per class", h("details", {}, h("summary", {}, `Accuracy of each of the ${rows.length} classes on the test split`),
+    table(["Class", numHead("Images"), numHead("Clean"), hasRobust ? numHead("W2 robust") : null].filter(Boolean),
+      rows.map((r) => h("tr", { "data-class": r.label },
+        h("td", {}, r.name ? `${r.label} ${r.name}` : `${r.label}`), h("td", { class: "num" }, r.n ?? "—"),
+        h("td", { class: "num" }, pct(r.clean?.value), interval(r.clean?.ci95)),
+        hasRobust ? h("td", { class: "num" }, pct(r.robust?.value), interval(r.robust?.ci95)) : null)), { id: "per-class" })));
+}
 
 
 function epochSpec({ job, events, checkpoints }) {

@@ -109,6 +109,42 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     return raw[:ihdr] + patched + raw[ihdr + len(patched):]
 
 
+def tar_with_raw_name(entries: dict[str, bytes | None], raw_name: bytes, content: bytes) -> bytes:
+    """A tar holding, besides `entries`, a member whose name has bytes that are not UTF-8."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as archive:
+        for name, data in {**entries, raw_name.decode("utf-8", "surrogateescape"): content}.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zip_with_invalid_utf8_name(entries: dict[str, bytes | None], image: bytes) -> bytes:
+    """A zip whose extra member's name is flagged UTF-8 (bit 11) but holds \\xff\\xfe."""
+    marker = "cat/\u00e9\u00e9.png"          # non-ASCII, so zipfile sets the UTF-8 flag
+    data = zip_bytes({**entries, marker: image})
+    return data.replace(marker.encode("utf-8"), b"cat/\xff\xfe\xff\xfe.png")
+
+
+def zeros_member_zip(entries: dict[str, bytes | None], size: int) -> bytes:
+    """A small zip with one member of `size` zero bytes named like an image (memory amplification)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in entries.items():
+            archive.writestr(name, b"" if content is None else content)
+        with archive.open("dog/zeros.png", "w", force_zip64=True) as fh:
+            chunk = bytes(1024 * 1024)
+            for _ in range(size // len(chunk)):
+                fh.write(chunk)
+    return buf.getvalue()
+
+
 def bad_archives(max_archive_bytes: int) -> dict[str, tuple[str, bytes]]:
     """name -> (expected code, archive bytes); `max_archive_bytes` is the server's uncompressed cap."""
     good = folder_entries(per_class=2, sizes=((16, 16),))
@@ -132,4 +168,9 @@ def bad_archives(max_archive_bytes: int) -> dict[str, tuple[str, bytes]]:
         "image outside a class folder": ("archive_layout", zip_bytes({**good, "stray.png": image})),
         "one class": ("archive_layout", zip_bytes({"cat/1.png": image, "cat/2.png": image})),
         "corrupt archive": ("archive_unreadable", zip_bytes(good)[:200] + b"\0" * 100),
+        "tar name not UTF-8": ("archive_bad_name", tar_with_raw_name(good, b"cat/\xff\xfe.png", image)),
+        "zip name flagged UTF-8 but not": ("archive_bad_name", zip_with_invalid_utf8_name(good, image)),
+        "zeros member, 200-fold compressed": ("archive_decompression_bomb", zeros_member_zip(good, 8 * 1024 * 1024)),
+        "tar.gz of zeros": ("archive_decompression_bomb", tar_bytes(
+            {**good, "dog/zeros.png": bytes(8 * 1024 * 1024)}, mode="w:gz")),
     }

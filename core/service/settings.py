@@ -61,10 +61,15 @@ class Settings(BaseSettings):
     max_json_depth: int = 32                         # nesting of a JSON body
     max_metadata_bytes: int = 16 * 1024              # `metadata` of a job, model or data set
     max_dataset_bytes: int = 4 * 1024**3             # decoded arrays of an uploaded data set (.npz or archive)
-    # image-folder uploads (.zip / .tar, core/engine/data/imagefolder.py): the members' uncompressed total, and
-    # width × height of one image (Pillow's own decompression-bomb limit)
+    # image-folder uploads (.zip / .tar, core/engine/data/imagefolder.py): the members' uncompressed total,
+    # width × height of one image (Pillow's own decompression-bomb limit), one member's uncompressed size
+    # (the most one read holds in memory), the member count, and the compression ratio of a large member
+    # (a tar: of the whole archive). All are checked from headers, before a member's bytes are read.
     max_archive_bytes: int = 2 * 1024 * 1024 * 1024
     max_image_pixels: int = 89_478_485
+    max_archive_member_bytes: int = 64 * 1024 * 1024
+    max_archive_members: int = 200_000
+    max_archive_ratio: float = 200.0
     # --- load: requests beyond max_concurrent_requests wait up to request_queue_seconds for a
     # slot, then get 503 + Retry-After (never an unbounded hang); a database connection that is
     # not free within db_pool_timeout_seconds is a 503 too.

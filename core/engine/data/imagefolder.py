@@ -23,7 +23,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -51,6 +51,9 @@ class ImageFolderLimits:
     max_uncompressed_bytes: int        # the archive's members together
     max_image_pixels: int              # one image, width × height (Pillow's decompression-bomb limit)
     max_dataset_bytes: int             # the decoded uint8 arrays together
+    max_member_bytes: int = 64 * 1024**2   # one member, uncompressed: the most one read holds in memory
+    max_members: int = 200_000         # files and folders in the archive
+    max_compression_ratio: float = 200.0   # uncompressed / compressed, for members above 1 MiB and a tar as a whole
 
 
 @dataclass
@@ -100,6 +103,13 @@ def archive_format(path: str | Path) -> str | None:
 
 
 def _check_name(name: str) -> None:
+    # tarfile hands undecodable bytes back as lone surrogates; a name that is not text cannot be
+    # a class name the API can answer with, so it is refused before anything is stored.
+    if any("\ud800" <= ch <= "\udfff" or ord(ch) < 0x20 or ch == "\x7f" for ch in name):
+        shown = name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise ArchiveError("archive_bad_name",
+                           f"archive member {shown!r} has a name that is not valid UTF-8 text (or holds control "
+                           "characters); rename it and build the archive again.")
     if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":") or "\x00" in name:
         raise ArchiveError("archive_path_traversal",
                            f"archive member {name!r} has an absolute or Windows-style path; members must be "
@@ -116,20 +126,61 @@ def _link(name: str, target: str = "") -> ArchiveError:
                                         "image itself in the archive.")
 
 
-def scan_members(path: Path, kind: str) -> list[_Member]:
-    """Every member's name, size and type, checked for traversal, links and special files."""
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """The zip's reader; a name flagged UTF-8 that is not (zipfile decodes every name on open) is
+    archive_bad_name rather than an exception nobody expects."""
+    try:
+        return zipfile.ZipFile(path)
+    except UnicodeDecodeError:
+        raise ArchiveError("archive_bad_name", "a member's name is flagged as UTF-8 but is not valid UTF-8; rename "
+                                               "it and build the archive again.") from None
+
+
+def _bounded(limits: ImageFolderLimits, count: int, name: str, size: int) -> None:
+    """Refuse, from the member's header and before its bytes are read, what would not fit in memory."""
+    if count > limits.max_members:
+        raise ArchiveError("archive_too_many_members",
+                           f"the archive has more than {limits.max_members} members; split the data set.")
+    if size > limits.max_member_bytes:
+        raise ArchiveError("archive_too_large",
+                           f"archive member {name!r} is {size} bytes uncompressed, over the limit of "
+                           f"{limits.max_member_bytes} for one file; no image needs that much.")
+
+
+def _bomb(name: str, ratio: float, limit: float) -> ArchiveError:
+    return ArchiveError("archive_decompression_bomb",
+                        f"{name} expands {ratio:.0f}-fold when decompressed, over the limit of {limit:.0f} "
+                        "(a decompression bomb); image files are already compressed and do not.")
+
+
+_RATIO_FLOOR = 1024 * 1024  # small members may compress well (a blank BMP); only large ones are judged
+
+
+def scan_members(path: Path, kind: str, limits: ImageFolderLimits) -> list[_Member]:
+    """Every member's name, size and type, checked for traversal, links, special files, their
+    count, size and compression ratio, from the headers alone."""
     members = []
     if kind == "zip":
-        with zipfile.ZipFile(path) as archive:
+        with open_zip(path) as archive:
             for i, info in enumerate(archive.infolist()):
                 _check_name(info.filename)
+                _bounded(limits, i + 1, info.filename, info.file_size)
+                ratio = info.file_size / max(info.compress_size, 1)
+                if info.file_size > _RATIO_FLOOR and ratio > limits.max_compression_ratio:
+                    raise _bomb(f"archive member {info.filename!r}", ratio, limits.max_compression_ratio)
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise _link(info.filename)
                 members.append(_Member(i, info.filename, info.file_size, info.is_dir()))
         return members
+    compressed = max(path.stat().st_size, 1)
+    total = 0
     with tarfile.open(path, "r:*") as archive:
         for i, info in enumerate(archive):
             _check_name(info.name)
+            _bounded(limits, i + 1, info.name, info.size)
+            total += info.size
+            if total > _RATIO_FLOOR and total / compressed > limits.max_compression_ratio:
+                raise _bomb("the tar archive", total / compressed, limits.max_compression_ratio)
             if info.issym() or info.islnk():
                 raise _link(info.name, info.linkname)
             if not (info.isfile() or info.isdir()):
@@ -143,7 +194,7 @@ def scan_members(path: Path, kind: str) -> list[_Member]:
 def read_members(path: Path, kind: str, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
     """The bytes of the wanted members, in archive order (one pass: a compressed tar is read once)."""
     if kind == "zip":
-        with zipfile.ZipFile(path) as archive:
+        with open_zip(path) as archive:
             for i, info in enumerate(archive.infolist()):
                 if i in wanted:
                     yield i, archive.read(info)   # at most info.file_size bytes come out
@@ -245,8 +296,9 @@ def _fit(image, size: tuple[int, int] | None, resample: int):
 
 
 def decode_image(data: bytes, *, name: str, channels: int, size: tuple[int, int] | None,
-                 max_pixels: int) -> np.ndarray:
-    """One image file → uint8 C×H×W (resized when `size` is given)."""
+                 max_pixels: int, check_header: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """One image file → uint8 C×H×W (resized when `size` is given). `check_header(width, height)`
+    may refuse the image from its header, before a pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -256,6 +308,8 @@ def decode_image(data: bytes, *, name: str, channels: int, size: tuple[int, int]
                 raise ArchiveError("archive_decompression_bomb",
                                    f"{name!r} claims {w}×{h} pixels, over the limit of {max_pixels} per image "
                                    "(a decompression bomb, or simply too large); shrink it before uploading.")
+            if check_header is not None:
+                check_header(w, h)
             if size is not None and image.format == "JPEG":
                 image.draft("L" if channels == 1 else "RGB", (size[1], size[0]))  # decode big JPEGs at a lower scale
             if image.mode.startswith("I;16"):
@@ -291,7 +345,7 @@ def read_image_folder(path: str | Path, *, limits: ImageFolderLimits, image_size
     if kind is None:
         raise ArchiveError("archive_unreadable", "the file is neither a .zip nor a .tar archive.")
     try:
-        plan = _plan(_image_members(scan_members(path, kind), limits))
+        plan = _plan(_image_members(scan_members(path, kind, limits), limits))
         names = _class_names(plan)
         if image_size is not None:
             need = len(plan.files) * channels * image_size[0] * image_size[1]
@@ -341,21 +395,25 @@ def _decode_all(path: Path, kind: str, plan: _Plan, names: list[str], limits: Im
     labels: dict[str, list[int]] = {}
     shape: tuple[int, ...] | None = None
     total = 0
+    def check_header(name: str) -> Callable[[int, int], None]:
+        def check(width: int, height: int) -> None:
+            out = (height, width) if image_size is None else image_size
+            if shape is not None and (shape[1], shape[2]) != out:
+                raise ArchiveError("archive_mixed_sizes",
+                                   f"{name!r} is {width}×{height} but earlier images are {shape[2]}×{shape[1]}; "
+                                   "give image_size to resize them all to one size.")
+            if total + channels * out[0] * out[1] > limits.max_dataset_bytes:
+                raise ArchiveError("archive_too_large",
+                                   f"the decoded images need more than {limits.max_dataset_bytes} bytes "
+                                   "(ROBUSTIFY_MAX_DATASET_BYTES); upload them with a smaller image_size.")
+        return check
+
     for index, content in read_members(path, kind, set(where)):
         split, cls, name = where[index]
         pixels = decode_image(content, name=name, channels=channels, size=image_size,
-                              max_pixels=limits.max_image_pixels)
-        if shape is None:
-            shape = pixels.shape
-        elif pixels.shape != shape:
-            raise ArchiveError("archive_mixed_sizes",
-                               f"{name!r} is {pixels.shape[1]}×{pixels.shape[2]} but earlier images are "
-                               f"{shape[1]}×{shape[2]}; give image_size to resize them all to one size.")
+                              max_pixels=limits.max_image_pixels, check_header=check_header(name))
+        shape = shape or pixels.shape
         total += pixels.nbytes
-        if total > limits.max_dataset_bytes:
-            raise ArchiveError("archive_too_large",
-                               f"the decoded images need more than {limits.max_dataset_bytes} bytes "
-                               "(ROBUSTIFY_MAX_DATASET_BYTES); upload them with a smaller image_size.")
         images.setdefault(split, []).append(pixels)
         labels.setdefault(split, []).append(label[cls])
     return {split: (np.stack(images[split]), np.asarray(labels[split], dtype=np.int64)) for split in images}

@@ -101,6 +101,7 @@ class Dataset(Base):
     image_shape: Mapped[list[Any]] = mapped_column(JSON)  # [C, H, W]
     class_names: Mapped[list[Any] | None] = mapped_column(JSON)  # label i is class_names[i] (image folders)
     splits: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"train": n, "test": m} when stored split
+    class_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # split -> images per class (census.py)
     artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

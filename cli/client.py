@@ -238,6 +238,10 @@ def _show_dataset(out: Out, dataset: Any) -> int:
     click.echo(f"{d['id']}  {d['num_examples']} images {d['image_shape']}  {d['num_classes']} classes  {d['name']}")
     if d.get("class_names"):
         click.echo(f"  classes {', '.join(d['class_names'])}  split {d.get('splits')}")
+    for split, counts in (d.get("class_counts") or {}).items():   # the census: images per class, label order
+        click.echo(f"  {split} images per class: {' '.join(str(c) for c in counts)}")
+    for warning in d.get("warnings") or []:
+        click.echo(f"  warning ({warning.get('code')}): {warning.get('message')}")
     return 0
 
 

@@ -26,7 +26,10 @@ VERDICT_WORDS = {
     "worse": "worse: the interval of the change lies below zero",
     "improved_with_clean_drop": "more robust, but the clean accuracy fell by more than the allowed drop",
     "improved_with_class_collapse": "more robust, but the accuracy on a class collapsed",
+    "improved_but_audit_failed": "more robust by the numbers, but the masking audit failed: the gain may be masking",
+    "unchanged": "unchanged: no fine-tuned epoch beat the input model, which is handed back",
     "not_improved": "not improved: no fine-tuned epoch beat the input model",
+    "stopped": "stopped: the run was cancelled before its test numbers",
 }
 
 
@@ -149,19 +152,21 @@ def _per_class_rows(value: Any) -> list[Any]:
     return [row for row in value if isinstance(row, Mapping)] if isinstance(value, list) else []
 
 
-def _changes(value: Any) -> dict[str, Change]:
-    """{"change", "ci95", ...} (one metric), or metric -> number or -> such a block."""
+def _changes(value: Any, intervals: Any) -> dict[str, Change]:
+    """metric -> number (with its interval in `intervals`, metric -> [lo, hi]) or -> a block
+    {"change", "ci95", ...}; or one such block for one metric."""
     if not isinstance(value, Mapping):
         return {}
     if "change" in value and not isinstance(value["change"], Mapping):
         return {str(value.get("metric", "")): Change.model_validate(value)}
+    intervals = intervals if isinstance(intervals, Mapping) else {}
     out = {}
     for metric, v in value.items():
         if isinstance(v, Mapping):
             out[metric] = Change.model_validate({"metric": metric, **v})
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[metric] = Change(metric=metric, change=float(v), ci95=value.get(f"{metric}_ci95"))
-    return {k: c for k, c in out.items() if not k.endswith("_ci95")}
+            out[metric] = Change(metric=metric, change=float(v), ci95=intervals.get(metric))
+    return out
 
 
 class Outcome(ApiObject):
@@ -175,7 +180,8 @@ class Outcome(ApiObject):
     summary: Measurements | None = None       # an evaluation's headline numbers
     before: Measurements | None = None        # a fine-tune's input model, on the test split
     after: Measurements | None = None         # its chosen checkpoint, on the test split
-    changes: dict[str, Change] = Field(default_factory=dict)
+    changes: dict[str, Change] = Field(default_factory=dict)   # metric -> before → after, paired interval
+    basis: Change | None = None               # the change that decided the verdict
     attacks: list[AttackRun] = Field(default_factory=list)
     audit: list[AuditCheck] = Field(default_factory=list)
     per_class: list[ClassNumbers] = Field(default_factory=list)
@@ -193,7 +199,9 @@ class Outcome(ApiObject):
         data.setdefault("evaluation", provenance.get("evaluation") or config.get("evaluation"))
         if isinstance(data.get("evaluation"), Mapping):          # {"preset": ..., ...}
             data["evaluation"] = data["evaluation"].get("preset")
-        data["changes"] = _changes(data.pop("change", None))
+        data["changes"] = _changes(data.pop("change", None), data.get("change_ci95"))
+        basis = data.get("verdict_basis")
+        data["basis"] = basis if isinstance(basis, Mapping) else None
         data["per_class"] = _per_class_rows(data.get("per_class"))
         attacks = data.get("attacks") or _attack_rows(data.get("w2"))
         data["attacks"] = attacks if isinstance(attacks, list) else []

@@ -212,6 +212,9 @@ const VERDICTS = {
   worse: ["warn", "Worse: the 95 % interval of the change lies below zero."],
   improved_with_clean_drop: ["warn", "More robust, but the clean accuracy fell by more than the allowed drop."],
   improved_with_class_collapse: ["warn", "More robust, but the accuracy on a class collapsed."],
+  improved_but_audit_failed: ["warn", "More robust by the numbers, but the masking audit failed: the gain may be masking."],
+  unchanged: ["warn", "Unchanged: no fine-tuned epoch beat the input model, which is handed back."],
+  stopped: ["warn", "Stopped before the test numbers were measured."],
 };
 
 /** {code, tone: "ok" | "warn", words} of a finished fine-tune's verdict, or null. */
@@ -228,8 +231,11 @@ export function verdictOf(result) {
 
 /** The paired change of `key` with its interval {change, ci95}, when the result has one. */
 export function changeOf(result, key) {
-  const c = result?.change?.[key] ?? (result?.change?.metric === key ? result.change : null);
+  const c = result?.change?.[key];
+  if (num(c) !== null) return { change: c, ci95: pair(result.change_ci95?.[key]) };   // the interval beside it
   if (c && typeof c === "object" && num(c.change) !== null) return { change: c.change, ci95: pair(c.ci95) };
+  const basis = result?.verdict_basis;
+  if (basis?.metric === key && num(basis.change) !== null) return { change: basis.change, ci95: pair(basis.ci95) };
   return null;
 }
 

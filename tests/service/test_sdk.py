@@ -286,12 +286,15 @@ def test_job_improved_reads_the_result_of_a_finished_fine_tune():
 # "<key>_ci95" and "n_examples", per-class rows, the audit's checks, the paired change).
 FINETUNE_RESULT = {
     "type": "finetune", "improved": False, "verdict": "no_significant_change", "best_epoch": 3,
+    "verdict_text": "no significant change: W2 robust accuracy +2.0 points [−1.0, +5.0]",
+    "verdict_basis": {"metric": "w2_robust_accuracy", "change": 0.02, "ci95": [-0.01, 0.05], "n": 359,
+                      "method": "paired bootstrap over images"},
     "before": {"n_examples": 359, "clean_accuracy": 0.95, "clean_accuracy_ci95": [0.92, 0.97],
                "w2_robust_accuracy": 0.43, "w2_robust_accuracy_ci95": [0.38, 0.48]},
     "after": {"n_examples": 359, "clean_accuracy": {"accuracy": 0.94, "n": 359, "ci95": [0.91, 0.96]},
               "w2_robust_accuracy": 0.45, "w2_robust_accuracy_ci95": [0.40, 0.50]},
-    "change": {"w2_robust_accuracy": {"change": 0.02, "ci95": [-0.01, 0.05], "n": 359,
-                                      "method": "paired bootstrap over images"}},
+    "change": {"w2_robust_accuracy": 0.02, "clean_accuracy": -0.01},
+    "change_ci95": {"w2_robust_accuracy": [-0.01, 0.05], "clean_accuracy": [-0.03, 0.01]},
     "audit": [{"check": "radius", "status": "pass", "detail": "robust accuracy falls as δ grows"},
               {"check": "transfer", "status": "warn", "detail": "the transferred attack is as strong"}],
     "per_class": [{"class": 0, "name": "zero", "n": 36, "clean_accuracy": 1.0, "clean_accuracy_ci95": [0.9, 1.0],
@@ -305,12 +308,17 @@ def test_outcome_types_the_intervals_audit_per_class_numbers_and_verdict():
     job = robustify.Job.model_validate({"id": "job_1", "status": "succeeded", "result": FINETUNE_RESULT})
     outcome = job.outcome
     assert isinstance(outcome, robustify.Outcome) and outcome.evaluation == "standard"
-    assert outcome.verdict == "no_significant_change" and outcome.verdict_words.startswith("no significant change")
+    assert outcome.verdict == "no_significant_change" and outcome.verdict_words == FINETUNE_RESULT["verdict_text"]
+    assert (outcome.basis.metric, outcome.basis.ci95, outcome.basis.significant) == ("w2_robust_accuracy", (-0.01, 0.05), False)
     assert (outcome.before.w2.accuracy, outcome.before.w2.n, outcome.before.w2.ci95) == (0.43, 359, (0.38, 0.48))
     assert outcome.after.clean == robustify.Accuracy(accuracy=0.94, n=359, ci95=(0.91, 0.96))
     assert str(outcome.after.w2) == "0.450 [0.400, 0.500] (n=359)"
     change = outcome.changes["w2_robust_accuracy"]
     assert (change.change, change.ci95, change.significant) == (0.02, (-0.01, 0.05), False)
+    assert outcome.changes["clean_accuracy"].ci95 == (-0.03, 0.01)
+    # the engine's own words win; without them the verdict's code is put in words
+    coded = robustify.Outcome.model_validate({"verdict": "improved_with_clean_drop"})
+    assert coded.verdict_words == "more robust, but the clean accuracy fell by more than the allowed drop"
     assert [(c.check, c.status, c.passed) for c in outcome.audit] == [("radius", "pass", True), ("transfer", "warn", False)]
     assert outcome.audit_status == "warn"
     row = outcome.per_class[0]

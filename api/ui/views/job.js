@@ -61,11 +61,11 @@ export async function jobView(root, { match, signal }) {
       job.started_at && job.finished_at ? fact("Ran for", duration((Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000)) : null,
       job.attempt > 1 ? fact("Attempt", `${job.attempt} of ${job.max_attempts}`) : null));
     bar.replaceChildren(progressBar(p.fraction, `${Math.round(100 * p.fraction)} %${p.text ? ` · ${p.text}` : ""}${active && p.eta !== null ? ` · about ${duration(p.eta)} left` : ""}`));
-    swap(problems, [job.status, job.error, job.result?.improved, job.result?.best_epoch], () => [
+    swap(problems, [job.status, job.error, job.result?.improved, job.result?.verdict], () => [
       job.error ? note("error", h("strong", {}, `${job.error.code || "error"}: `), job.error.message || "") : null,
       job.status === "cancelling" ? note("info", "Cancelling: the worker stops at its next check and keeps the checkpoints written so far.") : null,
-      // the input model handed back (epoch 0); an older result says so only through `improved`
-      job.result?.best_epoch === 0 || (job.result?.improved === false && !job.result?.verdict) ? note("warn", h("strong", {}, "No improvement. "),
+      // an older result (no verdict) says so only through `improved`; a verdict speaks for itself
+      job.result?.improved === false && !job.result?.verdict ? note("warn", h("strong", {}, "No improvement. "),
         "No fine-tuned epoch beat the input model under the selection rule, so the checkpoint this job hands back is the input model itself.") : null]);
   };
 

@@ -19,7 +19,7 @@ from core.service.db import Artifact, Job, utcnow
 from core.states import WORKER_STATES
 from core.storage.artifacts import Store, add_artifact_row, delete_artifact
 from worker.claim import add_event
-from worker.outage import is_database_down, retry_while_down
+from worker.outage import OutageLog, is_database_down, retry_while_down
 from worker.runtime import Runtime, shutdown_requested
 
 log = logging.getLogger("robustify.worker")
@@ -87,11 +87,14 @@ class Heartbeat:
                         type(exc).__name__)
 
     def _loop(self) -> None:
+        outage = OutageLog(f"heartbeat of {self.job_id}", log)
         while not self._stop.wait(self.rt.settings.heartbeat_seconds):
             try:
                 self.beat()
-            except Exception:  # a database hiccup must not kill the job; the next beat retries
-                log.exception("heartbeat of %s failed", self.job_id)
+            except Exception as exc:  # a database hiccup must not kill the job; the next beat retries
+                outage.failed(exc)
+            else:
+                outage.succeeded()
 
 
 class JobHooks:

@@ -44,3 +44,28 @@ def retry_while_down(write: Callable[[], T], *, seconds: float, what: str) -> T:
             log.warning("%s: the database is unreachable (%s); retrying in %.2g s", what, type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class OutageLog:
+    """Logs a background loop's failures so that an operator reads one line per database outage:
+    a WARNING (no traceback) when the loop first finds the database unreachable and an INFO when
+    it gets through again. Any other failure is an ERROR with its traceback, every time."""
+
+    def __init__(self, what: str, logger: logging.Logger = log) -> None:
+        self.what, self.log = what, logger
+        self.down_since: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        if not is_database_down(exc):
+            self.log.error("%s failed", self.what, exc_info=exc)
+            return
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.log.warning("%s: the database is unreachable (%s); retrying quietly until it is back",
+                             self.what, type(exc).__name__)
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            self.log.info("%s: the database is reachable again after %.0f s", self.what,
+                          time.monotonic() - self.down_since)
+            self.down_since = None

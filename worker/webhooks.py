@@ -20,6 +20,7 @@ from sqlalchemy import or_, select, update
 from core.service.db import WebhookDelivery, WebhookEndpoint, utcnow
 from core.service.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target, policy_of
 from robustify.webhooks import sign
+from worker.outage import OutageLog
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("robustify.webhooks")
@@ -49,12 +50,15 @@ class WebhookDispatcher:
         self.http.close()
 
     def _loop(self) -> None:
+        outage = OutageLog("webhook dispatch", log)
         while not self._stop.is_set():
             try:
                 sent = self.run_once()
-            except Exception:  # the database may be briefly unreachable; try again next round
-                log.exception("webhook dispatch round failed")
+            except Exception as exc:  # the database may be briefly unreachable; try again next round
+                outage.failed(exc)
                 sent = 0
+            else:
+                outage.succeeded()
             if not sent:
                 self._stop.wait(self.settings.webhook_poll_seconds)
 

@@ -160,6 +160,30 @@ def test_runs_lost_before_any_work_cost_no_attempt_but_are_capped(rt: Runtime) -
     assert "before the job started computing" in job.error["message"]
 
 
+def test_runs_lost_while_resuming_say_so(rt: Runtime) -> None:
+    """A job that had trained 7 epochs and then lost its workers while they loaded its training
+    state fails naming the resume, not 'while loading its model or data' as if it never started."""
+    job_id = _job(rt, attempt=2, resume_artifact_id="art_state")
+    with rt.session() as s:
+        for attempt in (1, 2):  # the two attempts that trained
+            s.add(JobEvent(job_id=job_id, type="status", message="job started",
+                           data={"status": "running", "attempt": attempt}))
+        s.add(JobEvent(job_id=job_id, type="checkpoint", message="checkpoint after epoch 7",
+                       data={"epoch": 7, "total_epochs": 10, "training_state_id": "art_state", "partial": False}))
+        s.commit()
+    stale = utcnow() - timedelta(minutes=5)
+    for n in range(3):
+        claim = claim_job(rt, job_id, f"other-host:{n}")
+        assert claim.run and claim.resume_artifact_id == "art_state"
+        with rt.session() as s:
+            s.get(Job, job_id).heartbeat_at = stale  # died while loading, before any write
+            s.commit()
+    assert not claim_job(rt, job_id, "other-host:9").run
+    message = _get(rt, job_id).error["message"]
+    assert "resumed computing" in message and "after epoch 7" in message
+    assert "while loading its model or data)" not in message
+
+
 def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The database is unreachable when a message arrives: the task retries, then rejects the message
     with requeue (the broker delivers it again) instead of acknowledging and so dropping it."""

@@ -19,16 +19,18 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 
 WORKDIR /app
-# Dependencies first (cached while only the source changes): torch pinned as in pyproject.toml.
-COPY pyproject.toml README.md ./
-RUN pip install torch==2.14.1 torchvision==0.29.1
+# torch first, in a layer of its own (cached while only the source changes), at the exact versions
+# that CI tests: constraints.txt pins them and every other dependency.
+COPY pyproject.toml README.md constraints.txt ./
+RUN pip install -c constraints.txt torch torchvision
 COPY api ./api
 COPY core ./core
 COPY worker ./worker
 COPY migrations ./migrations
 COPY cli ./cli
+COPY robustify ./robustify
 COPY alembic.ini ./
-RUN pip install . && python -c "import api.app, worker.tasks, migrations"
+RUN pip install -c constraints.txt ".[server]" && python -c "import api.app, worker.tasks, migrations, robustify"
 
 # Unprivileged user; /data holds the artifact store, RobustBench weights and data sets.
 RUN useradd --create-home --uid 10001 robustify && mkdir -p /data && chown robustify /data

@@ -3,16 +3,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install browser test-data demo serve test test-browser test-fast bench gpu-check docs cli-docs clean
+.PHONY: install constraints browser test-data demo serve lint test test-browser bench gpu-check docs cli-docs clean
 
-$(BIN)/.installed: pyproject.toml
+# The project with the service and engine (server), the test, docs and lint tools, at the exact
+# versions of constraints.txt (torch 2.14.1 and torchvision 0.29.1 among them).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	# torch and torchvision first: the exact CUDA build that the dependency pins name
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test,docs]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[server,test,docs,dev]"
 	touch $@
 
 install: $(BIN)/.installed
+
+constraints: install   ## rewrite constraints.txt from .venv after a dependency changed in pyproject.toml
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --all --exclude-editable | grep -v -e '^-e ' -e ' @ '; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (from the test extra);
 # Playwright's own browser downloads are never used.
@@ -37,8 +41,18 @@ demo: install          ## start the embedded service, fine-tune on digits over H
 serve: install         ## run the API and one worker on the embedded default (SQLite, no broker server)
 	$(BIN)/robustify serve
 
-test: install browser test-data  ## the whole suite (unit, integration against PostgreSQL/Redis, end to end, browser)
-	$(BIN)/python -m pytest -q
+lint: install          ## ruff (rules in pyproject.toml) and mypy (strict on robustify/ and core/engine/)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist); tests that must not run at the same time
+# as each other share an xdist_group mark (--dist loadgroup runs a group on one worker, in turn).
+# PYTEST_ARGS narrows it (files, -k, -m). pytest's exit status 5 means it collected nothing: a failure.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+test: install browser test-data lint  ## lint, then the whole suite (unit, PostgreSQL/Redis, end to end, browser)
+	@$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || { rc=$$?; \
+	  [ $$rc -ne 5 ] || echo "pytest collected no tests (exit status 5): nothing was tested" >&2; exit $$rc; }
 
 test-browser: install browser  ## only the dashboard's tests in a real browser
 	$(BIN)/python -m pytest -q tests/e2e/test_dashboard.py tests/service/test_dashboard_static.py

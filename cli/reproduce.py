@@ -45,9 +45,9 @@ def reproduce(data_dir: Path | None, model_dir: Path | None, models: str | None,
               quick: bool, device: str | None, seed: int | None, out: Path | None) -> int:
     """The 2025 paper's table: RobustBench CIFAR-10 models before and after W-TRADES, ours next to
     the paper's numbers (offline: local CIFAR-10 and RobustBench weights, nothing downloaded)."""
-    from core.errors import RobustifyError
     from core.engine.recipes.reproduce import ReproduceOptions, format_table
     from core.engine.recipes.reproduce import reproduce as run_protocol
+    from core.errors import RobustifyError
     from core.service.settings import get_settings
 
     settings = get_settings()

@@ -14,6 +14,7 @@ health   api (the server at --url answers /readyz) | worker (a worker on this ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -23,17 +24,23 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cli.params import CONTEXT
-from core.service.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from core.service.settings import Settings
 
 
-def _settings(data_dir: Path | None = None) -> Settings:
+def _settings(data_dir: Path | None = None, *, reread: bool = False) -> Settings:
+    # imported here: `robustify health api` runs in a client-only install, without pydantic-settings
+    from core.service.settings import get_settings
+
     if data_dir is not None:
         os.environ["ROBUSTIFY_DATA_DIR"] = str(data_dir)
+    if data_dir is not None or reread:
         get_settings.cache_clear()
     return get_settings()
 
@@ -49,8 +56,9 @@ def migrate(settings: Settings) -> None:
 # ------------------------------------------------------------------------------ worker
 def worker_argv(queues: str, concurrency: int, pool: str, name: str | None, loglevel: str,
                 quiet: bool = False) -> list[str]:
-    argv = (["--quiet"] if quiet else []) + ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
-            "--prefetch-multiplier", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    argv = (["--quiet"] if quiet else []) + ["worker", "--queues", queues, "--concurrency", str(concurrency),
+                                             "--pool", pool, "--prefetch-multiplier", "1", "--loglevel", loglevel,
+                                             "--without-gossip", "--without-mingle"]
     if name:
         argv += ["--hostname", name]
     return argv
@@ -120,10 +128,9 @@ def wait_or_kill(proc: subprocess.Popen, grace: float) -> bool:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         return False
-    try:
+    # only a process stuck in the kernel outlives SIGKILL; nothing more to do from here
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass  # only a process stuck in the kernel outlives SIGKILL; nothing more to do from here
     return False
 
 
@@ -189,10 +196,8 @@ class EmbeddedService:
         if self.worker is None or self._worker_signalled is not None:
             return
         self._worker_signalled = time.monotonic()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.worker.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
     def stop_worker(self) -> None:
         """Wait for the worker's warm shutdown, up to WORKER_STOP_SECONDS after it began; then kill it."""
@@ -226,8 +231,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     os.environ["ROBUSTIFY_HOST"] = host
-    get_settings.cache_clear()
-    settings = get_settings()
+    settings = _settings(reread=True)
     migrate(settings)
     svc = EmbeddedService(settings, host, port, worker_loglevel=args.worker_loglevel)
     server = svc.make_server(args.log_level, access_log=args.access_log)
@@ -319,7 +323,6 @@ def run_health(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from core.service.db import WorkerHeartbeat, utcnow
-
     from core.service.sessions import make_engine, make_sessionmaker
 
     settings = _settings(args.data_dir)

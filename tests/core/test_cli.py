@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _walk(command: click.Command, path: str = "robustify") -> list[tuple[str, click.Command]]:
     found = [(path, command)]
     if isinstance(command, click.Group):
-        for name, sub in command.commands.items():
-            found += _walk(sub, f"{path} {name}")
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):   # the top group loads its commands on first use
+            found += _walk(command.get_command(ctx, name), f"{path} {name}")
     return found
 
 
@@ -57,12 +58,13 @@ def test_every_command_and_option_is_explained() -> None:
             if isinstance(param, click.Option) and not param.hidden:
                 assert (param.help or "").strip(), f"{path} {param.opts[0]} has no help"
     # finetune-only and evaluate-only options stay on their own command
-    finetune, evaluate = cli.commands["finetune"], cli.commands["evaluate"]
+    ctx = click.Context(cli)
+    finetune, evaluate = cli.get_command(ctx, "finetune"), cli.get_command(ctx, "evaluate")
     assert "--pretrain" in {o for p in finetune.params for o in p.opts}
     assert "--pretrain" not in {o for p in evaluate.params for o in p.opts}
     assert "--deltas" in {o for p in evaluate.params for o in p.opts}
     # one naming scheme: the local and the client commands share the API's field names
-    submit = cli.commands["jobs"].commands["submit"]  # type: ignore[attr-defined]
+    submit = cli.get_command(ctx, "jobs").commands["submit"]  # type: ignore[union-attr]
     for option in ("--threat-model", "--delta", "--seed", "--config", "--set", "--deltas"):
         assert option in {o for p in finetune.params + evaluate.params for o in p.opts} | set(), option
         assert option in {o for p in submit.params for o in p.opts}, option

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _accepted(argv: list[str]) -> None:
     command: Any = cli
     while isinstance(command, click.Group):
         name, argv = argv[0], argv[1:]
-        command = command.commands[name]
+        command = command.get_command(click.Context(command), name)
     with command.make_context(name, list(argv)):
         pass
 COMMANDS = ("serve", "worker", "migrate", "keys", "health")
@@ -137,3 +138,44 @@ def test_api_service_command_and_its_readiness_check(compose, env, pg_url, db):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _requirements(names: list[str]) -> list[Any]:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = {"": project["dependencies"], **project["optional-dependencies"]}
+    return [Requirement(r) for name in names for r in groups[name]]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_ranges_in_pyproject_and_the_exact_versions_ci_and_the_image_install():
+    """pyproject.toml states ranges (torch is not pinned, so the SDK fits any environment); constraints.txt
+    pins one version of every dependency inside its range; the Makefile and the Dockerfile install with it."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[_canonical(name)] = version.strip()
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"   # what installs offline here
+    for req in _requirements(["", "server", "test", "docs", "dev"]):
+        name = _canonical(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt: {name}=={pins[name]} ∉ {req}"
+    for req in _requirements(["", "server"]):   # what users install: ranges, never one exact version
+        assert not any(s.operator == "==" for s in req.specifier), req
+    assert {_canonical(r.name) for r in _requirements([""])} == {"httpx", "pydantic", "click", "tqdm"}
+
+    assert re.search(r'^\t\$\(BIN\)/pip install .*-c constraints\.txt -e "\.\[server,', (ROOT / "Makefile").read_text(),
+                     re.M)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installs = re.findall(r"^RUN (?:.*&& )?pip install (.*?)(?: &&|$)", dockerfile, re.M)
+    assert installs and all(i.startswith("-c constraints.txt ") for i in installs), installs
+    assert "COPY pyproject.toml README.md constraints.txt ./" in dockerfile
+    # every package of the distribution is copied into the image before `pip install .`
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in (p.rstrip("*") for p in find["include"]):
+        assert f"COPY {package} ./{package}\n" in dockerfile, package

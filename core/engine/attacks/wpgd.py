@@ -94,7 +94,8 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
     default result: `start`, a perturbed copy of x to start from instead of x (projected into the
     ball first; acc_0 is then the start's accuracy, not the clean one); `patience`, adaptive steps:
     after the first `steps` steps the run goes on until `patience` steps in a row have brought no new
-    minimum of the whole-set accuracy, up to `max_steps` (α stays ratio·δ/steps); `keep_correct`:
+    minimum of the whole-set accuracy, up to max(`max_steps`, steps + patience) (α stays
+    ratio·δ/steps); `keep_correct`:
     the per-image correctness at the worst iterate (`correct`).
     """
     compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
@@ -103,7 +104,9 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
     loss_fn: PerSampleLoss = attack_loss(loss)
     n = x.shape[0]
     alpha = step_ratio * threat.delta / steps
-    limit = steps if patience is None else max(steps, max_steps or steps)
+    # an adaptive run may always add `patience` steps after the nominal ones, so a cap at or below
+    # the nominal count cannot by itself make it "not converged"
+    limit = steps if patience is None else max(steps + patience, max_steps or 0)
     x_adv = x.clone() if start is None else threat.project(start.to(x.dtype), x)
     direction = torch.empty_like(x)
     dual = torch.empty(n, device=x.device, dtype=x.dtype)

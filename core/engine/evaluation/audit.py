@@ -35,6 +35,7 @@ from core.engine.device import Compute, batches
 from core.engine.losses import cross_entropy
 from core.engine.oom import AdaptiveBatch
 from core.engine.threats import Threat
+from core.engine.evaluation.intervals import share
 from core.engine.evaluation.ensemble import (
     W2EnsembleResult, clean_predictions, random_w2_start, w2_ensemble,
 )
@@ -121,7 +122,7 @@ def _random_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, thre
     for _ in range(RANDOM_DRAWS):
         noisy = random_w2_start(x, threat, generator, 1.0)
         pred = batch.run("audit: random search", lambda size: clean_predictions(model, noisy, size, compute))
-        best = min(best, float((pred == y).float().mean()))
+        best = min(best, share(pred == y))
     clean, attacked = ensemble.clean_accuracy, ensemble.robust_accuracy
     numbers = (f"clean {clean:.3f}, best of {RANDOM_DRAWS} random W2 perturbations of size δ {best:.3f}, "
                f"attack {attacked:.3f}")
@@ -200,7 +201,7 @@ def transfer_check(source: torch.nn.Module, target: torch.nn.Module, x: torch.Te
     assert crafted.x_final is not None
     x_final = crafted.x_final
     pred = batch.run("audit: transfer", lambda size: clean_predictions(target, x_final, size, compute))
-    transferred = float((pred == y).float().mean())
+    transferred = share(pred == y)
     tol = tolerance(int(x.shape[0]))
     numbers = f"transferred from the input model {transferred:.3f}, white-box {white_box_accuracy:.3f}"
     if transferred < white_box_accuracy - tol:

@@ -41,7 +41,7 @@ from core.engine.device import Compute, batches
 from core.engine.losses import LossName
 from core.engine.oom import AdaptiveBatch
 from core.engine.threats import Threat
-from core.engine.evaluation.intervals import accuracy_stat
+from core.engine.evaluation.intervals import accuracy_stat, share
 
 __all__ = ["AttackSpec", "Member", "PRESETS", "Preset", "PresetSpec", "W2EnsembleResult", "preset_attacks",
            "random_w2_start", "w2_ensemble"]
@@ -122,7 +122,7 @@ class Outcome:
 
     @property
     def robust_accuracy(self) -> float:
-        return float(self.correct.float().mean()) if self.correct.numel() else 0.0
+        return share(self.correct)
 
     loss: str | None = None      # the W-PGD attack's loss
 
@@ -168,7 +168,7 @@ class W2EnsembleResult:
 
     @property
     def clean_accuracy(self) -> float:
-        return float(self.clean_correct.float().mean())
+        return share(self.clean_correct)
 
     @property
     def attacks(self) -> list[Outcome]:
@@ -233,21 +233,25 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
                 preset: Preset = "standard", batch_size: int | AdaptiveBatch = 256, compute: Compute | None = None,
                 seed: int = 0, steps: int = 50, step_ratio: float = 1.875,
                 attacks: Sequence[AttackSpec] | None = None, adaptive: bool = True,
+                patience: int | None = None, cap: int | None = None,
                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
                 members: Sequence[torch.Tensor | Member] = ()) -> W2EnsembleResult:
     """W2 robust accuracy of (x, y) at `threat` (a W2 threat) as the minimum over the preset's
-    W-PGD attacks (or `attacks`) and the `members` (module docstring). `progress(fraction, phase)`
-    reports the share of the ensemble done; `should_stop()` ends it early (`stopped`)."""
+    W-PGD attacks (or `attacks`) and the `members` (module docstring). `patience` and `cap` replace
+    the preset's; `progress(fraction, phase)` reports the share of the ensemble done; `should_stop()`
+    ends it early (`stopped`)."""
     if not threat.distributional:
         raise ValueError(f"w2_ensemble needs a W2 threat, not {threat.kind!r}; use threat.w2")
     compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
     spec = PRESETS[preset]
     chosen = tuple(attacks) if attacks is not None else spec.attacks
+    patience = (spec.patience if patience is None else patience) if adaptive else None
+    cap = max(steps + (patience or 0), spec.cap if cap is None else cap) if adaptive else steps
     batch = batch_size if isinstance(batch_size, AdaptiveBatch) else AdaptiveBatch(int(batch_size))
     pred = batch.run("clean", lambda size: clean_predictions(model, x, size, compute))
     result = W2EnsembleResult(threat.kind, threat.delta, preset, pred == y, pred, settings={
         "attacks": [a.name for a in chosen], "nominal_steps": steps, "step_ratio": step_ratio,
-        "patience": spec.patience if adaptive else None, "step_cap": max(steps, spec.cap) if adaptive else steps})
+        "patience": patience, "step_cap": cap})
     generator = torch.Generator(device=x.device).manual_seed(seed)
     fraction = float(torch.rand((), generator=torch.Generator().manual_seed(seed)))   # the same on every rank
     for k, attack in enumerate(chosen):
@@ -258,7 +262,7 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
         run = batch.run(phase, lambda size, attack=attack, start=start, report=report: w_pgd(
             model, x, y, threat, steps=steps, step_ratio=step_ratio, loss=attack.loss, batch_size=size,
             compute=compute, progress=report, should_stop=should_stop, start=start,
-            patience=spec.patience if adaptive else None, max_steps=spec.cap if adaptive else None,
+            patience=patience, max_steps=cap,
             keep_correct=True))
         assert run.correct is not None
         result.outcomes.append(Outcome(attack.name, "w-pgd", run.correct, run, attack.loss))

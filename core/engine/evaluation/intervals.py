@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["accuracy_stat", "paired_change", "significant_improvement", "wilson_interval"]
+__all__ = ["accuracy_stat", "paired_change", "share", "significant_improvement", "wilson_interval"]
 
 Z95 = 1.959963984540054   # the standard normal's 97.5 % quantile
 
@@ -40,7 +40,14 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or n the bound is exactly 0 or 1 (the formula's rounding would leave ~1e-17)
+    return (0.0 if correct == 0 else max(0.0, centre - half)), (1.0 if correct == n else min(1.0, centre + half))
+
+
+def share(correct: torch.Tensor) -> float:
+    """The share of True in a per-image outcome, computed exactly (count / n, not a float32 mean)."""
+    n = int(correct.numel())
+    return int(correct.sum()) / n if n else 0.0
 
 
 def accuracy_stat(correct: torch.Tensor) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from core.engine.device import Compute
 from core.engine.losses import LossName
 from core.engine.oom import AdaptiveBatch
 from core.engine.threats import Threat
-from core.engine.evaluation.intervals import accuracy_stat
+from core.engine.evaluation.intervals import accuracy_stat, share
 
 __all__ = ["PointwiseAttack", "PointwiseResult", "pointwise_attack"]
 
@@ -42,7 +42,7 @@ class PointwiseResult:
 
     @property
     def robust_accuracy(self) -> float:
-        return float(self.correct.float().mean()) if self.correct.numel() else 0.0
+        return share(self.correct)
 
     def to_dict(self) -> dict[str, Any]:
         stat = accuracy_stat(self.correct)

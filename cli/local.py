@@ -84,12 +84,16 @@ def _model_options(command: str) -> Any:
             ]
         else:
             opts += [
+                click.option("--evaluation", type=click.Choice(["standard", "quick"]),
+                             help="The attack preset (default standard: the W2 ensemble run to convergence and "
+                                  "AutoAttack / APGD; quick: cheaper, for a first look)."),
                 click.option("--deltas", type=Numbers("radius"),
                              help="Several radii for a robustness curve, e.g. 2/255,8/255,0.1 "
                                   "(default: the threat model's δ)."),
                 click.option("--linf-attacks", "--attacks", "linf_attacks",
-                             type=click.Choice(["pgd", "autoattack"]), multiple=True,
-                             help="Pointwise l-inf attacks to run as well (repeatable; default pgd)."),
+                             type=click.Choice(["pgd", "apgd", "autoattack"]), multiple=True,
+                             help="Pointwise attacks (repeatable; default the preset's: autoattack on a GPU, "
+                                  "apgd = APGD-CE + APGD-T on a CPU, pgd for quick)."),
             ]
         for opt in reversed(opts):
             f = opt(f)
@@ -115,6 +119,8 @@ def _config(args: argparse.Namespace, cls: type) -> Any:
             fields["deltas"] = args.deltas
         if args.linf_attacks:
             fields["linf_attacks"] = list(args.linf_attacks)
+        if args.evaluation:
+            fields["evaluation"] = args.evaluation
     return cls.model_validate(fields)
 
 
@@ -242,12 +248,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     (args.out / "report.png").write_bytes(report.plot_png())
     for row in report.w2:
         print(f"W2 ({row['threat']}) δ={row['delta']:.4f}: robust accuracy {row['robust_accuracy']:.4f} "
-              f"(ratio {row['robust_to_clean_ratio']:.4f}), Υ={row['sensitivity']:.4g}, "
-              f"loss max {row['loss_max']:.4f} vs first-order {row['first_order_estimate']:.4f}")
+              f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}] (ratio {row['robust_to_clean_ratio']:.4f}, "
+              f"{row['attack']}), Υ={row.get('sensitivity', float('nan')):.4g}")
     for row in report.pointwise:
         print(f"{row['attack']} {row.get('threat', '')} δ={row['delta']:.4f}: robust accuracy "
-              f"{row['robust_accuracy']:.4f} (ratio {row['robust_to_clean_ratio']:.4f})")
-    print(evaluation_table(report.summary, report.warnings))
+              f"{row['robust_accuracy']:.4f} [{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}] "
+              f"(ratio {row['robust_to_clean_ratio']:.4f})")
+    print(evaluation_table(report.summary, report.warnings, report.to_dict()))
     print(f"wrote {args.out}/report.json and report.png")
     return 0
 
@@ -283,7 +290,8 @@ def evaluate(**options: Any) -> int:
     """Clean, W2 and l-inf robust accuracy of a model on this machine (no server).
 
     \b
-    Writes report.json and report.png into --out and prints one line per radius and attack.
+    Writes report.json and report.png into --out and prints one line per radius and attack, each
+    with its 95 % interval, then the headline with the attacks behind it and the masking audit.
 
     \b
     Example:

@@ -47,8 +47,9 @@ def test_readme_local_finetune_then_evaluate(tmp_path: Path) -> None:
     assert (report["config"]["batch_size"], report["config"]["lr"]) == (16, 0.0025)   # auto, resolved locally
     assert report["provenance"]["model"].startswith("small-cnn pre-trained")
     # the same table as the service's: every robust accuracy with its ball and radius, and the verdict
-    assert re.search(r"W2 robust accuracy\s+0\.\d{3}\s+0\.\d{3}\s+[+-]\d\.\d{3}\s+W2 ball, l-inf cost, δ=0.1",
-                     proc.stdout), proc.stdout
+    ci = r" \[[01]\.\d{3}, [01]\.\d{3}\]"   # every accuracy with its 95 % interval, the change with its paired one
+    assert re.search(rf"W2 robust accuracy\s+0\.\d{{3}}{ci}\s+0\.\d{{3}}{ci}\s+[+-]\d\.\d{{3}}( \[[^\]]+\])?\s+"
+                     r"W2 ball, l-inf cost, δ=0.1", proc.stdout), proc.stdout
     assert ("IMPROVED: the best checkpoint is epoch" in proc.stdout) == report["improved"]
     assert "seed 0, inner attack W-PGD K=10" in proc.stdout          # the recipe's default inner attack
     model = load_model_file(out / "best.safetensors", "small-cnn", num_classes=10, in_channels=1, image_size=8)

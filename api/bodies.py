@@ -23,12 +23,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from api.errors import ApiError, invalid_json
 from core.storage.artifacts import Store
 from core.service.settings import Settings
+from core.errors import ErrorCode
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (name, metadata JSON, ...)
 
 
 def too_large(limit: int, variable: str = "ROBUSTIFY_MAX_UPLOAD_BYTES") -> ApiError:
-    return ApiError(413, "payload_too_large",
+    return ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE,
                     f"the request body is larger than the limit of {limit} bytes "
                     f"({variable} on the server).", limit=limit)
 
@@ -37,7 +38,7 @@ def content_length(raw: str | None) -> int | None:
     if raw is None:
         return None
     if not raw.strip().isdigit() or not raw.strip().isascii():
-        raise ApiError(400, "bad_request", "Content-Length is not a number.")
+        raise ApiError(400, ErrorCode.BAD_REQUEST, "Content-Length is not a number.")
     return int(raw)
 
 
@@ -52,7 +53,7 @@ def media_type(request: Request) -> str:
 
 
 def _not_json(what: str) -> ApiError:
-    return ApiError(400, "bad_request", f"the body is not valid JSON: {what}; send a JSON document.")
+    return ApiError(400, ErrorCode.BAD_REQUEST, f"the body is not valid JSON: {what}; send a JSON document.")
 
 
 def _no_constant(name: str) -> Any:
@@ -62,7 +63,7 @@ def _no_constant(name: str) -> Any:
 def _finite(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
-        raise ApiError(422, "validation_error", f"the number {text[:40]} is out of range (beyond ±1.8e308).")
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"the number {text[:40]} is out of range (beyond ±1.8e308).")
     return value
 
 
@@ -102,13 +103,13 @@ def _check_tree(doc: Any, max_depth: int) -> None:
 def check_text(text: str) -> None:
     """Strings that reach the database: no NUL (PostgreSQL refuses it), no lone surrogate."""
     if "\x00" in text:
-        raise ApiError(422, "validation_error", "strings must not contain NUL characters (\\u0000); "
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "strings must not contain NUL characters (\\u0000); "
                        "remove them from the request.")
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(422, "validation_error", "a string holds a lone surrogate (\\ud800-\\udfff), "
+            raise ApiError(422, ErrorCode.VALIDATION_ERROR, "a string holds a lone surrogate (\\ud800-\\udfff), "
                            "which is not Unicode text; send valid UTF-16 pairs or UTF-8.") from None
 
 
@@ -121,10 +122,10 @@ def check_metadata(metadata: dict[str, Any] | None, settings: Settings, field_na
     try:
         size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
     except ValueError:
-        raise ApiError(422, "validation_error", "metadata holds NaN or Infinity, which JSON cannot store; "
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "metadata holds NaN or Infinity, which JSON cannot store; "
                        "use null or a string instead.") from None
     if size > settings.max_metadata_bytes:
-        raise ApiError(422, "validation_error",
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR,
                        f"metadata is {size} bytes of JSON; the limit is {settings.max_metadata_bytes} "
                        "(ROBUSTIFY_MAX_METADATA_BYTES). Store large data elsewhere and reference it.",
                        errors=[{"loc": ["body", field_name], "field": field_name, "msg": "metadata too large",
@@ -138,11 +139,11 @@ def parse_metadata_field(text: str | None, settings: Settings) -> dict[str, Any]
     try:
         meta = parse_json(text.encode(), max_depth=settings.max_json_depth)
     except ApiError as exc:
-        raise ApiError(422, "validation_error", f"metadata must be a JSON object ({exc.detail})",
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"metadata must be a JSON object ({exc.detail})",
                        errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": exc.detail,
                                 "type": "json_invalid"}]) from None
     if not isinstance(meta, dict):
-        raise ApiError(422, "validation_error", "metadata must be a JSON object.",
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "metadata must be a JSON object.",
                        errors=[{"loc": ["body", "metadata"], "field": "metadata", "msg": "not a JSON object",
                                 "type": "value_error"}])
     check_metadata(meta, settings)
@@ -179,7 +180,7 @@ async def read_multipart(
     _, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if not boundary:
-        raise ApiError(400, "bad_request", "multipart body without a boundary in Content-Type.")
+        raise ApiError(400, ErrorCode.BAD_REQUEST, "multipart body without a boundary in Content-Type.")
 
     upload = MultipartUpload()
     state: dict[str, Any] = {"headers": {}, "hname": b"", "hvalue": b"", "name": None, "buf": None, "fh": None}
@@ -204,7 +205,7 @@ async def read_multipart(
         state["name"] = name
         if name == file_field:
             if upload.file_path is not None:
-                errors.append(ApiError(400, "bad_request", f"more than one `{file_field}` part."))
+                errors.append(ApiError(400, ErrorCode.BAD_REQUEST, f"more than one `{file_field}` part."))
                 return
             upload.file_path = store.temp_file()
             # The file name is stored and echoed: keep printable characters only.
@@ -221,7 +222,7 @@ async def read_multipart(
         elif state["buf"] is not None:
             state["buf"] += data[start:end]
             if len(state["buf"]) > MAX_FIELD_BYTES:
-                errors.append(ApiError(413, "payload_too_large",
+                errors.append(ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE,
                                        f"form field {state['name']!r} is over {MAX_FIELD_BYTES} bytes."))
                 state["buf"] = None
 
@@ -256,7 +257,7 @@ async def read_multipart(
             raise errors[0]
     except MultipartParseError as exc:
         upload.discard()
-        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+        raise ApiError(400, ErrorCode.BAD_REQUEST, f"malformed multipart body: {exc}") from None
     except BaseException:
         upload.discard()
         raise

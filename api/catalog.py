@@ -29,6 +29,7 @@ from typing import Any
 
 from api.errors import ApiError
 from core.engine.config import FAMILY_PREFIXES
+from core.errors import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FAMILY = "builtin"
@@ -77,7 +78,7 @@ class ArchitectureCatalog:
             for family in waiting:
                 failed_at, why = self._failed.get(family, (-math.inf, ""))
                 if now - failed_at < FAILURE_HOLD_SECONDS:
-                    raise ApiError(503, "catalog_unavailable",
+                    raise ApiError(503, ErrorCode.CATALOG_UNAVAILABLE,
                                    f"listing the {family} architectures failed ({why}); retry later, or check "
                                    "that the package is installed on the server.",
                                    headers={"Retry-After": str(math.ceil(FAILURE_HOLD_SECONDS - (now - failed_at)))})
@@ -85,7 +86,7 @@ class ArchitectureCatalog:
                 self._request(waiting)
                 left = max(2, math.ceil(self._took - (now - self._started_at))) if self._building else \
                     math.ceil(self._took)
-                raise ApiError(503, "catalog_building",
+                raise ApiError(503, ErrorCode.CATALOG_BUILDING,
                                f"the server is listing the {', '.join(waiting)} architectures (a one-time step "
                                f"after an install or upgrade); retry in {left} s.",
                                headers={"Retry-After": str(left)}, families=waiting)

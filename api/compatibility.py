@@ -16,6 +16,7 @@ from api.deps import Caller
 from api.errors import ApiError, not_found
 from api.schemas import BUILTIN_DATASETS
 from core.service.db import Model
+from core.errors import ErrorCode
 
 # The images a model row takes when it records no input shape (what the worker assumes too).
 DEFAULT_INPUT_SHAPE = [3, 32, 32]
@@ -52,7 +53,7 @@ def dataset_facts(session: Session, who: Caller, dataset: str) -> DatasetFacts:
         train = int(splits["train"]) if "train" in splits else (
             row.num_examples - round(UPLOAD_TEST_FRACTION * row.num_examples))
         return DatasetFacts(row.id, [int(s) for s in row.image_shape], int(row.num_classes), max(1, train))
-    raise ApiError(422, "dataset_unavailable",
+    raise ApiError(422, ErrorCode.DATASET_UNAVAILABLE,
                    f"unknown dataset {dataset!r}: use one of {', '.join(BUILTIN_DATASETS)} or the id of an "
                    "uploaded data set (POST /v1/datasets).")
 
@@ -71,7 +72,7 @@ def check_compatible(model: Model, data: DatasetFacts) -> None:
                         f"{model.num_classes} classes")
     if problems:
         raise ApiError(
-            422, "incompatible_dataset",
+            422, ErrorCode.INCOMPATIBLE_DATASET,
             f"model {model.id} (input {shape}, {model.num_classes} classes) does not fit data set {data.name} "
             f"(images {data.image_shape}, {data.num_classes} classes): {'; '.join(problems)}. Use a data set "
             "with the model's input shape and classes, or register a model made for this data set.",

@@ -24,6 +24,7 @@ from api.errors import ApiError
 from core.service.apikeys import authenticate
 from core.storage.artifacts import Store
 from core.service.settings import Settings
+from core.errors import ErrorCode
 
 
 @dataclass
@@ -72,15 +73,15 @@ async def caller(request: Request, svc: ServicesDep) -> Caller:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise ApiError(401, "unauthorized",
+        raise ApiError(401, ErrorCode.UNAUTHORIZED,
                        "missing API key: send `Authorization: Bearer rk_…` (create one with `robustify keys create NAME`).",
                        headers=_CHALLENGE)
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "the Authorization header must be `Bearer rk_…`.",
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "the Authorization header must be `Bearer rk_…`.",
                        headers={"WWW-Authenticate": 'Bearer realm="robustify", error="invalid_request"'})
     key_id = await run_in_threadpool(_key_id, svc, token.strip())
     if key_id is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API key.",
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "invalid or revoked API key.",
                        headers={"WWW-Authenticate": 'Bearer realm="robustify", error="invalid_token"'})
     return Caller(key_id)
 

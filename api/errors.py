@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 from starlette.types import Scope
 
-from core.errors import RobustifyError, StorageFull, is_storage_full
+from core.errors import ErrorCode, RobustifyError, StorageFull, is_storage_full
 
 log = logging.getLogger("robustify.api")
 
@@ -25,9 +25,9 @@ PROBLEM_JSON = "application/problem+json"
 
 # Codes for errors that Starlette raises itself (unknown routes, wrong methods, ...).
 _STATUS_CODES: dict[int, str] = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
-    415: "unsupported_media_type", 422: "validation_error", 503: "service_unavailable",
+    400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED, 406: ErrorCode.NOT_ACCEPTABLE, 409: ErrorCode.CONFLICT, 413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 422: ErrorCode.VALIDATION_ERROR, 503: ErrorCode.SERVICE_UNAVAILABLE,
 }
 _HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 RETRY_AFTER_SECONDS = 2  # what a 503 asks the client to wait before trying again
@@ -48,15 +48,15 @@ class ApiError(Exception):
 
 def not_found(kind: str, ident: str) -> ApiError:
     shown = ident if len(ident) <= 64 else f"{ident[:40]}…({len(ident)} characters)"  # never echo a huge id
-    return ApiError(404, "not_found", f"{kind} {shown!r} does not exist (or belongs to another API key).")
+    return ApiError(404, ErrorCode.NOT_FOUND, f"{kind} {shown!r} does not exist (or belongs to another API key).")
 
 
 def invalid_json(exc: json.JSONDecodeError | UnicodeDecodeError) -> ApiError:
     """400 for a body that does not parse, with where the parser stopped (same for every route)."""
     if isinstance(exc, UnicodeDecodeError):
-        return ApiError(400, "bad_request", f"the body is not valid JSON: it is not UTF-8 text ({exc.reason} "
+        return ApiError(400, ErrorCode.BAD_REQUEST, f"the body is not valid JSON: it is not UTF-8 text ({exc.reason} "
                         f"at byte {exc.start}); send a UTF-8 JSON document.", position=exc.start)
-    return ApiError(400, "bad_request", f"the body is not valid JSON: {exc}; send a JSON document.",
+    return ApiError(400, ErrorCode.BAD_REQUEST, f"the body is not valid JSON: {exc}; send a JSON document.",
                     position=exc.pos, line=exc.lineno, column=exc.colno)
 
 
@@ -86,7 +86,7 @@ def problem_response(
 
 def busy(instance: str, detail: str) -> JSONResponse:
     """503 for load the server sheds on purpose: the client should retry after a pause."""
-    return problem(503, "service_busy", f"{detail}; retry after {RETRY_AFTER_SECONDS} s (Retry-After).",
+    return problem(503, ErrorCode.SERVICE_BUSY, f"{detail}; retry after {RETRY_AFTER_SECONDS} s (Retry-After).",
                    instance=instance, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
@@ -135,18 +135,18 @@ def install_error_handlers(app: FastAPI) -> None:
             if isinstance(doc, str) and isinstance(pos, int):
                 bad = invalid_json(json.JSONDecodeError(str(raw[0].get("ctx", {}).get("error", "")), doc, pos))
             else:
-                bad = ApiError(400, "bad_request", "the body is not valid JSON; send a JSON document.")
+                bad = ApiError(400, ErrorCode.BAD_REQUEST, "the body is not valid JSON; send a JSON document.")
             return problem_response(request, bad.status, bad.code, bad.detail, **bad.extra)
         errors = _validation_errors(exc)
         fields = ", ".join(sorted({e["field"] or "body" for e in errors}))
         first = errors[0]["msg"] if errors else "invalid request"
         return problem_response(
-            request, 422, "validation_error", f"invalid value for {fields}: {first}", errors=errors,
+            request, 422, ErrorCode.VALIDATION_ERROR, f"invalid value for {fields}: {first}", errors=errors,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "error")
+        code = _STATUS_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path}; see /docs for the API."
@@ -164,20 +164,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
         text = str(getattr(exc, "orig", exc))
         if "no such table" in text or ("relation" in text and "does not exist" in text):
-            return problem_response(request, 503, "database_not_migrated",
+            return problem_response(request, 503, ErrorCode.DATABASE_NOT_MIGRATED,
                                     "the database schema is missing or old: run `robustify migrate` "
                                     "(alembic upgrade head) against ROBUSTIFY_DATABASE_URL, then retry.")
         if isinstance(exc, PoolTimeout):
             # Every pooled connection stayed busy for ROBUSTIFY_DB_POOL_TIMEOUT_SECONDS.
             return busy(request.url.path, "the server is busy: no database connection came free in time")
         if isinstance(exc, (OperationalError, InterfaceError)):
-            return problem_response(request, 503, "database_unavailable",
+            return problem_response(request, 503, ErrorCode.DATABASE_UNAVAILABLE,
                                     "the database is unreachable right now; retry shortly (see /readyz).",
                                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         if isinstance(exc, DataError):
             # Inputs are validated before they reach the database; this is the net under that.
             log.warning("database refused a value on %s: %s", request.url.path, text[:500])
-            return problem_response(request, 422, "validation_error",
+            return problem_response(request, 422, ErrorCode.VALIDATION_ERROR,
                                     "a value in the request cannot be stored (out of range or an invalid "
                                     "character); check the request's numbers and strings.")
         return await _unexpected(request, exc)
@@ -193,6 +193,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return problem_response(
-            request, 500, "internal_error",
+            request, 500, ErrorCode.INTERNAL_ERROR,
             "an unexpected error occurred; the server log has the details.",
         )

@@ -25,6 +25,7 @@ from api.binding import AuthPolicy, foreign_host, foreign_origin, header
 from api.bodies import content_length, parse_json, too_large
 from api.errors import ApiError, allowed_methods, busy, problem
 from core.service.settings import Settings
+from core.errors import ErrorCode
 
 _WAITING_PER_SLOT = 16  # requests allowed to wait per concurrency slot; beyond that, 503 at once
 
@@ -51,7 +52,7 @@ class RequestChecks:
         if scope["method"] == "OPTIONS":
             methods = allowed_methods(scope)
             if not methods:
-                refusal = problem(404, "not_found", f"no route {scope['path']}; see /docs for the API.",
+                refusal = problem(404, ErrorCode.NOT_FOUND, f"no route {scope['path']}; see /docs for the API.",
                                   instance=scope["path"])
                 return await refusal(scope, receive, send)
             return await Response(status_code=204, headers={"Allow": ", ".join(methods)})(scope, receive, send)
@@ -60,26 +61,26 @@ class RequestChecks:
     def _refusal(self, scope: Scope) -> Response | None:
         path = scope["path"]
         if "\x00" in path:
-            return problem(404, "not_found", "no such resource: the path contains a NUL character.",
+            return problem(404, ErrorCode.NOT_FOUND, "no such resource: the path contains a NUL character.",
                            instance=path.replace("\x00", "\\u0000"))
         for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if "\x00" in name or "\x00" in value:
                 field = name.replace("\x00", "\\u0000")
-                return problem(422, "validation_error", f"query parameter {field!r} contains a NUL character.",
+                return problem(422, ErrorCode.VALIDATION_ERROR, f"query parameter {field!r} contains a NUL character.",
                                instance=path, errors=[{"loc": ["query", field], "field": field,
                                                        "msg": "NUL character", "type": "string_pattern_mismatch"}])
         if any(b"\x00" in value for _, value in scope.get("headers", ())):
-            return problem(400, "bad_request", "a header contains a NUL character.", instance=path)
+            return problem(400, ErrorCode.BAD_REQUEST, "a header contains a NUL character.", instance=path)
         if self.auth.local_only(scope):
             host, origin = foreign_host(scope), foreign_origin(scope)
             if host is not None:
-                return problem(403, "host_not_allowed",
+                return problem(403, ErrorCode.HOST_NOT_ALLOWED,
                                f"this server runs without API keys on localhost only and answers requests "
                                f"for localhost / 127.0.0.1, not {host!r} (protection against DNS rebinding); "
                                "call it as http://127.0.0.1:PORT, or run it with ROBUSTIFY_AUTH=on.",
                                instance=path)
             if origin is not None:
-                return problem(403, "origin_not_allowed",
+                return problem(403, ErrorCode.ORIGIN_NOT_ALLOWED,
                                f"a request sent by another web site ({origin}) to a server without API keys "
                                "is refused (protection against cross-site requests); call the API directly, "
                                "not from a web page, or run the server with ROBUSTIFY_AUTH=on.", instance=path)
@@ -195,7 +196,7 @@ async def _read_capped(receive: Receive, cap: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ApiError(400, "bad_request", "the client closed the connection before the body was sent.")
+            raise ApiError(400, ErrorCode.BAD_REQUEST, "the client closed the connection before the body was sent.")
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > cap:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from core.service.db import Job, JobEvent, utcnow
 from core.states import TERMINAL_STATES, WORKER_STATES
 from worker.runtime import Runtime, heartbeat_is_stale
+from core.errors import ErrorCode
 
 log = logging.getLogger("robustify.worker")
 
@@ -72,7 +73,7 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
             job.status, job.finished_at = "failed", now
             why = (f"stopped {job.attempt} times while running it" if job.attempt >= job.max_attempts else
                    f"stopped {lost_early} times before the job started computing (while loading its model or data)")
-            job.error = {"code": "worker_lost",
+            job.error = {"code": ErrorCode.WORKER_LOST,
                          "message": f"the job's worker {why} (limit {job.max_attempts}); "
                                     "check the worker logs (out of memory? killed?) and submit the job again."}
             add_event(session, job.id, "status", "job failed: worker lost too many times",

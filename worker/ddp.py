@@ -36,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.errors import RobustifyError
+from core.errors import ErrorCode, RobustifyError
 from core.service.db import Artifact, Dataset, Job, Model
 from core.service.settings import Settings
 from worker.claim import add_event
@@ -48,6 +48,8 @@ from worker.runtime import HOSTNAME, Runtime
 log = logging.getLogger("robustify.worker")
 
 _POLL_SECONDS = 0.2
+# What a rank reports when it finds the job taken over (not an error of the job: no ErrorCode).
+_LOST = "lost"
 _STOP_GRACE_SECONDS = 10.0
 
 
@@ -87,7 +89,7 @@ def run_distributed(rt: Runtime, job_id: str, owner: str, hb: Any, devices: int,
         if report is None:  # killed, crashed: nothing wrong with the job itself
             how = f"signal {-code}" if code < 0 else f"exit status {code} without an error report"
             return _end_attempt(rt, job_id, owner, f"rank {rank} of {devices} died ({how})")
-        if report.get("code") == "lost":
+        if report.get("code") == _LOST:
             raise LostOwnership(job_id)
         raise RobustifyError(report["message"], code=report["code"])
     finally:
@@ -104,7 +106,7 @@ def _check_devices(devices: int) -> str:
     if visible < devices:
         raise RobustifyError(f"the job asks for {devices} devices but this worker sees {visible} GPU(s) "
                              "(CUDA_VISIBLE_DEVICES); submit it with fewer `devices`, or run a worker with more GPUs.",
-                             code="not_enough_devices")
+                             code=ErrorCode.NOT_ENOUGH_DEVICES)
     return "nccl"
 
 
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_rank(args)
         return 0
     except LostOwnership:
-        report: dict[str, str] = {"code": "lost", "message": "another worker took the job over"}
+        report: dict[str, str] = {"code": _LOST, "message": "another worker took the job over"}
         code = 3
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the task
         report = {**error_of(exc), "traceback": "".join(traceback.format_exception(exc))[-20000:]}

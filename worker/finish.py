@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.errors import RobustifyError, StorageFull, is_storage_full
+from core.errors import ErrorCode, RobustifyError, StorageFull, is_storage_full
 from core.service.db import Artifact, Job, Model, utcnow
 from core.storage.artifacts import add_artifact_row, artifact_relpath, record_artifact
 from worker.claim import add_event
@@ -139,7 +139,7 @@ def error_of(exc: BaseException) -> dict[str, str]:
         import torch
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return {"code": "cuda_out_of_memory",
+            return {"code": ErrorCode.CUDA_OUT_OF_MEMORY,
                     "message": "the GPU ran out of memory; submit again with a smaller batch_size "
                                "(or eval batch) or on a GPU with more memory."}
     except ImportError:
@@ -148,7 +148,7 @@ def error_of(exc: BaseException) -> dict[str, str]:
         return exc.to_dict()
     if is_storage_full(exc):
         return StorageFull.from_os_error(exc).to_dict()  # type: ignore[arg-type]
-    return {"code": "internal_error",
+    return {"code": ErrorCode.INTERNAL_ERROR,
             "message": f"the job failed unexpectedly ({type(exc).__name__}: {exc}); "
                        "the traceback is in the job's events. Report it if it persists."}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.errors import RobustifyError
+from core.errors import ErrorCode, RobustifyError
 from core.service.db import Artifact, Dataset, Job, Model
 from core.storage.artifacts import artifact_relpath
 from worker.claim import add_event
@@ -36,7 +36,7 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
         art = session.get(Artifact, model_row.weights_artifact_id)
         if art is None:
             raise RobustifyError(f"the weights of model {model_row.id} are missing; register the model again.",
-                                 code="invalid_model_file")
+                                 code=ErrorCode.INVALID_MODEL_FILE)
         path = rt.store.local_path(artifact_relpath(art))  # a verified local copy with object storage
         # errors name the user's file, not the content-addressed store path
         label = art.filename or model_row.name
@@ -64,7 +64,7 @@ def load_data_for(rt: Runtime, session: Any, dataset: str) -> Any:
         art = session.get(Artifact, row.artifact_id) if row is not None and row.artifact_id else None
         if art is None:
             raise RobustifyError(f"uploaded data set {dataset} is missing its file; upload it again.",
-                                 code="dataset_unavailable")
+                                 code=ErrorCode.DATASET_UNAVAILABLE)
         return data.load_npz(rt.store.local_path(artifact_relpath(art)), name=row.name)
     return data.load_dataset(dataset, data_dir=rt.settings.resolved_datasets_dir,
                              allow_download=rt.settings.allow_download)
@@ -157,7 +157,7 @@ def set_up_job(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artif
         model_row = s.get(Model, job.model_id)
         if model_row is None:
             raise RobustifyError(f"model {job.model_id} no longer exists; register the model again and "
-                                 "submit a new job.", code="validation_error")
+                                 "submit a new job.", code=ErrorCode.VALIDATION_ERROR)
         model = load_model_for(rt, s, model_row)
         data = load_data_for(rt, s, job.dataset)
         hooks = JobHooks(rt, job, owner, hb) if reports else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from core.errors import RobustifyError
+from core.errors import ErrorCode, RobustifyError
 from core.service.db import Artifact, Model
 from core.storage.artifacts import delete_artifact, record_artifact
 from worker.inputs import input_size, load_model_for
@@ -55,7 +55,7 @@ def _validate_model(rt: Runtime, model_id: str) -> str:
             if isinstance(exc, RobustifyError):
                 error = exc.to_dict()
             else:
-                error = {"code": "invalid_model_file",
+                error = {"code": ErrorCode.INVALID_MODEL_FILE,
                          "message": f"the model could not be loaded ({type(exc).__name__}: {exc}); check that the "
                                     "state dict matches the architecture, class count and input shape."}
             log.info("model %s rejected: %s", model_id, error)
@@ -80,7 +80,7 @@ def _forward_check(model: Any, m: Model) -> None:
     if tuple(out.shape) != (2, m.num_classes):
         raise RobustifyError(f"the model outputs shape {tuple(out.shape)} for input {shape}, expected "
                              f"(batch, {m.num_classes}); check num_classes and input_shape.",
-                             code="invalid_model_file")
+                             code=ErrorCode.INVALID_MODEL_FILE)
 
 
 def _store_state_dict(rt: Runtime, s: Any, m: Model, model: Any) -> Artifact:

@@ -13,6 +13,7 @@ from api.errors import ApiError
 from api import responses as r
 from api.routes.common import MAX_PAGE
 from core.engine.config import BUILTIN_ARCHITECTURES
+from core.errors import ErrorCode
 
 router = APIRouter(prefix="/v1/architectures", tags=["architectures"])
 
@@ -83,7 +84,7 @@ async def list_architectures(who: CallerDep, names: CatalogDep,
     if after:
         ids = [e["id"] for e in items]
         if after not in ids:
-            raise ApiError(422, "validation_error",
+            raise ApiError(422, ErrorCode.VALIDATION_ERROR,
                            f"unknown cursor after={after!r}: pass the last_id of a previous page.")
         items = items[ids.index(after) + 1:]
     page = items[:limit]

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError
 from core.storage.artifacts import Store, artifact_relpath
 from core.service.db import Artifact
-from core.errors import ArtifactMissing
+from core.errors import ArtifactMissing, ErrorCode
 
 _STREAM_CHUNK = 1024 * 1024
 
@@ -33,7 +33,7 @@ def paginate(session: Session, stmt: Any, entity: Any, after: str | None, limit:
             cursor_stmt = cursor_stmt.where(after_filter)
         created = session.scalar(cursor_stmt)
         if created is None:
-            raise ApiError(422, "validation_error", f"unknown cursor after={after!r}: pass the last_id of a previous page.")
+            raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"unknown cursor after={after!r}: pass the last_id of a previous page.")
         stmt = stmt.where(or_(entity.created_at < created,
                               and_(entity.created_at == created, entity.id < after)))
     rows = list(session.scalars(stmt.order_by(entity.created_at.desc(), entity.id.desc()).limit(limit + 1)))
@@ -41,7 +41,7 @@ def paginate(session: Session, stmt: Any, entity: Any, after: str | None, limit:
 
 
 def _missing(artifact: Artifact) -> ApiError:
-    return ApiError(410, "artifact_missing",
+    return ApiError(410, ErrorCode.ARTIFACT_MISSING,
                     f"artifact {artifact.id} is recorded but its file is missing from the store; "
                     "the store may have been cleaned, or this server is not configured with the same "
                     "artifact directory or bucket as the workers.")

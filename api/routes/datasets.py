@@ -25,6 +25,7 @@ from core.storage.artifacts import commit_or_unstore, delete_artifact, record_ar
 from core.service.db import Artifact, Dataset, Job, new_id
 from core.states import TERMINAL_STATES
 from core.service.settings import Settings
+from core.errors import ErrorCode
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -62,7 +63,7 @@ def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
              summary="Upload a data set (.npz, or a .zip / .tar of class folders)")
 async def create_dataset(request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> r.Dataset:
     if media_type(request) != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", "send the .npz as multipart/form-data in a part named `file`.")
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the .npz as multipart/form-data in a part named `file`.")
     upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
     try:
         return await run_in_threadpool(_create, svc, session, who, upload.fields, upload.file_path, upload.filename)
@@ -73,14 +74,14 @@ async def create_dataset(request: Request, svc: ServicesDep, who: CallerDep, ses
 def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str],
             file_path: Path | None, filename: str | None) -> r.Dataset:
     if file_path is None:
-        raise ApiError(422, "validation_error", "the `file` part (an .npz) is missing.",
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "the `file` part (an .npz) is missing.",
                        errors=[{"loc": ["body", "file"], "field": "file", "msg": "Field required", "type": "missing"}])
     meta = parse_metadata_field(fields.get("metadata"), svc.settings)
     name = (fields.get("name") or filename or "dataset.npz").strip()[:200]
     if upload_kind(file_path, filename) == "archive":
         return _create_from_archive(svc, session, who, fields, file_path, name, meta)
     if set(fields) & set(ARCHIVE_FIELDS):
-        raise ApiError(422, "validation_error", f"{', '.join(sorted(set(fields) & set(ARCHIVE_FIELDS)))} apply to "
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"{', '.join(sorted(set(fields) & set(ARCHIVE_FIELDS)))} apply to "
                                                 ".zip / .tar image folders, not to an .npz upload.")
     # Everything is checked before the file enters the store, so a refusal leaves nothing behind.
     info = inspect_npz(file_path, svc.settings)
@@ -123,7 +124,7 @@ def upload_kind(path: Path, filename: str | None) -> str:
 
 def _archive_options(fields: dict[str, str]) -> dict[str, Any]:
     def bad(field: str, msg: str) -> ApiError:
-        return ApiError(422, "validation_error", f"invalid value for {field}: {msg}",
+        return ApiError(422, ErrorCode.VALIDATION_ERROR, f"invalid value for {field}: {msg}",
                         errors=[{"loc": ["body", field], "field": field, "msg": msg, "type": "value_error"}])
 
     options: dict[str, Any] = {"image_size": None, "channels": 3, "test_fraction": 0.2, "seed": 0}
@@ -195,7 +196,7 @@ def delete_dataset(dataset_id: str, svc: ServicesDep, who: CallerDep, session: S
     ds = get_owned_dataset(session, who, dataset_id)
     busy = session.scalar(select(Job.id).where(Job.dataset == ds.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
     if busy:
-        raise ApiError(409, "conflict", f"data set {ds.id} is used by job {busy}, which has not finished; "
+        raise ApiError(409, ErrorCode.CONFLICT, f"data set {ds.id} is used by job {busy}, which has not finished; "
                                         "cancel it or wait for it to finish first.", job_id=busy)
     art = _artifact(session, ds)
     session.delete(ds)

@@ -32,6 +32,7 @@ from core.states import JOB_STATES, TERMINAL_STATES, JobType
 from core.engine.defaults import resolve_finetune
 from core.limits import MAX_EVENT_ID
 from core.service.queue import enqueue_job
+from core.errors import ErrorCode
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -59,7 +60,7 @@ def _resolve_model(session: Session, svc: Services, who: Caller, body: JobCreate
         m = _robustbench_model(session, svc, who, body.model.robustbench)  # type: ignore[union-attr]
     if m.status != "ready":
         why = f" ({m.error.get('message')})" if m.status == "rejected" and m.error else ""
-        raise ApiError(409, "model_not_ready",
+        raise ApiError(409, ErrorCode.MODEL_NOT_READY,
                        f"model {m.id} is {m.status}{why}; a job needs a ready model"
                        + (": retry once its validation has finished." if m.status == "validating" else "."),
                        model_id=m.id, model_status=m.status)
@@ -132,13 +133,13 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
         enqueue_job(svc.celery, job.id)
     except Exception as exc:
         job.status, job.finished_at = "failed", utcnow()
-        job.error = {"code": "broker_unavailable",
+        job.error = {"code": ErrorCode.BROKER_UNAVAILABLE,
                      "message": f"the job could not be queued ({type(exc).__name__}: {exc}); "
                                 "check the broker (ROBUSTIFY_BROKER_URL) and submit again."}
         session.add(JobEvent(job_id=job.id, type="status", level="error", message="job could not be queued",
                              data={"status": "failed", "error": job.error}))
         session.commit()
-        raise ApiError(503, "broker_unavailable", job.error["message"], job_id=job.id) from None
+        raise ApiError(503, ErrorCode.BROKER_UNAVAILABLE, job.error["message"], job_id=job.id) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return r.Job.from_row(job)
 
@@ -146,7 +147,7 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
 def _replay(prior: Job, body: JobCreate, config: dict[str, Any], response: Response) -> r.Job:
     model_id = body.model_id or prior.model_id
     if not _same_request(prior, body, model_id, config):
-        raise ApiError(409, "conflict", "this Idempotency-Key was already used for a different request; "
+        raise ApiError(409, ErrorCode.CONFLICT, "this Idempotency-Key was already used for a different request; "
                                         "use a new key for a new job.", job_id=prior.id)
     response.headers["Location"] = f"/v1/jobs/{prior.id}"
     response.headers["Idempotent-Replayed"] = "true"
@@ -228,7 +229,7 @@ def _event_id(header: str | None) -> int:
     if header is None:
         return 0
     if int(header) > MAX_EVENT_ID:
-        raise ApiError(422, "validation_error", f"Last-Event-ID {header} is not an event id of this API "
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"Last-Event-ID {header} is not an event id of this API "
                        f"(ids are at most {MAX_EVENT_ID}); reconnect without it or with an id it sent.",
                        errors=[{"loc": ["header", "last-event-id"], "field": "last-event-id",
                                 "msg": "out of range", "type": "less_than_equal"}])
@@ -312,7 +313,7 @@ def job_checkpoint(job_id: str, request: Request, svc: ServicesDep, who: CallerD
     job = get_owned_job(session, who, job_id)
     art = best_checkpoint(session, job)
     if art is None:
-        raise ApiError(404, "not_found", f"job {job.id} has no checkpoint yet (status {job.status}); "
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no checkpoint yet (status {job.status}); "
                                          "one is stored after each epoch of a fine-tune.", job_status=job.status)
     return artifact_download(request, svc.store, art)
 
@@ -327,7 +328,7 @@ def job_report(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, 
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "report")
     if art is None:
-        raise ApiError(404, "not_found", f"job {job.id} has no report yet (status {job.status}); "
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no report yet (status {job.status}); "
                                          "it is written when the job succeeds.", job_status=job.status)
     return artifact_download(request, svc.store, art)
 
@@ -338,6 +339,6 @@ def job_plot(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, se
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "plot")
     if art is None:
-        raise ApiError(404, "not_found", f"job {job.id} has no plot yet (status {job.status}).", job_status=job.status)
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no plot yet (status {job.status}).", job_status=job.status)
     return artifact_download(request, svc.store, art)
 

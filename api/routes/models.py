@@ -28,6 +28,7 @@ from core.service.db import Artifact, Job, Model, new_id, utcnow
 from core.states import TERMINAL_STATES
 from core.service.queue import enqueue_model_validation
 from core.service.uploads import inspect_safetensors
+from core.errors import ErrorCode
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -69,7 +70,7 @@ def _enqueue_validation(svc: Services, session: Session, m: Model) -> None:
         enqueue_model_validation(svc.celery, m.id)
     except Exception as exc:  # the broker is down: say so instead of leaving it validating forever
         m.status = "rejected"
-        m.error = {"code": "broker_unavailable",
+        m.error = {"code": ErrorCode.BROKER_UNAVAILABLE,
                    "message": f"could not queue the validation of this model ({exc}); register it again when the broker is back."}
         session.commit()
 
@@ -94,7 +95,7 @@ async def create_model(request: Request, svc: ServicesDep, who: CallerDep, sessi
                                            upload.file_path, upload.filename)
         finally:
             upload.discard()  # no-op once the file was moved into the store
-    raise ApiError(415, "unsupported_media_type",
+    raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                    "send multipart/form-data (a safetensors upload) or application/json "
                    '({"source": "robustbench", ...} or {"source": "hf-hub", ...}).')
 
@@ -171,11 +172,11 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
         name = form.architecture
         families = ", ".join(f"{p}<name>" for p in FAMILY_PREFIXES)
         hint = "" if ":" in name else f" (for timm's or torchvision's {name}: timm:{name} or torchvision:{name})"
-        raise ApiError(422, "unsupported_architecture",
+        raise ApiError(422, ErrorCode.UNSUPPORTED_ARCHITECTURE,
                        f"unknown architecture {name!r}{hint}: use one of {', '.join(BUILTIN_ARCHITECTURES)} or a "
                        f"family: {families}; GET /v1/architectures lists them.")
     if form.architecture.startswith("timm:hf-hub:"):
-        raise ApiError(422, "unsupported_architecture",
+        raise ApiError(422, ErrorCode.UNSUPPORTED_ARCHITECTURE,
                        'register a Hugging Face Hub model with a JSON body {"source": "hf-hub", "name": '
                        '"<org>/<repo>", "num_classes": ..., "dataset": ...}; to upload your own weights for its '
                        "architecture, name the architecture in its config.json as timm:<architecture>.")
@@ -244,7 +245,7 @@ def delete_model(model_id: str, svc: ServicesDep, who: CallerDep, session: Sessi
     m = get_owned_model(session, who, model_id)
     busy = session.scalar(select(Job.id).where(Job.model_id == m.id, Job.status.not_in(TERMINAL_STATES)).limit(1))
     if busy:
-        raise ApiError(409, "conflict", f"model {m.id} is used by job {busy}, which has not finished; "
+        raise ApiError(409, ErrorCode.CONFLICT, f"model {m.id} is used by job {busy}, which has not finished; "
                                         "cancel it or wait for it to finish first.", job_id=busy)
     weights = _weights(session, m)
     # The row stays (finished jobs refer to it) but disappears from the API.
@@ -263,9 +264,9 @@ def model_content(model_id: str, request: Request, svc: ServicesDep, who: Caller
     m = get_owned_model(session, who, model_id)
     weights = _weights(session, m)
     if weights is None and m.status == "validating":
-        raise ApiError(409, "model_not_ready", f"model {m.id} is still validating; its weights can be "
+        raise ApiError(409, ErrorCode.MODEL_NOT_READY, f"model {m.id} is still validating; its weights can be "
                                                "downloaded once it is ready.", model_id=m.id, model_status=m.status)
     if weights is None:
-        raise ApiError(404, "not_found", f"model {m.id} has no stored weights "
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"model {m.id} has no stored weights "
                                          "(RobustBench models are loaded from the RobustBench zoo by the worker).")
     return artifact_download(request, svc.store, weights)

@@ -15,6 +15,7 @@ from api.deps import Services, ServicesDep
 from api.errors import problem_response
 from core.service.db import Job, WorkerHeartbeat, utcnow
 from core.states import WORKER_STATES
+from core.errors import ErrorCode
 
 router = APIRouter(tags=["operations"])
 
@@ -92,7 +93,7 @@ async def readyz(request: Request, svc: ServicesDep) -> Any:
     checks["storage"] = _check_storage(svc)
     failed = [name for name, c in checks.items() if not c["ok"]]
     if failed:
-        return problem_response(request, 503, "not_ready", f"not ready: {', '.join(failed)} failed.", checks=checks)
+        return problem_response(request, 503, ErrorCode.NOT_READY, f"not ready: {', '.join(failed)} failed.", checks=checks)
     return {"status": "ready", "checks": checks}
 
 

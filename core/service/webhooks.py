@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.service.db import Job, JobEvent, WebhookDelivery, utcnow
 from core.service.netpolicy import TargetPolicy, target_policy
-from core.errors import RobustifyError
+from core.errors import ErrorCode, RobustifyError
 from core.service.settings import get_settings
 
 log = logging.getLogger("robustify.webhooks")
@@ -38,12 +38,12 @@ _STATUS_EVENTS = {"running": "job.started", "succeeded": "job.succeeded", "faile
 
 
 class WebhookTargetRefused(RobustifyError):
-    code = "webhook_target_forbidden"
+    code = ErrorCode.WEBHOOK_TARGET_FORBIDDEN
     status = 422
 
 
 class WebhookTargetUnresolvable(RobustifyError):
-    code = "webhook_target_unresolvable"
+    code = ErrorCode.WEBHOOK_TARGET_UNRESOLVABLE
     status = 422
 
 

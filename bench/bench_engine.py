@@ -42,10 +42,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ class PassCounter:
                 self.backward += n
             out.register_hook(on_backward)
 
-    def __enter__(self) -> "PassCounter":
+    def __enter__(self) -> PassCounter:
         self._handle = self.model.register_forward_hook(self._hook)
         return self
 
@@ -384,7 +384,7 @@ def wtrades_workload(name: str, device: torch.device, batch: int, batches: int, 
             "lean": loop(lambda a, b: lean_trades_step(models["lean"], opts["lean"], a, b, DELTA, steps), x),
             "reference": loop(lambda a, b: reference_trades_step(models["reference"], opts["reference"], a, b,
                                                                  DELTA, steps), x)}
-    return Workload("w-trades", "images/s", runs, x.shape[0], {k: batch for k in IMPLEMENTATIONS},
+    return Workload("w-trades", "images/s", runs, x.shape[0], dict.fromkeys(IMPLEMENTATIONS, batch),
                     x.shape[0], models)
 
 
@@ -421,7 +421,7 @@ def environment(device: torch.device, machine: str) -> dict:
     return {"machine": machine, "device": torch.cuda.get_device_name() if device.type == "cuda" else
             f"CPU: {_cpu_name()}, {os.cpu_count()} cores", "device_type": device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def table(rows: list[dict]) -> str:

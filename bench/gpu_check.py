@@ -28,16 +28,16 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import bench_engine  # noqa: E402
+import torch  # noqa: E402
 
 DEADLINE_S = 8 * 60 - 20          # the whole check, with a margin for writing the results
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from alembic import context
 
 from core.service.db import Base
-
 from core.service.sessions import make_engine
 from core.service.settings import get_settings
 

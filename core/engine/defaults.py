@@ -35,7 +35,8 @@ is resolved where the evaluation runs, per device (`auto_eval_batch_size`):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from core.engine.config import AUTO, FinetuneConfig
 

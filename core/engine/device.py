@@ -10,8 +10,9 @@ network runs in bf16.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ class Compute:
     @classmethod
     def resolve(cls, device: str | torch.device | None = None,
                 amp: Literal["auto", "bf16", "off"] = "auto", channels_last: bool = True,
-                attack_step: float | None = None) -> "Compute":
+                attack_step: float | None = None) -> Compute:
         """`attack_step`: the smallest attack step the computation takes (in pixel units); under
         bf16, a step finer than bf16's input spacing keeps the stem in float32."""
         dev = torch.device(device) if device is not None else (

@@ -9,9 +9,9 @@ makes every operation a no-op, so the engine's code is the same either way.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

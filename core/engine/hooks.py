@@ -1,8 +1,9 @@
 """The callables a recipe reports through (architecture.md, "The seam")."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 def _no_progress(fraction: float, phase: str, metrics: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture
 from core.engine.input_contract import check_input_stats
+from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture
 
 HUB_PREFIX = "timm:hf-hub:"
 # The Hub's repository ids: "name" or "org/name", letters, digits, ".", "_", "-"; no "--" or "..",

@@ -5,7 +5,8 @@ regulariser. Formulas: docs/concepts.md.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,8 @@ cuda_out_of_memory and says to lower batch_size).
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

@@ -36,13 +36,13 @@ class Threat:
     world: World = field(default=SINGLE, compare=False, repr=False)
 
     @classmethod
-    def from_spec(cls, spec: ThreatModelSpec, delta: float | None = None) -> "Threat":
+    def from_spec(cls, spec: ThreatModelSpec, delta: float | None = None) -> Threat:
         return cls(kind=spec.kind, delta=float(spec.delta if delta is None else delta))
 
-    def with_delta(self, delta: float) -> "Threat":
+    def with_delta(self, delta: float) -> Threat:
         return replace(self, delta=float(delta))
 
-    def across(self, world: World) -> "Threat":
+    def across(self, world: World) -> Threat:
         """The same threat on a set whose shards live on `world`'s ranks."""
         return replace(self, world=world)
 
@@ -61,12 +61,12 @@ class Threat:
                 "pointwise_threat": self.ground}
 
     @property
-    def w2(self) -> "Threat":
+    def w2(self) -> Threat:
         """The W2 threat with the same ground norm and radius (itself if distributional)."""
         return self if self.distributional else replace(self, kind=f"w2-{self.ground}")
 
     @property
-    def pointwise(self) -> "Threat":
+    def pointwise(self) -> Threat:
         """The pointwise threat with the same ground norm and radius (its ball lies inside ours)."""
         return replace(self, kind=self.ground)
 

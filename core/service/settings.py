@@ -18,7 +18,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.service.netpolicy import parse_networks
 
 
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROBUSTIFY_", extra="ignore")
 

@@ -19,10 +19,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core.service.db import Artifact, new_id
 from core.errors import ArtifactMissing
+from core.service.db import Artifact, new_id
 from core.storage.files import (
-    CHUNK, make_temp_file, relpath_for, remove_stale_temp_files, sha256_file, write_atomic,
+    CHUNK,
+    make_temp_file,
+    relpath_for,
+    remove_stale_temp_files,
+    sha256_file,
+    write_atomic,
 )
 
 if TYPE_CHECKING:
@@ -160,7 +165,7 @@ def _missing(relpath: str, where: str) -> ArtifactMissing:
         "or ROBUSTIFY_S3_BUCKET / ROBUSTIFY_S3_PREFIX). Upload the file again.")
 
 
-def open_store(settings: "Settings") -> Store:
+def open_store(settings: Settings) -> Store:
     """The store that settings choose: an S3 bucket when ROBUSTIFY_S3_BUCKET is set, else a directory."""
     if settings.s3_bucket:
         from core.storage.s3 import S3ArtifactStore  # boto3 only where object storage is used

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.storage.files import atomic_path, sha256_file
 from core.errors import ArtifactCorrupt
+from core.storage.files import atomic_path, sha256_file
 
 
 class BlobCache:

@@ -20,9 +20,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.storage.files import make_temp_file, relpath_for, remove_stale_temp_files, sha256_file, sha256_of
-from core.storage.blobcache import BlobCache
 from core.errors import ArtifactMissing, StorageUnavailable
+from core.storage.blobcache import BlobCache
+from core.storage.files import make_temp_file, relpath_for, remove_stale_temp_files, sha256_file, sha256_of
 
 if TYPE_CHECKING:
     from core.service.settings import Settings
@@ -57,7 +57,7 @@ class S3ArtifactStore:
         self.presign_client = presign_client or client
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "S3ArtifactStore":
+    def from_settings(cls, settings: Settings) -> S3ArtifactStore:
         assert settings.s3_bucket
         pool = max(10, 2 * settings.s3_max_concurrency)
         client = make_s3_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style,

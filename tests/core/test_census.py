@@ -8,10 +8,14 @@ import numpy as np
 from sklearn.datasets import load_digits as sklearn_digits
 
 from core.engine.data.census import (
-    BUILTIN_CLASS_COUNTS, IMBALANCE_RATIO, census_warnings, npz_labels, split_counts,
+    BUILTIN_CLASS_COUNTS,
+    IMBALANCE_RATIO,
+    census_warnings,
+    npz_labels,
+    split_counts,
 )
-from core.engine.data.sampling import class_counts
 from core.engine.data.datasets import DEBIAN_FASHION_MNIST, load_digits, load_fashion_mnist, load_npz
+from core.engine.data.sampling import class_counts
 
 
 def test_a_class_missing_from_a_split_is_named_with_its_name() -> None:

@@ -13,11 +13,16 @@ import pytest
 import torch
 
 from core.engine.data.datasets import (
-    ImageData, augment_crop_flip, is_cifar_like, load_dataset, load_npz, read_idx, to_unit_float,
+    ImageData,
+    augment_crop_flip,
+    is_cifar_like,
+    load_dataset,
+    load_npz,
+    read_idx,
+    to_unit_float,
 )
-from core.errors import DatasetUnavailable, InvalidDataset
 from core.engine.data.npz import stratified_split, validate_npz_arrays
-
+from core.errors import DatasetUnavailable, InvalidDataset
 
 # --- helpers that write files in the original formats ---------------------------------------------
 

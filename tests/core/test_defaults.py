@@ -9,7 +9,11 @@ from core.engine.attacks.wpgd import converged
 from core.engine.config import EvaluateConfig, FinetuneConfig, SelectionRule
 from core.engine.data.datasets import load_dataset
 from core.engine.defaults import (
-    FEW_STEPS_PER_EPOCH, auto_batch_size, few_steps_warning, resolve_finetune, steps_per_epoch,
+    FEW_STEPS_PER_EPOCH,
+    auto_batch_size,
+    few_steps_warning,
+    resolve_finetune,
+    steps_per_epoch,
     validation_split_size,
 )
 from core.engine.recipes.finetune import is_better, is_eligible

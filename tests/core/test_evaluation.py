@@ -1,8 +1,6 @@
 """The evaluation engine on real digits: the W2 ensemble, intervals, the masking audit, per-class numbers."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -11,10 +9,17 @@ import torch.nn.functional as F
 from core.engine.attacks import pgd, w_pgd
 from core.engine.evaluation.audit import audit_status, masking_audit, transfer_check
 from core.engine.evaluation.ensemble import (
-    PRESETS, REDLR, Member, random_w2_start, w2_ensemble,
+    PRESETS,
+    REDLR,
+    Member,
+    random_w2_start,
+    w2_ensemble,
 )
 from core.engine.evaluation.intervals import (
-    accuracy_stat, paired_change, significant_improvement, wilson_interval,
+    accuracy_stat,
+    paired_change,
+    significant_improvement,
+    wilson_interval,
 )
 from core.engine.evaluation.perclass import collapsed_classes, confusion_matrix, per_class
 from core.engine.evaluation.pointwise import pointwise_attack
@@ -220,7 +225,7 @@ def adversarially_trained(digits) -> TinyCNN:
 def test_an_honest_adversarially_trained_model_passes_the_audit(adversarially_trained, trained_tiny, test_set) -> None:
     x, y = test_set
     result, checks = _audit(adversarially_trained, x, y, preset="standard")
-    assert {name: c["status"] for name, c in checks.items()} == {name: "pass" for name in checks}, checks
+    assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(checks, "pass"), checks
     assert set(checks) == {"radius", "steps", "random", "agreement", "gradients", "members"}
     # it is measurably more robust than the normally trained twin architecture
     normal = w2_ensemble(trained_tiny, x, y, THREAT, preset="standard", batch_size=150, steps=20)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture
 from core.engine.hub import hub_architecture, hub_cache_dir, load_hub_model, parse_hub_architecture, read_hub_config
+from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture
 
 REPO = "acme/tiny-resnet"
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 
 from core.engine.data.datasets import load_npz
-from core.errors import InvalidDataset
 from core.engine.data.imagefolder import ArchiveError, ImageFolderLimits, read_image_folder
+from core.errors import InvalidDataset
 from tests.archives import (
-    CLASSES, bad_archives, folder_entries, png_bytes, tar_bytes, zip_bytes,
+    CLASSES,
+    bad_archives,
+    folder_entries,
+    png_bytes,
+    tar_bytes,
+    zip_bytes,
 )
 
 LIMITS = ImageFolderLimits(max_uncompressed_bytes=200_000, max_image_pixels=89_478_485, max_dataset_bytes=10**8)

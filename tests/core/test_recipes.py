@@ -1,8 +1,6 @@
 """The fine-tuning and evaluation recipes on real digits with the zoo's small CNN."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 

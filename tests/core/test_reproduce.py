@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import DatasetUnavailable, UnsupportedArchitecture, ValidationError
 from core.engine.recipes.reproduce import PAPER_TABLE, ReproduceOptions, check_inputs
+from core.errors import DatasetUnavailable, UnsupportedArchitecture, ValidationError
 
 CHEAP = "Ding2020MMA"
 PAPER_MODEL = "Wang2023Better_WRN-28-10"
@@ -76,7 +76,7 @@ def _reproduce(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture()
+@pytest.fixture
 def cifar(tmp_path: Path) -> Path:
     return _write_cifar(tmp_path / "data")
 

@@ -92,4 +92,4 @@ def test_pointwise_random_start_stays_in_ball() -> None:
         threat = Threat(kind, delta)
         start = threat.random_start(x, torch.Generator().manual_seed(0))
         assert threat.norms(start - x).max() <= delta * (1 + 1e-9)
-        assert 0.0 <= float(start.min()) and float(start.max()) <= 1.0
+        assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0

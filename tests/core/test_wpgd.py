@@ -81,7 +81,7 @@ def test_w_pgd_result_invariants(model64, test_set64) -> None:
     res = w_pgd(model64, x, y, Threat("w2-linf", delta), steps=20, keep_final=True)
     assert len(res.accuracy_trajectory) == 21 and res.steps == 20
     assert res.final_distance <= delta * (1 + 1e-9)
-    assert 0.0 <= float(res.x_final.min()) and float(res.x_final.max()) <= 1.0
+    assert float(res.x_final.min()) >= 0.0 and float(res.x_final.max()) <= 1.0
     assert res.robust_accuracy == min(res.accuracy_trajectory)
     assert res.accuracy_trajectory[res.worst_step] == res.robust_accuracy
     assert res.loss_max >= res.loss_clean

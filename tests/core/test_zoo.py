@@ -13,11 +13,18 @@ from safetensors.torch import save_file
 
 from core.engine.architectures import PreActResNet, SmallCNN, WideResNet
 from core.engine.config import BUILTIN_ARCHITECTURES
-from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture, ValidationError
 from core.engine.zoo import (
-    PixelInputModel, create_model, import_robustbench, list_architectures, load_model_file, load_robustbench_model,
-    load_state_dict_file, save_model_file, with_pixel_input,
+    PixelInputModel,
+    create_model,
+    import_robustbench,
+    list_architectures,
+    load_model_file,
+    load_robustbench_model,
+    load_state_dict_file,
+    save_model_file,
+    with_pixel_input,
 )
+from core.errors import InvalidModelFile, ModelDownloadFailed, UnsupportedArchitecture, ValidationError
 
 RB_NAME = "Wang2023Better_WRN-28-10"
 

@@ -515,7 +515,7 @@ class EmbeddedServe:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def __enter__(self) -> "EmbeddedServe":
+    def __enter__(self) -> EmbeddedServe:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", self.url.rsplit(":", 1)[1],
                                           *self.args], env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,

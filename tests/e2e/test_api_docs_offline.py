@@ -35,7 +35,7 @@ def _offline_page(browser: Any, url: str) -> tuple[Any, list[str], list[str]]:
     return page, blocked, errors
 
 
-def test_swagger_ui_and_redoc_load_without_the_internet(browser: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_swagger_ui_and_redoc_load_without_the_internet(browser: Any, tmp_path: Path) -> None:
     port = free_port()
     with serve(tmp_path / "data", port, tmp_path / "serve.log", "--no-worker"):
         url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from core.service.db import Job, JobEvent, Model, new_id, utcnow
-
 from core.service.sessions import make_engine, make_sessionmaker
 from core.service.settings import Settings
 from worker.claim import claim_job
@@ -195,8 +194,8 @@ def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pyt
     from core.service.settings import get_settings
     from tests.e2e.conftest import free_port
     from worker.jobs import run_job
-    from worker.validate import validate_model
     from worker.tasks import _requeued_on_outage
+    from worker.validate import validate_model
 
     monkeypatch.setenv("ROBUSTIFY_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone")
     monkeypatch.setenv("ROBUSTIFY_STALE_HEARTBEAT_SECONDS", "1")

@@ -13,8 +13,17 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import (
-    EmbeddedServe, _descendants, _process_alive, events, free_port, run_finetune_flow, submit, upload_model,
-    wait_model_ready, wait_status, wait_until,
+    EmbeddedServe,
+    _descendants,
+    _process_alive,
+    events,
+    free_port,
+    run_finetune_flow,
+    submit,
+    upload_model,
+    wait_model_ready,
+    wait_status,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(240)

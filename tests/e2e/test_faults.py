@@ -24,7 +24,16 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import (
-    ROOT, Workers, events, free_port, kill_group, start_api, submit, upload_model, wait_model_ready, wait_status,
+    ROOT,
+    Workers,
+    events,
+    free_port,
+    kill_group,
+    start_api,
+    submit,
+    upload_model,
+    wait_model_ready,
+    wait_status,
     wait_until,
 )
 

@@ -14,11 +14,10 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
-from tests.archives import bad_archives, folder_entries, png_bytes, zip_bytes
+from tests.archives import bad_archives, folder_entries, zip_bytes
 from tests.e2e.conftest import kill_group, start_api
 
 PEAK_BOUND_MIB = 120      # growth of the API process's peak RSS over the whole hostile set

@@ -44,7 +44,6 @@ def _recorded_sha256(pg_url: str) -> set[str]:
     from sqlalchemy import select
 
     from core.service.db import Artifact
-
     from core.service.sessions import make_engine, make_sessionmaker
 
     engine = make_engine(pg_url)

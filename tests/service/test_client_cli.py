@@ -10,8 +10,8 @@ import time
 import pytest
 
 from cli.main import main
-from core.storage.artifacts import ArtifactStore, record_artifact
 from core.service.db import Job, utcnow
+from core.storage.artifacts import ArtifactStore, record_artifact
 from tests.service.conftest import LiveServer
 from tests.service.payloads import npz_bytes, pickle_bytes, safetensors_bytes
 

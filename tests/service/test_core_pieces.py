@@ -11,16 +11,16 @@ import pytest
 from safetensors.numpy import save as save_safetensors
 
 import migrations
+from core.errors import InvalidModelFile
 from core.service.apikeys import authenticate, create_api_key, hash_key, revoke_api_key
-from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
 from core.service.db import ApiKey, Artifact
 from core.service.sessions import make_engine, make_sessionmaker
-from core.errors import InvalidModelFile
 from core.service.uploads import inspect_safetensors
+from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
 from tests.service.payloads import pickle_bytes, safetensors_bytes, torch_zip_bytes
 
 
-@pytest.fixture()
+@pytest.fixture
 def session(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     migrations.upgrade(url)

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from core.storage.artifacts import ArtifactStore, record_artifact
 from core.service.db import Job, JobEvent, utcnow
+from core.storage.artifacts import ArtifactStore, record_artifact
 from tests.service.conftest import LiveServer
 from tests.service.test_models_api import assert_problem
 

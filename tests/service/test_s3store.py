@@ -12,12 +12,12 @@ import httpx
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
-from core.storage.files import relpath_for
-from core.storage.blobcache import BlobCache
+from core.errors import ArtifactCorrupt, ArtifactMissing, StorageUnavailable
 from core.service.db import Artifact
 from core.service.sessions import make_engine, make_sessionmaker
-from core.errors import ArtifactCorrupt, ArtifactMissing, StorageUnavailable
+from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
+from core.storage.blobcache import BlobCache
+from core.storage.files import relpath_for
 from core.storage.s3 import S3ArtifactStore, make_s3_client
 
 MiB = 1024 * 1024

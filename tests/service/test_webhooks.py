@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core.storage.artifacts import ArtifactStore
 from core.service.db import Job, WebhookDelivery
 from core.service.sessions import make_engine, make_sessionmaker
+from core.storage.artifacts import ArtifactStore
 from robustify.webhooks import WebhookVerificationError, verify
 from tests.service.conftest import make_settings
 from tests.webhook_receiver import Receiver

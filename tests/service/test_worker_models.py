@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
 from core.engine.checkpoint import save_weights
 from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from core.storage.artifacts import ArtifactStore, delete_artifact, record_artifact
 from tests.e2e.test_claim import rt  # noqa: F401  (the worker runtime on PostgreSQL and on SQLite)
 from worker.chain import register_finetuned_model
 from worker.hooks import Heartbeat, JobHooks
@@ -44,9 +44,9 @@ def _job(rt: Runtime, model_id: str) -> str:
 
 
 def test_a_model_row_loads_with_its_input_contract_and_data_with_its_classes(rt: Runtime, tmp_path: Path) -> None:
-    from tests.archives import CLASSES, folder_entries, zip_bytes
     from core.engine.data.imagefolder import ImageFolderLimits, read_image_folder
     from core.service.db import Dataset
+    from tests.archives import CLASSES, folder_entries, zip_bytes
 
     model_id, state = _model_with_weights(rt, tmp_path)
     with rt.session() as s:

@@ -7,7 +7,8 @@ that callers use; this module only records and looks up.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from torch import nn
 

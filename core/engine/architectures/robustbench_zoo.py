@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from core.errors import UnsupportedArchitecture
 from core.engine.architectures._registry import register_family
+from core.errors import UnsupportedArchitecture
 
 ROBUSTBENCH_DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 ROBUSTBENCH_THREAT_MODELS = ("Linf", "L2", "corruptions")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -42,7 +42,7 @@ class AutoAttackResult:
     def ratio(self) -> float:
         return self.robust_accuracy / self.clean_accuracy if self.clean_accuracy > 0 else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"attack": self.name, "attacks": list(self.attacks), "norm": self.norm, "delta": self.delta,
                 "n_examples": self.n_examples, "clean_accuracy": self.clean_accuracy,
                 "robust_accuracy": self.robust_accuracy, "robust_to_clean_ratio": self.ratio,

@@ -29,4 +29,5 @@ def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, los
 def predict(model: torch.nn.Module, x: torch.Tensor, compute: Compute) -> torch.Tensor:
     with compute.autocast():
         out = model(x)
-    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+    logits: torch.Tensor = out if out.dtype in (torch.float32, torch.float64) else out.float()
+    return logits

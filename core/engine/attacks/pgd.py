@@ -7,7 +7,7 @@ makes anyway, so no extra evaluation pass).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -33,7 +33,7 @@ class PGDResult:
     def ratio(self) -> float:
         return self.robust_accuracy / self.clean_accuracy if self.clean_accuracy > 0 else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"attack": "pgd", "threat": self.kind, "delta": self.delta, "steps": self.steps,
                 "robust_accuracy": self.robust_accuracy, "clean_accuracy": self.clean_accuracy,
                 "robust_to_clean_ratio": self.ratio}

@@ -9,7 +9,7 @@ copied to the host until the run ends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -54,7 +54,7 @@ class WPGDResult:
             return self.stopped_by == "patience"
         return converged(self.accuracy_trajectory)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "delta": self.delta, "steps": self.steps,
             "robust_accuracy": self.robust_accuracy, "clean_accuracy": self.clean_accuracy,

@@ -89,10 +89,14 @@ PRESETS: dict[str, PresetSpec] = {
 def preset_attacks(preset: Preset, loss: LossName = "redlr") -> tuple[AttackSpec, ...]:
     """The preset's W-PGD attacks with `loss` in place of ReDLR (the second attack stays
     cross-entropy, or becomes ReDLR when `loss` is ce, so that two losses are always tried)."""
-    second = "redlr" if loss == "ce" else "ce"
-    return tuple(AttackSpec(a.name.replace("redlr", loss) if a.loss == "redlr" else a.name.replace("ce", second),
-                            loss if a.loss == "redlr" else second, a.random_start)
-                 for a in PRESETS[preset].attacks)
+    second: LossName = "redlr" if loss == "ce" else "ce"
+
+    def swapped(a: AttackSpec) -> AttackSpec:
+        if a.loss == "redlr":
+            return AttackSpec(a.name.replace("redlr", loss), loss, a.random_start)
+        return AttackSpec(a.name.replace("ce", second), second, a.random_start)
+
+    return tuple(swapped(a) for a in PRESETS[preset].attacks)
 
 
 @dataclass
@@ -257,13 +261,15 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
     for k, attack in enumerate(chosen):
         start = random_w2_start(x, threat, generator, 0.5 + 0.5 * fraction) if attack.random_start else None
         phase = f"w-pgd {attack.name} δ={threat.delta:.4g}"
-        report = None if progress is None else (
-            lambda t, total, k=k, phase=phase: progress((k + t / total) / len(chosen), phase))
-        run = batch.run(phase, lambda size, attack=attack, start=start, report=report: w_pgd(
-            model, x, y, threat, steps=steps, step_ratio=step_ratio, loss=attack.loss, batch_size=size,
-            compute=compute, progress=report, should_stop=should_stop, start=start,
-            patience=patience, max_steps=cap,
-            keep_correct=True))
+        report = None if progress is None else _share(progress, k, len(chosen), phase)
+
+        def attempt(size: int, attack: AttackSpec = attack, start: torch.Tensor | None = start,
+                    report: Callable[[int, int], None] | None = report) -> WPGDResult:
+            return w_pgd(model, x, y, threat, steps=steps, step_ratio=step_ratio, loss=attack.loss,
+                         batch_size=size, compute=compute, progress=report, should_stop=should_stop, start=start,
+                         patience=patience, max_steps=cap, keep_correct=True)
+
+        run = batch.run(phase, attempt)
         assert run.correct is not None
         result.outcomes.append(Outcome(attack.name, "w-pgd", run.correct, run, attack.loss))
         if run.stopped_by == "request":
@@ -274,6 +280,11 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
         result.outcomes.append(Outcome(member.name, "member", _member_correct(model, x, y, threat, member, batch,
                                                                               compute)))
     return result
+
+
+def _share(progress: Progress, k: int, count: int, phase: str) -> Callable[[int, int], None]:
+    """An attack's step progress (t of total) as the ensemble's share done."""
+    return lambda t, total: progress((k + t / total) / count, phase)
 
 
 def _member_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, member: Member,

@@ -15,7 +15,7 @@ asked for (`amp`): bf16 weakens W-PGD.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -94,7 +94,7 @@ class EvaluationReport:
 
     def plot_png(self) -> bytes:
         preset = self.config.get("evaluation", "standard")
-        series = {f"W2 ({preset} ensemble)": [r["robust_accuracy"] for r in self.w2]}
+        series: dict[str, Sequence[float]] = {f"W2 ({preset} ensemble)": [r["robust_accuracy"] for r in self.w2]}
         names = list(dict.fromkeys(p["attack"] for p in self.pointwise))
         for name in names:
             rows = [p for p in self.pointwise if p["attack"] == name]
@@ -129,7 +129,7 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
     base = Threat.from_spec(config.threat_model)
     w2_base = base.w2
     headline_delta = config.headline_delta[0]
-    point_names = (list(dict.fromkeys(config.linf_attacks)) if config.linf_attacks is not None
+    point_names: list[str] = (list(dict.fromkeys(config.linf_attacks)) if config.linf_attacks is not None
                    else [PRESETS[config.evaluation].pointwise(compute.device.type)])
     units = len(config.radii) * (1 + len(point_names)) + (1 if config.audit else 0)
     progress = _Progress(hooks, units)

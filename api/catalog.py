@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from api.errors import ApiError
-from core.engine.config import FAMILY_PREFIXES
+from core.engine.architecture_names import FAMILIES
 from core.errors import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FAMILY = "builtin"
-LISTED_FAMILIES: tuple[str, ...] = tuple(prefix.rstrip(":") for prefix in FAMILY_PREFIXES)
+LISTED_FAMILIES: tuple[str, ...] = FAMILIES
 LIST_COMMAND: tuple[str, ...] = (sys.executable, "-m", "core.engine.architectures.catalog")
 # What a first listing takes (torch, timm, torchvision, robustbench imported once): the Retry-After
 # of a 503 catalog_building until a listing on this server has been timed.

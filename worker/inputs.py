@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from core.engine.architecture_names import parse_architecture
 from core.errors import ErrorCode, RobustifyError
 from core.service.db import Artifact, Dataset, Job, Model
 from core.storage.artifacts import artifact_relpath
@@ -48,7 +49,7 @@ def load_model_for(rt: Runtime, session: Any, model_row: Model) -> Any:
                                    input_mean=model_row.input_mean, input_std=model_row.input_std)
     if model_row.source == "hf-hub":
         return load_hub_model_for(rt, model_row)
-    name = model_row.architecture.removeprefix("robustbench:")
+    name = parse_architecture(model_row.architecture).name   # robustbench:<model name>
     return zoo.load_robustbench_model(name, dataset=model_row.dataset, threat_model=model_row.threat_model or "Linf",
                                       model_dir=rt.settings.resolved_model_dir,
                                       allow_download=rt.settings.allow_download)

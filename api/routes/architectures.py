@@ -12,7 +12,7 @@ from api.deps import CallerDep
 from api.errors import ApiError
 from api import responses as r
 from api.routes.common import MAX_PAGE
-from core.engine.config import BUILTIN_ARCHITECTURES
+from core.engine.architecture_names import BUILTIN_ARCHITECTURES, parse_architecture
 from core.errors import ErrorCode
 
 router = APIRouter(prefix="/v1/architectures", tags=["architectures"])
@@ -43,7 +43,7 @@ def _matches(entry_id: str, q: str | None) -> bool:
     """q is a case-insensitive part of the name after the family prefix, or a pattern with * and ?."""
     if not q:
         return True
-    name, q = entry_id.split(":", 1)[-1].lower(), q.lower()
+    name, q = parse_architecture(entry_id).name.lower(), q.lower()
     return fnmatch.fnmatchcase(name, q) if any(c in q for c in "*?[") else q in name
 
 

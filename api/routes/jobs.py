@@ -26,7 +26,8 @@ from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, p
 from api.routes.models import register_robustbench_model
 from api.routes.webhooks import job_webhook
 from api.schemas import JobCreate, RobustBenchModelCreate, RobustBenchRef
-from core.engine.config import ROBUSTBENCH_PREFIX, EvaluateConfig, FinetuneConfig
+from core.engine.architecture_names import robustbench_architecture
+from core.engine.config import EvaluateConfig, FinetuneConfig
 from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
 from core.states import JOB_STATES, TERMINAL_STATES, JobType
 from core.engine.defaults import resolve_finetune
@@ -71,7 +72,7 @@ def _robustbench_model(session: Session, svc: Services, who: Caller, ref: Robust
     """An inline RobustBench reference reuses this key's registration, or registers it now."""
     m = session.scalar(select(Model).where(
         owned(Model.owner_key_id, who), Model.deleted_at.is_(None),
-        Model.architecture == ROBUSTBENCH_PREFIX + ref.name, Model.dataset == ref.dataset,
+        Model.architecture == robustbench_architecture(ref.name), Model.dataset == ref.dataset,
         Model.threat_model == ref.threat_model, Model.status != "rejected",
     ).order_by(Model.created_at.desc()).limit(1))
     if m is not None:

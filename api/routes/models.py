@@ -21,7 +21,9 @@ from api.schemas import (
     BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate,
 )
 from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
-from core.engine.config import BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, ROBUSTBENCH_PREFIX, is_known_architecture_name
+from core.engine.architecture_names import (
+    BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, is_known_architecture_name, parse_architecture, robustbench_architecture,
+)
 from core.engine.hub import hub_architecture
 from core.engine.input_contract import default_input_stats
 from core.service.db import Artifact, Job, Model, new_id, utcnow
@@ -112,7 +114,7 @@ def register_robustbench_model(svc: Services, session: Session, who: Caller,
     num_classes, input_shape = _ROBUSTBENCH_SHAPES[spec.dataset]
     m = Model(
         id=new_id("mdl"), owner_key_id=who.key_id, name=spec.name, source="robustbench",
-        architecture=ROBUSTBENCH_PREFIX + spec.name, num_classes=num_classes, dataset=spec.dataset,
+        architecture=robustbench_architecture(spec.name), num_classes=num_classes, dataset=spec.dataset,
         input_shape=input_shape, threat_model=spec.threat_model, status="validating", meta=spec.metadata,
     )
     session.add(m)
@@ -175,7 +177,7 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
         raise ApiError(422, ErrorCode.UNSUPPORTED_ARCHITECTURE,
                        f"unknown architecture {name!r}{hint}: use one of {', '.join(BUILTIN_ARCHITECTURES)} or a "
                        f"family: {families}; GET /v1/architectures lists them.")
-    if form.architecture.startswith("timm:hf-hub:"):
+    if parse_architecture(form.architecture).is_hub:
         raise ApiError(422, ErrorCode.UNSUPPORTED_ARCHITECTURE,
                        'register a Hugging Face Hub model with a JSON body {"source": "hf-hub", "name": '
                        '"<org>/<repo>", "num_classes": ..., "dataset": ...}; to upload your own weights for its '

@@ -302,19 +302,3 @@ class EvaluateConfig(_Strict):
             return delta, "threat_model"
         return max(self.radii), "largest_radius"
 
-
-# Architectures the zoo builds itself (core/engine/zoo.py registers exactly these names). Families
-# resolve the rest of a name: "robustbench:<model name>" (e.g. "robustbench:Wang2023Better_WRN-28-10"),
-# "timm:<timm model name>" and "torchvision:<classification model name>".
-BUILTIN_ARCHITECTURES: tuple[str, ...] = (
-    "small-cnn", "preact-resnet-18", "wide-resnet-28-10", "wide-resnet-34-10",
-)
-ROBUSTBENCH_PREFIX = "robustbench:"
-FAMILY_PREFIXES: tuple[str, ...] = (ROBUSTBENCH_PREFIX, "timm:", "torchvision:")
-
-
-def is_known_architecture_name(name: str) -> bool:
-    """Cheap, torch-free check the API runs before storing an upload (the worker checks the
-    family's own names and suggests close ones)."""
-    return name in BUILTIN_ARCHITECTURES or any(
-        name.startswith(prefix) and len(name) > len(prefix) for prefix in FAMILY_PREFIXES)

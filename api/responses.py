@@ -14,6 +14,7 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.engine.data.census import BUILTIN_CLASS_COUNTS, census_warnings
 from core.service import db
 from core.states import JobStatus, JobType
 
@@ -230,8 +231,17 @@ class DatasetUrls(_Closed):
     self_: str = Field(alias="self")
 
 
+class DatasetWarning(_Closed):
+    """A census warning (core/engine/data/census.py): a split cannot represent the task."""
+
+    code: Literal["class_missing", "class_imbalance"]
+    split: str = Field(description="train or test")
+    classes: list[int] = Field(description="the missing classes; for an imbalance the smallest and the largest")
+    message: str
+
+
 class Dataset(_Closed):
-    """An uploaded data set, stored as the project's .npz."""
+    """An uploaded data set, stored as the project's .npz (or a built-in one, by its name)."""
 
     id: str
     object: Literal["dataset"]
@@ -242,6 +252,12 @@ class Dataset(_Closed):
     image_shape: list[int] = Field(description="[C, H, W]")
     class_names: list[str] | None
     splits: dict[str, int] | None = Field(description="examples per split of an image-folder upload")
+    class_counts: dict[str, list[int]] | None = Field(
+        description="images per class (label order) in the train and test splits a job uses; null for a data "
+                    "set uploaded before the census")
+    warnings: list[DatasetWarning] = Field(
+        description="class_missing: a class without images in a split; class_imbalance: largest / smallest "
+                    "class > 10 within a split")
     sha256: str | None
     size: int | None
     metadata: dict[str, Any] | None
@@ -253,8 +269,21 @@ class Dataset(_Closed):
         return cls(
             id=d.id, object="dataset", name=d.name, status=d.status, num_examples=d.num_examples,
             num_classes=d.num_classes, image_shape=d.image_shape, class_names=d.class_names, splits=d.splits,
+            class_counts=d.class_counts, warnings=census_warnings(d.class_counts or {}, d.class_names),
             sha256=artifact.sha256 if artifact else None, size=artifact.size if artifact else None,
             metadata=d.meta, created_at=ts(d.created_at), urls=DatasetUrls(self_=f"/v1/datasets/{d.id}"),
+        )
+
+    @classmethod
+    def builtin(cls, name: str, image_shape: list[int]) -> Dataset:
+        """A built-in data set, counted as the engine loads it (census.BUILTIN_CLASS_COUNTS)."""
+        counts = BUILTIN_CLASS_COUNTS[name]
+        splits = {split: sum(per_class) for split, per_class in counts.items()}
+        return cls(
+            id=name, object="dataset", name=name, status="ready", num_examples=sum(splits.values()),
+            num_classes=len(counts["train"]), image_shape=image_shape, class_names=None, splits=splits,
+            class_counts=counts, warnings=census_warnings(counts), sha256=None, size=None, metadata=None,
+            created_at=None, urls=DatasetUrls(self_=f"/v1/datasets/{name}"),
         )
 
 

@@ -21,6 +21,8 @@ from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError
 from api import responses as r
 from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
+from api.schemas import BUILTIN_DATASETS
+from core.engine.data.census import npz_labels, split_counts
 from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
 from core.service.db import Artifact, Dataset, Job, new_id
 from core.states import TERMINAL_STATES
@@ -50,6 +52,11 @@ _FIELDS: dict[str, dict[str, Any]] = {
 }
 _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": _FIELDS}}}}}
+
+
+def npz_census(path: Path, num_classes: int) -> dict[str, list[int]]:
+    """Images per class in the train and test splits a job will use (census.py; numpy only)."""
+    return split_counts(*npz_labels(path), num_classes)
 
 
 def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
@@ -85,6 +92,7 @@ def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str]
                                                 ".zip / .tar image folders, not to an .npz upload.")
     # Everything is checked before the file enters the store, so a refusal leaves nothing behind.
     info = inspect_npz(file_path, svc.settings)
+    info["class_counts"] = npz_census(file_path, info["num_classes"])
     return _store(svc, session, who, file_path, name, meta, info)
 
 
@@ -166,7 +174,8 @@ def _create_from_archive(svc: Services, session: Session, who: Caller, fields: d
         data.save_npz(npz_path)
         info = {"num_examples": len(data.y) + len(data.y_test), "num_classes": len(data.class_names),
                 "image_shape": data.image_shape, "class_names": data.class_names,
-                "splits": {"train": len(data.y), "test": len(data.y_test)}}
+                "splits": {"train": len(data.y), "test": len(data.y_test)},
+                "class_counts": split_counts(data.y, data.y_test, len(data.class_names))}
         suffix = next((x for x in _ARCHIVE_SUFFIXES if name.lower().endswith(x)), "")
         return _store(svc, session, who, npz_path, name[:len(name) - len(suffix)] or name, meta, info)
     finally:
@@ -187,6 +196,8 @@ def list_datasets(who: CallerDep, session: SessionDep, limit: int = Query(20, ge
 
 @router.get("/{dataset_id}", response_model=r.Dataset, summary="Get a data set")
 def get_dataset(dataset_id: str, who: CallerDep, session: SessionDep) -> r.Dataset:
+    if dataset_id in BUILTIN_DATASETS:   # a built-in data set answers its census too
+        return r.Dataset.builtin(dataset_id, BUILTIN_DATASETS[dataset_id])
     ds = get_owned_dataset(session, who, dataset_id)
     return r.Dataset.from_row(ds, _artifact(session, ds))
 

@@ -12,6 +12,7 @@ import sys
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
 import migrations
@@ -355,3 +356,33 @@ def test_dataset_census_fields():
     assert ds.class_counts["test"] == [10, 0]
     assert [(w.code, w.split, w.classes) for w in ds.warnings] == [("class_missing", "test", [1])]
     assert robustify.Dataset.model_validate({"id": "ds_2"}).warnings == []
+
+
+def test_a_data_set_answers_its_census_through_api_sdk_and_cli(sdk, live, keys, tmp_path, capsys):
+    from cli.main import main
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 40 + [1] * 30 + [2] * 3)               # class 2: 3 images against 40
+    y_test = np.array([0] * 10 + [1] * 10)                   # and none in the stored test split
+    path = tmp_path / "lopsided.npz"
+    np.savez(path, x=rng.integers(0, 256, (len(y), 8, 8), dtype=np.uint8), y=y,
+             x_test=rng.integers(0, 256, (len(y_test), 8, 8), dtype=np.uint8), y_test=y_test)
+    ds = sdk.datasets.upload(path, name="lopsided")
+    assert ds.class_counts == {"train": [40, 30, 3], "test": [10, 10, 0]}
+    assert [(w.code, w.split, w.classes) for w in ds.warnings] == [("class_imbalance", "train", [2, 0]),
+                                                                   ("class_missing", "test", [2])]
+    assert sdk.datasets.get(ds.id).warnings == ds.warnings          # stored, not only answered
+
+    plain = tmp_path / "plain.npz"                               # no stored split: counted as the engine splits it
+    plain.write_bytes(npz_bytes(n=50))
+    balanced = sdk.datasets.upload(plain)
+    assert balanced.class_counts == {"train": [4] * 10, "test": [1] * 10} and balanced.warnings == []
+
+    digits = sdk.datasets.get("digits")
+    assert digits.class_counts["test"] == [36, 36, 35, 37, 36, 36, 36, 36, 35, 36] and digits.warnings == []
+    assert (digits.num_examples, digits.num_classes, digits.image_shape) == (1797, 10, [1, 8, 8])
+
+    assert main(["datasets", "get", ds.id, "--url", live.url, "--key", keys["a"]["key"]]) == 0
+    out = capsys.readouterr().out
+    assert "train images per class: 40 30 3" in out and "test images per class: 10 10 0" in out
+    assert "warning (class_missing): the test split has no image of class 2" in out

@@ -93,7 +93,7 @@ def main() -> None:
                   flush=True)
     if len(results) > 1:
         base = results[0]
-        for url, r in zip(args.url[1:], results[1:]):
+        for url, r in zip(args.url[1:], results[1:], strict=True):
             print(f"p99 {url} / {args.url[0]}: {r['p99_ms'] / base['p99_ms']:.2f}")
 
 

@@ -189,7 +189,7 @@ def reference_w_pgd(model, x, y, delta: float, steps: int, batch_size: int = 100
         g = torch.cat(grads)
         norms = torch.stack([gi.abs().sum() for gi in g])            # per-image ‖g_i‖_1
         normaliser = float(torch.sqrt(torch.mean(norms ** 2))) + 1e-30
-        step = torch.stack([gi.sign() * ni for gi, ni in zip(g, norms)]) * (alpha / normaliser)
+        step = torch.stack([gi.sign() * ni for gi, ni in zip(g, norms, strict=True)]) * (alpha / normaliser)
         x_adv = bisection_project(x_adv + step, x, delta)
         accs.append(_accuracy(model, x_adv, y, batch_size))
     return min(accs)
@@ -245,7 +245,7 @@ def reference_trades_step(model, opt, x, y, delta: float, steps: int, beta: floa
         g = torch.autograd.grad(loss_kl, [x_adv])[0]
         norms = torch.stack([gi.abs().sum() for gi in g])
         normaliser = float(torch.sqrt(torch.mean(norms ** 2))) + 1e-30
-        step = torch.stack([gi.sign() * ni for gi, ni in zip(g, norms)]) * (alpha / normaliser)
+        step = torch.stack([gi.sign() * ni for gi, ni in zip(g, norms, strict=True)]) * (alpha / normaliser)
         x_adv = bisection_project(x_adv.detach() + step, x, delta).detach()
     _trades_outer(model, opt, x, y, x_adv, beta)
 
@@ -321,7 +321,7 @@ def measure(w: Workload, device: torch.device, repeats: int) -> dict:
         out["implementations"][name] = {"batch_size": w.batch_sizes[name], "passes_per_image_step": passes[name],
                                         "throughput": _spread([w.work / t for t in times[name]]),
                                         "seconds": times[name]}
-    out["ratios"] = {base: _spread([b / o for o, b in zip(times["ours"], times[base])])
+    out["ratios"] = {base: _spread([b / o for o, b in zip(times["ours"], times[base], strict=True)])
                      for base in w.runs if base != "ours"}
     return out
 
@@ -426,14 +426,16 @@ def environment(device: torch.device, machine: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table: one line per (model, workload, baseline)."""
-    lines = ["| model | workload | implementation | batch | throughput min / median / max | ours ÷ this (median, min–max) "
-             "| fwd / bwd per image·step |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | workload | implementation | batch | throughput min / median / max "
+             "| ours ÷ this (median, min–max) | fwd / bwd per image·step |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         for impl, v in r["implementations"].items():
             t, p = v["throughput"], v["passes_per_image_step"]
             ratio = "—" if impl == "ours" else (
                 f"{r['ratios'][impl]['median']:.2f}× ({r['ratios'][impl]['min']:.2f}–{r['ratios'][impl]['max']:.2f})")
-            what = f"{r['workload']}{' (compiled: ' + str(r['compiled']) + ')' if r.get('compiled') else ''}, {r['n_images']} img × {r['steps']} steps"
+            compiled = f" (compiled: {r['compiled']})" if r.get("compiled") else ""
+            what = f"{r['workload']}{compiled}, {r['n_images']} img × {r['steps']} steps"
             lines.append(f"| {r['model']} | {what} | {impl} | {v['batch_size']} | {t['min']:.1f} / {t['median']:.1f} / "
                          f"{t['max']:.1f} {r['unit']} | {ratio} | {p['forward']:.2f} / {p['backward']:.2f} |")
     return "\n".join(lines)
@@ -473,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (args.n or n, args.steps or steps, args.train_batch or tb, args.train_batches or tbs, args.k or k)
         rows += run_model(name, device, args.repeats, sizes, args.compile, workloads)
     threads_env = [f"OMP_NUM_THREADS={v}" for v in [__import__("os").environ.get("OMP_NUM_THREADS")] if v]
-    result = {**environment(device, args.machine), "command": " ".join([*threads_env, "python", "bench/bench_engine.py", *(
-        argv if argv is not None else sys.argv[1:])]), "rows": rows}
+    command = [*threads_env, "python", "bench/bench_engine.py", *(argv if argv is not None else sys.argv[1:])]
+    result = {**environment(device, args.machine), "command": " ".join(command), "rows": rows}
     print(f"{result['device']}, {result['threads']} threads, torch {result['torch']}")
     print(table(rows))
     if args.out:

@@ -150,9 +150,9 @@ def service_section(device: torch.device, sizes: dict) -> dict:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("ROBUSTIFY_DATABASE_URL", "ROBUSTIFY_BROKER_URL")}
         env.update({"ROBUSTIFY_DATA_DIR": str(Path(tmp) / "data"), "PYTHONPATH": str(ROOT)})
-        log = open(Path(tmp) / "serve.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(Path(tmp) / "serve.log", "w") as log:   # the server writes to its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
         try:
             with Client(f"http://127.0.0.1:{port}", timeout=30, max_retries=0) as client:
@@ -191,7 +191,6 @@ def service_section(device: torch.device, sizes: dict) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            log.close()
 
 
 # --- sizes, the table, main ----------------------------------------------------------------------------
@@ -221,9 +220,11 @@ def summary_table(results: dict) -> str:
                      ("" if s["ok"] else f": {s['error']}"))
     p = results["sections"].get("precision", {})
     if p.get("ok"):
-        lines += ["", f"precision (W-PGD, {p['n_examples']} digits, δ={p['delta']}, {p['wpgd_steps']} steps): robust accuracy "
-                  f"default {p['evaluation_default']['robust_accuracy']:.4f} (batch {p['evaluation_default']['batch_size']}), "
-                  f"strict float32 {p['float32_strict']['robust_accuracy']:.4f}, bf16 {p['bf16']['robust_accuracy']:.4f} "
+        default = p["evaluation_default"]
+        lines += ["", f"precision (W-PGD, {p['n_examples']} digits, δ={p['delta']}, {p['wpgd_steps']} steps): "
+                  f"robust accuracy default {default['robust_accuracy']:.4f} (batch {default['batch_size']}), "
+                  f"strict float32 {p['float32_strict']['robust_accuracy']:.4f}, "
+                  f"bf16 {p['bf16']['robust_accuracy']:.4f} "
                   f"(float32 stem: {p['bf16_float32_stem']}); default − float32 = {p['default_minus_float32_images']} "
                   f"images, bf16 − float32 = {p['bf16_minus_float32_images']} images"]
     t = results["sections"].get("throughput", {})

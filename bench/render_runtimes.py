@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print", action="store_true", help="print the section instead of writing the page")
     args = ap.parse_args(argv)
     results = [json.loads(Path(p).read_text()) for p in args.results]
-    for path, r in zip(args.results, results):
+    for path, r in zip(args.results, results, strict=True):
         if "rows" not in r:
             ap.error(f"{path} is not a bench_engine.py results file (no 'rows')")
     if args.print:

@@ -82,7 +82,7 @@ def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise InvalidModelFile(f"training checkpoint {path} is not a readable safetensors file: {exc}") from exc
     if _META_KEY not in header:

@@ -47,7 +47,7 @@ def check_input_stats(mean: Sequence[float], std: Sequence[float], channels: int
         return "input_mean and input_std must be finite numbers"
     if any(s <= 0 for s in std):
         return "every input_std value must be > 0"
-    if any(abs(m) > 1e3 or s > 1e3 for m, s in zip(mean, std)):
+    if any(abs(m) > 1e3 or s > 1e3 for m, s in zip(mean, std, strict=True)):
         return ("input_mean and input_std are per-channel statistics of [0, 1] pixels; "
                 "values over 1000 are not plausible")
     return None

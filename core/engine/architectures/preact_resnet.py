@@ -43,7 +43,7 @@ class PreActResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         stages = []
         in_planes = widths[0]
-        for i, (count, planes) in enumerate(zip(blocks, widths)):
+        for i, (count, planes) in enumerate(zip(blocks, widths, strict=True)):
             stride = 1 if i == 0 else 2
             layers = []
             for j in range(count):

@@ -152,7 +152,7 @@ class ArchitectureCatalog:
         try:
             with self._cond:
                 if self._closed:
-                    return {f: "the server is stopping" for f in families}
+                    return dict.fromkeys(families, "the server is stopping")
                 self._proc = subprocess.Popen([*self.command, *families], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             out, err = self._proc.communicate(timeout=self.timeout)
@@ -162,7 +162,7 @@ class ArchitectureCatalog:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.communicate()
-            return {f: f"no answer within {self.timeout:.0f} s" for f in families}
+            return dict.fromkeys(families, f"no answer within {self.timeout:.0f} s")
         except (OSError, ValueError, ChildProcessError) as exc:
             return {f: f"{type(exc).__name__}: {exc}" for f in families}
         finally:

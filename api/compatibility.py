@@ -15,8 +15,8 @@ from api.crud import find_owned_dataset
 from api.deps import Caller
 from api.errors import ApiError, not_found
 from api.schemas import BUILTIN_DATASETS
-from core.service.db import Model
 from core.errors import ErrorCode
+from core.service.db import Model
 
 # The images a model row takes when it records no input shape (what the worker assumes too).
 DEFAULT_INPUT_SHAPE = [3, 32, 32]

@@ -21,10 +21,10 @@ from sqlalchemy.orm import Session
 
 from api.binding import AuthPolicy
 from api.errors import ApiError
-from core.service.apikeys import authenticate
-from core.storage.artifacts import Store
-from core.service.settings import Settings
 from core.errors import ErrorCode
+from core.service.apikeys import authenticate
+from core.service.settings import Settings
+from core.storage.artifacts import Store
 
 
 @dataclass
@@ -74,7 +74,8 @@ async def caller(request: Request, svc: ServicesDep) -> Caller:
     scheme, _, token = header.partition(" ")
     if not header:
         raise ApiError(401, ErrorCode.UNAUTHORIZED,
-                       "missing API key: send `Authorization: Bearer rk_…` (create one with `robustify keys create NAME`).",
+                       "missing API key: send `Authorization: Bearer rk_…` (create one with "
+                       "`robustify keys create NAME`).",
                        headers=_CHALLENGE)
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, ErrorCode.UNAUTHORIZED, "the Authorization header must be `Bearer rk_…`.",

@@ -26,8 +26,9 @@ PROBLEM_JSON = "application/problem+json"
 # Codes for errors that Starlette raises itself (unknown routes, wrong methods, ...).
 _STATUS_CODES: dict[int, str] = {
     400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND,
-    405: ErrorCode.METHOD_NOT_ALLOWED, 406: ErrorCode.NOT_ACCEPTABLE, 409: ErrorCode.CONFLICT, 413: ErrorCode.PAYLOAD_TOO_LARGE,
-    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 422: ErrorCode.VALIDATION_ERROR, 503: ErrorCode.SERVICE_UNAVAILABLE,
+    405: ErrorCode.METHOD_NOT_ALLOWED, 406: ErrorCode.NOT_ACCEPTABLE, 409: ErrorCode.CONFLICT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 422: ErrorCode.VALIDATION_ERROR,
+    503: ErrorCode.SERVICE_UNAVAILABLE,
 }
 _HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 RETRY_AFTER_SECONDS = 2  # what a 503 asks the client to wait before trying again

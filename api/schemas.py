@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import models_json_schema
 
 from core.engine.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
 from core.limits import MAX_NUM_CLASSES, MAX_SEED
-from core.states import JobType
 from core.service.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
+from core.states import JobType
 
 BUILTIN_DATASETS: dict[str, list[int]] = {
     # name -> the input shape [C, H, W] of its images
@@ -128,7 +126,7 @@ class InputContract(_Body):
         return _image_size(value, "input_size")
 
     @model_validator(mode="after")
-    def _stats_per_channel(self) -> "InputContract":
+    def _stats_per_channel(self) -> InputContract:
         from core.engine.input_contract import check_input_stats
 
         if (self.input_mean is None) != (self.input_std is None):
@@ -169,7 +167,7 @@ class ModelUploadForm(InputContract):
         return _image_size(value, "input_shape")
 
     @model_validator(mode="after")
-    def _one_size(self) -> "ModelUploadForm":
+    def _one_size(self) -> ModelUploadForm:
         if self.input_shape is not None:
             if self.input_size is not None and self.input_size != self.input_shape:
                 raise ValueError("input_shape is the former name of input_size; give one of them")
@@ -260,7 +258,7 @@ class JobCreate(_Body):
                                                                  "API key's default endpoint, if any).")
 
     @model_validator(mode="after")
-    def _one_model(self) -> "JobCreate":
+    def _one_model(self) -> JobCreate:
         if (self.model_id is None) == (self.model is None):
             raise ValueError("give exactly one of model_id or model (an inline {\"robustbench\": {...}} reference)")
         return self

@@ -125,7 +125,7 @@ class StorageFull(RobustifyError):
     status = 507
 
     @classmethod
-    def from_os_error(cls, exc: BaseException) -> "StorageFull":
+    def from_os_error(cls, exc: BaseException) -> StorageFull:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return cls(f"the artifact store is full ({why}). Free space in the store "
                    "(ROBUSTIFY_ARTIFACT_DIR) or delete old models, data sets and jobs, then retry.")

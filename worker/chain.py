@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.storage.artifacts import record_same_bytes
 from core.service.db import Artifact, Job, Model, new_id
+from core.storage.artifacts import record_same_bytes
+
 
 def register_finetuned_model(session: Any, job: Job, checkpoint: Artifact) -> Model:
     """Add a ready model for `checkpoint` of fine-tune `job` (the caller commits)."""

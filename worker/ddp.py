@@ -69,8 +69,8 @@ def run_distributed(rt: Runtime, job_id: str, owner: str, hb: Any, devices: int,
     work = _work_dir(rt.settings.resolved_cache_dir / "ddp")
     procs: list[subprocess.Popen] = []
     try:
-        for rank in range(devices):
-            procs.append(subprocess.Popen(
+        for rank in range(devices):  # one by one: a start that fails still stops those running (finally)
+            procs.append(subprocess.Popen(  # noqa: PERF401
                 [sys.executable, "-m", "worker.ddp", "--job", job_id, "--owner", owner, "--rank", str(rank),
                  "--world", str(devices), "--work", str(work), "--parent", str(os.getpid()),
                  "--resume", resume_artifact_id or ""]))

@@ -23,7 +23,8 @@ from worker.runtime import Runtime
 log = logging.getLogger("robustify.worker")
 
 
-def _store_bytes(s: Any, rt: Runtime, job: Job, kind: str, filename: str, content_type: str, content: bytes) -> Artifact:
+def _store_bytes(s: Any, rt: Runtime, job: Job, kind: str, filename: str, content_type: str,
+                 content: bytes) -> Artifact:
     return record_artifact(s, rt.store, kind=kind, filename=filename, content_type=content_type, content=content,
                            owner_key_id=job.owner_key_id, job_id=job.id)
 

@@ -52,7 +52,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         # in a copy of the current context, so the thread's log lines carry the job context too
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
                                         name=f"heartbeat-{self.job_id}", daemon=True)

@@ -15,12 +15,11 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.storage.artifacts import Store, open_store
 from core.service.db import as_utc, utcnow
-from core.service.sessions import make_engine, make_sessionmaker
 from core.service.process import HOSTNAME, pid_alive
+from core.service.sessions import make_engine, make_sessionmaker
 from core.service.settings import Settings, get_settings
-
+from core.storage.artifacts import Store, open_store
 
 
 @dataclass

@@ -6,7 +6,7 @@ worker that is shutting down.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from celery.exceptions import Reject
 

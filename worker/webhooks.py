@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from datetime import timedelta
+
 import httpx
 from sqlalchemy import or_, select, update
 
@@ -39,7 +40,7 @@ class WebhookDispatcher:
         self._thread = threading.Thread(target=self._loop, name="robustify-webhooks", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "WebhookDispatcher":
+    def start(self) -> WebhookDispatcher:
         self._thread.start()
         return self
 

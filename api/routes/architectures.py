@@ -7,11 +7,11 @@ from typing import Annotated, Any, Literal, get_args
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from api import responses as r
 from api.catalog import BUILTIN_FAMILY, LISTED_FAMILIES, ArchitectureCatalog
 from api.deps import CallerDep
 from api.errors import ApiError
-from api import responses as r
-from api.routes.common import MAX_PAGE
+from api.routes.common import PageLimit
 from core.engine.architecture_names import BUILTIN_ARCHITECTURES, parse_architecture
 from core.errors import ErrorCode
 
@@ -58,6 +58,10 @@ CatalogDep = Annotated[ArchitectureCatalog, Depends(catalog)]
 _SEARCHED_BY_DEFAULT = ("timm", "torchvision")
 Family = Literal["builtin", "timm", "torchvision", "robustbench"]
 assert set(get_args(Family)) == {BUILTIN_FAMILY, *LISTED_FAMILIES}  # one list of families
+FamilyFilter = Annotated[Family | None, Query(description="the family to search")]
+NameQuery = Annotated[str | None, Query(max_length=200, description="part of a name, or a pattern with * and ?; "
+                                        "without family it searches builtin, timm and torchvision")]
+NameAfter = Annotated[str | None, Query(max_length=300, description="last_id of the page before")]
 
 
 @router.get("", response_model=r.ArchitectureList, response_model_exclude_unset=True,
@@ -65,14 +69,8 @@ assert set(get_args(Family)) == {BUILTIN_FAMILY, *LISTED_FAMILIES}  # one list o
             description="A family's names are listed once per server, in the background: until then "
                         "(seconds after an install or upgrade) a search answers 503 `catalog_building` with "
                         "Retry-After.")
-async def list_architectures(who: CallerDep, names: CatalogDep,
-                             family: Family | None = Query(None, description="the family to search"),
-                             q: str | None = Query(None, max_length=200,
-                                                   description="part of a name, or a pattern with * and ?; without "
-                                                               "family it searches builtin, timm and torchvision"),
-                             limit: int = Query(50, ge=1, le=MAX_PAGE),
-                             after: str | None = Query(None, max_length=300,
-                                                       description="last_id of the page before")) -> dict[str, Any]:
+async def list_architectures(who: CallerDep, names: CatalogDep, family: FamilyFilter = None, q: NameQuery = None,
+                             limit: PageLimit = 50, after: NameAfter = None) -> dict[str, Any]:
     if family is None and not q:
         items = _builtins() + _families()   # no name lists: answers at once
     else:

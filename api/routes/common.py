@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
 
-from fastapi import Request, Response
+from fastapi import Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from core.storage.artifacts import Store, artifact_relpath
-from core.service.db import Artifact
 from core.errors import ArtifactMissing, ErrorCode
+from core.service.db import Artifact
+from core.storage.artifacts import Store, artifact_relpath
 
 _STREAM_CHUNK = 1024 * 1024
 
@@ -22,6 +22,10 @@ MAX_PAGE = 100
 BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 # Ids in query parameters (cursors, filters): what new_id makes, with room for older forms.
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# The query parameters of a list: the page size, and the id of the last row of the page before.
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+PageAfter = Annotated[str | None, Query(pattern=ID_PATTERN)]
+IdFilter = Annotated[str | None, Query(pattern=ID_PATTERN)]
 
 
 def paginate(session: Session, stmt: Any, entity: Any, after: str | None, limit: int,
@@ -33,7 +37,8 @@ def paginate(session: Session, stmt: Any, entity: Any, after: str | None, limit:
             cursor_stmt = cursor_stmt.where(after_filter)
         created = session.scalar(cursor_stmt)
         if created is None:
-            raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"unknown cursor after={after!r}: pass the last_id of a previous page.")
+            raise ApiError(422, ErrorCode.VALIDATION_ERROR,
+                           f"unknown cursor after={after!r}: pass the last_id of a previous page.")
         stmt = stmt.where(or_(entity.created_at < created,
                               and_(entity.created_at == created, entity.id < after)))
     rows = list(session.scalars(stmt.order_by(entity.created_at.desc(), entity.id.desc()).limit(limit + 1)))
@@ -88,4 +93,5 @@ def artifact_download(request: Request, store: Store, artifact: Artifact) -> Res
     except ArtifactMissing:
         raise _missing(artifact) from None
     return StreamingResponse(_chunks(body), media_type=artifact.content_type, headers={
-        **headers, "Content-Length": str(artifact.size), "Content-Disposition": _content_disposition(artifact.filename)})
+        **headers, "Content-Length": str(artifact.size),
+        "Content-Disposition": _content_disposition(artifact.filename)})

@@ -10,24 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api import responses as r
 from api.bodies import media_type, parse_metadata_field, read_multipart
 from api.crud import get_owned_dataset, owned
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError
-from api import responses as r
-from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
+from api.routes.common import PageAfter, PageLimit, paginate
 from api.schemas import BUILTIN_DATASETS
 from core.engine.data.census import npz_labels, split_counts
-from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
-from core.service.db import Artifact, Dataset, Job, new_id
-from core.states import TERMINAL_STATES
-from core.service.settings import Settings
 from core.errors import ErrorCode
+from core.service.db import Artifact, Dataset, Job, new_id
+from core.service.settings import Settings
+from core.states import TERMINAL_STATES
+from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -70,7 +70,8 @@ def inspect_npz(path: Path, settings: Settings) -> dict[str, Any]:
              summary="Upload a data set (.npz, or a .zip / .tar of class folders)")
 async def create_dataset(request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep) -> r.Dataset:
     if media_type(request) != "multipart/form-data":
-        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the .npz as multipart/form-data in a part named `file`.")
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                       "send the .npz as multipart/form-data in a part named `file`.")
     upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
     try:
         return await run_in_threadpool(_create, svc, session, who, upload.fields, upload.file_path, upload.filename)
@@ -88,8 +89,9 @@ def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str]
     if upload_kind(file_path, filename) == "archive":
         return _create_from_archive(svc, session, who, fields, file_path, name, meta)
     if set(fields) & set(ARCHIVE_FIELDS):
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"{', '.join(sorted(set(fields) & set(ARCHIVE_FIELDS)))} apply to "
-                                                ".zip / .tar image folders, not to an .npz upload.")
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR,
+                       f"{', '.join(sorted(set(fields) & set(ARCHIVE_FIELDS)))} apply to "
+                       ".zip / .tar image folders, not to an .npz upload.")
     # Everything is checked before the file enters the store, so a refusal leaves nothing behind.
     info = inspect_npz(file_path, svc.settings)
     info["class_counts"] = npz_census(file_path, info["num_classes"])
@@ -187,8 +189,8 @@ def _artifact(session: Session, ds: Dataset) -> Artifact | None:
 
 
 @router.get("", response_model=r.DatasetList, summary="List uploaded data sets")
-def list_datasets(who: CallerDep, session: SessionDep, limit: int = Query(20, ge=1, le=MAX_PAGE),
-                  after: str | None = Query(None, pattern=ID_PATTERN)) -> r.DatasetList:
+def list_datasets(who: CallerDep, session: SessionDep, limit: PageLimit = 20,
+                  after: PageAfter = None) -> r.DatasetList:
     mine = owned(Dataset.owner_key_id, who)
     rows, more = paginate(session, select(Dataset).where(mine), Dataset, after, limit, after_filter=mine)
     return r.DatasetList.page([r.Dataset.from_row(d, _artifact(session, d)) for d in rows], more)

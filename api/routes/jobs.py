@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -16,24 +16,24 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from api import responses as r
 from api.bodies import check_metadata
 from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.crud import get_owned_job, get_owned_model, owned
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
-from api import responses as r
-from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
+from api.routes.common import BINARY, IdFilter, PageAfter, PageLimit, artifact_download, paginate
 from api.routes.models import register_robustbench_model
 from api.routes.webhooks import job_webhook
 from api.schemas import JobCreate, RobustBenchModelCreate, RobustBenchRef
 from core.engine.architecture_names import robustbench_architecture
 from core.engine.config import EvaluateConfig, FinetuneConfig
-from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
-from core.states import JOB_STATES, TERMINAL_STATES, JobType
 from core.engine.defaults import resolve_finetune
-from core.limits import MAX_EVENT_ID
-from core.service.queue import enqueue_job
 from core.errors import ErrorCode
+from core.limits import MAX_EVENT_ID
+from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
+from core.service.queue import enqueue_job
+from core.states import JOB_STATES, TERMINAL_STATES, JobType
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -97,7 +97,7 @@ def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, An
 
 @router.post("", status_code=202, response_model=r.Job, summary="Submit a fine-tuning or evaluation job")
 def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: CallerDep, session: SessionDep,
-               idempotency_key: str | None = Header(default=None, max_length=255)) -> r.Job:
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> r.Job:
     check_metadata(body.metadata, svc.settings)
     cfg = _recipe_config(body)
     facts = dataset_facts(session, who, body.dataset)
@@ -157,14 +157,12 @@ def _replay(prior: Job, body: JobCreate, config: dict[str, Any], response: Respo
 
 # ------------------------------------------------------------------------------- read
 _STATUS_LIST = f"^({'|'.join(JOB_STATES)})(,({'|'.join(JOB_STATES)}))*$"
+StatusFilter = Annotated[str | None, Query(pattern=_STATUS_LIST, description="Comma-separated states.")]
 
 
 @router.get("", response_model=r.JobList, summary="List jobs, newest first")
-def list_jobs(who: CallerDep, session: SessionDep,
-              status: str | None = Query(None, pattern=_STATUS_LIST, description="Comma-separated states."),
-              type: JobType | None = None, model_id: str | None = Query(None, pattern=ID_PATTERN),
-              limit: int = Query(20, ge=1, le=MAX_PAGE),
-              after: str | None = Query(None, pattern=ID_PATTERN)) -> r.JobList:
+def list_jobs(who: CallerDep, session: SessionDep, status: StatusFilter = None, type: JobType | None = None,
+              model_id: IdFilter = None, limit: PageLimit = 20, after: PageAfter = None) -> r.JobList:
     mine = owned(Job.owner_key_id, who)
     stmt = select(Job).where(mine)
     if status:
@@ -195,8 +193,8 @@ def cancel_job(job_id: str, who: CallerDep, session: SessionDep) -> r.Job:
                              data={"status": "cancelled"}))
     elif job.status == "running":
         job.status, job.cancel_requested_at = "cancelling", now
-        session.add(JobEvent(job_id=job.id, type="status", message="cancellation requested; the worker stops at its next check",
-                             data={"status": "cancelling"}))
+        session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelling"},
+                             message="cancellation requested; the worker stops at its next check"))
     session.commit()
     return r.Job.from_row(job)
 
@@ -209,11 +207,14 @@ def _events_after(session: Session, job_id: str, after: int, limit: int) -> list
 
 @router.get("/{job_id}/events", response_model=r.EventList, summary="Job events (JSON, or a Server-Sent Events stream)",
             responses={200: {"content": {"text/event-stream": {"schema": {
-                "type": "string", "description": "Server-Sent Events: `id`, `event` (the event type), `data` (an Event)"}}}}})
+                "type": "string",
+                "description": "Server-Sent Events: `id`, `event` (the event type), `data` (an Event)"}}}}})
 def job_events(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep,
-               after: int = Query(0, ge=0, le=MAX_EVENT_ID), limit: int = Query(100, ge=1, le=1000),
-               last_event_id: str = Header(default=None, pattern=r"^[0-9]{1,19}$",
-                                           description="Resume a stream after this event id.")) -> Any:
+               after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               last_event_id: Annotated[str | None, Header(pattern=r"^[0-9]{1,19}$",
+                                                           description="Resume a stream after this event id.")] = None,
+               ) -> Any:
     job = get_owned_job(session, who, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         start = max(after, _event_id(last_event_id))  # checked before the stream starts, never inside it
@@ -340,6 +341,7 @@ def job_plot(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, se
     job = get_owned_job(session, who, job_id)
     art = _single(session, job, "plot")
     if art is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no plot yet (status {job.status}).", job_status=job.status)
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no plot yet (status {job.status}).",
+                       job_status=job.status)
     return artifact_download(request, svc.store, art)
 

@@ -5,32 +5,40 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api import responses as r
 from api.bodies import check_metadata, media_type, read_json, read_multipart
 from api.crud import find_owned_dataset, get_owned_model, visible_models
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError
-from api import responses as r
-from api.routes.common import BINARY, ID_PATTERN, MAX_PAGE, artifact_download, paginate
+from api.routes.common import BINARY, PageAfter, PageLimit, artifact_download, paginate
 from api.schemas import (
-    BUILTIN_DATASETS, HubModelCreate, InputContract, ModelUploadForm, RobustBenchModelCreate,
+    BUILTIN_DATASETS,
+    HubModelCreate,
+    InputContract,
+    ModelUploadForm,
+    RobustBenchModelCreate,
 )
-from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
 from core.engine.architecture_names import (
-    BUILTIN_ARCHITECTURES, FAMILY_PREFIXES, is_known_architecture_name, parse_architecture, robustbench_architecture,
+    BUILTIN_ARCHITECTURES,
+    FAMILY_PREFIXES,
+    is_known_architecture_name,
+    parse_architecture,
+    robustbench_architecture,
 )
 from core.engine.hub import hub_architecture
 from core.engine.input_contract import default_input_stats
+from core.errors import ErrorCode
 from core.service.db import Artifact, Job, Model, new_id, utcnow
-from core.states import TERMINAL_STATES
 from core.service.queue import enqueue_model_validation
 from core.service.uploads import inspect_safetensors
-from core.errors import ErrorCode
+from core.states import TERMINAL_STATES
+from core.storage.artifacts import commit_or_unstore, delete_artifact, record_artifact
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -73,7 +81,8 @@ def _enqueue_validation(svc: Services, session: Session, m: Model) -> None:
     except Exception as exc:  # the broker is down: say so instead of leaving it validating forever
         m.status = "rejected"
         m.error = {"code": ErrorCode.BROKER_UNAVAILABLE,
-                   "message": f"could not queue the validation of this model ({exc}); register it again when the broker is back."}
+                   "message": f"could not queue the validation of this model ({exc}); register it again when the "
+                              "broker is back."}
         session.commit()
 
 
@@ -225,8 +234,8 @@ def _safe_name(filename: str | None) -> str | None:
 
 
 @router.get("", response_model=r.ModelList, summary="List models")
-def list_models(who: CallerDep, session: SessionDep, limit: int = Query(20, ge=1, le=MAX_PAGE),
-                after: str | None = Query(None, pattern=ID_PATTERN),
+def list_models(who: CallerDep, session: SessionDep, limit: PageLimit = 20,
+                after: PageAfter = None,
                 status: Literal["validating", "ready", "rejected"] | None = None) -> r.ModelList:
     visible = visible_models(who)
     stmt = select(Model).where(*visible)

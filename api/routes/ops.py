@@ -13,9 +13,9 @@ from sqlalchemy import func, select, text
 from api import responses as r
 from api.deps import Services, ServicesDep
 from api.errors import problem_response
+from core.errors import ErrorCode
 from core.service.db import Job, WorkerHeartbeat, utcnow
 from core.states import WORKER_STATES
-from core.errors import ErrorCode
 
 router = APIRouter(tags=["operations"])
 
@@ -80,7 +80,8 @@ def _check_storage(svc: Services) -> dict[str, Any]:
     return {"ok": True, "free_bytes": free}
 
 
-@router.get("/readyz", response_model=r.Readiness, response_model_exclude_unset=True, summary="Database, broker and artifact store reachable (with free space), workers seen",
+@router.get("/readyz", response_model=r.Readiness, response_model_exclude_unset=True,
+            summary="Database, broker and artifact store reachable (with free space), workers seen",
             responses={503: {"description": "Not ready: `checks` says which part failed"}})
 async def readyz(request: Request, svc: ServicesDep) -> Any:
     checks = {
@@ -93,11 +94,13 @@ async def readyz(request: Request, svc: ServicesDep) -> Any:
     checks["storage"] = _check_storage(svc)
     failed = [name for name, c in checks.items() if not c["ok"]]
     if failed:
-        return problem_response(request, 503, ErrorCode.NOT_READY, f"not ready: {', '.join(failed)} failed.", checks=checks)
+        return problem_response(request, 503, ErrorCode.NOT_READY, f"not ready: {', '.join(failed)} failed.",
+                                checks=checks)
     return {"status": "ready", "checks": checks}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string", "description": "Prometheus text format"}}}}})
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string",
+                                                                   "description": "Prometheus text format"}}}}})
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

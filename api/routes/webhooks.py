@@ -6,14 +6,14 @@ events are sent, the signing and the retries are core/service/webhooks.py and wo
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from api import responses as r
 from api.crud import get_owned_endpoint, get_owned_job, live_endpoints
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
-from api import responses as r
-from api.routes.common import ID_PATTERN, MAX_PAGE, paginate
+from api.routes.common import PageAfter, PageLimit, paginate
 from api.schemas import JobWebhook, WebhookEndpointCreate
 from core.service.db import WebhookDelivery, WebhookEndpoint, new_id, utcnow
 from core.service.webhooks import check_target, new_secret, policy_of
@@ -52,7 +52,8 @@ def job_webhook(session: Session, svc: Services, who: Caller, spec: JobWebhook |
     return endpoint.id, events
 
 
-@router.post("/v1/webhooks", status_code=201, response_model=r.WebhookEndpoint, summary="Register a webhook endpoint (returns its signing secret)")
+@router.post("/v1/webhooks", status_code=201, response_model=r.WebhookEndpoint,
+             summary="Register a webhook endpoint (returns its signing secret)")
 def create_endpoint(body: WebhookEndpointCreate, svc: ServicesDep, who: CallerDep,
                     session: SessionDep) -> r.WebhookEndpoint:
     endpoint = _register(session, svc, who, body.url, list(body.events) if body.events else None,
@@ -62,8 +63,8 @@ def create_endpoint(body: WebhookEndpointCreate, svc: ServicesDep, who: CallerDe
 
 
 @router.get("/v1/webhooks", response_model=r.WebhookEndpointList, summary="List webhook endpoints")
-def list_endpoints(who: CallerDep, session: SessionDep, limit: int = Query(20, ge=1, le=MAX_PAGE),
-                   after: str | None = Query(None, pattern=ID_PATTERN)) -> r.WebhookEndpointList:
+def list_endpoints(who: CallerDep, session: SessionDep, limit: PageLimit = 20,
+                   after: PageAfter = None) -> r.WebhookEndpointList:
     live = live_endpoints(who)
     rows, more = paginate(session, select(WebhookEndpoint).where(*live), WebhookEndpoint, after, limit,
                           after_filter=live[0])
@@ -75,7 +76,8 @@ def get_endpoint(endpoint_id: str, who: CallerDep, session: SessionDep) -> r.Web
     return r.WebhookEndpoint.from_row(get_owned_endpoint(session, who, endpoint_id))
 
 
-@router.delete("/v1/webhooks/{endpoint_id}", response_model=r.Deleted, summary="Delete a webhook endpoint (its pending deliveries stop)")
+@router.delete("/v1/webhooks/{endpoint_id}", response_model=r.Deleted,
+               summary="Delete a webhook endpoint (its pending deliveries stop)")
 def delete_endpoint(endpoint_id: str, who: CallerDep, session: SessionDep) -> r.Deleted:
     endpoint = get_owned_endpoint(session, who, endpoint_id)
     endpoint.deleted_at, endpoint.is_default = utcnow(), False  # kept: past deliveries refer to it

@@ -27,7 +27,8 @@ from tests.core.conftest import TinyCNN
 THREAT = Threat("w2-linf", 0.1)
 WTRADES = dict(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_size=64, lr=0.003, beta=3.0,
                attack_steps=3, augment="crop_flip", train_examples=512, budget_subset=256, validation_examples=200, test_examples=200,
-               eval_wpgd_steps=5, eval_pgd_steps=3, test_wpgd_steps=5, test_pgd_steps=3, amp="off", seed=0)
+               eval_wpgd_steps=5, eval_pgd_steps=3, test_wpgd_steps=5, test_pgd_steps=3, amp="off", evaluation="quick",
+               seed=0)
 
 # fast W-TRADES: the second epoch starts from the first epoch's perturbations (gathered from both ranks)
 WTRADES_MEMORY = {**WTRADES, "epochs": 2, "attack_schedule": "memory", "train_examples": 320,

@@ -7,6 +7,7 @@ import torch
 from core.engine.attacks.wpgd import attack_batch
 from core.engine.config import FinetuneConfig
 from core.engine.data.datasets import to_unit_float
+from core.engine.data.sampling import stratified_indices
 from core.engine.device import Compute
 from core.engine.losses import attack_loss, cross_entropy, kl_divergence, redlr
 from core.engine.recipes.finetune import RandomWeightPerturbation, estimate_global_sensitivity, w_trades_step
@@ -73,7 +74,7 @@ def test_global_sensitivity_estimate_is_the_mean_batch_sensitivity(setup) -> Non
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": DELTA}, budget_subset=300, batch_size=128)
     estimate = estimate_global_sensitivity(model, data.train_x, data.train_y, Threat("w2-linf", DELTA), config,
                                            CPU, torch.Generator().manual_seed(5), augment=False)
-    idx = torch.randperm(data.train_x.shape[0], generator=torch.Generator().manual_seed(5))[:300]
+    idx = torch.from_numpy(stratified_indices(data.train_y.numpy(), 300, config.seed))
     x, y = to_unit_float(data.train_x[idx], "cpu"), data.train_y[idx]
     # the quantity the running estimate averages: Υ_B of batches of the training batch size
     direct = [_batch_sensitivity(model, x[i:i + 128], y[i:i + 128]) for i in (0, 128, 256)]

@@ -35,16 +35,19 @@ from core.engine.attacks.wpgd import BatchAttack, attack_batch, w_pgd
 from core.engine.checkpoint import TrainingCheckpoint
 from core.engine.config import FinetuneConfig, SelectionRule
 from core.engine.data.datasets import CropFlip, ImageData, augment_crop_flip, crop_flip_draw, is_cifar_like, to_unit_float
+from core.engine.data.sampling import class_counts, sample_record, stratified_indices
 from core.engine.defaults import auto_eval_batch_size, few_steps_warning, resolve_finetune, validation_split_size
 from core.engine.device import Compute, batches
+from core.engine.evaluation.audit import audit_status
 from core.engine.distributed import SINGLE, World, unwrap
 from core.errors import ValidationError
 from core.engine.hooks import Hooks
 from core.engine.losses import attack_loss, kl_divergence
-from core.engine.data.npz import stratified_split
 from core.engine.oom import AdaptiveBatch, report_halving
 from core.engine.plots import training_curve_png
 from core.engine.provenance import runtime_provenance, utc_timestamp
+from core.engine.recipes import verdict as verdicts
+from core.engine.recipes.before_after import BeforeAfter, TestSet, compare
 from core.engine.threats import Threat
 
 
@@ -53,7 +56,7 @@ class FinetuneResult:
     best_epoch: int                     # 0: no fine-tuned epoch beat the input model
     epochs_completed: int
     stopped: bool                       # should_stop() ended the run early
-    before: dict[str, Any]              # test-set metrics of the model that went in
+    before: dict[str, Any] | None       # test-set metrics of the model that went in (None: stopped early)
     after: dict[str, Any] | None        # test-set metrics of the best checkpoint (None: stopped early)
     validation: dict[str, Any]          # validation metrics: before, best, last
     history: list[dict[str, Any]]
@@ -63,23 +66,32 @@ class FinetuneResult:
     selection: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    verdict: verdicts.Verdict | None = None             # core.engine.recipes.verdict
+    change_ci95: dict[str, list[float]] = field(default_factory=dict)   # paired 95 % interval of each change
+    audit: list[dict[str, str]] = field(default_factory=list)           # the masking audit of the checkpoint
 
     @property
     def improved(self) -> bool:
-        return self.best_epoch > 0
+        """The verdict is an unqualified "improved": the paired interval of the selection metric's
+        change on the test split lies above zero and no guard fired."""
+        return self.verdict is not None and self.verdict.improved
 
     @property
     def summary(self) -> dict[str, Any]:
         """Everything but the per-epoch history: the job's `result` (same field names as the report)."""
         change = None
-        if self.after is not None:
+        if self.after is not None and self.before is not None:
             change = {k: self.after[k] - self.before[k] for k in _ACCURACY_KEYS
                       if isinstance(self.after.get(k), (int, float)) and isinstance(self.before.get(k), (int, float))}
+        labels = self.validation["before"]     # the threat the run measured (the test split may be unmeasured)
         return {
-            "type": "finetune", "improved": self.improved, "best_epoch": self.best_epoch,
-            "epochs_completed": self.epochs_completed, "stopped": self.stopped,
-            "threat_model": {"kind": self.before["threat_model"], "delta": self.before["delta"]},
-            "before": self.before, "after": self.after, "change": change,
+            "type": "finetune", "improved": self.improved,
+            **(self.verdict.to_dict() if self.verdict is not None else {}),
+            "best_epoch": self.best_epoch, "epochs_completed": self.epochs_completed, "stopped": self.stopped,
+            "threat_model": {"kind": labels["threat_model"], "delta": labels["delta"]},
+            "evaluation": self.config.get("evaluation"),
+            "before": self.before, "after": self.after, "change": change, "change_ci95": self.change_ci95 or None,
+            "audit": self.audit, "audit_status": audit_status(self.audit) if self.audit else None,
             "selection": self.selection, "validation": self.validation, "warnings": self.warnings,
             "config": self.config, "provenance": self.provenance,
         }
@@ -140,12 +152,12 @@ def estimate_global_sensitivity(model: torch.nn.Module, train_x: torch.Tensor, t
                                 threat: Threat, config: FinetuneConfig, compute: Compute,
                                 generator: torch.Generator, augment: bool) -> torch.Tensor:
     """The starting Ῡ: the mean batch sensitivity Υ_B over batches of the training batch size
-    drawn from a random subset of the training images (uint8, on the device), augmented as the
-    training batches are. The running estimate averages the same quantity, Υ_B, so that the
-    batch radii δ_B = δ·Υ_B/Ῡ average δ."""
+    drawn from a seeded stratified sample of `budget_subset` training images (uint8, on the device;
+    core.engine.data.sampling), augmented as the training batches are. The running estimate
+    averages the same quantity, Υ_B, so that the batch radii δ_B = δ·Υ_B/Ῡ average δ."""
     model.eval()
-    idx = torch.randperm(train_x.shape[0], generator=generator, device=train_x.device)[: config.budget_subset]
-    x_all, y_all = train_x[idx], train_y[idx]
+    idx = torch.from_numpy(stratified_indices(train_y.cpu().numpy(), config.budget_subset, config.seed))
+    x_all, y_all = train_x[idx.to(train_x.device)], train_y[idx.to(train_y.device)]
     total = torch.zeros((), device=compute.device, dtype=torch.float64)
     count = 0
     for b in batches(x_all.shape[0], int(config.batch_size)):
@@ -314,262 +326,452 @@ def is_better(row: dict[str, Any], best: dict[str, Any], before: dict[str, Any],
     return is_eligible(row, before, rule) and row[str(rule.metric)] > best[str(rule.metric)]
 
 
-def validation_split(train_y: torch.Tensor, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Indices (fit, validation) into the training images, stratified by class and seeded by
-    config.seed, with a record of the split (sizes, seed, a digest of the validation indices)."""
+def validation_split(train_y: torch.Tensor, config: FinetuneConfig, num_classes: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Indices (fit, validation) into the training images: the validation images are a seeded
+    stratified sample (core.engine.data.sampling) of `validation_split_size` images, the fit images
+    the rest; with a record of the split (sizes, seed, images per class, a digest of the validation
+    indices)."""
     labels = train_y.cpu().numpy()
     n_val = validation_split_size(len(labels), config)
     if n_val == 0:
-        raise ValueError("fine-tuning needs at least 2 training images (one to train on, one to validate)")
-    fit_idx, val_idx = stratified_split(labels, test_fraction=n_val / len(labels), seed=config.seed)
-    fit_idx, val_idx = np.sort(fit_idx), np.sort(val_idx)
-    record = {"method": "stratified by class", "seed": config.seed, "fraction": config.validation_fraction,
+        raise ValidationError("fine-tuning needs at least 2 training images (one to train on, one to validate)")
+    val_idx = np.sort(stratified_indices(labels, n_val, config.seed))
+    fit_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    record = {"method": "stratified random sample", "seed": config.seed, "fraction": config.validation_fraction,
               "validation_examples": int(len(val_idx)), "train_examples": int(len(fit_idx)),
+              "per_class": {"train": class_counts(labels[fit_idx], num_classes),
+                            "validation": class_counts(labels[val_idx], num_classes)},
               "validation_indices_sha256": hashlib.sha256(val_idx.astype(np.int64).tobytes()).hexdigest()}
     return fit_idx, val_idx, record
 
+
+# --- stage 1: setup ----------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What setup fixes for the whole run: the resolved config, the devices, the images of each
+    split on the device, the schedule and the optimiser. Nothing here changes between epochs but
+    the model's, optimiser's and scheduler's own state."""
+
+    config: FinetuneConfig
+    threat: Threat                       # across the world (whole-set quantities are global)
+    world: World
+    compute: Compute                     # the training step
+    eval_compute: Compute                # measurements: float32 unless eval_amp
+    model: torch.nn.Module
+    trainer: torch.nn.Module             # DDP around the model across ranks; the model itself in one process
+    input_state: dict[str, torch.Tensor]  # the weights that went in: the test's "before"
+    generator: torch.Generator
+    train_x: torch.Tensor                # fit images, uint8 on the device (the whole set on every rank)
+    train_y: torch.Tensor
+    val_x: torch.Tensor                  # this rank's shard of the validation images, unit floats
+    val_y: torch.Tensor
+    test_x: torch.Tensor                 # the whole test sample, uint8 on the CPU (measured once, at the end)
+    test_y: torch.Tensor
+    samples: dict[str, Any]              # provenance of every subset (core.engine.data.sampling.sample_record)
+    split_record: dict[str, Any]
+    n_available: int
+    num_classes: int
+    class_names: list[str] | None
+    augment: bool
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    perturbation: RandomWeightPerturbation
+    dynamic_budget: bool
+    eval_batch: AdaptiveBatch
+    memory: PerturbationMemory | None
+    started_at: str
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    def epoch_info(self, epoch: int, **more: Any) -> dict[str, Any]:
+        return {"epoch": epoch, "total_epochs": self.epochs, **more}
+
+
+def setup(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks, *,
+          device: str | torch.device | None, world: World) -> Run:
+    """Resolve the config, sample the subsets, move the images to the device, build the optimiser."""
+    started_at = utc_timestamp()
+    threat = Threat.from_spec(config.threat_model).across(world)
+    train_labels = data.train_y.numpy()
+    train_idx = stratified_indices(train_labels, config.train_examples, config.seed)
+    config = resolve_finetune(config, len(train_idx))     # a job's config was resolved at submit
+    compute = Compute.resolve(device, config.amp, config.channels_last, attack_step=_finest_step(config, threat))
+    eval_compute = Compute.resolve(compute.device, config.eval_amp, config.channels_last)
+    input_state = _state_copy(model)
+    model = compute.prepare_model(model)
+
+    fit_idx, val_idx, split_record = validation_split(data.train_y[torch.from_numpy(train_idx)], config,
+                                                      data.num_classes)
+    fit_idx, val_idx = train_idx[fit_idx], train_idx[val_idx]          # into the whole training split
+    test_idx = stratified_indices(data.test_y.numpy(), config.test_examples, config.seed)
+    samples = {"train": sample_record(train_labels, train_idx, config.seed, data.num_classes),
+               "fit": sample_record(train_labels, fit_idx, config.seed, data.num_classes),
+               "validation": sample_record(train_labels, val_idx, config.seed, data.num_classes),
+               "test": sample_record(data.test_y.numpy(), test_idx, config.seed, data.num_classes)}
+    train_x = data.train_x[torch.from_numpy(fit_idx)].to(compute.device)   # uint8 on the device
+    train_y = data.train_y[torch.from_numpy(fit_idx)].to(compute.device)
+    # each rank measures its shard of the validation images (whole-set quantities are global)
+    val_x = eval_compute.images(to_unit_float(world.shard(data.train_x[torch.from_numpy(val_idx)]), compute.device))
+    val_y = world.shard(data.train_y[torch.from_numpy(val_idx)]).to(compute.device)
+
+    batch_size = min(int(config.batch_size), train_x.shape[0])
+    if batch_size % world.size:
+        raise ValidationError(f"batch_size {batch_size} does not split evenly over {world.size} devices; "
+                              "use a multiple of the device count.")
+    steps_per_epoch = max(1, train_x.shape[0] // batch_size)     # drop the last partial batch (BN needs > 1)
+    epochs = int(config.epochs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=float(config.lr), momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    # evaluation batches change no number, only speed: sized for this device, not the training batch
+    eval_batch = world.eval_batch(AdaptiveBatch(auto_eval_batch_size(eval_compute.device.type, tuple(val_x.shape[1:])),
+                                                report_halving(hooks.event)))
+    # fast W-TRADES: every fit image's perturbation, carried across epochs (empty again after a resume)
+    memory = (PerturbationMemory(train_x.shape[0], tuple(train_x.shape[1:]), compute.device)
+              if config.attack_schedule == "memory" else None)
+    return Run(
+        config=config, threat=threat, world=world, compute=compute, eval_compute=eval_compute, model=model,
+        trainer=world.wrap(model), input_state=input_state,
+        generator=torch.Generator(device=compute.device).manual_seed(config.seed),
+        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,
+        test_x=data.test_x[torch.from_numpy(test_idx)], test_y=data.test_y[torch.from_numpy(test_idx)],
+        samples=samples, split_record=split_record, n_available=len(train_idx), num_classes=data.num_classes,
+        class_names=data.class_names,
+        augment=config.augment == "crop_flip" or (config.augment == "auto" and is_cifar_like(data.image_shape)),
+        batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * epochs),
+        perturbation=RandomWeightPerturbation(model, config.weight_perturbation),
+        dynamic_budget=config.budget == "dynamic" and threat.distributional,
+        eval_batch=eval_batch, memory=memory, started_at=started_at)
+
+
+def validate(run: Run, hooks: Hooks, seed: int) -> dict[str, Any]:
+    """The per-epoch validation (cheap attacks, eval_* steps); `hooks.should_stop` cuts it short."""
+    return evaluate_heldout(run.model, run.val_x, run.val_y, run.threat, run.config, run.eval_compute, seed=seed,
+                            batch=run.eval_batch, should_stop=hooks.should_stop)
+
+
+# --- stage 2: the state of training, started fresh or resumed --------------------------------
+
+@dataclass
+class TrainingState:
+    """What changes from epoch to epoch, and what a checkpoint's `extra` carries to resume it."""
+
+    before: dict[str, Any]               # validation metrics of the input model (epoch 0)
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    best_state: dict[str, torch.Tensor]
+    upsilon_ema: torch.Tensor            # Ῡ, the running global sensitivity (0: none)
+    warnings: list[str]
+    started_at: str
+    epoch: int = 0                       # epochs completed
+    stopped: bool = False
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else self.before
+
+    def extra(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint: everything but tensors."""
+        return {"before": self.before, "history": self.history, "best_epoch": self.best_epoch,
+                "best_metrics": self.best_metrics, "upsilon_ema": float(self.upsilon_ema),
+                "warnings": self.warnings, "started_at": self.started_at}
+
+
+def start(run: Run, hooks: Hooks) -> TrainingState:
+    """A fresh run: warn about too few steps, validate the input (epoch 0, a candidate), estimate Ῡ."""
+    warnings: list[str] = []
+    few = few_steps_warning(run.n_train, run.batch_size)
+    if few:
+        warnings.append(few)
+        hooks.warn(few, {"steps_per_epoch": run.steps_per_epoch, "batch_size": run.batch_size,
+                         "train_examples": run.n_train})
+    hooks.progress(0.0, "evaluate", run.epoch_info(0))
+    before = validate(run, hooks, run.config.seed)
+    state = TrainingState(before=before, history=[], best_epoch=0, best_metrics=before,
+                          best_state=_state_copy(run.model),
+                          upsilon_ema=torch.zeros((), device=run.compute.device, dtype=torch.float64),
+                          warnings=warnings, started_at=run.started_at)
+    if hooks.should_stop():          # stopped before any training: nothing to keep
+        state.stopped = True
+        return state
+    hooks.progress(0.0, "evaluate", run.epoch_info(0, **before))   # epoch 0's metrics, live
+    hooks.progress(0.0, "train", run.epoch_info(0))                 # Ῡ is part of training
+    if run.dynamic_budget:
+        state.upsilon_ema = estimate_global_sensitivity(run.model, run.train_x, run.train_y, run.threat, run.config,
+                                                        run.compute, run.generator, run.augment)
+    return state
+
+
+def restore(run: Run, resume: TrainingCheckpoint) -> TrainingState:
+    """The state a checkpoint saved: weights, optimiser, schedule, RNG and the recipe's counters."""
+    run.model.load_state_dict(resume.model_state)
+    run.optimizer.load_state_dict(resume.optimizer_state)
+    run.scheduler.load_state_dict(resume.scheduler_state)
+    run.generator.set_state(resume.rng_state["generator"])
+    extra = resume.extra
+    return TrainingState(
+        before=extra["before"], history=list(extra["history"]), best_epoch=extra["best_epoch"],
+        best_metrics=extra["best_metrics"], best_state=resume.best_model_state,
+        upsilon_ema=torch.tensor(extra["upsilon_ema"], device=run.compute.device, dtype=torch.float64),
+        warnings=list(extra["warnings"]), started_at=extra["started_at"], epoch=resume.epoch)
+
+
+@dataclass
+class PartialEpoch:
+    """An epoch a cancel stopped inside: its shuffle's RNG state and the sums of the steps done."""
+
+    epoch_start: torch.Tensor            # the generator's state when the epoch drew its shuffle
+    generator: torch.Tensor              # ... and when the run stopped
+    steps_done: int
+    loss_sum: float
+    budget_sum: float
+
+    @classmethod
+    def of(cls, resume: TrainingCheckpoint | None) -> "PartialEpoch | None":
+        part = resume.extra.get("partial") if resume is not None else None
+        if part is None:
+            return None
+        return cls(resume.rng_state["epoch_start"], resume.rng_state["generator"], part["steps_done"],
+                   part["loss_sum"], part["budget_sum"])
+
+
+# --- stage 3: one epoch --------------------------------------------------------------------------
+
+@dataclass
+class EpochSums:
+    """Running sums over an epoch's steps (device scalars: one host synchronisation per epoch)."""
+
+    loss: torch.Tensor
+    budget: torch.Tensor
+    steps_done: int = 0
+
+    def mean(self, which: torch.Tensor) -> float:
+        return float(which / max(self.steps_done, 1))
+
+
+def train_epoch(run: Run, state: TrainingState, epoch: int, hooks: Hooks,
+                partial: PartialEpoch | None) -> dict[str, Any] | None:
+    """Train one epoch and validate it: the epoch's history row, or None when a cancel stopped it
+    (the checkpoint to finish it exactly as an uninterrupted run would is then saved)."""
+    t0 = time.perf_counter()
+    zero = torch.zeros((), device=run.compute.device, dtype=torch.float64)
+    sums = EpochSums(loss=zero.clone(), budget=zero.clone())
+    epoch_rng = run.generator.get_state() if partial is None else partial.epoch_start
+    if partial is not None:      # replay this epoch's shuffle, then continue where the stopped run left off
+        run.generator.set_state(partial.epoch_start)
+    perm = torch.randperm(run.n_train, generator=run.generator, device=run.compute.device)
+    if partial is not None:
+        run.generator.set_state(partial.generator)
+        sums.steps_done = partial.steps_done
+        sums.loss += partial.loss_sum
+        sums.budget += partial.budget_sum
+
+    stopped = _train_steps(run, state, epoch, perm, sums, hooks)
+    if not stopped:
+        hooks.progress((epoch - 0.05) / run.epochs, "evaluate", run.epoch_info(epoch))
+        metrics = validate(run, hooks, run.config.seed + epoch)
+        # Stopped during the validation: its numbers are cut short, so stop as inside the epoch
+        # (all its steps done); a resumed run validates this epoch again.
+        stopped = hooks.should_stop()
+    if stopped:
+        _save_partial(run, state, epoch, epoch_rng, sums, hooks)
+        state.stopped = True
+        return None
+    mean_delta = sums.mean(sums.budget)
+    return {"epoch": epoch, "train_loss": sums.mean(sums.loss), **metrics, "mean_batch_delta": mean_delta,
+            "mean_batch_delta_ratio": mean_delta / run.threat.delta if run.threat.delta else 1.0,
+            "upsilon_ema": float(state.upsilon_ema), "lr": run.scheduler.get_last_lr()[0],
+            "seconds": time.perf_counter() - t0}
+
+
+def _train_steps(run: Run, state: TrainingState, epoch: int, perm: torch.Tensor, sums: EpochSums,
+                 hooks: Hooks) -> bool:
+    """The epoch's W-TRADES steps from sums.steps_done on; True when a cancel stopped them."""
+    world, compute = run.world, run.compute
+    for step in range(sums.steps_done, run.steps_per_epoch):
+        idx = perm[step * run.batch_size:(step + 1) * run.batch_size]
+        x = to_unit_float(run.train_x[idx], compute.device)
+        crop = crop_flip_draw(x.shape[0], generator=run.generator, device=x.device) if run.augment else None
+        if crop is not None:
+            x = augment_crop_flip(x, draw=crop)
+        x, y = world.shard(compute.images(x)), world.shard(run.train_y[idx])   # augmented as one batch, then split
+        start_at = None if run.memory is None else world.shard(run.memory.recall(idx, crop))
+        loss, adv, new_ema = w_trades_step(
+            run.trainer, run.optimizer, x, y, threat=run.threat, config=run.config, compute=compute,
+            perturbation=run.perturbation, generator=run.generator,
+            upsilon_ema=state.upsilon_ema if run.dynamic_budget else None, start=start_at)
+        if run.memory is not None:
+            run.memory.store(idx, world.gather((adv.x_adv - x).float()), crop)
+        if new_ema is not None:
+            state.upsilon_ema = new_ema
+        sums.budget += adv.delta
+        run.scheduler.step()
+        sums.loss += loss.double()
+        sums.steps_done = step + 1
+        if step % 5 == 4 or step == run.steps_per_epoch - 1:
+            done = (epoch - 1 + sums.steps_done / run.steps_per_epoch) / run.epochs
+            hooks.progress(done, "train", run.epoch_info(epoch, step=sums.steps_done,
+                                                         total_steps=run.steps_per_epoch))
+            if hooks.should_stop():
+                return True
+    return False
+
+
+def _save_partial(run: Run, state: TrainingState, epoch: int, epoch_rng: torch.Tensor, sums: EpochSums,
+                  hooks: Hooks) -> None:
+    """The checkpoint of an epoch stopped inside: epoch − 1 completed, and how far this one got."""
+    partial = {"epoch": epoch, "steps_done": sums.steps_done, "loss_sum": float(sums.loss),
+               "budget_sum": float(sums.budget)}
+    hooks.checkpoint(_checkpoint(run, state, epoch=epoch - 1, metrics={"train_loss": sums.mean(sums.loss)},
+                                 rng={"generator": run.generator.get_state(), "epoch_start": epoch_rng},
+                                 final=True, partial=partial))
+
+
+def _checkpoint(run: Run, state: TrainingState, *, epoch: int, metrics: dict[str, Any],
+                rng: dict[str, torch.Tensor], final: bool, is_best: bool = False,
+                partial: dict[str, Any] | None = None) -> TrainingCheckpoint:
+    extra = state.extra() if partial is None else {**state.extra(), "partial": partial}
+    return TrainingCheckpoint(
+        epoch=epoch, model_state=_state_copy(run.model), best_model_state=state.best_state,
+        optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+        rng_state=rng, metrics=metrics, is_best=is_best, extra=extra, total_epochs=run.epochs, final=final)
+
+
+# --- stage 4: select -----------------------------------------------------------------------------
+
+def select(run: Run, state: TrainingState, row: dict[str, Any], hooks: Hooks) -> None:
+    """Record the epoch, keep it as the best when it beats the best so far on validation
+    (core.engine.config.SelectionRule), checkpoint it and report it."""
+    epoch = int(row["epoch"])
+    state.history.append(row)
+    state.epoch = epoch
+    is_best = is_better(row, state.best_metrics, state.before, run.config.selection)
+    if is_best:
+        state.best_epoch, state.best_metrics, state.best_state = epoch, row, _state_copy(run.model)
+    hooks.checkpoint(_checkpoint(run, state, epoch=epoch, metrics=row, rng={"generator": run.generator.get_state()},
+                                 is_best=is_best, final=epoch == run.epochs))
+    hooks.progress(epoch / run.epochs, "train", run.epoch_info(epoch, **{k: row[k] for k in row if k != "epoch"}))
+
+
+# --- stage 5: the final evaluation on the test split -------------------------------------------
+
+def final_evaluation(run: Run, state: TrainingState, hooks: Hooks) -> BeforeAfter | None:
+    """The input model and the chosen checkpoint on the test split, which played no part in the
+    choice (core.engine.recipes.before_after); None for a stopped run, which is not measured."""
+    if state.stopped:
+        return None
+    info = run.epoch_info(state.epoch)
+    test = TestSet(
+        x=run.eval_compute.images(to_unit_float(run.test_x, run.compute.device)), y=run.test_y.to(run.compute.device),
+        threat=Threat.from_spec(run.config.threat_model), config=run.config, compute=run.eval_compute,
+        batch=run.eval_batch, num_classes=run.num_classes, class_names=run.class_names,
+        # across ranks a cancel is agreed by a collective, which a rank measuring alone must not call
+        should_stop=None if run.world.distributed else hooks.should_stop)
+    outcome = compare(run.model, run.input_state, state.best_state, state.best_epoch, test,
+                      _unchanged_message(run), lambda phase: hooks.progress(1.0, f"test: {phase}", info))
+    if outcome is None:            # cancelled while measuring: every epoch's checkpoint is kept
+        state.stopped = True
+    return outcome
+
+
+def _report_outcome(state: TrainingState, hooks: Hooks, outcome: BeforeAfter | None) -> None:
+    """Tell, as events and in the result's warnings, what the numbers do not say by themselves."""
+    if outcome is None:
+        return
+    for line in outcome.warnings:
+        _warn(state, hooks, line, {"which": "test"})
+    failed = [c for c in outcome.audit if c["status"] == "fail"]
+    if failed:
+        _warn(state, hooks, "the masking audit failed (" + "; ".join(f"{c['check']}: {c['detail']}" for c in failed)
+              + "): the robust accuracies may be far too high, as for a model that hides its gradients.",
+              {"audit": "fail", "checks": [c["check"] for c in failed]})
+    if outcome.verdict.name not in ("improved", "unchanged"):
+        _warn(state, hooks, outcome.verdict.text, {"verdict": outcome.verdict.name, "improved": False})
+
+
+# --- stage 6: provenance -------------------------------------------------------------------------
+
+def provenance(run: Run, state: TrainingState, context: dict[str, Any] | None, resumed: bool) -> dict[str, Any]:
+    """Where the numbers come from: the ids the caller gave, the seed, every subset as drawn, the
+    software and device, the precisions and the times."""
+    record = {
+        **(context or {}), "seed": run.config.seed,
+        "examples": {"train": run.n_train, "validation": run.split_record["validation_examples"],
+                     "test": int(run.test_x.shape[0]), "train_available": run.n_available},
+        "samples": run.samples, "validation_split": run.split_record,
+        **runtime_provenance(run.compute.device),
+        "training_precision": "bf16" if run.compute.amp_dtype is not None else "float32",
+        "evaluation_precision": "bf16" if run.eval_compute.amp_dtype is not None else "float32",
+        "float32_stem": run.compute.float32_stem, "evaluation_batch_size": run.eval_batch.size,
+        "started_at": state.started_at, "finished_at": utc_timestamp(),
+    }
+    if run.memory is not None:
+        record["perturbation_memory"] = {
+            "bytes": run.memory.nbytes, "images": run.n_train, "images_remembered": run.memory.remembered(),
+            "started_empty_on_resume": resumed}
+    return record
+
+
+# --- the recipe ----------------------------------------------------------------------------------
 
 def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
              *, device: str | torch.device | None = None, resume: TrainingCheckpoint | None = None,
              context: dict[str, Any] | None = None, world: World = SINGLE) -> FinetuneResult:
     """Fine-tune `model` on `data`; `context` (job, model and data set ids, the model's sha256)
-    goes into the result's provenance as given. `world`: run as one rank of several
-    (core.engine.distributed); every rank calls this with the same arguments, trains on its shard of
-    each global batch and evaluates its shard of the validation and test images."""
+    goes into the result's provenance as given. `resume`: a checkpoint of this run to go on from
+    (`model` is still the input model). `world`: run as one rank of several
+    (core.engine.distributed); every rank calls this with the same arguments, trains on its shard
+    of each global batch and validates its shard of the validation images."""
     hooks = hooks or Hooks()
-    started_at = utc_timestamp()
-    threat = Threat.from_spec(config.threat_model).across(world)
-
-    # --- data: the training images in use, split into fit and validation; the test slice -----
-    n_available = data.train_x.shape[0] if config.train_examples is None else min(config.train_examples,
-                                                                                   data.train_x.shape[0])
-    config = resolve_finetune(config, n_available)     # a job's config was resolved at submit
-    compute = Compute.resolve(device, config.amp, config.channels_last,            # the training step
-                              attack_step=_finest_step(config, threat))
-    eval_compute = Compute.resolve(compute.device, config.eval_amp, config.channels_last)  # measurements
-    model = compute.prepare_model(model)
-    generator = torch.Generator(device=compute.device).manual_seed(config.seed)
-
-    fit_idx, val_idx, split_record = validation_split(data.train_y[:n_available], config)
-    train_x = data.train_x[torch.from_numpy(fit_idx)].to(compute.device)   # uint8 on the device
-    train_y = data.train_y[torch.from_numpy(fit_idx)].to(compute.device)
-    # each rank measures its shard of the validation and test images (whole-set quantities are global)
-    val_x = eval_compute.images(to_unit_float(world.shard(data.train_x[torch.from_numpy(val_idx)]), compute.device))
-    val_y = world.shard(data.train_y[torch.from_numpy(val_idx)]).to(compute.device)
-    n_test = data.test_x.shape[0] if config.test_examples is None else min(config.test_examples, data.test_x.shape[0])
-    test_x = eval_compute.images(to_unit_float(world.shard(data.test_x[:n_test]), compute.device))
-    test_y = world.shard(data.test_y[:n_test]).to(compute.device)
-    n_train = train_x.shape[0]
-    augment = config.augment == "crop_flip" or (config.augment == "auto" and is_cifar_like(data.image_shape))
-    batch_size = min(int(config.batch_size), n_train)
-    epochs = int(config.epochs)
-    steps_per_epoch = max(1, n_train // batch_size)       # drop the last partial batch (BN needs > 1)
-    if batch_size % world.size:
-        raise ValidationError(f"batch_size {batch_size} does not split evenly over {world.size} devices; "
-                              "use a multiple of the device count.")
-    total_steps = steps_per_epoch * epochs
-    rule = config.selection
-
-    # --- optimiser, schedule, and the state a resume restores ------------------------------
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(config.lr), momentum=config.momentum,
-                                nesterov=config.nesterov and config.momentum > 0,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    perturbation = RandomWeightPerturbation(model, config.weight_perturbation)
-    dynamic_budget = config.budget == "dynamic" and threat.distributional
-    # evaluation batches change no number, only speed: sized for this device, not the training batch
-    eval_batch = world.eval_batch(AdaptiveBatch(auto_eval_batch_size(eval_compute.device.type, tuple(val_x.shape[1:])),
-                                                report_halving(hooks.event)))
-    # fast W-TRADES: every fit image's perturbation, carried across epochs (empty again after a resume)
-    memory = (PerturbationMemory(n_train, tuple(train_x.shape[1:]), compute.device)
-              if config.attack_schedule == "memory" else None)
-
-    if resume is None:
-        warnings: list[str] = []
-        few = few_steps_warning(n_train, batch_size)
-        if few:
-            warnings.append(few)
-            hooks.warn(few, {"steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "train_examples": n_train})
-        hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": epochs})
-        before = evaluate_heldout(model, val_x, val_y, threat, config, eval_compute, seed=config.seed,
-                                  batch=eval_batch, should_stop=hooks.should_stop)
-        if not hooks.should_stop():   # epoch 0's validation metrics, live: the input model is a candidate
-            hooks.progress(0.0, "evaluate", {"epoch": 0, "total_epochs": epochs, **before})
-        before_test = None if hooks.should_stop() else evaluate_heldout(
-            model, test_x, test_y, threat, config, eval_compute, seed=config.seed, test=True, batch=eval_batch,
-            should_stop=hooks.should_stop)
-        if before_test is None or hooks.should_stop():  # stopped before any training: nothing to keep
-            state = _state_copy(model)
-            return FinetuneResult(best_epoch=0, epochs_completed=0, stopped=True, before=before, after=None,
-                                  validation={"before": before, "best": before, "last": before}, history=[],
-                                  best_model_state=state, last_model_state=state,
-                                  config=config.model_dump(mode="json"), warnings=warnings)
-        history: list[dict[str, Any]] = []
-        best_epoch, best_metrics, best_state = 0, before, _state_copy(model)
-        start_epoch = 0
-        hooks.progress(0.0, "train", {"epoch": 0, "total_epochs": epochs})   # Ῡ is part of training
-        upsilon_ema = (estimate_global_sensitivity(model, train_x, train_y, threat, config, compute, generator,
-                                                   augment)
-                       if dynamic_budget else torch.zeros((), device=compute.device, dtype=torch.float64))
-    else:
-        model.load_state_dict(resume.model_state)
-        optimizer.load_state_dict(resume.optimizer_state)
-        scheduler.load_state_dict(resume.scheduler_state)
-        generator.set_state(resume.rng_state["generator"])
-        extra = resume.extra
-        before, before_test, history = extra["before"], extra["before_test"], list(extra["history"])
-        best_epoch, best_metrics = extra["best_epoch"], extra["best_metrics"]
-        best_state = resume.best_model_state
-        start_epoch = resume.epoch
-        upsilon_ema = torch.tensor(extra["upsilon_ema"], device=compute.device, dtype=torch.float64)
-        warnings, started_at = list(extra["warnings"]), extra["started_at"]
-    partial = resume.extra.get("partial") if resume is not None else None   # stopped inside an epoch
-
-    def recipe_state() -> dict[str, Any]:
-        return {"before": before, "before_test": before_test, "history": history, "best_epoch": best_epoch,
-                "best_metrics": best_metrics, "upsilon_ema": float(upsilon_ema), "warnings": warnings,
-                "started_at": started_at}
-
-    last_metrics = history[-1] if history else before
-    trainer = world.wrap(model)   # DDP across ranks; the model itself in one process
-    stopped = False
-    epoch = start_epoch
-    for epoch in range(start_epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
-        budget_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
-        steps_done = 0
-        if partial is None:
-            epoch_rng = generator.get_state()
-            perm = torch.randperm(n_train, generator=generator, device=compute.device)
-        else:
-            # replay this epoch's shuffle, then continue from where the stopped run left off
-            epoch_rng = resume.rng_state["epoch_start"]
-            generator.set_state(epoch_rng)
-            perm = torch.randperm(n_train, generator=generator, device=compute.device)
-            generator.set_state(resume.rng_state["generator"])
-            steps_done = partial["steps_done"]
-            loss_sum += partial["loss_sum"]
-            budget_sum += partial["budget_sum"]
+    run = setup(config, model, data, hooks, device=device, world=world)
+    state = start(run, hooks) if resume is None else restore(run, resume)
+    partial = PartialEpoch.of(resume)
+    if not state.stopped:
+        for epoch in range(state.epoch + 1, run.epochs + 1):
+            row = train_epoch(run, state, epoch, hooks, partial)
             partial = None
-        for step in range(steps_done, steps_per_epoch):
-            idx = perm[step * batch_size:(step + 1) * batch_size]
-            x = to_unit_float(train_x[idx], compute.device)
-            y = train_y[idx]
-            crop = crop_flip_draw(x.shape[0], generator=generator, device=x.device) if augment else None
-            if crop is not None:
-                x = augment_crop_flip(x, draw=crop)
-            x, y = world.shard(compute.images(x)), world.shard(y)   # augmented as one batch, then split
-            start = None if memory is None else world.shard(memory.recall(idx, crop))
-
-            loss, adv, new_ema = w_trades_step(
-                trainer, optimizer, x, y, threat=threat, config=config, compute=compute,
-                perturbation=perturbation, generator=generator,
-                upsilon_ema=upsilon_ema if dynamic_budget else None, start=start)
-            if memory is not None:
-                memory.store(idx, world.gather((adv.x_adv - x).float()), crop)
-            if new_ema is not None:
-                upsilon_ema = new_ema
-            budget_sum += adv.delta
-            scheduler.step()
-            loss_sum += loss.double()
-            steps_done = step + 1
-
-            if step % 5 == 4 or step == steps_per_epoch - 1:
-                done = (epoch - 1 + steps_done / steps_per_epoch) / epochs
-                hooks.progress(done, "train", {"epoch": epoch, "total_epochs": epochs,
-                                               "step": steps_done, "total_steps": steps_per_epoch})
-                if hooks.should_stop():
-                    stopped = True
-                    break
-
-        train_loss = float(loss_sum / max(steps_done, 1))
-        if not stopped:
-            hooks.progress((epoch - 0.05) / epochs, "evaluate", {"epoch": epoch, "total_epochs": epochs})
-            metrics = evaluate_heldout(model, val_x, val_y, threat, config, eval_compute, seed=config.seed + epoch,
-                                       batch=eval_batch, should_stop=hooks.should_stop)
-            # Stopped during the evaluation: its numbers are cut short, so stop as inside the epoch
-            # (all its steps done); a resumed run evaluates this epoch again.
-            stopped = hooks.should_stop()
-        if stopped:
-            # everything needed to finish this epoch exactly as an uninterrupted run would
-            hooks.checkpoint(TrainingCheckpoint(
-                epoch=epoch - 1, model_state=_state_copy(model), best_model_state=best_state,
-                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                rng_state={"generator": generator.get_state(), "epoch_start": epoch_rng},
-                metrics={"train_loss": train_loss},
-                extra={**recipe_state(),
-                       "partial": {"epoch": epoch, "steps_done": steps_done, "loss_sum": float(loss_sum),
-                                   "budget_sum": float(budget_sum)}},
-                total_epochs=epochs, final=True))
-            epoch -= 1
-            break
-
-        mean_delta = float(budget_sum / max(steps_done, 1))
-        row = {"epoch": epoch, "train_loss": train_loss, **metrics, "mean_batch_delta": mean_delta,
-               "mean_batch_delta_ratio": mean_delta / threat.delta if threat.delta else 1.0,
-               "upsilon_ema": float(upsilon_ema), "lr": scheduler.get_last_lr()[0],
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        last_metrics = row
-        is_best = is_better(row, best_metrics, before, rule)
-        if is_best:
-            best_epoch, best_metrics, best_state = epoch, row, _state_copy(model)
-        hooks.checkpoint(TrainingCheckpoint(
-            epoch=epoch, model_state=_state_copy(model), best_model_state=best_state,
-            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-            rng_state={"generator": generator.get_state()}, metrics=row, is_best=is_best,
-            extra=recipe_state(), total_epochs=epochs, final=epoch == epochs))
-        hooks.progress(epoch / epochs, "train", {"epoch": epoch, "total_epochs": epochs,
-                                                 **{k: row[k] for k in row if k != "epoch"}})
-
-    # --- the reported numbers: the input and the chosen checkpoint on the test set ----------
-    last_state = _state_copy(model)
-    after: dict[str, Any] | None
-    if best_epoch == 0:
-        after = before_test                      # the same weights: the same numbers
-    elif stopped:
-        after = None                             # a cancelled run is not evaluated further
-    else:
-        hooks.progress(1.0, "test", {"epoch": epoch, "total_epochs": epochs})
-        model.load_state_dict(best_state)
-        after = evaluate_heldout(model, test_x, test_y, threat, config, eval_compute, seed=config.seed, test=True,
-                                 batch=eval_batch)
-    if best_epoch == 0 and not stopped:
-        message = (f"no fine-tuned epoch beat the input model on validation {rule.metric} at δ={threat.delta:g} "
-                   f"({'no limit on the clean accuracy' if rule.max_clean_drop is None else f'clean accuracy allowed to drop by at most {rule.max_clean_drop}'}); the best checkpoint is the "
-                   "input model, unchanged.")
-        warnings.append(message)
-        hooks.warn(message, {"improved": False, "best_epoch": 0})
-    for name, metrics_ in (("before", before_test), ("after", after)):
-        if metrics_ is not None and not metrics_["w2_converged"]:
-            message = (f"W-PGD had not converged on the test set ({name}): the accuracy still fell in the last "
-                       f"quarter of its {config.test_wpgd_steps} steps, so the W2 robust accuracy is an upper "
-                       "bound; raise test_wpgd_steps for a tighter number.")
-            warnings.append(message)
-            hooks.warn(message, {"which": name, "test_wpgd_steps": config.test_wpgd_steps})
-
-    selection = {"metric": rule.metric, "max_clean_drop": rule.max_clean_drop, "split": "validation",
-                 "candidates": f"epochs 0-{epoch} (0 = the input model)", "best_epoch": best_epoch,
-                 "best_validation_value": best_metrics[str(rule.metric)]}
-    provenance = {
-        **(context or {}), "seed": config.seed,
-        "examples": {"train": n_train, "validation": int(len(val_idx)), "test": n_test,
-                     "train_available": n_available},
-        "validation_split": split_record,
-        **runtime_provenance(compute.device),
-        "training_precision": "bf16" if compute.amp_dtype is not None else "float32",
-        "evaluation_precision": "bf16" if eval_compute.amp_dtype is not None else "float32",
-        "float32_stem": compute.float32_stem, "evaluation_batch_size": eval_batch.size,
-        "started_at": started_at, "finished_at": utc_timestamp(),
-    }
-    if memory is not None:
-        provenance["perturbation_memory"] = {
-            "bytes": memory.nbytes, "images": n_train, "images_remembered": memory.remembered(),
-            "started_empty_on_resume": resume is not None}
+            if row is None:
+                break
+            select(run, state, row, hooks)
+    last_state = _state_copy(run.model)
+    if state.best_epoch == 0 and not state.stopped:
+        _warn(state, hooks, _unchanged_message(run), {"improved": False, "best_epoch": 0})
+    outcome = final_evaluation(run, state, hooks)
+    _report_outcome(state, hooks, outcome)
     return FinetuneResult(
-        best_epoch=best_epoch, epochs_completed=epoch, stopped=stopped, before=before_test, after=after,
-        validation={"before": before, "best": best_metrics, "last": last_metrics}, history=history,
-        best_model_state=best_state, last_model_state=last_state, config=config.model_dump(mode="json"),
-        selection=selection, warnings=warnings, provenance=provenance,
-    )
+        best_epoch=state.best_epoch, epochs_completed=state.epoch, stopped=state.stopped,
+        before=outcome.before if outcome else None, after=outcome.after if outcome else None,
+        validation={"before": state.before, "best": state.best_metrics, "last": state.last_metrics},
+        history=state.history, best_model_state=state.best_state, last_model_state=last_state,
+        config=run.config.model_dump(mode="json"), selection=_selection_record(run, state), warnings=state.warnings,
+        provenance=provenance(run, state, context, resumed=resume is not None),
+        verdict=outcome.verdict if outcome else verdicts.stopped(state.epoch),
+        change_ci95=outcome.change_ci95 if outcome else {}, audit=outcome.audit if outcome else [])
+
+
+def _warn(state: TrainingState, hooks: Hooks, message: str, data: dict[str, Any]) -> None:
+    state.warnings.append(message)
+    hooks.warn(message, data)
+
+
+def _unchanged_message(run: Run) -> str:
+    rule, delta = run.config.selection, run.threat.delta
+    limit = ("no limit on the clean accuracy" if rule.max_clean_drop is None
+             else f"clean accuracy allowed to drop by at most {rule.max_clean_drop}")
+    return (f"no fine-tuned epoch beat the input model on validation {rule.metric} at δ={delta:g} ({limit}); "
+            "the best checkpoint is the input model, unchanged.")
+
+
+def _selection_record(run: Run, state: TrainingState) -> dict[str, Any]:
+    rule = run.config.selection
+    return {"metric": rule.metric, "max_clean_drop": rule.max_clean_drop, "split": "validation",
+            "candidates": f"epochs 0-{state.epoch} (0 = the input model)", "best_epoch": state.best_epoch,
+            "best_validation_value": state.best_metrics[str(rule.metric)]}

@@ -173,6 +173,8 @@ def _finetune_config(options: ReproduceOptions):
         "test_wpgd_steps": options.wpgd_steps, "test_pgd_steps": options.pgd_steps,
         "eval_wpgd_steps": min(20, options.wpgd_steps), "eval_pgd_steps": min(10, options.pgd_steps),
         "validation_examples": min(1000, max(1, options.n_examples)),
+        # the before/after attack ensemble: the quick mode's numbers are not the protocol's anyway
+        "evaluation": "quick" if options.quick else "standard",
         "seed": options.seed,
     })
 
@@ -273,9 +275,10 @@ def reproduce(options: ReproduceOptions, *, progress: Progress | None = None) ->
             say(f"{name}: W-TRADES fine-tuning for {options.epochs} epoch(s), measuring before and after")
             result = finetune(_finetune_config(options), model, data, _hooks(name, say), device=options.device,
                               context={"model": f"robustbench:{name}", "dataset": DATASET})
-            row["ours"] = {"before": _ours(result.before),
+            row["ours"] = {"before": _ours(result.before) if result.before is not None else None,
                            "after": _ours(result.after) if result.after is not None else None}
             row["finetune"] = {"best_epoch": result.best_epoch, "improved": result.improved,
+                               "verdict": result.summary.get("verdict"),
                                "epochs_completed": result.epochs_completed,
                                "config": result.config, "validation": result.validation}
             row["warnings"] = list(result.warnings)

@@ -90,7 +90,8 @@ class SelectionRule(_Strict):
 
     Among the epochs whose validation clean accuracy is at most `max_clean_drop` below the
     input's, the one with the highest validation `metric` at the job's δ wins; a tie goes to
-    the earlier epoch, so a fine-tune that does not beat the input hands the input back.
+    the earlier epoch, so a fine-tune that does not beat the input hands the input back. Whether
+    the winner is an improvement is decided on the test split (core.engine.recipes.verdict).
     """
 
     metric: SelectionMetric | Auto = Field(
@@ -98,7 +99,9 @@ class SelectionRule(_Strict):
                                   "(linf_/l2_robust_accuracy) for linf/l2 threats.")
     max_clean_drop: float | None = Field(
         default=0.10, ge=0.0, le=1.0,
-        description="Largest allowed drop of validation clean accuracy from the input's; null: no limit.")
+        description="Largest allowed drop of clean accuracy from the input's: on the validation split it rules an "
+                    "epoch out; on the test split a larger drop qualifies the verdict (never an unqualified "
+                    "'improved'); null: no limit.")
 
 
 class FinetuneConfig(_Strict):
@@ -155,8 +158,13 @@ class FinetuneConfig(_Strict):
                     "per-epoch validation keeps its own cheaper eval_* attacks.")
     eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="W-PGD steps of the per-epoch validation.")
     eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS, description="PGD steps of the per-epoch validation.")
-    test_wpgd_steps: int = Field(default=50, ge=1, le=MAX_STEPS, description="W-PGD steps of the reported test numbers.")
-    test_pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="PGD steps of the reported test numbers.")
+    test_wpgd_steps: int = Field(
+        default=50, ge=1, le=MAX_STEPS,
+        description="The reported test numbers' W-PGD attacks: their nominal steps T (step 1.875·δ/T, at least T "
+                    "steps, then on to convergence up to the evaluation preset's cap).")
+    test_pgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS,
+                                description="PGD steps of the reported test numbers, where the preset's pointwise "
+                                            "attack is PGD (quick).")
     train_examples: int | None = Field(
         default=None, ge=1, le=MAX_EXAMPLES,
         description="Use only N training images, a seeded stratified sample (every class in proportion, each "

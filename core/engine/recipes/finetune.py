@@ -1,9 +1,16 @@
-"""W-TRADES fine-tuning, one readable recipe from top to bottom.
+"""W-TRADES fine-tuning, one readable recipe from top to bottom, in six named stages:
 
-    load → carve a validation split out of the training set → evaluate the input (epoch 0) →
-    estimate Ῡ → for each epoch: [attack batch (W-PGD-Budget) → CE + β·KL at randomly
-    perturbed weights → SGD step] → validation → checkpoint → keep the best (epoch 0 included)
-    → the before/after numbers on the test set
+    setup       resolve the config; draw every subset as a seeded stratified sample (train_examples,
+                the validation split, test_examples; core.engine.data.sampling); build the optimiser
+    start       validate the input model (epoch 0, a candidate like any epoch) and estimate Ῡ
+      or restore  the state a checkpoint saved (an epoch stopped inside is replayed from its shuffle)
+    train_epoch for each batch: attack (W-PGD-Budget) → CE + β·KL at randomly perturbed weights →
+                SGD step; then the per-epoch validation (cheap W-PGD and PGD)
+    select      keep the epoch if it beats the best so far on validation; checkpoint it
+    final_evaluation  the input model and the chosen checkpoint on the test split: the evaluation
+                ensemble, intervals, per-class numbers, the masking audit and the verdict
+                (core.engine.recipes.before_after, core.engine.recipes.verdict)
+    provenance  where every number comes from
 
 With attack_schedule "memory" (fast W-TRADES) each batch's attack starts from its images'
 perturbations of the previous epoch (PerturbationMemory), re-projected into the batch's δ_B, and
@@ -176,10 +183,11 @@ def estimate_global_sensitivity(model: torch.nn.Module, train_x: torch.Tensor, t
 
 def _finest_step(config: FinetuneConfig, threat: Threat) -> float:
     """The smallest attack step the job takes on the model: the training attack's α = ratio·δ/K
-    and, when evaluation runs in bf16 too, the held-out W-PGD's 1.875·δ/steps."""
+    and, when evaluation runs in bf16 too, the held-out W-PGD's 1.875·δ/steps at δ/2 (the
+    masking audit's smallest radius)."""
     steps = [config.attack_step_ratio * threat.delta / config.attack_steps]
     if config.eval_amp == "bf16":
-        steps.append(1.875 * threat.delta / max(config.eval_wpgd_steps, config.test_wpgd_steps))
+        steps.append(1.875 * threat.delta / 2 / max(config.eval_wpgd_steps, config.test_wpgd_steps))
     return min(steps)
 
 

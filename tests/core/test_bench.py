@@ -3,6 +3,7 @@ scripts (their pass counts and fields are asserted, never their timings)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import subprocess
 import sys
@@ -142,23 +143,55 @@ def test_gpu_check_cpu_smoke_runs_every_section() -> None:
     assert "precision" in proc.stdout and "service: up in" in proc.stdout and "| ours |" in proc.stdout
 
 
-def test_fast_wtrades_bench_reports_ratio_accuracy_difference_and_pass_counts(tmp_path) -> None:
+def test_fast_wtrades_bench_screens_on_validation_images_and_attacks_the_test_images_once(tmp_path) -> None:
     out = tmp_path / "fast.json"
     proc = subprocess.run([sys.executable, "bench/fast_wtrades.py", "--datasets", "digits", "--seeds", "0",
-                           "--methods", "standard-k10,memory-k1,allocate", "--epochs", "2", "--train", "256",
-                           "--test-examples", "64", "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+                           "--methods", "standard-k10,memory-k1", "--screen", "allocate,allocate-g3", "--epochs", "2",
+                           "--train", "256", "--test-examples", "64", "--data-dir", str(tmp_path / "data"),
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
+    runs = {r["method"]: r for r in result["runs"]}
+    # the screen picks by the screen images: the larger difference to K = 10 there
+    screen_w2 = {m: runs[m]["screen"]["w2"]["accuracy"] for m in ("allocate", "allocate-g3")}
+    chosen = result["screen_choice"]["digits"]
+    assert screen_w2[chosen] == max(screen_w2.values())
+    # the test images are attacked only for --methods and the screen's choice
+    assert {m for m, r in runs.items() if "test" in r} == {"standard-k10", "memory-k1", chosen}
+    for r in runs.values():
+        for part in [p for p in ("screen", "test") if p in r]:
+            numbers = r[part]
+            assert numbers["w2"]["accuracy"] == min(numbers["redlr"]["accuracy"], numbers["ce"]["accuracy"])
+            for key in ("clean", "redlr", "ce", "redlr_2delta"):
+                lo, hi = numbers[key]["ci95"]
+                assert numbers[key]["n"] == 64 and lo <= numbers[key]["accuracy"] <= hi
+            assert numbers["redlr_2delta"]["accuracy"] <= numbers["clean"]["accuracy"]
+        assert r["job_seconds"] >= r["train_seconds"] > 0
     rows = {row["method"]: row for row in result["summary"]}
+    assert set(rows) == {"standard-k10", "memory-k1", chosen}
     assert rows["standard-k10"]["speedup_vs_k10"]["median"] == 1.0
     assert rows["standard-k10"]["w2_difference_vs_k10"]["median"] == 0.0
     assert (rows["standard-k10"]["passes_per_image_per_step"], rows["memory-k1"]["passes_per_image_per_step"]) == (11, 2)
-    fast = [r for r in result["runs"] if r["method"] == "memory-k1"][0]
-    assert fast["config"]["attack_schedule"] == "memory" and fast["config"]["attack_steps"] == 1
-    assert fast["train_seconds"] > 0 and 0 <= fast["w2_robust_accuracy"] <= fast["clean_accuracy"] <= 1
-    assert "| digits | memory-k1 | 2 | 2 |" in proc.stdout
-    fast = [r for r in result["runs"] if r["method"] == "allocate"][0]
-    assert (fast["config"]["attack_schedule"], fast["config"]["attack_steps"]) == ("allocate", 1)
-    assert rows["allocate"]["passes_per_image_per_step"] == 2 and "| digits | allocate | 2 | 2 |" in proc.stdout
+    assert runs["memory-k1"]["config"]["attack_schedule"] == "memory" and runs["memory-k1"]["config"]["attack_steps"] == 1
+    assert (runs["allocate"]["config"]["attack_schedule"], runs["allocate"]["config"]["attack_steps"]) == ("allocate", 1)
+    assert "| digits | memory-k1 | 2 | 2 |" in proc.stdout and f"| digits | {chosen} | 64 |" in proc.stdout
+
+
+def test_fast_wtrades_bench_splits_are_disjoint_stratified_samples() -> None:
+    import fast_wtrades
+    from core.engine.data.datasets import load_digits
+    from core.engine.data.sampling import class_counts
+
+    data = load_digits()
+    splits = fast_wtrades.make_splits(fast_wtrades.SETUPS["digits"], data, 100)
+    train, screen = splits.finetune.train_y.numpy(), splits.screen[1].numpy()
+    assert len(train) + len(screen) == len(data.train_y) and len(screen) == 300 and len(splits.test[1]) == 100
+    assert min(class_counts(screen, 10)) >= 28 and min(class_counts(splits.test[1].numpy(), 10)) >= 9
+    # the recipe's own test split is the screen images: it never sees the test images
+    assert torch.equal(splits.finetune.test_y, splits.screen[1])
+    # fine-tune images and screen images are a partition of the training split (as multisets of images)
+    as_bytes = lambda images: Counter(bytes(img.numpy()) for img in images)  # noqa: E731
+    assert as_bytes(splits.finetune.train_x) + as_bytes(splits.screen[0].mul(255).round().byte()) \
+        == as_bytes(data.train_x)

@@ -202,7 +202,10 @@ class Outcome(ApiObject):
         data["changes"] = _changes(data.pop("change", None), data.get("change_ci95"))
         basis = data.get("verdict_basis")
         data["basis"] = basis if isinstance(basis, Mapping) else None
-        data["per_class"] = _per_class_rows(data.get("per_class"))
+        # a fine-tune keeps them with its test numbers (the checkpoint's: `after`); an evaluation at the top
+        after = data.get("after") if isinstance(data.get("after"), Mapping) else {}
+        data["per_class"] = _per_class_rows(data.get("per_class") or after.get("per_class"))
+        data.setdefault("confusion_matrix", after.get("confusion_matrix"))
         attacks = data.get("attacks") or _attack_rows(data.get("w2"))
         data["attacks"] = attacks if isinstance(attacks, list) else []
         for key in ("audit", "warnings"):

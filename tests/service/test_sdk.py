@@ -283,8 +283,9 @@ def test_job_improved_reads_the_result_of_a_finished_fine_tune():
     assert job({"id": "job_4", "status": "succeeded", "result": {"type": "evaluate"}}).improved is None
 
 
-# A fine-tune's result in the shapes the engine writes (core/engine/evaluation: an accuracy beside
-# "<key>_ci95" and "n_examples", per-class rows, the audit's checks, the paired change).
+# A fine-tune's result in the shapes the engine writes (core/engine/recipes/before_after.py: an accuracy
+# beside "<key>_ci95" and "n_examples", per-class rows with the test numbers, the audit's checks, the
+# paired change and its interval, the verdict).
 FINETUNE_RESULT = {
     "type": "finetune", "improved": False, "verdict": "no_significant_change", "best_epoch": 3,
     "verdict_text": "no significant change: W2 robust accuracy +2.0 points [−1.0, +5.0]",
@@ -293,14 +294,15 @@ FINETUNE_RESULT = {
     "before": {"n_examples": 359, "clean_accuracy": 0.95, "clean_accuracy_ci95": [0.92, 0.97],
                "w2_robust_accuracy": 0.43, "w2_robust_accuracy_ci95": [0.38, 0.48]},
     "after": {"n_examples": 359, "clean_accuracy": {"accuracy": 0.94, "n": 359, "ci95": [0.91, 0.96]},
-              "w2_robust_accuracy": 0.45, "w2_robust_accuracy_ci95": [0.40, 0.50]},
+              "w2_robust_accuracy": 0.45, "w2_robust_accuracy_ci95": [0.40, 0.50],
+              "per_class": [{"class": 0, "name": "zero", "n": 36, "clean_accuracy": 1.0,
+                             "clean_accuracy_ci95": [0.9, 1.0], "w2_robust_accuracy": 0.5,
+                             "w2_robust_accuracy_ci95": [0.34, 0.66]}],
+              "confusion_matrix": [[36, 0], [1, 35]]},
     "change": {"w2_robust_accuracy": 0.02, "clean_accuracy": -0.01},
     "change_ci95": {"w2_robust_accuracy": [-0.01, 0.05], "clean_accuracy": [-0.03, 0.01]},
     "audit": [{"check": "radius", "status": "pass", "detail": "robust accuracy falls as δ grows"},
               {"check": "transfer", "status": "warn", "detail": "the transferred attack is as strong"}],
-    "per_class": [{"class": 0, "name": "zero", "n": 36, "clean_accuracy": 1.0, "clean_accuracy_ci95": [0.9, 1.0],
-                   "w2_robust_accuracy": 0.5, "w2_robust_accuracy_ci95": [0.34, 0.66]}],
-    "confusion_matrix": [[36, 0], [1, 35]],
     "provenance": {"evaluation": "standard"},
 }
 

@@ -155,7 +155,7 @@ export async function jobView(root, { match, signal }) {
 
   // the masking audit and the per-class numbers: a fine-tune's result, an evaluation's report
   const drawFindings = () => {
-    const sources = [state.report, state.job.result];
+    const sources = [state.report, state.job.result, state.job.result?.after];   // a fine-tune's per-class rows: `after`
     swap(parts.audit, [state.job.status, !!state.report, state.job.result?.audit], () => auditCard(auditOf(...sources)));
     swap(parts.perClass, [state.job.status, !!state.report, state.job.result?.per_class], () => perClassCard(perClassOf(...sources)));
   };

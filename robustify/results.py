@@ -196,7 +196,8 @@ class Outcome(ApiObject):
         data = dict(data)
         provenance = data.get("provenance") if isinstance(data.get("provenance"), Mapping) else {}
         config = data.get("config") if isinstance(data.get("config"), Mapping) else {}
-        data.setdefault("evaluation", provenance.get("evaluation") or config.get("evaluation"))
+        summary = data.get("summary") if isinstance(data.get("summary"), Mapping) else {}
+        data.setdefault("evaluation", provenance.get("evaluation") or config.get("evaluation") or summary.get("evaluation"))
         if isinstance(data.get("evaluation"), Mapping):          # {"preset": ..., ...}
             data["evaluation"] = data["evaluation"].get("preset")
         data["changes"] = _changes(data.pop("change", None), data.get("change_ci95"))
@@ -234,7 +235,10 @@ class Outcome(ApiObject):
     def audit_status(self) -> str | None:
         """The worst status of the audit's checks (fail > warn > pass); None without an audit."""
         statuses = {c.status for c in self.audit}
-        return next((s for s in ("fail", "warn", "pass") if s in statuses), None)
+        worst = next((s for s in ("fail", "warn", "pass") if s in statuses), None)
+        # an evaluation job's result keeps only the status, in its summary (the checks are in its report)
+        told = (self.summary.model_extra or {}).get("audit") if self.summary is not None else None
+        return worst or (told if isinstance(told, str) else None)
 
     @property
     def numbers(self) -> Measurements | None:

@@ -349,6 +349,10 @@ def test_outcome_reads_an_evaluation_report_per_attack():
             for a in outcome.attacks] == [("w-pgd-redlr", 0.1, 120, True, 0.31, (0.25, 0.38)),
                                           ("w-pgd-ce", 0.1, 400, False, 0.3, (0.24, 0.37))]
     assert outcome.verdict_words is None
+    # an evaluation job's result: the summary names the preset and the audit's worst status
+    job = robustify.Job.model_validate({"id": "job_e", "result": {"type": "evaluate", "summary": {
+        "evaluation": "standard", "audit": "fail", "w2_robust_accuracy": 0.9}}})
+    assert (job.outcome.evaluation, job.outcome.audit_status, job.outcome.audit) == ("standard", "fail", [])
 
 
 def test_dataset_census_fields():

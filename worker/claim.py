@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.errors import ErrorCode
 from core.service.db import Job, JobEvent, utcnow
 from core.states import TERMINAL_STATES, WORKER_STATES
 from worker.runtime import Runtime, heartbeat_is_stale
-from core.errors import ErrorCode
 
 log = logging.getLogger("robustify.worker")
 
@@ -72,7 +72,7 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
         if job.attempt >= job.max_attempts or lost_early >= job.max_attempts:
             job.status, job.finished_at = "failed", now
             why = (f"stopped {job.attempt} times while running it" if job.attempt >= job.max_attempts else
-                   f"stopped {lost_early} times before the job started computing (while loading its model or data)")
+                   f"stopped {lost_early} times before the job {_what_it_was_loading(session, job)}")
             job.error = {"code": ErrorCode.WORKER_LOST,
                          "message": f"the job's worker {why} (limit {job.max_attempts}); "
                                     "check the worker logs (out of memory? killed?) and submit the job again."}
@@ -96,6 +96,17 @@ def claim_job(rt: Runtime, job_id: str, owner: str) -> Claim:
         add_event(session, job.id, "status", message, data)
         session.commit()
         return Claim(True, "claimed", attempt, job.resume_artifact_id)
+
+
+def _what_it_was_loading(session: Session, job: Job) -> str:
+    """What a run that died before its first write was doing: a job with a training state was
+    resuming from its last checkpoint, not starting from scratch."""
+    if job.resume_artifact_id is None:
+        return "started computing (while loading its model or data)"
+    epoch = session.scalar(select(JobEvent.data["epoch"].as_integer()).where(
+        JobEvent.job_id == job.id, JobEvent.type == "checkpoint").order_by(JobEvent.id.desc()).limit(1))
+    after = f" after epoch {epoch}" if epoch is not None else ""
+    return f"resumed computing (while loading its model, data and the training state saved{after})"
 
 
 def _runs_lost_before_work(session: Session, job: Job) -> int:

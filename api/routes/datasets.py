@@ -119,13 +119,15 @@ def upload_kind(path: Path, filename: str | None) -> str:
     """"archive" for a .zip or .tar of image folders, "npz" otherwise (an .npz is a zip of .npy files)."""
     import zipfile
 
-    from core.engine.data.imagefolder import archive_format
+    from core.engine.data.imagefolder import ArchiveError, archive_format, open_zip
 
     kind = archive_format(path)
     if kind == "zip":
         try:
-            with zipfile.ZipFile(path) as z:
+            with open_zip(path) as z:
                 names = z.namelist()
+        except ArchiveError:  # a member name that is not UTF-8: the archive reader says so
+            return "archive"
         except zipfile.BadZipFile:  # a broken zip: its name says which reader should report it
             return "npz" if (filename or "").lower().endswith(".npz") else "archive"
         return "npz" if names and all(n.endswith(".npy") for n in names) else "archive"
@@ -169,7 +171,10 @@ def _create_from_archive(svc: Services, session: Session, who: Caller, fields: d
     settings = svc.settings
     limits = ImageFolderLimits(max_uncompressed_bytes=settings.max_archive_bytes,
                                max_image_pixels=settings.max_image_pixels,
-                               max_dataset_bytes=settings.max_dataset_bytes)
+                               max_dataset_bytes=settings.max_dataset_bytes,
+                               max_member_bytes=settings.max_archive_member_bytes,
+                               max_members=settings.max_archive_members,
+                               max_compression_ratio=settings.max_archive_ratio)
     data = read_image_folder(archive, limits=limits, **_archive_options(fields))
     npz_path = svc.store.temp_file(".npz")
     try:

@@ -49,7 +49,7 @@ class Measurement:
 
 
 @dataclass
-class TestSet:
+class HeldOutSet:
     """The test sample on the device and what measuring it needs."""
 
     x: torch.Tensor
@@ -67,7 +67,7 @@ class TestSet:
         return self.config.evaluation
 
 
-def measure(model: torch.nn.Module, test: TestSet, say: Say) -> Measurement | None:
+def measure(model: torch.nn.Module, test: HeldOutSet, say: Say) -> Measurement | None:
     """The numbers of `model` (eval mode) on the test sample; None when a cancel cut them short."""
     config, threat = test.config, test.threat
     ground = threat.ground
@@ -89,7 +89,7 @@ def measure(model: torch.nn.Module, test: TestSet, say: Say) -> Measurement | No
     return Measurement(_metrics(threat, test, ensemble, point, outcomes), outcomes, ensemble, point)
 
 
-def _metrics(threat: Threat, test: TestSet, ensemble: W2EnsembleResult, point: PointwiseResult,
+def _metrics(threat: Threat, test: HeldOutSet, ensemble: W2EnsembleResult, point: PointwiseResult,
              outcomes: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The before/after dict: the keys the per-epoch validation rows use, each accuracy's ci95,
     the attacks behind each number, per-class numbers and the confusion matrix."""
@@ -123,7 +123,7 @@ class BeforeAfter:
 
 
 def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor],
-            best_epoch: int, test: TestSet, unchanged_message: str, say: Say) -> BeforeAfter | None:
+            best_epoch: int, test: HeldOutSet, unchanged_message: str, say: Say) -> BeforeAfter | None:
     """Measure the input model and (when it differs) the checkpoint on the test sample, pair their
     outcomes, audit the checkpoint and decide the verdict. `model` is the run's module: its
     weights are replaced. None when a cancel cut the measurement short."""
@@ -149,7 +149,7 @@ def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_s
 
 
 def _audit(model: torch.nn.Module, input_state: dict[str, torch.Tensor], after: Measurement, best_epoch: int,
-           test: TestSet, say: Say) -> list[dict[str, str]] | None:
+           test: HeldOutSet, say: Say) -> list[dict[str, str]] | None:
     """The masking audit of the returned model (the module holds its weights) and, for a checkpoint
     that is not the input, the transfer check from the input model."""
     w2 = test.threat.w2

@@ -54,7 +54,7 @@ from core.engine.oom import AdaptiveBatch, report_halving
 from core.engine.plots import training_curve_png
 from core.engine.provenance import runtime_provenance, utc_timestamp
 from core.engine.recipes import verdict as verdicts
-from core.engine.recipes.before_after import BeforeAfter, TestSet, compare
+from core.engine.recipes.before_after import BeforeAfter, HeldOutSet, compare
 from core.engine.threats import Threat
 
 
@@ -677,7 +677,7 @@ def final_evaluation(run: Run, state: TrainingState, hooks: Hooks) -> BeforeAfte
     if state.stopped:
         return None
     info = run.epoch_info(state.epoch)
-    test = TestSet(
+    test = HeldOutSet(
         x=run.eval_compute.images(to_unit_float(run.test_x, run.compute.device)), y=run.test_y.to(run.compute.device),
         threat=Threat.from_spec(run.config.threat_model), config=run.config, compute=run.eval_compute,
         batch=run.eval_batch, num_classes=run.num_classes, class_names=run.class_names,

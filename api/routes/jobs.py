@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import WithJsonSchema
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -205,6 +206,13 @@ def _events_after(session: Session, job_id: str, after: int, limit: int) -> list
                                 .order_by(JobEvent.id).limit(limit)))
 
 
+_EVENT_ID = r"^[0-9]{1,19}$"   # an event id as a Last-Event-ID header carries it
+# A header is a string or absent, never null: the schema says so (pydantic would add null).
+LastEventId = Annotated[str | None, Header(pattern=_EVENT_ID, description="Resume a stream after this event id."),
+                        WithJsonSchema({"type": "string", "pattern": _EVENT_ID,
+                                        "description": "Resume a stream after this event id."})]
+
+
 @router.get("/{job_id}/events", response_model=r.EventList, summary="Job events (JSON, or a Server-Sent Events stream)",
             responses={200: {"content": {"text/event-stream": {"schema": {
                 "type": "string",
@@ -212,9 +220,7 @@ def _events_after(session: Session, job_id: str, after: int, limit: int) -> list
 def job_events(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, session: SessionDep,
                after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               last_event_id: Annotated[str | None, Header(pattern=r"^[0-9]{1,19}$",
-                                                           description="Resume a stream after this event id.")] = None,
-               ) -> Any:
+               last_event_id: LastEventId = None) -> Any:
     job = get_owned_job(session, who, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         start = max(after, _event_id(last_event_id))  # checked before the stream starts, never inside it

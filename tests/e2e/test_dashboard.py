@@ -127,6 +127,15 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f} %"
 
 
+def _interval(ci: list[float]) -> str:
+    return f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f} %"
+
+
+def _pp(v: float) -> str:
+    """A change in percentage points as the page writes it (dom.js points)."""
+    return f"{'+' if v > 0 else '−' if v < 0 else '±'}{abs(100 * v):.1f} pp"
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -173,6 +182,7 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         ui.fill_form("#new-job", TINY, "config.")
         page.click("#new-job details > summary")
         ui.fill_form("#new-job", TINY_MORE, "config.")
+        page.select_option('[name="config.evaluation"]', "quick")   # the cheaper before/after ensemble
         ui.shot("2-new-job")
         page.click("#new-job button[type=submit]")
         page.wait_for_url("**/ui/#/jobs/job_*")
@@ -203,10 +213,26 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         result = job["result"]
         assert page.get_attribute('[data-chart="epochs"] g.marker', "data-x") == str(result["best_epoch"])
         # the before/after table: the API's numbers, with δ and the threat model named
+        # each number with its 95 % interval beneath it, the change with its paired one
         for key, label in (("clean_accuracy", "Clean"), ("w2_robust_accuracy", "W2 robust at δ = 0.1")):
-            cells = page.locator(f'#before-after tr[data-metric="{key}"] > *').all_inner_texts()
-            assert cells[:3] == [label, _pct(result["before"][key]), _pct(result["after"][key])], cells
-        assert "W2 ball, l∞ ground cost, δ = 0.1" in page.inner_text("#before-after-threat")
+            cells = [c.split("\n") for c in page.locator(f'#before-after tr[data-metric="{key}"] > *').all_inner_texts()]
+            assert [c[0] for c in cells[:3]] == [label, _pct(result["before"][key]), _pct(result["after"][key])], cells
+            assert cells[1][1] == _interval(result["before"][f"{key}_ci95"])
+            assert cells[2][1] == _interval(result["after"][f"{key}_ci95"])
+            lo, hi = result["change_ci95"][key]
+            assert cells[3][1] == f"{_pp(lo)} to {_pp(hi)}", cells[3]
+        caption = page.inner_text("#before-after-threat")
+        assert "W2 ball, l∞ ground cost, δ = 0.1" in caption and "“quick” evaluation preset" in caption
+        # the verdict in the recipe's own words, the masking audit line by line, the classes one by one
+        assert result["verdict"] and page.get_attribute("#verdict", "data-verdict") == result["verdict"]
+        assert page.inner_text("#verdict") == result["verdict_text"]
+        assert page.eval_on_selector_all("#audit li", "els => els.map(e => [e.dataset.check, e.dataset.status])") \
+            == [[c["check"], c["status"]] for c in result["audit"]] and result["audit"]
+        per_class = result["after"]["per_class"]
+        assert page.locator("#per-class tr[data-class]").count() == len(per_class) == 10
+        page.click("text=Accuracy of each of the 10 classes")
+        row = page.locator('#per-class tr[data-class="3"] > *').all_inner_texts()
+        assert row[2].split("\n") == [_pct(per_class[3]["clean_accuracy"]), _interval(per_class[3]["clean_accuracy_ci95"])]
         assert page.locator("#event-log li[data-type=metrics]").count() == 7   # epoch 0 (the input) to 6
         ui.shot("4-job-succeeded")
 
@@ -227,12 +253,23 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
             page.wait_for_selector("#new-job")
             page.fill('[name="threat_model.delta"]', "0.1")
             ui.fill_form("#new-job", EVAL, "config.")
+            page.click("#new-job details > summary")
+            page.select_option('[name="config.evaluation"]', "quick")
             page.click("#new-job button[type=submit]")
             page.wait_for_url("**/ui/#/jobs/job_*")
             ui.wait_job("succeeded")
             eval_jobs.append(page.url.rsplit("/", 1)[1])
             page.wait_for_selector('[data-chart="robustness"] g.ref[data-name="clean"]')
             assert _points(page, "robustness", "W2") == 3
+            # the preset, the audit and every attack of the ensemble, as the report has them
+            report = api.get(f"/v1/jobs/{eval_jobs[-1]}/report").json()
+            assert page.get_attribute("#evaluation-preset", "data-preset") == "quick"
+            assert page.eval_on_selector_all("#audit li", "els => els.map(e => e.dataset.status)") \
+                == [c["status"] for c in report["audit"]] and report["audit"]
+            assert page.locator("#attacks tr[data-attack]").count() == sum(len(r["attacks"]) for r in report["w2"])
+            w2 = report["w2"][0]
+            cell = page.locator("#robustness-table tbody tr").first.locator("td").first.inner_text().split("\n")
+            assert cell == [_pct(w2["robust_accuracy"]), _interval(w2["ci95"])], cell
         ui.shot("5-evaluation")
 
         ui.go("#/compare")
@@ -274,10 +311,11 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         page.click("#cancel-job")
         ui.wait_job("cancelled", timeout=60)
 
-        # a data set: uploaded through the form, then deleted
-        x, y = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 4
+        # a data set whose stored test split lacks a class: uploaded through the form (the census warns), then deleted
+        rng = np.random.default_rng(0)
+        x, y = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 4
         npz = tmp_path / "tiny.npz"
-        np.savez(npz, x=x, y=y)
+        np.savez(npz, x=x, y=y, x_test=x[:9], y_test=np.arange(9) % 3)
         ui.go("#/datasets")
         # the archive-only fields (from the schema) are grouped and say so; left as they are, they are not sent
         archive = page.eval_on_selector_all("#archive-options [data-field]", "els => els.map(e => e.dataset.field)")
@@ -286,7 +324,11 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         page.set_input_files('#dataset-upload [name="file"]', str(npz))
         page.click("#dataset-upload button[type=submit]")
         page.wait_for_selector("#datasets-table tr[data-dataset]")
-        assert "40 images, 4 classes" in page.inner_text("#dataset-upload .note")
+        uploaded = page.inner_text("#dataset-upload .note")
+        assert "40 images, 4 classes" in uploaded and "1 census warning" in uploaded, uploaded
+        page.wait_for_selector('#dataset-warnings [data-code="class_missing"]')
+        assert "the test split has no image of class 3" in page.inner_text("#dataset-warnings")
+        assert page.inner_text("#datasets-table td.census summary").startswith("train 10–10 · test 0–3")
         ui.shot("7b-datasets")
         page.once("dialog", lambda d: d.accept())
         page.click("#datasets-table tr[data-dataset] button.danger")

@@ -82,11 +82,13 @@ def _chain(s: Any, rt: Runtime, job: Job, best: Artifact | None, improved: bool)
     if not improved:
         job.result = {**(job.result or {}), "model_id": job.model_id}
         return
-    model = register_finetuned_model(s, job, best) if best is not None else None
-    job.result = {**(job.result or {}), "model_id": model.id if model else None}
-    if model is not None:
-        add_event(s, job.id, "model", f"registered the best checkpoint as model {model.id}",
-                  {"model_id": model.id, "parent_model_id": job.model_id, "checkpoint_id": best.id})
+    if best is None:  # no checkpoint row to register (not expected): no new model
+        job.result = {**(job.result or {}), "model_id": None}
+        return
+    model = register_finetuned_model(s, job, best)
+    job.result = {**(job.result or {}), "model_id": model.id}
+    add_event(s, job.id, "model", f"registered the best checkpoint as model {model.id}",
+              {"model_id": model.id, "parent_model_id": job.model_id, "checkpoint_id": best.id})
 
 
 def _input_as_checkpoint(rt: Runtime, s: Any, job: Job, result: Any) -> Artifact:
@@ -148,7 +150,7 @@ def error_of(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, RobustifyError):
         return exc.to_dict()
     if is_storage_full(exc):
-        return StorageFull.from_os_error(exc).to_dict()  # type: ignore[arg-type]
+        return StorageFull.from_os_error(exc).to_dict()
     return {"code": ErrorCode.INTERNAL_ERROR,
             "message": f"the job failed unexpectedly ({type(exc).__name__}: {exc}); "
                        "the traceback is in the job's events. Report it if it persists."}

@@ -11,9 +11,9 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from core.service.db import Artifact, Job, utcnow
 from core.states import WORKER_STATES
@@ -66,9 +66,10 @@ class Heartbeat:
 
     def beat(self) -> None:
         with self.rt.session() as s:
-            res = s.execute(update(Job).where(Job.id == self.job_id, Job.worker_id == self.owner,
-                                              Job.status.in_(WORKER_STATES))
-                            .values(heartbeat_at=utcnow()))
+            # an UPDATE answers with a cursor result, which counts the rows it changed
+            res = cast(CursorResult[Any], s.execute(update(Job).where(
+                Job.id == self.job_id, Job.worker_id == self.owner, Job.status.in_(WORKER_STATES))
+                .values(heartbeat_at=utcnow())))
             row = s.execute(select(Job.cancel_requested_at, Job.worker_id).where(Job.id == self.job_id)).first()
             s.commit()
         if res.rowcount == 0 and (row is None or row.worker_id != self.owner):

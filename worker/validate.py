@@ -52,6 +52,8 @@ def _validate_model(rt: Runtime, model_id: str) -> str:
                 raise  # not the model's fault: validated again once the database answers
             s.rollback()
             m = s.get(Model, model_id)
+            if m is None:  # deleted meanwhile: nothing left to reject
+                return "skipped"
             if isinstance(exc, RobustifyError):
                 error = exc.to_dict()
             else:

@@ -14,9 +14,10 @@ import random
 import threading
 import time
 from datetime import timedelta
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, or_, select, update
 
 from core.service.db import WebhookDelivery, WebhookEndpoint, utcnow
 from core.service.webhooks import WebhookTargetRefused, WebhookTargetUnresolvable, check_target, policy_of
@@ -89,10 +90,10 @@ class WebhookDispatcher:
         now = utcnow()
         until = now + timedelta(seconds=self.settings.webhook_timeout_seconds + 30)
         with self.rt.session() as s:
-            res = s.execute(update(WebhookDelivery).where(
+            res = cast(CursorResult[Any], s.execute(update(WebhookDelivery).where(
                 WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
                 or_(WebhookDelivery.locked_until.is_(None), WebhookDelivery.locked_until < now))
-                .values(locked_until=until))
+                .values(locked_until=until)))
             s.commit()
             return res.rowcount == 1
 

@@ -22,7 +22,7 @@ class Failure(click.ClickException):
 
     def __init__(self, message: str, code: str | None = None, exit_code: int = 1) -> None:
         super().__init__(f"{code}: {message}" if code else message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance
 
     def show(self, file: Any = None) -> None:
         ctx = click.get_current_context(silent=True)

@@ -59,7 +59,7 @@ def validation_split_size(n_available: int, config: FinetuneConfig) -> int:
 
 def auto_batch_size(n_train: int) -> int:
     target = max(n_train / IMAGES_PER_STEP_TARGET, 1.0)
-    size = 2 ** math.floor(math.log2(target))
+    size = 1 << math.floor(math.log2(target))   # target ≥ 1: a power of two ≥ 1
     return max(MIN_BATCH, min(MAX_BATCH, size))
 
 
@@ -105,7 +105,7 @@ MIN_CUDA_EVAL_BATCH, MIN_CPU_EVAL_BATCH, MAX_CPU_EVAL_BATCH = 64, 32, 256
 
 
 def _floor_pow2(v: float) -> int:
-    return 2 ** math.floor(math.log2(max(v, 1.0)))
+    return 1 << math.floor(math.log2(max(v, 1.0)))
 
 
 def auto_eval_batch_size(device_type: str, image_shape: Sequence[int]) -> int:

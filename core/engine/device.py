@@ -49,7 +49,7 @@ def release_stem(model: nn.Module) -> None:
     """Undo keep_stem_float32."""
     for m in model.modules():
         if type(m) is Float32Conv2d:
-            m.__class__ = nn.Conv2d
+            m.__class__ = nn.Conv2d  # type: ignore[assignment]  # the class swap keep_stem_float32 made, undone
 
 
 def bf16_rounds_step(step: float) -> bool:
@@ -77,7 +77,7 @@ class Compute:
         stem = use_bf16 and attack_step is not None and bf16_rounds_step(attack_step)
         return cls(dev, torch.bfloat16 if use_bf16 else None, channels_last and on_gpu, stem)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)

@@ -133,7 +133,8 @@ def read_hub_config(repo: str, *, revision: str = "main", allow_download: bool =
             "arguments are not supported yet. Upload its state dict as safetensors with architecture "
             f"timm:{config['architecture']} instead if the defaults fit.")
     check_timm_name(config["architecture"])
-    pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    raw = config.get("pretrained_cfg")
+    pretrained: dict[str, Any] = raw if isinstance(raw, dict) else {}
     num_classes = config.get("num_classes", pretrained.get("num_classes"))
     if not isinstance(num_classes, int) or num_classes < 2:
         raise InvalidModelFile(f"{repo}'s config.json gives no usable num_classes ({num_classes!r}).")

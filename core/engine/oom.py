@@ -10,7 +10,7 @@ cuda_out_of_memory and says to lower batch_size).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,7 +42,7 @@ class AdaptiveBatch:
                 self.on_halve(old, self.size, what)
 
 
-def report_halving(event: Callable[[str, str, dict], None]) -> Callable[[int, int, str], None]:
+def report_halving(event: Callable[[str, str, dict[str, Any]], None]) -> Callable[[int, int, str], None]:
     """An on_halve that writes a warning event: what ran out of memory, and the new batch size."""
     def on_halve(old: int, new: int, what: str) -> None:
         event("warning", f"CUDA out of memory in {what} with batch size {old}; retrying with batch size {new}",

@@ -37,7 +37,10 @@ class Threat:
 
     @classmethod
     def from_spec(cls, spec: ThreatModelSpec, delta: float | None = None) -> Threat:
-        return cls(kind=spec.kind, delta=float(spec.delta if delta is None else delta))
+        radius = spec.delta if delta is None else delta
+        if radius is None:
+            raise ValueError("a threat needs a radius δ: the spec states none and none was given")
+        return cls(kind=spec.kind, delta=float(radius))
 
     def with_delta(self, delta: float) -> Threat:
         return replace(self, delta=float(delta))
@@ -63,7 +66,7 @@ class Threat:
     @property
     def w2(self) -> Threat:
         """The W2 threat with the same ground norm and radius (itself if distributional)."""
-        return self if self.distributional else replace(self, kind=f"w2-{self.ground}")
+        return self if self.distributional else replace(self, kind="w2-linf" if self.ground == "linf" else "w2-l2")
 
     @property
     def pointwise(self) -> Threat:

@@ -212,7 +212,7 @@ def load_robustbench_model(name: str, *, dataset: str = "cifar10", threat_model:
             raise ModelDownloadFailed(f"weights not found at {path}; downloads are disabled "
                                       "(ROBUSTIFY_ALLOW_DOWNLOAD); place RobustBench's file there or enable downloads.")
         _download_robustbench(name, entry.get("gdrive_id"), path)
-    model = entry["model"]()
+    model: nn.Module = entry["model"]()
     expected = model.state_dict()
     state = _align_prefixes(_read_robustbench_checkpoint(path), expected)
     parameters = dict(model.named_parameters())

@@ -83,7 +83,7 @@ def atomic_path(dest: Path, *, prefix: str = ".tmp-") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(dest: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(dest: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write `dest` through `write(fh)`, flushed to disk before the rename (atomic_path)."""
     with atomic_path(dest) as tmp, open(tmp, "wb") as out:
         write(out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from torch import nn
 
@@ -19,6 +19,16 @@ from core.errors import UnsupportedArchitecture
 class ModelConstructor(Protocol):
     def __call__(self, *, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
                  threat_model: str) -> nn.Module: ...
+
+
+class BuildArgs(TypedDict):
+    """What every constructor and family resolver is called with."""
+
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    dataset: str
+    threat_model: str
 
 
 class FamilyResolver(Protocol):
@@ -61,8 +71,8 @@ def list_families() -> list[str]:
 
 def build(name: str, *, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
           threat_model: str) -> nn.Module:
-    kwargs = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size, dataset=dataset,
-                  threat_model=threat_model)
+    kwargs = BuildArgs(num_classes=num_classes, in_channels=in_channels, image_size=image_size, dataset=dataset,
+                       threat_model=threat_model)
     if name in _architectures:
         return _architectures[name](**kwargs)
     for prefix, resolver in _families.items():

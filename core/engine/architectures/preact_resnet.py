@@ -32,7 +32,8 @@ class PreActBlock(nn.Module):
         identity = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
-        return out + identity
+        residual: torch.Tensor = out + identity
+        return residual
 
 
 class PreActResNet(nn.Module):
@@ -58,7 +59,8 @@ class PreActResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(self.conv1(self.normalize(x)))
         out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
-        return self.linear(out)
+        logits: torch.Tensor = self.linear(out)
+        return logits
 
 
 @register_architecture("preact-resnet-18")

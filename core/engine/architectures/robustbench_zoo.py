@@ -56,7 +56,7 @@ def robustbench_entry(name: str, *, dataset: str, threat_model: str) -> dict[str
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnsupportedArchitecture(f"RobustBench has no model {name!r} for {dataset} / {threat_model}.{hint} "
                                       "See robustbench's model zoo for the names.")
-    entry = models[name]
+    entry: dict[str, Any] = models[name]
     if isinstance(entry.get("gdrive_id"), (list, tuple)):
         raise UnsupportedArchitecture(f"RobustBench's {name} is an ensemble of several checkpoints; "
                                       "ensembles are not supported yet. Pick a single model.")
@@ -74,4 +74,5 @@ def robustbench_architecture(name: str, *, num_classes: int, in_channels: int, i
             f"RobustBench's {name} takes 3×{size}×{size} images and predicts "
             f"{expected[0]} classes; this model was declared with {in_channels}×{image_size[0]}×{image_size[1]} "
             f"images and {num_classes} classes.")
-    return entry["model"]()
+    model: nn.Module = entry["model"]()
+    return model

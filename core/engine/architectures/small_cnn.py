@@ -30,7 +30,8 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        logits: torch.Tensor = self.classifier(self.features(self.normalize(x)))
+        return logits
 
 
 @register_architecture("small-cnn")

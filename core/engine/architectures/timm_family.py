@@ -9,6 +9,7 @@ the registration's image size. Hugging Face Hub models go through core.engine.hu
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from torch import nn
 
@@ -18,7 +19,7 @@ from core.errors import UnsupportedArchitecture
 PREFIX = "timm:"
 
 
-def _import_timm():
+def _import_timm() -> Any:   # timm has no type information
     import timm
 
     return timm
@@ -52,4 +53,6 @@ def timm_architecture(name: str, *, num_classes: int, in_channels: int, image_si
     # Only models that fix their input size (patch embeddings, position tables) take img_size.
     if cfg is not None and cfg.fixed_input_size and tuple(cfg.input_size[1:]) != (height, width):
         kwargs["img_size"] = (height, width)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    model: nn.Module = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                         **kwargs)
+    return model

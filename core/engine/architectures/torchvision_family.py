@@ -11,6 +11,7 @@ size; its other transformers (swin, maxvit) take the size they were designed for
 from __future__ import annotations
 
 import difflib
+from typing import cast
 
 from torch import nn
 
@@ -33,10 +34,14 @@ def _first_conv_for(model: nn.Module, in_channels: int) -> None:
             if module.in_channels == in_channels:
                 return
             parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+            # a Conv2d keeps its sizes as pairs; torch's annotations say tuples of any length
+            kernel, stride, dilation = (cast("tuple[int, int]", v) for v in (module.kernel_size, module.stride,
+                                                                              module.dilation))
+            padding = cast("str | tuple[int, int]", module.padding)
             setattr(parent, path.rpartition(".")[2], nn.Conv2d(
-                in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
-                dilation=module.dilation, groups=1 if module.groups == module.in_channels else module.groups,
-                bias=module.bias is not None, padding_mode=module.padding_mode))
+                in_channels, module.out_channels, kernel, stride=stride, padding=padding, dilation=dilation,
+                groups=1 if module.groups == module.in_channels else module.groups, bias=module.bias is not None,
+                padding_mode=module.padding_mode))
             return
     raise UnsupportedArchitecture(f"found no convolution to adapt to {in_channels} input channels.")
 
@@ -60,7 +65,7 @@ def torchvision_architecture(name: str, *, num_classes: int, in_channels: int, i
         if height != width:
             raise UnsupportedArchitecture(f"torchvision's {name} takes square images; got {height}×{width}.")
         kwargs["image_size"] = height
-    model = get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    model: nn.Module = get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         _first_conv_for(model, in_channels)
     return model

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.engine.architectures._layers import init_weights, input_normalization
-from core.engine.architectures._registry import register_architecture
+from core.engine.architectures._registry import ModelConstructor, register_architecture
 
 
 class WideBasicBlock(nn.Module):
@@ -34,7 +34,8 @@ class WideBasicBlock(nn.Module):
         out = F.relu(self.bn2(self.conv1(out)))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
-        return self.conv2(out) + identity
+        residual: torch.Tensor = self.conv2(out) + identity
+        return residual
 
 
 class WideResNet(nn.Module):
@@ -64,10 +65,11 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.groups(self.conv1(self.normalize(x)))
         out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
-        return self.fc(out)
+        logits: torch.Tensor = self.fc(out)
+        return logits
 
 
-def _wide_resnet(depth: int, widen_factor: int):
+def _wide_resnet(depth: int, widen_factor: int) -> ModelConstructor:
     def construct(*, num_classes: int, in_channels: int, image_size: tuple[int, int], dataset: str,
                   threat_model: str) -> nn.Module:
         return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes, in_channels=in_channels,

@@ -176,6 +176,9 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
                 batch_size=batch, seed=config.seed, steps=config.wpgd_steps, step_ratio=config.wpgd_step_ratio,
                 pointwise_accuracy=strongest.robust_accuracy if strongest else None,
                 progress=progress.within, should_stop=hooks.should_stop)
+            if hooks.should_stop():   # the audit was cut short: its checks are not to be kept
+                report.audit = []
+                return _stopped(report, config, n, compute, context, started_at, batch_size, indices, labels)
             progress.unit_done("audit", {"audit": audit_status(report.audit)})
             _warn_on_failed_audit(report, hooks)
         outcomes = {"clean_accuracy": ensemble.clean_correct, "w2_robust_accuracy": ensemble.correct}

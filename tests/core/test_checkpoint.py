@@ -39,11 +39,11 @@ def test_round_trip_restores_every_part(tmp_path) -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(back.model_state[k], v) and torch.equal(back.best_model_state[k], v * 2)
     # the optimiser and scheduler continue exactly as the originals would
-    model2, opt2, sched2 = _optimiser_state()
+    _, opt2, sched2 = _optimiser_state()
     opt2.load_state_dict(back.optimizer_state)
     sched2.load_state_dict(back.scheduler_state)
     assert sched2.get_last_lr() == sched.get_last_lr()
-    for group_a, group_b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+    for group_a, group_b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
         assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
     gen2 = torch.Generator()
     gen2.set_state(back.rng_state["generator"])

@@ -56,7 +56,7 @@ def _write_fashion(folder: Path, rng: np.random.Generator, *, compress: bool) ->
     arrays = [rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=6, dtype=np.uint8),
               rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=3, dtype=np.uint8)]
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    for name, array in zip(names, arrays):
+    for name, array in zip(names, arrays, strict=True):
         _idx(folder / (name + (".gz" if compress else "")), array, compress=compress)
     return arrays
 
@@ -115,7 +115,7 @@ def test_a_cifar_pickle_naming_a_non_numpy_global_is_refused(tmp_path: Path) -> 
     _write_cifar10(tmp_path, np.random.default_rng(0))
     bad = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"payload": _Boom()}
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(bad, protocol=2))
-    with pytest.raises(InvalidDataset, match="refusing to load .*system"):
+    with pytest.raises(InvalidDataset, match=r"refusing to load .*system"):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
@@ -167,7 +167,8 @@ def test_idx_reader_rejects_bad_files(tmp_path: Path) -> None:
 def test_missing_fashion_mnist_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import core.engine.data.datasets
 
-    monkeypatch.setattr(core.engine.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")  # the machine may have the package
+    # the machine may have the package
+    monkeypatch.setattr(core.engine.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(DatasetUnavailable, match="IDX files"):
         load_dataset("fashion-mnist", data_dir=tmp_path)
 
@@ -217,7 +218,8 @@ def test_npz_layouts_are_normalised_to_nchw(tmp_path: Path) -> None:
     assert len(data.train_y) + len(data.test_y) == 20 and set(data.test_y.tolist()) == {0, 1, 2, 3}
     # Each image keeps its own label through the split.
     by_pixels = {nchw[i].tobytes(): int(y[i]) for i in range(20)}
-    assert all(by_pixels[x.numpy().tobytes()] == int(label) for x, label in zip(data.train_x, data.train_y))
+    pairs = zip(data.train_x, data.train_y, strict=True)
+    assert all(by_pixels[x.numpy().tobytes()] == int(label) for x, label in pairs)
 
 
 @pytest.mark.parametrize("x, y, message", [
@@ -243,7 +245,7 @@ def test_npz_files_without_arrays_or_with_pickles_are_refused(tmp_path: Path) ->
         load_npz(missing)
     objects = tmp_path / "objects.npz"
     np.savez(objects, x=np.array([object()] * 2, dtype=object), y=np.zeros(2, np.int64))
-    with pytest.raises(InvalidDataset, match="not a readable .npz"):
+    with pytest.raises(InvalidDataset, match=r"not a readable \.npz"):
         load_npz(objects)
 
 
@@ -311,8 +313,8 @@ def test_each_output_is_a_shifted_possibly_flipped_window_of_its_zero_padded_inp
 def test_no_padding_means_only_flips() -> None:
     x = _ramp_batch(32)
     out = augment_crop_flip(x, pad=0, generator=torch.Generator().manual_seed(1))
-    flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
-    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)])
+    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, x, strict=True)])
     assert torch.all(flipped ^ same) and flipped.any() and same.any()
 
 

@@ -100,4 +100,4 @@ def test_wpgd_convergence_means_no_new_minimum_in_the_last_quarter() -> None:
     assert not converged([0.9, 0.8, 0.7, 0.6, 0.5])             # still falling at the end
     steps = [1.0 - 0.01 * t for t in range(38)] + [0.63] * 13  # 50 steps, lowest at step 37
     assert converged(steps)
-    assert not converged(steps[:-1] + [0.62])                   # a new low at step 50
+    assert not converged([*steps[:-1], 0.62])                   # a new low at step 50

@@ -129,7 +129,7 @@ def test_bad_archives_are_refused_with_their_code(tmp_path: Path, name: str) -> 
 def test_pixel_limit_is_a_setting_checked_before_decoding(tmp_path: Path) -> None:
     path = _write(tmp_path, zip_bytes(folder_entries(per_class=2, sizes=((40, 30),))))
     small = ImageFolderLimits(LIMITS.max_uncompressed_bytes, max_image_pixels=1000, max_dataset_bytes=10**8)
-    with pytest.raises(ArchiveError, match="1200 pixels|40×30") as info:
+    with pytest.raises(ArchiveError, match=r"1200 pixels|40×30") as info:
         read_image_folder(path, limits=small, image_size=(16, 16))
     assert info.value.code == "archive_decompression_bomb"
 

@@ -97,7 +97,7 @@ def test_reproduce_fine_tunes_and_prints_ours_next_to_the_papers(tmp_path: Path,
                       "--attack-steps", "1", "--wpgd-steps", "2", "--pgd-steps", "1", "--device", "cpu",
                       "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    header, before, after = _table_rows(proc.stdout, CHEAP)
+    _, before, after = _table_rows(proc.stdout, CHEAP)
     for column in COLUMNS:
         assert column in proc.stdout.splitlines()[1], column
     # model, stage, then clean/W2/l-inf as (ours, paper), then our absolute W2 and l-inf accuracies

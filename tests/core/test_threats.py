@@ -79,7 +79,7 @@ def test_direction_attains_sensitivity_and_beats_other_directions(kind: str) -> 
     assert gain == pytest.approx(upsilon, rel=1e-10)
     if kind == "w2-linf":
         assert upsilon == pytest.approx(float(grads.flatten(1).abs().sum(1).square().mean().sqrt()), rel=1e-12)
-    for trial in range(20):
+    for _ in range(20):
         other = torch.randn(grads.shape, generator=g, dtype=torch.float64)
         other_size = threat.norms(other).square().mean().sqrt()
         other_gain = float((grads * other / other_size).flatten(1).sum(1).mean())

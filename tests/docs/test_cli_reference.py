@@ -16,6 +16,7 @@ def test_the_cli_reference_is_up_to_date() -> None:
         page = render()
     assert (ROOT / "docs" / "cli.md").read_text() == page, \
         "docs/cli.md is out of date: run `python -m cli.docgen > docs/cli.md`"
-    for command in ("robustify jobs submit", "robustify finetune", "robustify models upload", "robustify webhooks list"):
+    for command in ("robustify jobs submit", "robustify finetune", "robustify models upload",
+                    "robustify webhooks list"):
         assert f" {command}\n" in page, command
     assert "--threat-model [w2-linf|w2-l2|linf|l2]" in page and "_ROBUSTIFY_COMPLETE=bash_source" in page

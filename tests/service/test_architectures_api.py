@@ -40,7 +40,7 @@ def test_builtins_and_families_are_listed_without_a_name_list(client, keys, sett
     assert _ids(resp) == ["small-cnn", "preact-resnet-18", "wide-resnet-28-10", "wide-resnet-34-10",
                           "timm:", "torchvision:", "robustbench:"]
     families = [a for a in body["data"] if a["object"] == "architecture_family"]
-    assert [f["search"] for f in families][0] == "/v1/architectures?family=timm&q="
+    assert next(f["search"] for f in families) == "/v1/architectures?family=timm&q="
     assert not (settings.data_dir / "cache").exists()   # no family was listed
     assert _ids(client.get("/v1/architectures", headers=keys["a"]["headers"],
                            params={"family": "builtin", "q": "RESNET"})) == [
@@ -73,7 +73,8 @@ def test_timm_names_come_from_a_background_subprocess_and_are_searchable_and_pag
     seen, after = [], None
     while True:
         page = client.get("/v1/architectures", headers=h,
-                          params={"family": "timm", "q": "resnet18*", "limit": 3, **({"after": after} if after else {})})
+                          params={"family": "timm", "q": "resnet18*", "limit": 3,
+                                  **({"after": after} if after else {})})
         body = page.json()
         seen += [a["id"] for a in body["data"]]
         after = body["last_id"]

@@ -44,7 +44,7 @@ def test_store_is_content_addressed_and_deletes_only_unshared_bytes(tmp_path, se
     assert store.exists(ArtifactStore.relpath_for(sha))  # b still holds the bytes
     delete_artifact(session, store, b)
     assert not store.exists(ArtifactStore.relpath_for(sha)) and session.query(Artifact).count() == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside the store"):
         store.path("../../etc/passwd")
 
 

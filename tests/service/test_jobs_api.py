@@ -195,8 +195,8 @@ def test_events_json_and_sse_resume(client, keys, ready_model, db):
     resumed = client.get(f"/v1/jobs/{job}/events", headers={**h, "Accept": "text/event-stream",
                                                              "Last-Event-ID": str(ids[1])})
     assert [e["id"] for e in parse_sse(resumed.text)] == ids[2:]
-    assert_problem(client.get(f"/v1/jobs/{job}/events", headers={**keys["b"]["headers"], "Accept": "text/event-stream"}),
-                   404, "not_found")
+    stream = {**keys["b"]["headers"], "Accept": "text/event-stream"}
+    assert_problem(client.get(f"/v1/jobs/{job}/events", headers=stream), 404, "not_found")
 
 
 def test_sse_streams_live_and_ends_when_the_job_finishes(app, keys, ready_model, db):
@@ -315,7 +315,8 @@ def test_incompatible_model_and_dataset_is_422_naming_both_shapes(client, keys, 
     body = assert_problem(submit(client, h, ready_model, dataset=twelve.json()["id"]), 422, "incompatible_dataset")
     assert body["dataset_num_classes"] == 12 and body["model_num_classes"] == 10 and "labels 0..11" in body["detail"]
     assert db.count(Job) == jobs and queues.length(queues.gpu) == queued   # nothing stored, nothing queued
-    fits = client.post("/v1/datasets", headers=h, files={"file": ("f.npz", npz_bytes(n=40), "application/octet-stream")})
+    fits = client.post("/v1/datasets", headers=h,
+                       files={"file": ("f.npz", npz_bytes(n=40), "application/octet-stream")})
     assert submit(client, h, ready_model, dataset=fits.json()["id"]).status_code == 202
 
 

@@ -73,9 +73,9 @@ def test_uvicorn_on_every_interface_requires_keys(embedded, tmp_path):
                ROBUSTIFY_HOST="127.0.0.1", PYTHONPATH=str(ROOT))
     log = tmp_path / "uvicorn.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "0.0.0.0",
-                                 "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
+                                 "--host", "0.0.0.0", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(150):

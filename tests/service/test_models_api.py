@@ -84,13 +84,14 @@ def test_bad_weights_are_refused_and_nothing_is_stored(client, keys, db, setting
 
 def test_unknown_architecture_and_bad_fields(client, keys, db, settings):
     rows, arts, files = db.count(Model), db.count(Artifact), store_files(settings)
-    body = assert_problem(upload(client, keys["a"]["headers"], safetensors_bytes(), {**FIELDS, "architecture": "resnet-9000"}),
+    h = keys["a"]["headers"]
+    body = assert_problem(upload(client, h, safetensors_bytes(), {**FIELDS, "architecture": "resnet-9000"}),
                           422, "unsupported_architecture")
     assert "small-cnn" in body["detail"]
-    body = assert_problem(upload(client, keys["a"]["headers"], safetensors_bytes(), {**FIELDS, "num_classes": "1"}),
+    body = assert_problem(upload(client, h, safetensors_bytes(), {**FIELDS, "num_classes": "1"}),
                           422, "validation_error")
     assert body["errors"][0]["field"] == "num_classes"
-    body = assert_problem(upload(client, keys["a"]["headers"], safetensors_bytes(), {**FIELDS, "dataset": "imagenet-ish"}),
+    body = assert_problem(upload(client, h, safetensors_bytes(), {**FIELDS, "dataset": "imagenet-ish"}),
                           422, "validation_error")
     assert body["errors"][0]["field"] == "input_size"
     assert db.count(Model) == rows and db.count(Artifact) == arts and store_files(settings) == files

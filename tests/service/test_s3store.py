@@ -82,7 +82,7 @@ def test_content_addressed_put_open_delete(s3_endpoint, s3_bucket, tmp_path):
     with pytest.raises(ArtifactMissing):
         store.local_path(relpath_for(sha))
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()], "a failed fetch leaves no file"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a content-addressed artifact path"):
         store.open("sha256/../../other-team/x")
 
 
@@ -172,7 +172,7 @@ def test_cache_keeps_to_its_bound_least_recently_used_first(tmp_path):
 
 def test_directory_store_has_the_same_interface(tmp_path):
     store = ArtifactStore(tmp_path / "art")
-    sha, _, rel = store.put_bytes(b"x")
+    _, _, rel = store.put_bytes(b"x")
     assert store.local_path(rel) == store.on_disk(rel) == store.path(rel)
     assert store.presigned_url(rel, filename="x", content_type="x") is None
     assert store.check() == {"ok": True, "backend": "directory"}

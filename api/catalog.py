@@ -15,8 +15,10 @@ at once.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from api.errors import ApiError
-from core.engine.architecture_names import FAMILIES
+from core.engine.architecture_names import FAMILIES, parse_architecture
 from core.errors import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +93,18 @@ class ArchitectureCatalog:
                                f"after an install or upgrade); retry in {left} s.",
                                headers={"Retry-After": str(left)}, families=waiting)
             return {f: self._names[f] for f in families}
+
+    def listed(self, family: str) -> list[dict[str, Any]] | None:
+        """The family's names if known now (memory or disk), else None; never waits and never
+        raises: a registration checks a name against them when they are known (unlisted_name_problem),
+        and a first call starts their listing for the next one."""
+        with self._cond:
+            if family in self._names or self._from_disk(family):
+                return self._names[family]
+            failed_at, _ = self._failed.get(family, (-math.inf, ""))
+            if time.monotonic() - failed_at >= FAILURE_HOLD_SECONDS:
+                self._request([family])
+            return None
 
     def close(self) -> None:
         """Stop the builder (the server is stopping): a listing still running is killed."""
@@ -182,3 +196,33 @@ class ArchitectureCatalog:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(names))
         os.replace(tmp, path)  # atomic: another server process may read it at the same time
+
+
+# A family's model names: letters, digits, "_", "-" and "." (timm's pretrained tag, as in
+# resnet18.a1_in1k); never a path ("/", "..") nor anything to escape.
+FAMILY_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,179}\Z")
+
+
+def unlisted_name_problem(catalog: ArchitectureCatalog, architecture: str) -> str | None:
+    """Why `architecture` (family:name) cannot be one of its family's models, with close names;
+    None when it is, or when the family's names are not listed yet (the worker checks it then)."""
+    parsed = parse_architecture(architecture)
+    if parsed.family is None:
+        return None
+    if not FAMILY_MODEL_NAME.match(parsed.name) or ".." in parsed.name:
+        return (f"{architecture!r} is not a {parsed.family} model name: a name is letters, digits, '_', '-' "
+                "and '.', with no '/' or '..'")
+    names = catalog.listed(parsed.family)
+    if names is None:
+        return None
+    prefix = f"{parsed.family}:"
+    known = [str(entry["id"]).removeprefix(prefix) for entry in names]
+    # timm reads "<architecture>.<pretrained tag>" as its architecture (timm.is_model does too)
+    wanted = parsed.name.partition(".")[0] if parsed.family == "timm" else parsed.name
+    if wanted in known:
+        return None
+    close = difflib.get_close_matches(wanted.lower() if parsed.family != "robustbench" else wanted, known,
+                                      n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return (f"{parsed.family} has no model {parsed.name!r}.{hint} "
+            f"GET /v1/architectures?family={parsed.family}&q=<part of a name> lists its names.")

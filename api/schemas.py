@@ -186,18 +186,32 @@ class HubModelCreate(InputContract):
     source: Literal["hf-hub"]
     name: str = Field(min_length=1, max_length=160, examples=["timm/resnet18.a1_in1k"],
                       description="the repository id, org/name")
-    revision: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9._/-]+$")
-    num_classes: int = Field(ge=2, le=100000)
+    revision: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9._/-]+$",
+                                 description="a branch, tag or commit (refs/pr/1); no '..', '//', or part starting "
+                                             "with '.' or '/' (git's ref-name rules)")
+    num_classes: int = Field(ge=2, le=MAX_NUM_CLASSES)
     dataset: str = Field(min_length=1, max_length=100, description="what it was trained on")
     metadata: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod
     def _repo(cls, value: str) -> str:
-        from core.engine.hub import REPO_ID
+        from core.engine.hub import is_repo_id
 
-        if not REPO_ID.match(value):
-            raise ValueError("name must be a Hugging Face repository id such as timm/resnet18.a1_in1k")
+        if not is_repo_id(value):
+            raise ValueError("name must be a Hugging Face repository id such as timm/resnet18.a1_in1k (org/name: "
+                             "letters, digits, '.', '_', '-'; no '--' or '..', no part ending in '.' or '-', "
+                             "nothing after it, not even a newline)")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        from core.engine.hub import is_revision
+
+        if value is not None and not is_revision(value):
+            raise ValueError("revision must be a branch, tag or commit such as main, v1.0 or refs/pr/1: no '..' "
+                             "or '//', no part that starts with '.', no leading or trailing '/'")
         return value
 
 
@@ -237,10 +251,21 @@ class WebhookEndpointCreate(_Body):
     description: str | None = Field(default=None, max_length=200)
 
 
+# Exactly one of model_id and model is given (null counts as absent): the schema says so as the
+# validator _one_model checks it.
+_ONE_MODEL: dict[str, Any] = {"oneOf": [
+    {"required": ["model_id"], "properties": {"model_id": {"type": "string"}, "model": {"type": "null"}}},
+    {"required": ["model"], "properties": {"model": {"type": "object"}, "model_id": {"type": "null"}}},
+]}
+
+
 class JobCreate(_Body):
+    model_config = ConfigDict(json_schema_extra=_ONE_MODEL)
+
     type: JobType
-    model_id: str | None = Field(default=None, max_length=40)
-    model: InlineModelRef | None = None
+    model_id: str | None = Field(default=None, max_length=40, description="A registered model; or give `model`.")
+    model: InlineModelRef | None = Field(default=None, description="An inline RobustBench reference (registered on "
+                                                                   "first use); or give `model_id`.")
     dataset: str = Field(min_length=1, max_length=100, examples=list(BUILTIN_DATASETS),
                          description="A built-in data set (digits, fashion-mnist, cifar10, cifar100) or a dataset id.")
     threat_model: ThreatModelSpec | None = None

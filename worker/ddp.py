@@ -98,16 +98,16 @@ def run_distributed(rt: Runtime, job_id: str, owner: str, hb: Any, devices: int,
 
 
 def _check_devices(devices: int) -> str:
-    import torch
+    """The backend for `devices` ranks here, or not_enough_devices before any process starts: a
+    CPU-only worker runs at most one gloo rank per CPU core (worker/devices.py)."""
+    from worker.devices import device_capacity
 
-    if not torch.cuda.is_available():
-        return "gloo"
-    visible = torch.cuda.device_count()
-    if visible < devices:
-        raise RobustifyError(f"the job asks for {devices} devices but this worker sees {visible} GPU(s) "
-                             "(CUDA_VISIBLE_DEVICES); submit it with fewer `devices`, or run a worker with more GPUs.",
-                             code=ErrorCode.NOT_ENOUGH_DEVICES)
-    return "nccl"
+    offered, device_type = device_capacity()
+    if offered < devices:
+        what = "GPU(s) (CUDA_VISIBLE_DEVICES)" if device_type == "cuda" else "CPU core(s) and no GPU (one rank per core)"
+        raise RobustifyError(f"the job asks for {devices} devices but this worker has {offered} {what}; submit it "
+                             "with fewer `devices`, or run a worker with more.", code=ErrorCode.NOT_ENOUGH_DEVICES)
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
 def _work_dir(root: Path) -> Path:

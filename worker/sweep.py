@@ -74,9 +74,16 @@ class Maintenance:
         self.name, self.queues, self.enqueue = name, queues, enqueue
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="robustify-maintenance", daemon=True)
+        self.devices: tuple[int, str] | None = None   # stated in the heartbeat once probed
 
     def start(self) -> None:
         self._thread.start()
+        threading.Thread(target=self._probe_devices, name="robustify-devices", daemon=True).start()
+
+    def _probe_devices(self) -> None:
+        from worker.devices import probe_capacity
+
+        self.devices = probe_capacity()   # seconds (torch imported in a subprocess); the heartbeat starts at once
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,7 +104,7 @@ class Maintenance:
 
     def _beat(self, rt: Runtime) -> None:
         with rt.session() as s:
-            record_worker_heartbeat(s, self.name, self.queues)
+            record_worker_heartbeat(s, self.name, self.queues, self.devices)
             s.commit()
 
     @staticmethod

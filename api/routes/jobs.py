@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api import responses as r
+from api.admission import check_devices, check_queued_share, check_train_size
 from api.bodies import check_metadata
 from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.crud import get_owned_job, get_owned_model, owned
@@ -102,11 +103,15 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
     check_metadata(body.metadata, svc.settings)
     cfg = _recipe_config(body)
     facts = dataset_facts(session, who, body.dataset)
+    if isinstance(cfg, FinetuneConfig):
+        check_train_size(facts)
     config = _resolved(cfg, facts).model_dump(mode="json")
     if idempotency_key:
         prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
         if prior is not None:
             return _replay(prior, body, config, response)
+    check_queued_share(session, who, svc.settings)
+    check_devices(session, svc.settings, config.get("devices"))
     m = _resolve_model(session, svc, who, body)
     check_compatible(m, facts)
     webhook_endpoint_id, webhook_events = job_webhook(session, svc, who, body.webhook)

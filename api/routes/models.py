@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from api import responses as r
 from api.bodies import check_metadata, media_type, read_json, read_multipart
+from api.catalog import ArchitectureCatalog, unlisted_name_problem
 from api.crud import find_owned_dataset, get_owned_model, visible_models
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError
@@ -34,6 +35,7 @@ from core.engine.architecture_names import (
 from core.engine.hub import hub_architecture
 from core.engine.input_contract import default_input_stats
 from core.errors import ErrorCode
+from core.limits import MAX_NUM_CLASSES
 from core.service.db import Artifact, Job, Model, new_id, utcnow
 from core.service.queue import enqueue_model_validation
 from core.service.uploads import inspect_safetensors
@@ -49,7 +51,8 @@ _UPLOAD_SCHEMA = {
         "architecture": {"type": "string", "description": f"one of {', '.join(BUILTIN_ARCHITECTURES)}, "
                          "timm:<name>, torchvision:<name> or robustbench:<name> (GET /v1/architectures)",
                          "examples": list(BUILTIN_ARCHITECTURES)},
-        "num_classes": {"type": "integer"}, "dataset": {"type": "string"},
+        "num_classes": {"type": "integer", "minimum": 2, "maximum": MAX_NUM_CLASSES},
+        "dataset": {"type": "string", "minLength": 1, "maxLength": 100},
         "name": {"type": "string"}, "metadata": {"type": "string", "description": "a JSON object"},
         "input_size": {"type": "string", "description": "C,H,W; default from the dataset (input_shape: old name)"},
         "input_mean": {"type": "string", "description": "per channel, e.g. 0.485,0.456,0.406 (see InputContract)"},
@@ -102,7 +105,8 @@ async def create_model(request: Request, svc: ServicesDep, who: CallerDep, sessi
     if kind == "multipart/form-data":
         upload = await read_multipart(request, svc.store, limit)
         try:
-            return await run_in_threadpool(_create_upload, svc, session, who, upload.fields,
+            return await run_in_threadpool(_create_upload, svc, session, who,
+                                           request.app.state.architecture_catalog, upload.fields,
                                            upload.file_path, upload.filename)
         finally:
             upload.discard()  # no-op once the file was moved into the store
@@ -172,8 +176,8 @@ def _check_channels(mean: list[float], size: list[int]) -> None:
                    f"channels (input_size {size})"}])
 
 
-def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[str, str],
-                   file_path: Any, filename: str | None) -> r.Model:
+def _create_upload(svc: Services, session: Session, who: Caller, catalog: ArchitectureCatalog,
+                   fields: dict[str, str], file_path: Any, filename: str | None) -> r.Model:
     form = _body(ModelUploadForm, fields)
     check_metadata(form.metadata, svc.settings)
     if file_path is None:
@@ -191,6 +195,11 @@ def _create_upload(svc: Services, session: Session, who: Caller, fields: dict[st
                        'register a Hugging Face Hub model with a JSON body {"source": "hf-hub", "name": '
                        '"<org>/<repo>", "num_classes": ..., "dataset": ...}; to upload your own weights for its '
                        "architecture, name the architecture in its config.json as timm:<architecture>.")
+    problem = unlisted_name_problem(catalog, form.architecture)
+    if problem:
+        raise ApiError(422, ErrorCode.UNSUPPORTED_ARCHITECTURE, problem,
+                       errors=[{"loc": ["body", "architecture"], "field": "architecture", "msg": problem,
+                                "type": "value_error"}])
     input_shape = form.input_size or _default_shape(session, who, form.dataset)
     input_mean, input_std = _input_contract(form.architecture, form.dataset, input_shape, form)
     inspect_safetensors(file_path)  # InvalidModelFile -> 422, and the temp file is discarded

@@ -166,9 +166,10 @@ class FinetuneConfig(_Strict):
                                 description="PGD steps of the reported test numbers, where the preset's pointwise "
                                             "attack is PGD (quick).")
     train_examples: int | None = Field(
-        default=None, ge=1, le=MAX_EXAMPLES,
+        default=None, ge=2, le=MAX_EXAMPLES,
         description="Use only N training images, a seeded stratified sample (every class in proportion, each "
-                    "class at least once when N is at least the number of classes); null: all of them.")
+                    "class at least once when N is at least the number of classes); null: all of them. At "
+                    "least 2: one is held out to select the checkpoint, one is trained on.")
     amp: Literal["auto", "bf16", "off"] = Field(
         default="auto", description="The training step: auto is bf16 on CUDA, float32 on CPU.")
     eval_amp: Literal["off", "bf16"] = Field(

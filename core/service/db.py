@@ -166,6 +166,10 @@ class WorkerHeartbeat(Base):
     queues: Mapped[list[Any] | None] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # What one job may train on here (worker/devices.py): the GPUs it sees, or on a CPU-only worker one
+    # gloo rank per CPU core; null until the worker has probed (the API then cannot refuse by it).
+    devices: Mapped[int | None] = mapped_column(Integer)
+    device_type: Mapped[str | None] = mapped_column(String(20))   # "cuda" | "cpu"
 
 
 class WebhookEndpoint(Base):
@@ -203,15 +207,20 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = _ts()
 
 
-def record_worker_heartbeat(session: Any, worker_id: str, queues: list[str] | None = None) -> None:
-    """Insert or refresh a worker's heartbeat row (the caller commits)."""
+def record_worker_heartbeat(session: Any, worker_id: str, queues: list[str] | None = None,
+                            devices: tuple[int, str] | None = None) -> None:
+    """Insert or refresh a worker's heartbeat row, with its (device count, device type) once known
+    (the caller commits)."""
     row = session.get(WorkerHeartbeat, worker_id)
     if row is None:
-        session.add(WorkerHeartbeat(id=worker_id, queues=queues, heartbeat_at=utcnow()))
+        row = WorkerHeartbeat(id=worker_id, queues=queues, heartbeat_at=utcnow())
+        session.add(row)
     else:
         row.heartbeat_at = utcnow()
         if queues is not None:
             row.queues = queues
+    if devices is not None:
+        row.devices, row.device_type = devices
 
 
 def as_utc(value: datetime | None) -> datetime | None:

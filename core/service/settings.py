@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     gpu_queue: str = "gpu"
     cpu_queue: str = "cpu"
     max_attempts: int = 3
+    # Jobs one API key may have queued (not yet started) at once: a fair share of the queue, so one
+    # tenant cannot bury the others' jobs; beyond it a submit is 429 too_many_queued_jobs.
+    max_queued_jobs_per_key: int = 100
     heartbeat_seconds: float = 5.0
     stale_heartbeat_seconds: float = 60.0
     progress_interval_seconds: float = 2.0

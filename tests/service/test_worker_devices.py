@@ -1,0 +1,24 @@
+"""A worker's devices (issue 18 point 6): what its heartbeat states is what torch sees in a fresh
+process, and a job asking for more is refused before any rank process starts."""
+from __future__ import annotations
+
+import pytest
+
+from core.errors import ErrorCode, RobustifyError
+from worker.ddp import _check_devices
+from worker.devices import device_capacity, probe_capacity
+
+
+def test_the_probe_states_what_the_task_process_sees() -> None:
+    probed = probe_capacity()
+    assert probed is not None and probed == device_capacity()
+    devices, device_type = probed
+    assert devices >= 1 and device_type in ("cuda", "cpu")
+
+
+def test_more_devices_than_offered_fail_before_any_rank_starts() -> None:
+    devices, device_type = device_capacity()
+    assert _check_devices(devices) == ("nccl" if device_type == "cuda" else "gloo")
+    with pytest.raises(RobustifyError) as refused:
+        _check_devices(devices + 1)
+    assert refused.value.code == ErrorCode.NOT_ENOUGH_DEVICES and f"asks for {devices + 1} devices" in str(refused.value)

@@ -64,6 +64,7 @@ async def burst(url: str, headers: dict[str, str], path: str, n: int) -> dict[st
         start = time.perf_counter()
         statuses = collections.Counter(await asyncio.gather(*(one() for _ in range(n))))
         took = time.perf_counter() - start
+    health: int | str   # the status code, or the error that kept it from coming
     try:
         t = time.perf_counter()
         health = httpx.get(f"{url}/healthz", timeout=5).status_code

@@ -48,7 +48,10 @@ def throughput(args: argparse.Namespace, rank: int = 0, size: int = 1, rendezvou
     if cuda:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    world = init_world(rank, size, rendezvous, backend="nccl" if cuda else "gloo") if size > 1 else SINGLE
+    if size > 1 and rendezvous is None:
+        raise ValueError("several ranks need a rendezvous address")
+    world = (init_world(rank, size, rendezvous, backend="nccl" if cuda else "gloo")
+             if size > 1 and rendezvous is not None else SINGLE)
     config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": 0.03}, batch_size=args.batch,
                             attack_steps=args.attack_steps)
     compute = Compute.resolve(device, config.amp, config.channels_last)

@@ -42,13 +42,15 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -85,7 +87,8 @@ class PassCounter:
     """Images through the model's forward and backward, counted with hooks on the top module."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.forward, self.backward, self._handle = model, 0, 0, None
+        self.model, self.forward, self.backward = model, 0, 0
+        self._handle: RemovableHandle | None = None
 
     def _hook(self, _module, _inputs, output) -> None:
         out = output if isinstance(output, torch.Tensor) else output[0]
@@ -102,7 +105,8 @@ class PassCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
 
 # --- shared pieces of the baselines ---------------------------------------------------------------
@@ -258,7 +262,7 @@ class OursTrades:
         self.model, self.opt, self.compute = model, opt, compute
         self.perturbation = RandomWeightPerturbation(model, self.config.weight_perturbation)
         self.generator = torch.Generator(device=compute.device).manual_seed(seed)
-        self.upsilon = torch.zeros((), device=compute.device, dtype=torch.float64)
+        self.upsilon: torch.Tensor | None = torch.zeros((), device=compute.device, dtype=torch.float64)
         self.threat = Threat("w2-linf", DELTA)
 
     def __call__(self, x, y) -> None:
@@ -297,7 +301,7 @@ class Workload:
 
     name: str
     unit: str
-    runs: dict[str, Callable[[], object]]
+    runs: Mapping[str, Callable[[], object]]
     work: float                     # images·steps (W-PGD) or images (W-TRADES) per run
     batch_sizes: dict[str, int]
     per_step: float                 # images·steps per run, to turn pass counts into per image per step
@@ -316,7 +320,8 @@ def measure(w: Workload, device: torch.device, repeats: int) -> dict:
     for _ in range(repeats):
         for name, run in w.runs.items():
             times[name].append(_timed(run, device))
-    out = {"workload": w.name, "unit": w.unit, "work_per_run": w.work, "repeats": repeats, "implementations": {}}
+    out: dict[str, Any] = {"workload": w.name, "unit": w.unit, "work_per_run": w.work, "repeats": repeats,
+                           "implementations": {}}
     for name in w.runs:
         out["implementations"][name] = {"batch_size": w.batch_sizes[name], "passes_per_image_step": passes[name],
                                         "throughput": _spread([w.work / t for t in times[name]]),
@@ -334,7 +339,8 @@ def build_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Modu
 
 
 def _compile(model: torch.nn.Module, backend: str | None) -> torch.nn.Module:
-    return torch.compile(model) if backend in (None, "inductor") else torch.compile(model, backend=backend)
+    compiled = torch.compile(model) if backend in (None, "inductor") else torch.compile(model, backend=backend)
+    return cast(torch.nn.Module, compiled)   # an OptimizedModule, which torch annotates as a callable
 
 
 def wpgd_workload(name: str, device: torch.device, n: int, steps: int, compile_model: bool = False,

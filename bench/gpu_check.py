@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import signal
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
         if name not in sections:
             ap.error(f"unknown section {name!r}; choose from {list(sections)}")
-        run_section(results, name, lambda fn=sections[name]: fn(device, sizes), deadline)
+        run_section(results, name, functools.partial(sections[name], device, sizes), deadline)
     results["total_seconds"] = round(time.monotonic() - start, 2)
     results["ok"] = all(s["ok"] for s in results["sections"].values())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

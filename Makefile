@@ -6,10 +6,12 @@ BIN    := $(VENV)/bin
 .PHONY: install constraints browser test-data demo serve lint test test-browser bench gpu-check docs cli-docs clean
 
 # The project with the service and engine (server), the test, docs and lint tools, at the exact
-# versions of constraints.txt (torch 2.14.1 and torchvision 0.29.1 among them).
+# versions of constraints.txt (torch 2.14.1 and torchvision 0.29.1 among them). --no-compile: Python
+# compiles what it imports when it first imports it, instead of pip compiling every file of every
+# package (about 35 s of one core here, mostly files no test imports).
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e ".[server,test,docs,dev]"
+	$(BIN)/pip install -q --no-compile -c constraints.txt -e ".[server,test,docs,dev]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -26,6 +26,7 @@ from api.routes import architectures, datasets, jobs, models, ops, webhooks
 from api.routes.docs import install_api_docs
 from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
+from api.tenants import Shares
 from core.storage.artifacts import open_store
 from core.service.sessions import make_engine, make_sessionmaker
 from core.service.logs import configure_logging
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None, redoc_url=None,  # served from the package's own files (api/routes/docs.py)
     )
     app.state.services = svc
+    app.state.shares = Shares.from_settings(settings)
     app.state.architecture_catalog = ArchitectureCatalog(settings.data_dir / "cache")
     install_error_handlers(app)
     for router in (models.router, architectures.router, datasets.router, jobs.router, webhooks.router, ops.router):

@@ -1,7 +1,8 @@
 """Checks every request passes before routing, authentication or body parsing (ASGI middleware).
 
 - RequestChecks: no NUL character in the path, query or headers (PostgreSQL refuses it, so it
-  must never reach a query); Host and Origin of a key-less server on loopback (api/binding.py);
+  must never reach a query); the Host against ROBUSTIFY_ALLOWED_HOSTS whenever it is set, keys on
+  or off (probes excepted); Host and Origin of a key-less server on loopback (api/binding.py);
   OPTIONS answered with the methods the path accepts.
 - ConcurrencyLimit: at most ROBUSTIFY_MAX_CONCURRENT_REQUESTS requests inside the app. Others
   wait on the event loop (holding no thread and no database connection) for up to
@@ -16,7 +17,7 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,9 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.binding import AuthPolicy, foreign_host, foreign_origin, header
 from api.bodies import content_length, parse_json, too_large
 from api.errors import ApiError, allowed_methods, busy, problem
+from api.tenants import release_all
 from core.service.settings import Settings
 from core.errors import ErrorCode
 
+# Liveness and readiness probes address a pod by its IP, which no Host list names; their public
+# answers hold nothing (api/routes/ops.py), so the Host list does not apply to them.
+_PROBES = frozenset({"/healthz", "/readyz"})
 _WAITING_PER_SLOT = 16  # requests allowed to wait per concurrency slot; beyond that, 503 at once
 
 
@@ -71,20 +76,50 @@ class RequestChecks:
                                                        "msg": "NUL character", "type": "string_pattern_mismatch"}])
         if any(b"\x00" in value for _, value in scope.get("headers", ())):
             return problem(400, ErrorCode.BAD_REQUEST, "a header contains a NUL character.", instance=path)
+        host_refusal = self._host_refusal(scope, path)
+        if host_refusal is not None:
+            return host_refusal
         if self.auth.local_only(scope):
-            host, origin = foreign_host(scope), foreign_origin(scope)
-            if host is not None:
-                return problem(403, ErrorCode.HOST_NOT_ALLOWED,
-                               f"this server runs without API keys on localhost only and answers requests "
-                               f"for localhost / 127.0.0.1, not {host!r} (protection against DNS rebinding); "
-                               "call it as http://127.0.0.1:PORT, or run it with ROBUSTIFY_AUTH=on.",
-                               instance=path)
+            origin = foreign_origin(scope)
             if origin is not None:
                 return problem(403, ErrorCode.ORIGIN_NOT_ALLOWED,
                                f"a request sent by another web site ({origin}) to a server without API keys "
                                "is refused (protection against cross-site requests); call the API directly, "
                                "not from a web page, or run the server with ROBUSTIFY_AUTH=on.", instance=path)
         return None
+
+    def _host_refusal(self, scope: Scope, path: str) -> Response | None:
+        host = foreign_host(scope)  # None: no Host, or a loopback name (always answered)
+        if host is None:
+            return None
+        allowed = self.auth.settings.allowed_hosts
+        if allowed:
+            if path in _PROBES or host_allowed(host, allowed):
+                return None
+            return problem(403, ErrorCode.HOST_NOT_ALLOWED,
+                           f"this server answers requests for the hosts in ROBUSTIFY_ALLOWED_HOSTS, not {host!r} "
+                           "(protection against DNS rebinding and forged links); call it by one of those names.",
+                           instance=path)
+        if self.auth.local_only(scope):
+            return problem(403, ErrorCode.HOST_NOT_ALLOWED,
+                           f"this server runs without API keys on localhost only and answers requests "
+                           f"for localhost / 127.0.0.1, not {host!r} (protection against DNS rebinding); "
+                           "call it as http://127.0.0.1:PORT, or run it with ROBUSTIFY_AUTH=on.",
+                           instance=path)
+        return None
+
+
+def host_allowed(host: str, allowed: str) -> bool:
+    """Whether a Host header names one of `allowed` (comma-separated names; "*.example.com" matches
+    its subdomains, not example.com itself); the port does not matter."""
+    try:
+        name = (urlsplit(f"//{host}").hostname or "").rstrip(".")
+    except ValueError:  # e.g. an unclosed "[": names no host at all
+        return False
+    for entry in (e.strip().lower().rstrip(".") for e in allowed.split(",")):
+        if entry and (entry == "*" or entry == name or (entry.startswith("*.") and name.endswith(entry[1:]))):
+            return True
+    return False
 
 
 class ConcurrencyLimit:
@@ -138,6 +173,7 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send_and_release)
         finally:
             release()
+            release_all(scope)  # the caller's per-key shares (api/tenants.py): the response is over
             if streaming:
                 self.streams -= 1
 

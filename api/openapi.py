@@ -32,6 +32,7 @@ _DESCRIPTIONS = {
     413: "The body is larger than the server's limit",
     415: "Unsupported Content-Type",
     422: "A value is invalid; `errors` names the fields",
+    429: "This API key is at its own share (too_many_requests); retry after Retry-After seconds",
     503: "Busy or a dependency is down; retry after Retry-After seconds",
     507: "The artifact store is full",
 }
@@ -52,7 +53,9 @@ def _statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
     if path.endswith("/content") or path.endswith("/checkpoint") or "/report" in path:
         statuses |= {409, 410}
     if path in ("/v1/models", "/v1/datasets") and method == "post":
-        statuses.add(507)
+        statuses |= {429, 507}  # 429: the key's share of uploads (api/tenants.py)
+    if path.endswith("/events"):
+        statuses.add(429)  # the key's share of event streams
     return statuses
 
 

@@ -419,4 +419,5 @@ class Check(_Open):
 
 class Readiness(_Closed):
     status: Literal["ready"]
-    checks: dict[str, Check]
+    checks: dict[str, Check] | None = Field(
+        default=None, description="each part's check; shown without keys, or to an API key or the operator token")

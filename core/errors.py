@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     DATABASE_UNAVAILABLE = "database_unavailable"
     DATABASE_NOT_MIGRATED = "database_not_migrated"
     SERVICE_BUSY = "service_busy"
+    TOO_MANY_REQUESTS = "too_many_requests"   # one API key beyond its own share (429)
     TOO_MANY_QUEUED_JOBS = "too_many_queued_jobs"   # one API key's queued jobs at its share (429)
     SERVICE_UNAVAILABLE = "service_unavailable"
     NOT_READY = "not_ready"

@@ -22,6 +22,7 @@ from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError
 from api.routes.common import PageAfter, PageLimit, paginate
 from api.schemas import BUILTIN_DATASETS
+from api.tenants import shares
 from core.engine.data.census import npz_labels, split_counts
 from core.errors import ErrorCode
 from core.service.db import Artifact, Dataset, Job, new_id
@@ -72,11 +73,13 @@ async def create_dataset(request: Request, svc: ServicesDep, who: CallerDep, ses
     if media_type(request) != "multipart/form-data":
         raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                        "send the .npz as multipart/form-data in a part named `file`.")
-    upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
-    try:
-        return await run_in_threadpool(_create, svc, session, who, upload.fields, upload.file_path, upload.filename)
-    finally:
-        upload.discard()
+    with shares(request).uploads.held(who.key_id):  # the key's own share of the uploads (429 beyond it)
+        upload = await read_multipart(request, svc.store, svc.settings.max_upload_bytes)
+        try:
+            return await run_in_threadpool(_create, svc, session, who, upload.fields, upload.file_path,
+                                           upload.filename)
+        finally:
+            upload.discard()
 
 
 def _create(svc: Services, session: Session, who: Caller, fields: dict[str, str],

@@ -44,8 +44,9 @@ def swagger_ui(request: Request) -> HTMLResponse:
         swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
         swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
         swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-        # keep the key typed into Authorize across reloads of the page
-        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        # The key typed into Authorize lives only as long as the page: persisting it would write it to
+        # localStorage, where any script of this origin (and anyone at the browser later) reads it.
+        swagger_ui_parameters={"persistAuthorization": False, "displayRequestDuration": True},
     )
     page.headers.update(_HEADERS)
     return page

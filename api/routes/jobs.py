@@ -28,6 +28,7 @@ from api.routes.common import BINARY, IdFilter, PageAfter, PageLimit, artifact_d
 from api.routes.models import register_robustbench_model
 from api.routes.webhooks import job_webhook
 from api.schemas import JobCreate, RobustBenchModelCreate, RobustBenchRef
+from api.tenants import hold_until_response_ends, shares
 from core.engine.architecture_names import robustbench_architecture
 from core.engine.config import EvaluateConfig, FinetuneConfig
 from core.engine.defaults import resolve_finetune
@@ -229,6 +230,9 @@ def job_events(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, 
     job = get_owned_job(session, who, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         start = max(after, _event_id(last_event_id))  # checked before the stream starts, never inside it
+        # The key's own share of the streams (429 beyond it), given back when the response ends
+        # however it ends: the stream outlives this function (api/tenants.py).
+        hold_until_response_ends(request.scope, shares(request).streams.take(who.key_id))
         session.close()  # the stream polls with short sessions of its own; hold no connection
         return StreamingResponse(
             _sse(request, svc, job.id, start), media_type="text/event-stream",

@@ -25,6 +25,7 @@ from api.schemas import (
     ModelUploadForm,
     RobustBenchModelCreate,
 )
+from api.tenants import shares
 from core.engine.architecture_names import (
     BUILTIN_ARCHITECTURES,
     FAMILY_PREFIXES,
@@ -103,13 +104,14 @@ async def create_model(request: Request, svc: ServicesDep, who: CallerDep, sessi
         check_metadata(spec.metadata, svc.settings)
         return await run_in_threadpool(_create_robustbench, svc, session, who, spec)
     if kind == "multipart/form-data":
-        upload = await read_multipart(request, svc.store, limit)
-        try:
-            return await run_in_threadpool(_create_upload, svc, session, who,
-                                           request.app.state.architecture_catalog, upload.fields,
-                                           upload.file_path, upload.filename)
-        finally:
-            upload.discard()  # no-op once the file was moved into the store
+        with shares(request).uploads.held(who.key_id):  # the key's own share of the uploads (429 beyond it)
+            upload = await read_multipart(request, svc.store, limit)
+            try:
+                return await run_in_threadpool(_create_upload, svc, session, who,
+                                               request.app.state.architecture_catalog, upload.fields,
+                                               upload.file_path, upload.filename)
+            finally:
+                upload.discard()  # no-op once the file was moved into the store
     raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                    "send multipart/form-data (a safetensors upload) or application/json "
                    '({"source": "robustbench", ...} or {"source": "hf-hub", ...}).')

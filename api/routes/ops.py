@@ -1,6 +1,13 @@
-"""Operations: /healthz (process alive), /readyz (database, broker, artifact store, workers), /metrics."""
+"""Operations: /healthz (process alive), /readyz (database, broker, artifact store, workers), /metrics.
+
+With API keys on, these answer without a key, but say only what a probe needs (docs/operations.md,
+"What is public"): /readyz answers ready / not ready, and shows its checks (worker count, free
+bytes, error texts) only to an API key or the operator token; /metrics (request and job counts of
+every tenant) answers only to the operator token, ROBUSTIFY_OPERATOR_TOKEN, never to a tenant's key.
+"""
 from __future__ import annotations
 
+import hmac
 import shutil
 from datetime import timedelta
 from typing import Any
@@ -12,8 +19,9 @@ from sqlalchemy import func, select, text
 
 from api import responses as r
 from api.deps import Services, ServicesDep
-from api.errors import problem_response
+from api.errors import PROBLEM_JSON, ApiError, problem_response
 from core.errors import ErrorCode
+from core.service.apikeys import authenticate
 from core.service.db import Job, WorkerHeartbeat, utcnow
 from core.states import WORKER_STATES
 
@@ -93,14 +101,68 @@ async def readyz(request: Request, svc: ServicesDep) -> Any:
         "ok": False, "error": "unknown: the database is unreachable"}
     checks["storage"] = _check_storage(svc)
     failed = [name for name, c in checks.items() if not c["ok"]]
+    if not await _may_see_details(request, svc):
+        if failed:  # a probe needs the status only; which part failed is the operator's to see
+            return problem_response(request, 503, ErrorCode.NOT_READY,
+                                    "not ready; an API key or the operator token shows which check failed.")
+        return {"status": "ready"}
     if failed:
         return problem_response(request, 503, ErrorCode.NOT_READY, f"not ready: {', '.join(failed)} failed.",
                                 checks=checks)
     return {"status": "ready", "checks": checks}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _is_operator(svc: Services, token: str | None) -> bool:
+    expected = svc.settings.operator_token
+    if not expected or token is None:
+        return False  # no operator token set: nobody is the operator
+    return hmac.compare_digest(token.encode(), expected.encode())
+
+
+def _is_live_key(svc: Services, token: str) -> bool:
+    with svc.sessionmaker() as session:
+        return authenticate(session, token) is not None
+
+
+async def _may_see_details(request: Request, svc: Services) -> bool:
+    """Without keys everything is the local user's; with keys, a live API key or the operator token.
+    A wrong or missing one is not an error here: the probe still gets its answer."""
+    if not svc.auth.keys_required(request.scope):
+        return True
+    token = _bearer(request)
+    if token is None:
+        return False
+    if _is_operator(svc, token):
+        return True
+    try:
+        return await run_in_threadpool(_is_live_key, svc, token)
+    except Exception:  # the database is down: /readyz is answering "not ready" anyway
+        return False
+
+
+_METRICS_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="robustify-operator"'}
+
+
+@router.get("/metrics", summary="Prometheus metrics (the operator token when keys are on)", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string",
-                                                                   "description": "Prometheus text format"}}}}})
-def metrics(request: Request) -> Response:
+                                                                   "description": "Prometheus text format"}}}},
+                       401: {"description": "Keys are on and the operator token (ROBUSTIFY_OPERATOR_TOKEN) is missing",
+                             "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}})
+def metrics(request: Request, svc: ServicesDep) -> Response:
+    if svc.auth.keys_required(request.scope) and not _is_operator(svc, _bearer(request)):
+        # request and job counts of every tenant: not for a tenant's key
+        configured = svc.settings.operator_token is not None
+        raise ApiError(401, ErrorCode.UNAUTHORIZED,
+                       "/metrics needs the operator token: send `Authorization: Bearer <ROBUSTIFY_OPERATOR_TOKEN>` "
+                       "(an API key is not enough)." if configured else
+                       "/metrics is closed while API keys are on and no operator token is set: set "
+                       "ROBUSTIFY_OPERATOR_TOKEN and send it as `Authorization: Bearer …`.",
+                       headers=_METRICS_CHALLENGE)
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # (decided from the sockets actually bound, see api/binding.py); on behind anything else.
     auth: Literal["auto", "on", "off"] = "auto"
     host: str = "127.0.0.1"   # where `robustify serve` binds
+    # Host names the server answers for (comma-separated; "*.example.com" matches its subdomains),
+    # checked with keys on or off whenever set (api/guards.py); loopback names always pass. Unset:
+    # any Host with keys on, loopback names only for a key-less server on loopback.
+    allowed_hosts: str = ""
+    # The operator's bearer token: with keys on, /metrics answers only to it, and /readyz shows its
+    # checks only to it or to an API key (docs/operations.md, "What is public").
+    operator_token: str | None = None
     port: int = 8000
 
     # --- request limits (all checked before the request reaches the database) ---------------
@@ -75,6 +82,10 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = 32
     request_queue_seconds: float = 10.0
     max_event_streams: int = 100                     # open Server-Sent Events streams
+    # One caller's fair share (api/tenants.py): per API key (all key-less callers together are one
+    # caller), beyond which it gets 429 too_many_requests while other keys still get theirs.
+    max_streams_per_key: int = 16                    # of the max_event_streams
+    max_uploads_per_key: int = 4                     # multipart uploads in progress (each holds a request slot)
     db_pool_size: int = 10
     db_max_overflow: int = 30
     db_pool_timeout_seconds: float = 5.0

@@ -22,15 +22,16 @@ def test_healthz_and_unknown_routes(client):
     assert "multipart/form-data" in spec["paths"]["/v1/models"]["post"]["requestBody"]["content"]
 
 
-def test_readyz_needs_a_worker_heartbeat(client, db):
-    body = assert_problem(client.get("/readyz"), 503, "not_ready")
+def test_readyz_needs_a_worker_heartbeat(client, db, keys):
+    h = keys["a"]["headers"]  # without a key, /readyz says only ready or not (test_public_surface.py)
+    body = assert_problem(client.get("/readyz", headers=h), 503, "not_ready")
     assert body["checks"]["database"]["ok"] and body["checks"]["broker"]["ok"]
     assert not body["checks"]["workers"]["ok"] and "robustify worker" in body["checks"]["workers"]["error"]
     with db.Session() as s:
         record_worker_heartbeat(s, "gpu0@test", ["gpu"])
         s.commit()
     try:
-        ok = client.get("/readyz")
+        ok = client.get("/readyz", headers=h)
         assert ok.status_code == 200, ok.text
         assert ok.json()["checks"]["workers"]["workers"] == 1
     finally:
@@ -39,20 +40,21 @@ def test_readyz_needs_a_worker_heartbeat(client, db):
             s.commit()
 
 
-def test_readyz_names_a_broken_broker(pg_url, queues, tmp_path):
+def test_readyz_names_a_broken_broker(pg_url, queues, keys, tmp_path):
     settings = make_settings(tmp_path, pg_url, queues, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(create_app(settings)) as c:
-        body = assert_problem(c.get("/readyz"), 503, "not_ready")
+        body = assert_problem(c.get("/readyz", headers=keys["a"]["headers"]), 503, "not_ready")
     assert body["checks"]["database"]["ok"] and not body["checks"]["broker"]["ok"]
     assert "broker" in body["detail"]
 
 
-def test_metrics_count_requests_by_route_and_jobs_by_status(client, keys, db):
+def test_metrics_count_requests_by_route_and_jobs_by_status(pg_url, queues, keys, db, tmp_path):
     model = db.add_model(keys["a"]["id"])
     db.add_job(keys["a"]["id"], model, status="running")
-    client.get("/v1/jobs/job_x1", headers=keys["a"]["headers"])
-    client.get("/v1/jobs/job_x2", headers=keys["a"]["headers"])
-    text = client.get("/metrics").text
+    with TestClient(create_app(make_settings(tmp_path, pg_url, queues, operator_token="op"))) as client:
+        client.get("/v1/jobs/job_x1", headers=keys["a"]["headers"])
+        client.get("/v1/jobs/job_x2", headers=keys["a"]["headers"])
+        text = client.get("/metrics", headers={"Authorization": "Bearer op"}).text  # the operator's token
     assert 'robustify_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 2.0' in text
     assert "robustify_http_request_duration_seconds_bucket" in text
     assert 'robustify_jobs{status="running"} 1.0' in text
@@ -83,7 +85,7 @@ def test_full_disk_is_a_clear_507_and_readyz_says_so(pg_url, queues, keys, db, s
                              min_free_bytes=1024 * 1024)
     models = db.count(Model)
     with TestClient(create_app(settings)) as c:
-        ready = assert_problem(c.get("/readyz"), 503, "not_ready")
+        ready = assert_problem(c.get("/readyz", headers=keys["a"]["headers"]), 503, "not_ready")
         storage = ready["checks"]["storage"]
         assert not storage["ok"] and storage["free_bytes"] < 1024 * 1024
         assert "ROBUSTIFY_MIN_FREE_BYTES" in storage["error"]

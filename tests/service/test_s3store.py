@@ -233,7 +233,7 @@ def test_api_keeps_uploads_in_the_bucket_and_serves_them(pg_url, queues, keys, d
         s3 = make_s3_client(s3_endpoint, "us-east-1", "path")
         assert s3.get_object(Bucket=s3_bucket, Key=f"api/sha256/{sha[:2]}/{sha}")["Body"].read() == data
         assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the API kept a local copy of the upload"
-        ready = client.get("/readyz").json()
+        ready = client.get("/readyz", headers=h).json()
         assert ready["checks"]["artifacts"] == {"ok": True, "backend": "s3", "bucket": s3_bucket}
 
         got = client.get(f"/v1/models/{m['id']}/content", headers=h)  # streamed through the API
@@ -266,5 +266,5 @@ def test_api_keeps_uploads_in_the_bucket_and_serves_them(pg_url, queues, keys, d
         assert "endpoint is reachable" in body["detail"]
         assert client.get("/v1/models", headers=h).json()["data"] == before
         assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
-        ready = client.get("/readyz")
+        ready = client.get("/readyz", headers=h)
         assert ready.status_code == 503 and not ready.json()["checks"]["artifacts"]["ok"]

@@ -3,6 +3,7 @@ a live uvicorn server and live Celery worker processes, all as subprocesses with
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,10 +51,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -221,11 +220,11 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, queues: str, name: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--queues", queues, "--name", f"{name}-{self.tag}@%h",
-             "--loglevel", "INFO"],
-            env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_dir / f"{name}.log", "wb") as log:   # the worker writes to its own copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", "worker", "--queues", queues, "--name", f"{name}-{self.tag}@%h",
+                 "--loglevel", "INFO"],
+                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         proc.log_path = self.log_dir / f"{name}.log"  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
@@ -342,7 +341,7 @@ def stream_events(url: str, headers: dict[str, str], job_id: str, sink: list[dic
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
-                sink.append(json.loads(line[len("data: "):]))
+                sink.append(json.loads(line[len("data: "):]))  # noqa: PERF401 - read live by another thread
 
 
 def start_event_stream(url: str, headers: dict[str, str], job_id: str

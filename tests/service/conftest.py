@@ -68,7 +68,7 @@ class RedisQueues:
 
     def clear(self) -> None:
         for queue in (self.gpu, self.cpu):
-            keys = [k for k in self.client.scan_iter(f"*{queue}*")]
+            keys = list(self.client.scan_iter(f"*{queue}*"))
             if keys:
                 self.client.delete(*keys)
 

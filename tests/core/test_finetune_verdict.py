@@ -132,6 +132,8 @@ def test_a_run_that_cannot_help_is_not_called_improved(digits, trained) -> None:
     assert "no fine-tuned epoch beat the input model" in summary["verdict_text"]
     assert summary["change_ci95"]["w2_robust_accuracy"] == [0.0, 0.0]
     assert summary["evaluation"] == "quick" and summary["audit_status"] in ("pass", "warn")
+    assert result.provenance["evaluation"]["preset"] == "quick"                # the preset is on record
+    assert result.before["evaluation"] == "quick" and result.before["w2"]["evaluation"] == "quick"
     assert warned == result.warnings
     assert assert_w2_not_above_pointwise(result.report) >= 2          # before and after
 

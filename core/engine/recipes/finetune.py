@@ -46,6 +46,7 @@ from core.engine.data.sampling import class_counts, sample_record, stratified_in
 from core.engine.defaults import auto_eval_batch_size, few_steps_warning, resolve_finetune, validation_split_size
 from core.engine.device import Compute, batches
 from core.engine.evaluation.audit import audit_status
+from core.engine.evaluation.ensemble import PRESETS
 from core.engine.distributed import SINGLE, World, unwrap
 from core.errors import ValidationError
 from core.engine.hooks import Hooks
@@ -357,6 +358,31 @@ def validation_split(train_y: torch.Tensor, config: FinetuneConfig, num_classes:
 # --- stage 1: setup ----------------------------------------------------------------------------
 
 @dataclass
+class Subsets:
+    """The images a run uses, as indices into the data set's splits: every one a seeded stratified
+    sample (core.engine.data.sampling), never the first N."""
+
+    train: np.ndarray          # train_examples of the training split (all: every index)
+    fit: np.ndarray            # ... less the validation images: what the model trains on
+    validation: np.ndarray
+    test: np.ndarray           # test_examples of the test split
+    split_record: dict[str, Any]
+    records: dict[str, Any]    # sample_record of each, for the provenance
+
+
+def draw_subsets(config: FinetuneConfig, data: ImageData) -> Subsets:
+    train_labels, test_labels = data.train_y.numpy(), data.test_y.numpy()
+    train = stratified_indices(train_labels, config.train_examples, config.seed)
+    fit, validation, split_record = validation_split(data.train_y[torch.from_numpy(train)], config, data.num_classes)
+    fit, validation = train[fit], train[validation]          # into the whole training split
+    test = stratified_indices(test_labels, config.test_examples, config.seed)
+    records = {name: sample_record(labels, idx, config.seed, data.num_classes) for name, labels, idx in (
+        ("train", train_labels, train), ("fit", train_labels, fit), ("validation", train_labels, validation),
+        ("test", test_labels, test))}
+    return Subsets(train, fit, validation, test, split_record, records)
+
+
+@dataclass
 class Run:
     """What setup fixes for the whole run: the resolved config, the devices, the images of each
     split on the device, the schedule and the optimiser. Nothing here changes between epochs but
@@ -407,27 +433,18 @@ def setup(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks
     """Resolve the config, sample the subsets, move the images to the device, build the optimiser."""
     started_at = utc_timestamp()
     threat = Threat.from_spec(config.threat_model).across(world)
-    train_labels = data.train_y.numpy()
-    train_idx = stratified_indices(train_labels, config.train_examples, config.seed)
-    config = resolve_finetune(config, len(train_idx))     # a job's config was resolved at submit
+    subsets = draw_subsets(config, data)
+    config = resolve_finetune(config, len(subsets.train))     # a job's config was resolved at submit
     compute = Compute.resolve(device, config.amp, config.channels_last, attack_step=_finest_step(config, threat))
     eval_compute = Compute.resolve(compute.device, config.eval_amp, config.channels_last)
     input_state = _state_copy(model)
     model = compute.prepare_model(model)
 
-    fit_idx, val_idx, split_record = validation_split(data.train_y[torch.from_numpy(train_idx)], config,
-                                                      data.num_classes)
-    fit_idx, val_idx = train_idx[fit_idx], train_idx[val_idx]          # into the whole training split
-    test_idx = stratified_indices(data.test_y.numpy(), config.test_examples, config.seed)
-    samples = {"train": sample_record(train_labels, train_idx, config.seed, data.num_classes),
-               "fit": sample_record(train_labels, fit_idx, config.seed, data.num_classes),
-               "validation": sample_record(train_labels, val_idx, config.seed, data.num_classes),
-               "test": sample_record(data.test_y.numpy(), test_idx, config.seed, data.num_classes)}
-    train_x = data.train_x[torch.from_numpy(fit_idx)].to(compute.device)   # uint8 on the device
-    train_y = data.train_y[torch.from_numpy(fit_idx)].to(compute.device)
+    fit, val = torch.from_numpy(subsets.fit), torch.from_numpy(subsets.validation)
+    train_x, train_y = data.train_x[fit].to(compute.device), data.train_y[fit].to(compute.device)  # uint8
     # each rank measures its shard of the validation images (whole-set quantities are global)
-    val_x = eval_compute.images(to_unit_float(world.shard(data.train_x[torch.from_numpy(val_idx)]), compute.device))
-    val_y = world.shard(data.train_y[torch.from_numpy(val_idx)]).to(compute.device)
+    val_x = eval_compute.images(to_unit_float(world.shard(data.train_x[val]), compute.device))
+    val_y = world.shard(data.train_y[val]).to(compute.device)
 
     batch_size = min(int(config.batch_size), train_x.shape[0])
     if batch_size % world.size:
@@ -448,9 +465,9 @@ def setup(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks
         trainer=world.wrap(model), input_state=input_state,
         generator=torch.Generator(device=compute.device).manual_seed(config.seed),
         train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,
-        test_x=data.test_x[torch.from_numpy(test_idx)], test_y=data.test_y[torch.from_numpy(test_idx)],
-        samples=samples, split_record=split_record, n_available=len(train_idx), num_classes=data.num_classes,
-        class_names=data.class_names,
+        test_x=data.test_x[torch.from_numpy(subsets.test)], test_y=data.test_y[torch.from_numpy(subsets.test)],
+        samples=subsets.records, split_record=subsets.split_record, n_available=len(subsets.train),
+        num_classes=data.num_classes, class_names=data.class_names,
         augment=config.augment == "crop_flip" or (config.augment == "auto" and is_cifar_like(data.image_shape)),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * epochs),
@@ -715,6 +732,8 @@ def provenance(run: Run, state: TrainingState, context: dict[str, Any] | None, r
         "examples": {"train": run.n_train, "validation": run.split_record["validation_examples"],
                      "test": int(run.test_x.shape[0]), "train_available": run.n_available},
         "samples": run.samples, "validation_split": run.split_record,
+        # what measured the before/after numbers (core.engine.evaluation.ensemble.PRESETS)
+        "evaluation": {"preset": run.config.evaluation, **PRESETS[run.config.evaluation].describe()},
         **runtime_provenance(run.compute.device),
         "training_precision": "bf16" if run.compute.amp_dtype is not None else "float32",
         "evaluation_precision": "bf16" if run.eval_compute.amp_dtype is not None else "float32",

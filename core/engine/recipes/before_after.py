@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from core.engine.config import FinetuneConfig
+from core.engine.config import EvaluationPreset, FinetuneConfig
 from core.engine.device import Compute
 from core.engine.evaluation.audit import audit_status, masking_audit, transfer_check
 from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, w2_ensemble
@@ -63,7 +63,7 @@ class HeldOutSet:
     should_stop: Callable[[], bool] | None = None
 
     @property
-    def preset(self) -> str:
+    def preset(self) -> EvaluationPreset:
         return self.config.evaluation
 
 
@@ -78,8 +78,7 @@ def measure(model: torch.nn.Module, test: HeldOutSet, say: Say) -> Measurement |
     if test.should_stop is not None and test.should_stop():
         return None
     say("W2 ensemble")
-    ensemble = w2_ensemble(model, test.x, test.y, threat.w2, preset=test.preset,  # type: ignore[arg-type]
-                           batch_size=test.batch, compute=test.compute, seed=config.seed,
+    ensemble = w2_ensemble(model, test.x, test.y, threat.w2, preset=test.preset, batch_size=test.batch, compute=test.compute, seed=config.seed,
                            steps=config.test_wpgd_steps, step_ratio=WPGD_STEP_RATIO,
                            should_stop=test.should_stop, members=[Member.of(point)])
     if ensemble.stopped:

@@ -78,9 +78,9 @@ def measure(model: torch.nn.Module, test: HeldOutSet, say: Say) -> Measurement |
     if test.should_stop is not None and test.should_stop():
         return None
     say("W2 ensemble")
-    ensemble = w2_ensemble(model, test.x, test.y, threat.w2, preset=test.preset, batch_size=test.batch, compute=test.compute, seed=config.seed,
-                           steps=config.test_wpgd_steps, step_ratio=WPGD_STEP_RATIO,
-                           should_stop=test.should_stop, members=[Member.of(point)])
+    ensemble = w2_ensemble(model, test.x, test.y, threat.w2, preset=test.preset, batch_size=test.batch,
+                           compute=test.compute, seed=config.seed, steps=config.test_wpgd_steps,
+                           step_ratio=WPGD_STEP_RATIO, should_stop=test.should_stop, members=[Member.of(point)])
     if ensemble.stopped:
         return None
     outcomes = {"clean_accuracy": ensemble.clean_correct, "w2_robust_accuracy": ensemble.correct,

@@ -48,7 +48,7 @@ class ThreatModelSpec(_Strict):
         return "linf" if self.kind.endswith("linf") else "l2"
 
 
-AUTO = "auto"
+AUTO: Literal["auto"] = "auto"
 MEMORY_ATTACK_STEPS = 1   # attack_steps under attack_schedule "memory" when the request leaves it out
 ALLOCATE_ATTACK_STEPS = 1  # ... and under attack_schedule "allocate"
 Auto = Literal["auto"]
@@ -220,7 +220,7 @@ class FinetuneConfig(_Strict):
         ground = self.threat_model.ground_norm
         if self.selection.metric == AUTO:
             self.selection.metric = ("w2_robust_accuracy" if self.threat_model.is_distributional
-                                     else f"{ground}_robust_accuracy")
+                                     else "linf_robust_accuracy" if ground == "linf" else "l2_robust_accuracy")
         other = "l2" if ground == "linf" else "linf"
         if self.selection.metric.startswith(other + "_"):
             raise ValueError(f"selection.metric {self.selection.metric} is not measured for a "

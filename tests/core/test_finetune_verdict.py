@@ -142,7 +142,8 @@ def test_the_clean_drop_guard_fires_on_the_test_split(digits, trained) -> None:
     """Trained on two classes of ten (the issue's failure): the validation split, drawn from the
     training images, keeps its clean accuracy, so an epoch is selected; the test split shows the
     other eight classes collapsed and the clean accuracy far below the input's."""
-    two = dataclasses.replace(digits, train_x=digits.train_x[digits.train_y < 2], train_y=digits.train_y[digits.train_y < 2])
+    keep = digits.train_y < 2
+    two = dataclasses.replace(digits, train_x=digits.train_x[keep], train_y=digits.train_y[keep])
     warned: list[tuple[str, dict]] = []
     result = finetune(_config(epochs=2, lr=0.05, beta=1.0), _copy(trained), two,
                       Hooks(warn=lambda m, d: warned.append((m, d))))

@@ -54,7 +54,7 @@ def _allocate(sizes: IntArray, n: int, rng: np.random.Generator) -> IntArray:
     """Images per class: proportional to `sizes`, summing to n, at least 1 each when n ≥ classes."""
     quota = n * sizes / sizes.sum()
     order_noise = rng.random(len(sizes))          # breaks ties between equal remainders, seeded
-    counts = np.floor(quota).astype(np.int64)
+    counts: IntArray = np.floor(quota).astype(np.int64)
     if n >= len(sizes):
         counts = np.maximum(counts, 1)
     counts = np.minimum(counts, sizes)
@@ -88,7 +88,7 @@ def sample_record(labels: npt.ArrayLike, indices: npt.ArrayLike, seed: int,
     whole = len(idx) == len(y)
     return {
         "method": "all images" if whole else "stratified random sample",
-        "seed": seed, "n": int(len(idx)), "population": int(len(y)),
+        "seed": seed, "n": len(idx), "population": len(y),
         "per_class": drawn,
         "classes_missing": [c for c in range(width) if population[c] > 0 and drawn[c] == 0],
         "indices_sha256": hashlib.sha256(idx.tobytes()).hexdigest(),

@@ -17,8 +17,9 @@ leave one rank waiting on another), and rank 0 reports.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -130,12 +131,12 @@ def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_s
     before = measure(model.eval(), test, lambda phase: say(f"input model: {phase}"))
     if before is None:
         return None
-    after = before
+    after: Measurement | None = before
     if best_epoch > 0:
         model.load_state_dict(best_state)
         after = measure(model.eval(), test, lambda phase: say(f"checkpoint of epoch {best_epoch}: {phase}"))
-        if after is None:
-            return None
+    if after is None:
+        return None
     changes = {k: paired_change(before.outcomes[k], after.outcomes[k], seed=test.config.seed) for k in after.outcomes}
     audit = _audit(model, input_state, after, best_epoch, test, say)
     if audit is None:

@@ -30,25 +30,33 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.engine.attacks.common import PerSampleLoss
 from core.engine.attacks.pgd import pgd
 from core.engine.attacks.wpgd import BatchAttack, attack_batch, w_pgd
 from core.engine.checkpoint import TrainingCheckpoint
 from core.engine.config import FinetuneConfig, SelectionRule
-from core.engine.data.datasets import CropFlip, ImageData, augment_crop_flip, crop_flip_draw, is_cifar_like, to_unit_float
+from core.engine.data.datasets import (
+    CropFlip,
+    ImageData,
+    augment_crop_flip,
+    crop_flip_draw,
+    is_cifar_like,
+    to_unit_float,
+)
 from core.engine.data.sampling import class_counts, sample_record, stratified_indices
 from core.engine.defaults import auto_eval_batch_size, few_steps_warning, resolve_finetune, validation_split_size
 from core.engine.device import Compute, batches
+from core.engine.distributed import SINGLE, World, unwrap
 from core.engine.evaluation.audit import audit_status
 from core.engine.evaluation.ensemble import PRESETS
-from core.engine.distributed import SINGLE, World, unwrap
-from core.errors import ValidationError
 from core.engine.hooks import Hooks
 from core.engine.losses import attack_loss, kl_divergence
 from core.engine.oom import AdaptiveBatch, report_halving
@@ -57,6 +65,7 @@ from core.engine.provenance import runtime_provenance, utc_timestamp
 from core.engine.recipes import verdict as verdicts
 from core.engine.recipes.before_after import BeforeAfter, HeldOutSet, compare
 from core.engine.threats import Threat
+from core.errors import ValidationError
 
 
 @dataclass
@@ -196,7 +205,8 @@ def _start_noise(config: FinetuneConfig) -> float:
     return 0.001 if config.attack_loss == "kl" else 0.0
 
 
-def _attack_loss_fn(model: torch.nn.Module, x: torch.Tensor, config: FinetuneConfig, compute: Compute):
+def _attack_loss_fn(model: torch.nn.Module, x: torch.Tensor, config: FinetuneConfig, compute: Compute
+                    ) -> PerSampleLoss:
     if config.attack_loss != "kl":
         return attack_loss(config.attack_loss)
     with torch.no_grad(), compute.autocast():   # the clean softmax, once per batch
@@ -208,7 +218,7 @@ class RandomWeightPerturbation:
 
     def __init__(self, model: torch.nn.Module, gamma: float) -> None:
         self.gamma = gamma
-        self.params = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
+        self.params: list[torch.Tensor] = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
         self.saved: list[torch.Tensor] = []
 
     @torch.no_grad()
@@ -219,7 +229,7 @@ class RandomWeightPerturbation:
         noise = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in self.params]
         w_norms = torch._foreach_norm(self.params)
         n_norms = torch._foreach_norm(noise)
-        scales = [self.gamma * w / n.clamp_min(1e-12) for w, n in zip(w_norms, n_norms)]
+        scales = [self.gamma * w / n.clamp_min(1e-12) for w, n in zip(w_norms, n_norms, strict=True)]
         torch._foreach_mul_(noise, scales)
         torch._foreach_add_(self.params, noise)
 
@@ -326,13 +336,13 @@ def is_eligible(row: dict[str, Any], before: dict[str, Any], rule: SelectionRule
     """Within the allowed drop of validation clean accuracy from the input's (epoch 0 always is)."""
     if rule.max_clean_drop is None:
         return True
-    return row["clean_accuracy"] >= before["clean_accuracy"] - rule.max_clean_drop - 1e-12
+    return bool(row["clean_accuracy"] >= before["clean_accuracy"] - rule.max_clean_drop - 1e-12)
 
 
 def is_better(row: dict[str, Any], best: dict[str, Any], before: dict[str, Any], rule: SelectionRule) -> bool:
     """Strictly better than the best so far on the rule's metric, and eligible: a tie keeps the
     earlier epoch, so an epoch that only matches the input does not replace it."""
-    return is_eligible(row, before, rule) and row[str(rule.metric)] > best[str(rule.metric)]
+    return is_eligible(row, before, rule) and bool(row[str(rule.metric)] > best[str(rule.metric)])
 
 
 def validation_split(train_y: torch.Tensor, config: FinetuneConfig, num_classes: int | None = None
@@ -348,7 +358,7 @@ def validation_split(train_y: torch.Tensor, config: FinetuneConfig, num_classes:
     val_idx = np.sort(stratified_indices(labels, n_val, config.seed))
     fit_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     record = {"method": "stratified random sample", "seed": config.seed, "fraction": config.validation_fraction,
-              "validation_examples": int(len(val_idx)), "train_examples": int(len(fit_idx)),
+              "validation_examples": len(val_idx), "train_examples": len(fit_idx),
               "per_class": {"train": class_counts(labels[fit_idx], num_classes),
                             "validation": class_counts(labels[val_idx], num_classes)},
               "validation_indices_sha256": hashlib.sha256(val_idx.astype(np.int64).tobytes()).hexdigest()}
@@ -560,9 +570,9 @@ class PartialEpoch:
     budget_sum: float
 
     @classmethod
-    def of(cls, resume: TrainingCheckpoint | None) -> "PartialEpoch | None":
+    def of(cls, resume: TrainingCheckpoint | None) -> PartialEpoch | None:
         part = resume.extra.get("partial") if resume is not None else None
-        if part is None:
+        if resume is None or part is None:
             return None
         return cls(resume.rng_state["epoch_start"], resume.rng_state["generator"], part["steps_done"],
                    part["loss_sum"], part["budget_sum"])

@@ -14,9 +14,10 @@ The weights are read by core.engine.zoo (torch.load with weights_only=True, neve
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from core.errors import DatasetUnavailable, ModelDownloadFailed, ValidationError
 
@@ -93,7 +94,7 @@ class ReproduceOptions:
     quick: bool = False
 
     @classmethod
-    def create(cls, *, quick: bool = False, **given: Any) -> "ReproduceOptions":
+    def create(cls, *, quick: bool = False, **given: Any) -> ReproduceOptions:
         """Options from the protocol, the quick mode's values over them, and what was given over both
         (a given None means "not given")."""
         values = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
@@ -327,7 +328,8 @@ def format_table(result: dict[str, Any]) -> str:
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs).rstrip()
 
     protocol = result["protocol"]
     out = [f"W2 (l-inf cost) and l-inf robustness at δ=8/255 on CIFAR-10, {protocol['n_examples']} test images; "

@@ -34,8 +34,9 @@ is far above it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 VerdictName = Literal["improved", "improved_with_clean_drop", "improved_with_class_collapse",
                       "improved_but_audit_failed", "no_significant_change", "worse", "unchanged", "stopped"]

@@ -227,6 +227,7 @@ def test_an_honest_adversarially_trained_model_passes_the_audit(adversarially_tr
     result, checks = _audit(adversarially_trained, x, y, preset="standard")
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(checks, "pass"), checks
     assert set(checks) == {"radius", "steps", "random", "agreement", "gradients", "members"}
+    assert result.converged and not result.warnings()   # a robust model's attacks stop on their patience too
     # it is measurably more robust than the normally trained twin architecture
     normal = w2_ensemble(trained_tiny, x, y, THREAT, preset="standard", batch_size=150, steps=20)
     assert result.robust_accuracy > normal.robust_accuracy + 0.1

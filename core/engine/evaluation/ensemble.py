@@ -14,8 +14,8 @@ The presets (PRESETS; docs/concepts.md has the table and docs/runtimes.md the co
 
 Adaptive steps: each W-PGD attack takes its step α = ratio·δ/T (T = `steps`, the nominal count,
 `EvaluateConfig.wpgd_steps`), runs at least T steps, then goes on until its whole-set accuracy has
-not reached a new minimum for `patience` steps, up to the cap. An attack that hit the cap is
-"not converged". With `adaptive=False` every attack runs exactly T steps; with only the ReDLR
+not reached a new minimum for `patience` steps, up to the cap (never below T + patience, so a large
+T alone cannot make an attack stop at its cap). An attack that hit the cap is "not converged". With `adaptive=False` every attack runs exactly T steps; with only the ReDLR
 attack that is today's w_pgd exactly (the reference-structured W-PGD, whole-set normalisation
 and projection, min over iterates, is core.engine.attacks.wpgd.w_pgd, called unchanged).
 

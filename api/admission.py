@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.compatibility import DatasetFacts
+from api.crud import owned
 from api.deps import Caller
 from api.errors import ApiError
-from api.crud import owned
 from core.errors import ErrorCode
 from core.service.db import Job, WorkerHeartbeat, utcnow
 from core.service.settings import Settings

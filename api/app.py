@@ -27,11 +27,11 @@ from api.routes.docs import install_api_docs
 from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
 from api.tenants import Shares
-from core.storage.artifacts import open_store
-from core.service.sessions import make_engine, make_sessionmaker
 from core.service.logs import configure_logging
 from core.service.queue import make_celery
+from core.service.sessions import make_engine, make_sessionmaker
 from core.service.settings import Settings, get_settings
+from core.storage.artifacts import open_store
 
 log = logging.getLogger("robustify.api")
 

@@ -23,6 +23,7 @@ from starlette.types import Scope
 
 from core.service.settings import Settings
 
+
 def is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
     if host == "localhost" or host.endswith(".localhost"):

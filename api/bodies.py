@@ -21,9 +21,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError, invalid_json
-from core.storage.artifacts import Store
-from core.service.settings import Settings
 from core.errors import ErrorCode
+from core.service.settings import Settings
+from core.storage.artifacts import Store
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (name, metadata JSON, ...)
 

@@ -26,8 +26,8 @@ from api.binding import AuthPolicy, foreign_host, foreign_origin, header
 from api.bodies import content_length, parse_json, too_large
 from api.errors import ApiError, allowed_methods, busy, problem
 from api.tenants import release_all
-from core.service.settings import Settings
 from core.errors import ErrorCode
+from core.service.settings import Settings
 
 # Liveness and readiness probes address a pod by its IP, which no Host list names; their public
 # answers hold nothing (api/routes/ops.py), so the Host list does not apply to them.

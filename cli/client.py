@@ -22,6 +22,7 @@ from cli.params import CONTEXT, RECIPES, THREAT_KINDS, Failure, JsonObject, Numb
 from robustify import Client
 from robustify.client import DEFAULT_URL
 from robustify.types import JOB_STATES, TERMINAL_STATUSES
+
 BUILTIN_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from cli.params import CONTEXT, JsonObject, Numbers, Radius, THREAT_KINDS, recipe_fields
-from core.engine.config import EvaluateConfig, FinetuneConfig
+from cli.params import CONTEXT, THREAT_KINDS, JsonObject, Numbers, Radius, recipe_fields
 from cli.result_table import evaluation_table, finetune_table
+from core.engine.config import EvaluateConfig, FinetuneConfig
 from core.service.settings import get_settings
 
 
@@ -137,9 +137,9 @@ def _load(args: argparse.Namespace):
         model = load_model_file(args.model, args.architecture, num_classes=data.num_classes, in_channels=c,
                                 image_size=(h, w), dataset=args.dataset, input_mean=args.input_mean, input_std=args.input_std)
     elif getattr(args, "pretrain", 0) > 0:
-        from core.engine.recipes.standard import accuracy, train_standard
-
         import torch
+
+        from core.engine.recipes.standard import accuracy, train_standard
 
         # its own seed: runs that differ only in --seed start from the same weights
         torch.manual_seed(args.pretrain_seed)

@@ -11,16 +11,16 @@ class Page(Generic[T]):
     """One page of a list (`data`, `has_more`, `last_id`); iterating it fetches the next pages."""
 
     def __init__(self, data: list[T], has_more: bool, last_id: str | int | None,
-                 fetch: Callable[[str | int], "Page[T]"]) -> None:
+                 fetch: Callable[[str | int], Page[T]]) -> None:
         self.data, self.has_more, self.last_id = data, has_more, last_id
         self._fetch = fetch
 
-    def next_page(self) -> "Page[T] | None":
+    def next_page(self) -> Page[T] | None:
         if not self.has_more or self.last_id is None:
             return None
         return self._fetch(self.last_id)
 
-    def iter_pages(self) -> Iterator["Page[T]"]:
+    def iter_pages(self) -> Iterator[Page[T]]:
         page: Page[T] | None = self
         while page is not None:
             yield page

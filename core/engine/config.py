@@ -11,9 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.limits import (
-    MAX_BETA, MAX_EXAMPLES, MAX_RADIUS, MAX_SEED, MAX_STEP_RATIO, MAX_STEPS,
-)
+from core.limits import MAX_BETA, MAX_EXAMPLES, MAX_RADIUS, MAX_SEED, MAX_STEP_RATIO, MAX_STEPS
 
 ThreatKind = Literal["w2-linf", "w2-l2", "linf", "l2"]
 
@@ -34,7 +32,7 @@ class ThreatModelSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _fill_delta(self) -> "ThreatModelSpec":
+    def _fill_delta(self) -> ThreatModelSpec:
         if self.delta is None:
             self.delta = DEFAULT_DELTA[self.kind]
         return self
@@ -183,7 +181,7 @@ class FinetuneConfig(_Strict):
                     "The local `robustify finetune` runs on one device.")
 
     @model_validator(mode="after")
-    def _check_attack_schedule(self) -> "FinetuneConfig":
+    def _check_attack_schedule(self) -> FinetuneConfig:
         if self.attack_schedule == "standard":
             return self
         if "attack_steps" not in self.model_fields_set:
@@ -204,7 +202,7 @@ class FinetuneConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _check_devices(self) -> "FinetuneConfig":
+    def _check_devices(self) -> FinetuneConfig:
         if self.devices and isinstance(self.batch_size, int) and self.batch_size % self.devices:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of devices {self.devices}: "
                              "each device takes an equal share of every batch")
@@ -216,7 +214,7 @@ class FinetuneConfig(_Strict):
         return _auto_or_number(getattr(info, "field_name", ""), value)
 
     @model_validator(mode="after")
-    def _resolve_selection_metric(self) -> "FinetuneConfig":
+    def _resolve_selection_metric(self) -> FinetuneConfig:
         ground = self.threat_model.ground_norm
         if self.selection.metric == AUTO:
             self.selection.metric = ("w2_robust_accuracy" if self.threat_model.is_distributional
@@ -290,7 +288,7 @@ class EvaluateConfig(_Strict):
         return _auto_or_number("batch_size", value)
 
     @model_validator(mode="after")
-    def _check_deltas(self) -> "EvaluateConfig":
+    def _check_deltas(self) -> EvaluateConfig:
         if self.deltas is not None:
             if not self.deltas:
                 raise ValueError("deltas must not be empty")

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ErrorCode, RobustifyError
 from core.service.db import Job, JobEvent, WebhookDelivery, utcnow
 from core.service.netpolicy import TargetPolicy, target_policy
-from core.errors import ErrorCode, RobustifyError
 from core.service.settings import get_settings
 
 log = logging.getLogger("robustify.webhooks")

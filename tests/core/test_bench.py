@@ -3,11 +3,11 @@ scripts (their pass counts and fields are asserted, never their timings)."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -181,6 +181,7 @@ def test_fast_wtrades_bench_screens_on_validation_images_and_attacks_the_test_im
 
 def test_fast_wtrades_bench_splits_are_disjoint_stratified_samples() -> None:
     import fast_wtrades
+
     from core.engine.data.datasets import load_digits
     from core.engine.data.sampling import class_counts
 

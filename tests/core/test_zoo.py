@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.engine.architectures import PreActResNet, SmallCNN, WideResNet
 from core.engine.architecture_names import BUILTIN_ARCHITECTURES
+from core.engine.architectures import PreActResNet, SmallCNN, WideResNet
 from core.engine.zoo import (
     PixelInputModel,
     create_model,

@@ -17,8 +17,8 @@ import pytest
 
 import migrations
 import robustify
-from core.storage.artifacts import ArtifactStore, record_artifact
 from core.service.db import Job, JobEvent, utcnow
+from core.storage.artifacts import ArtifactStore, record_artifact
 from tests.service.conftest import LiveServer, make_settings
 from tests.service.payloads import npz_bytes, pickle_bytes, safetensors_bytes
 

@@ -8,8 +8,9 @@ ensemble takes that perturbed set as a member (it lies inside the W2 ball of the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -1,7 +1,7 @@
 """Pieces every attack shares: one forward+backward giving per-sample input gradients."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -6,8 +6,9 @@ makes anyway, so no extra evaluation pass).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

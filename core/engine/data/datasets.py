@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.errors import DatasetUnavailable, InvalidDataset
 from core.engine.data.npz import read_npz_dataset, stratified_split, validate_npz_arrays
+from core.errors import DatasetUnavailable, InvalidDataset
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageData", "augment_crop_flip", "is_cifar_like", "load_dataset", "load_npz",

@@ -29,8 +29,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from core.errors import InvalidDataset
 from core.engine.data.npz import MIN_IMAGE_SIZE, stratified_split, validate_npz_arrays
+from core.errors import InvalidDataset
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm"})

@@ -177,10 +177,9 @@ def summarize_npz(path: str | Path, *, label: str, max_bytes: int,
     once to verify the archive's checksum, without being kept in memory."""
     x, _ = read_npz_headers(path, label=label, max_bytes=max_bytes)
     try:
-        with zipfile.ZipFile(path) as zf:
-            with zf.open(_members(zf)["x"]) as fh:
-                while fh.read(1 << 20):  # the zip module checks the CRC at the end
-                    pass
+        with zipfile.ZipFile(path) as zf, zf.open(_members(zf)["x"]) as fh:
+            while fh.read(1 << 20):  # the zip module checks the CRC at the end
+                pass
         with np.load(path, allow_pickle=False) as npz:
             y = npz["y"]
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:

@@ -25,20 +25,19 @@ is the worst status.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from core.engine.attacks.common import input_gradient
 from core.engine.attacks.wpgd import w_pgd
 from core.engine.device import Compute, batches
+from core.engine.evaluation.ensemble import REDLR, W2EnsembleResult, clean_predictions, random_w2_start, w2_ensemble
+from core.engine.evaluation.intervals import share
 from core.engine.losses import cross_entropy
 from core.engine.oom import AdaptiveBatch
 from core.engine.threats import Threat
-from core.engine.evaluation.intervals import share
-from core.engine.evaluation.ensemble import (
-    REDLR, W2EnsembleResult, clean_predictions, random_w2_start, w2_ensemble,
-)
 
 __all__ = ["audit_status", "masking_audit", "transfer_check"]
 

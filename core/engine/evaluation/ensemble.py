@@ -30,21 +30,31 @@ perclass.per_class, `.to_dict()` is the report row, and `.warnings()` the not-co
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
 from core.engine.attacks.common import predict
 from core.engine.attacks.wpgd import WPGDResult, w_pgd
 from core.engine.device import Compute, batches
+from core.engine.evaluation.intervals import accuracy_stat, share
 from core.engine.losses import LossName
 from core.engine.oom import AdaptiveBatch
 from core.engine.threats import Threat
-from core.engine.evaluation.intervals import accuracy_stat, share
 
-__all__ = ["AttackSpec", "Member", "PRESETS", "Preset", "PresetSpec", "W2EnsembleResult", "preset_attacks",
-           "random_w2_start", "w2_ensemble"]
+__all__ = [
+    "PRESETS",
+    "AttackSpec",
+    "Member",
+    "Preset",
+    "PresetSpec",
+    "W2EnsembleResult",
+    "preset_attacks",
+    "random_w2_start",
+    "w2_ensemble",
+]
 
 Preset = Literal["standard", "quick"]
 Progress = Callable[[float, str], None]
@@ -110,7 +120,7 @@ class Member:
     correct: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, result: Any) -> "Member":
+    def of(cls, result: Any) -> Member:
         """A pointwise result (core.engine.evaluation.pointwise.PointwiseResult) as a member."""
         return cls(f"{result.name} ({result.threat} ball)", result.x_adv, result.correct)
 

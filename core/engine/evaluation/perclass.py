@@ -7,7 +7,8 @@ the classes whose clean accuracy fell by more than `threshold`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

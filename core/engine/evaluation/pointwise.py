@@ -12,18 +12,19 @@ ensemble at the same δ and ground cost, so the report's W2 number is never abov
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
 from core.engine.attacks.autoattack import CPU_ATTACKS, STANDARD_ATTACKS, autoattack
 from core.engine.attacks.pgd import pgd
 from core.engine.device import Compute
+from core.engine.evaluation.intervals import accuracy_stat, share
 from core.engine.losses import LossName
 from core.engine.oom import AdaptiveBatch
 from core.engine.threats import Threat
-from core.engine.evaluation.intervals import accuracy_stat, share
 
 __all__ = ["PointwiseAttack", "PointwiseResult", "pointwise_attack"]
 

@@ -14,8 +14,9 @@ asked for (`amp`): bf16 weakens W-PGD.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

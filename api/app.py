@@ -112,8 +112,8 @@ def _notice_shutdown(event: threading.Event) -> Any:
     or none, changes nothing)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous = {sig: h for sig, h in previous.items() if callable(h) and h is not signal.default_int_handler}
+    installed = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: h for sig, h in installed.items() if callable(h) and h is not signal.default_int_handler}
 
     def handler(sig: int, frame: FrameType | None) -> None:
         event.set()

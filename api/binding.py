@@ -46,7 +46,7 @@ def listening_addresses() -> list[str]:
     hosts: list[str] = []
     for obj in gc.get_objects():
         if _is_server(obj):
-            for sock in obj.sockets or ():  # type: ignore[attr-defined]
+            for sock in obj.sockets or ():
                 name = sock.getsockname()
                 hosts.append(name[0] if isinstance(name, tuple) else str(name))
     return hosts

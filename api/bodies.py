@@ -211,7 +211,8 @@ async def read_multipart(
             # The file name is stored and echoed: keep printable characters only.
             filename = disp.get(b"filename", b"").decode("utf-8", "replace")
             upload.filename = "".join(ch for ch in filename if ch.isprintable()) or None
-            state["fh"] = open(upload.file_path, "wb")
+            # open across the part's data callbacks; on_part_end and the final cleanup close it
+            state["fh"] = open(upload.file_path, "wb")  # noqa: SIM115
         else:
             state["buf"] = bytearray()
 

@@ -167,15 +167,16 @@ class ArchitectureCatalog:
             with self._cond:
                 if self._closed:
                     return dict.fromkeys(families, "the server is stopping")
-                self._proc = subprocess.Popen([*self.command, *families], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            out, err = self._proc.communicate(timeout=self.timeout)
-            if self._proc.returncode != 0:
-                raise ChildProcessError(f"exit status {self._proc.returncode}: {err.strip()[-300:]}")
+                proc = self._proc = subprocess.Popen([*self.command, *families], cwd=ROOT, env=env,
+                                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE, text=True)
+            out, err = proc.communicate(timeout=self.timeout)
+            if proc.returncode != 0:
+                raise ChildProcessError(f"exit status {proc.returncode}: {err.strip()[-300:]}")
             listed = json.loads(out)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.communicate()
+            proc.kill()
+            proc.communicate()
             return dict.fromkeys(families, f"no answer within {self.timeout:.0f} s")
         except (OSError, ValueError, ChildProcessError) as exc:
             return {f: f"{type(exc).__name__}: {exc}" for f in families}

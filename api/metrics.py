@@ -39,7 +39,7 @@ def install_metrics(app: FastAPI, make_session: sessionmaker) -> CollectorRegist
     latency = Histogram("robustify_http_request_duration_seconds", "Time to the response headers",
                         ["method", "route"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-    registry.register(_JobsByStatus(make_session))  # type: ignore[arg-type]
+    registry.register(_JobsByStatus(make_session))
 
     @app.middleware("http")
     async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -102,7 +102,7 @@ def _link_created_resources(spec: dict[str, Any]) -> None:
             if not rest.startswith("/{") or rest.count("{") != 1:
                 continue  # only operations on this resource's own id
             param = rest[2:rest.index("}")]
-            for method, operation in ops.items():
+            for operation in ops.values():
                 if isinstance(operation, dict) and "operationId" in operation:
                     links[operation["operationId"]] = {"operationId": operation["operationId"],
                                                        "parameters": {param: "$response.body#/id"}}

@@ -123,9 +123,9 @@ def autoattack_parts(model_name: str, n: int) -> dict[str, Any]:
                         on_attack=lambda name, k, total: marks.append((name, time.perf_counter())))
     marks.append(("end", time.perf_counter()))
     seconds = {a: round((marks[i + 1][1] - t) * 1000 / n, 1) for i, (a, t) in enumerate(marks[:-1])}
-    out = {"model": model_name, "n": n, "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 1),
-           "seconds_per_1000_images": seconds, "accuracy_after": result.accuracy_after,
-           "clean": result.clean_accuracy}
+    out = {"model": model_name, "n": n, "threads": torch.get_num_threads(),
+           "load_average": round(os.getloadavg()[0], 1), "seconds_per_1000_images": seconds,
+           "accuracy_after": result.accuracy_after, "clean": result.clean_accuracy}
     print(json.dumps(out), flush=True)
     return out
 

@@ -37,14 +37,15 @@ Methods (`METHODS`):
 Training time counts what the recipe does between evaluations (the Ῡ estimate, the attacks,
 the outer steps, the memory's reads and writes), not the per-epoch validation, which is the
 same for every method; the job time is the whole fine-tune call (the per-epoch validation and the
-recipe's own before/after on the screen images, with the "quick" evaluation preset, included). Reported per method: both times, the training-time ratio to
-standard-k10's in the same seed (min/median/max over seeds), the accuracies with n and interval
-(of the median seed's run), the W2 difference to standard-k10's, and forward/backward passes per
-image per optimizer step (K + 1).
+recipe's own before/after on the screen images, with the "quick" evaluation preset, included).
+Reported per method: both times, the training-time ratio to standard-k10's in the same seed
+(min/median/max over seeds), the accuracies with n and interval (of the median seed's run), the W2
+difference to standard-k10's, and forward/backward passes per image per optimizer step (K + 1).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -65,6 +66,7 @@ from core.engine.defaults import resolve_finetune
 from core.engine.device import Compute
 from core.engine.evaluation.intervals import wilson_interval
 from core.engine.hooks import Hooks
+from core.engine.losses import LossName
 from core.engine.recipes.finetune import finetune
 from core.engine.recipes.standard import train_standard
 from core.engine.threats import Threat
@@ -103,7 +105,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "digits": {"train": None, "validation": 300, "screen": 300, "epochs": "auto", "pretrain_epochs": 5, "delta": 0.05},
 }
 SAMPLE_SEED = 0          # the screen, training and test samples: the same images for every seed
-ATTACKS = (              # (name, loss, steps, radius as a multiple of δ)
+ATTACKS: tuple[tuple[str, LossName, int, float], ...] = (   # (name, loss, steps, radius as a multiple of δ)
     ("redlr", "redlr", 50, 1.0),
     ("ce", "ce", 200, 1.0),
     ("redlr_2delta", "redlr", 50, 2.0),
@@ -207,10 +209,9 @@ def run(datasets: list[str], seeds: list[int], methods: list[str], screen: list[
         data = load_dataset(name, data_dir=data_dir)
         splits = make_splits(setup, data, test_examples)
         c, h, w = data.image_shape
-
-        def fresh() -> torch.nn.Module:
-            return create_model("small-cnn", num_classes=data.num_classes, in_channels=c, image_size=(h, w),
-                                dataset=name)
+        # a new network of this data set's shape (bound now: the loop goes on to the next data set)
+        fresh = functools.partial(create_model, "small-cnn", num_classes=data.num_classes, in_channels=c,
+                                  image_size=(h, w), dataset=name)
 
         mine: list[dict[str, Any]] = []
         states: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -230,7 +231,7 @@ def run(datasets: list[str], seeds: list[int], methods: list[str], screen: list[
                                   hooks=clock, device="cpu")
                 job_seconds = time.perf_counter() - t0
                 states[(seed, method)] = result.best_model_state
-                row = {"dataset": name, "seed": seed, "method": method, "train_seconds": clock.seconds,
+                row: dict[str, Any] = {"dataset": name, "seed": seed, "method": method, "train_seconds": clock.seconds,
                        "job_seconds": job_seconds, "best_epoch": result.best_epoch,
                        "screen": attack(result.best_model_state, fresh(), splits.screen, setup["delta"]),
                        "passes_per_image_per_step": int(METHODS[method]["attack_steps"]) + 1,
@@ -320,7 +321,8 @@ def table(summary: list[dict[str, Any]]) -> str:
         lines.append(f"| {s['dataset']} | {s['method']} | {s['epochs']} | {s['passes_per_image_per_step']} "
                      f"| {s['train_seconds']['median']:.1f} | {s['job_seconds']['median']:.1f} "
                      f"| {sp['min']:.2f}× / {sp['median']:.2f}× / {sp['max']:.2f}× | {s['n']} "
-                     f"| {_with_interval(s['redlr'])} | {_with_interval(s['ce'])} | {_with_interval(s['redlr_2delta'])} "
+                     f"| {_with_interval(s['redlr'])} | {_with_interval(s['ce'])} "
+                     f"| {_with_interval(s['redlr_2delta'])} "
                      f"| {d['min']:+.3f} / {d['median']:+.3f} / {d['max']:+.3f} |")
     return "\n".join(lines)
 
@@ -344,7 +346,8 @@ def main() -> None:
                    help=f"in the final table, whatever the screen says; from {', '.join(METHODS)}")
     p.add_argument("--screen", default="", help="candidates; the screen images choose one for the final table")
     p.add_argument("--test-examples", type=int, default=1000)
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ROBUSTIFY_DATASETS_DIR", "/tmp/robustify-data")))
+    p.add_argument("--data-dir", type=Path,
+                   default=Path(os.environ.get("ROBUSTIFY_DATASETS_DIR", "/tmp/robustify-data")))
     p.add_argument("--quick", action="store_true", help="digits, one seed")
     p.add_argument("--epochs", type=int, help="override every data set's epochs (a smoke run)")
     p.add_argument("--train", type=int, help="override every data set's training images (a smoke run)")

@@ -21,7 +21,7 @@ import click
 from cli.params import CONTEXT, RECIPES, THREAT_KINDS, Failure, JsonObject, Numbers, Radius, fields_help, recipe_fields
 from robustify import Client
 from robustify.client import DEFAULT_URL
-from robustify.types import JOB_STATES, TERMINAL_STATUSES
+from robustify.types import JOB_STATES, TERMINAL_STATUSES, JobType
 
 BUILTIN_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 
@@ -257,7 +257,11 @@ def _show_dataset(out: Out, dataset: Any) -> int:
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of that split (default 0).")
 def datasets_upload(out: Out, file: Path, image_size: list[int] | None, channels: str | None, **fields: Any) -> int:
     """Upload FILE: an .npz (x uint8 images, y int labels) or a .zip / .tar of class folders."""
-    size = None if not image_size else image_size[0] if len(image_size) == 1 else tuple(image_size)
+    size: int | tuple[int, int] | None = None
+    if image_size:
+        if len(image_size) > 2:
+            raise click.BadParameter(f"give S or H,W, not {len(image_size)} numbers", param_hint="--image-size")
+        size = image_size[0] if len(image_size) == 1 else (image_size[0], image_size[1])
     return _show_dataset(out, out.client.datasets.upload(_file(file), image_size=size,
                                                          channels=int(channels) if channels else None, **fields))
 
@@ -358,7 +362,7 @@ def jobs_fields(recipe: str) -> int:
               help="Only these event types (repeatable), e.g. job.succeeded.")
 @click.option("--idempotency-key", help="Submitting again with the same key returns the same job.")
 @click.option("--watch", is_flag=True, help="Then follow it with a progress bar (exit 1 unless it succeeds).")
-def jobs_submit(out: Out, recipe: str, model: str, dataset: str, threat_model: str | None, delta: float | None,
+def jobs_submit(out: Out, recipe: JobType, model: str, dataset: str, threat_model: str | None, delta: float | None,
                 deltas: list[float] | None, seed: int | None, config: dict[str, Any] | None,
                 assignments: tuple[str, ...], metadata: dict[str, Any] | None, webhook: str | None,
                 webhook_events: tuple[str, ...], idempotency_key: str | None, watch: bool) -> int:

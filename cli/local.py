@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -19,6 +19,8 @@ from cli.params import CONTEXT, THREAT_KINDS, JsonObject, Numbers, Radius, recip
 from cli.result_table import evaluation_table, finetune_table
 from core.engine.config import EvaluateConfig, FinetuneConfig
 from core.service.settings import get_settings
+
+RecipeConfig = TypeVar("RecipeConfig", FinetuneConfig, EvaluateConfig)
 
 
 def _settings() -> Any:
@@ -102,7 +104,7 @@ def _model_options(command: str) -> Any:
     return wrap
 
 
-def _config(args: argparse.Namespace, cls: type) -> Any:
+def _config(args: argparse.Namespace, cls: type[RecipeConfig]) -> RecipeConfig:
     recipe = "finetune" if cls is FinetuneConfig else "evaluate"
     fields = recipe_fields(args.config, tuple(args.assignments), recipe)
     threat = dict(fields.get("threat_model") or {})
@@ -131,11 +133,13 @@ def _load(args: argparse.Namespace):
     data = load_dataset(args.dataset, data_dir=args.data_dir, allow_download=args.allow_download)
     c, h, w = data.image_shape
     if args.robustbench:
-        model = load_robustbench_model(args.robustbench, dataset=args.dataset, threat_model=args.robustbench_threat_model,
-                                       model_dir=args.model_dir, allow_download=args.allow_download)
+        model = load_robustbench_model(args.robustbench, dataset=args.dataset,
+                                       threat_model=args.robustbench_threat_model, model_dir=args.model_dir,
+                                       allow_download=args.allow_download)
     elif args.model:
         model = load_model_file(args.model, args.architecture, num_classes=data.num_classes, in_channels=c,
-                                image_size=(h, w), dataset=args.dataset, input_mean=args.input_mean, input_std=args.input_std)
+                                image_size=(h, w), dataset=args.dataset, input_mean=args.input_mean,
+                                input_std=args.input_std)
     elif getattr(args, "pretrain", 0) > 0:
         import torch
 

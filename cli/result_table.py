@@ -150,8 +150,9 @@ def evaluation_table(summary: dict[str, Any], warnings: list[str] | None = None,
     """An evaluation's headline (the job's result.summary or report.json's summary), each number with
     its 95 % interval and the preset; with `details` (report.json, or a job result that carries
     them) also the attacks behind the headline W2 number and the masking audit."""
-    source = {"threat_model": "the threat model's radius",
-              "largest_radius": "the largest radius evaluated; the threat model's is not among them"}
+    source: dict[str | None, str] = {
+        "threat_model": "the threat model's radius",
+        "largest_radius": "the largest radius evaluated; the threat model's is not among them"}
     lines = []
     for label, key in _ROWS:
         if key in summary:

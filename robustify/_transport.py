@@ -60,7 +60,7 @@ class Transport:
 
     # ------------------------------------------------------------------ retries
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
+        delay = min(self.backoff_max, self.backoff_base * 2.0 ** attempt) * random.uniform(0.5, 1.0)
         after = response.headers.get("retry-after") if response is not None else None
         if after:
             if after.strip().isdigit():
@@ -71,7 +71,8 @@ class Transport:
                     delay = max(delay, when.timestamp() - time.time())
         return max(0.0, min(delay, 60.0))
 
-    def _retryable(self, attempt: int, repeatable: bool, exc: Exception | None, response: httpx.Response | None) -> bool:
+    def _retryable(self, attempt: int, repeatable: bool, exc: Exception | None,
+                   response: httpx.Response | None) -> bool:
         if attempt >= self.max_retries:
             return False
         if exc is not None:
@@ -127,7 +128,8 @@ class Transport:
             body = {"detail": f"HTTP {response.status_code}: {response.text[:300]}", "code": "error"}
         err = error_for(response.status_code, body, dict(response.headers))
         if response.status_code == 401:
-            err.message += "\n  pass an API key (Client(api_key=…) or ROBUSTIFY_API_KEY); create one with `robustify keys create NAME`."
+            err.message += ("\n  pass an API key (Client(api_key=…) or ROBUSTIFY_API_KEY); "
+                            "create one with `robustify keys create NAME`.")
             err.args = (err.message,)
         return err
 

@@ -46,7 +46,8 @@ class Client:
 
     def ready(self) -> dict[str, Any]:
         """GET /readyz: database, broker and workers (ServiceUnavailableError when one is down)."""
-        return self._transport.json("GET", "/readyz")
+        readiness: dict[str, Any] = self._transport.json("GET", "/readyz")
+        return readiness
 
     def close(self) -> None:
         self._transport.close()

@@ -11,7 +11,8 @@ def parse_radius(value: str | float | int) -> float:
     try:
         radius = float(Fraction(value.strip()))
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a radius: {value!r} (write a number such as 0.031 or a fraction such as 8/255)") from None
+        raise ValueError(f"not a radius: {value!r} "
+                         "(write a number such as 0.031 or a fraction such as 8/255)") from None
     if radius < 0:
         raise ValueError(f"a radius cannot be negative: {value!r}")
     return radius

@@ -197,7 +197,8 @@ class Outcome(ApiObject):
         provenance = data.get("provenance") if isinstance(data.get("provenance"), Mapping) else {}
         config = data.get("config") if isinstance(data.get("config"), Mapping) else {}
         summary = data.get("summary") if isinstance(data.get("summary"), Mapping) else {}
-        data.setdefault("evaluation", provenance.get("evaluation") or config.get("evaluation") or summary.get("evaluation"))
+        data.setdefault("evaluation",
+                        provenance.get("evaluation") or config.get("evaluation") or summary.get("evaluation"))
         if isinstance(data.get("evaluation"), Mapping):          # {"preset": ..., ...}
             data["evaluation"] = data["evaluation"].get("preset")
         data["changes"] = _changes(data.pop("change", None), data.get("change_ci95"))

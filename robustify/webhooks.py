@@ -64,4 +64,5 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes | str, *,
     expected = sign(secret, msg_id, timestamp, raw)
     if not any(hmac.compare_digest(expected, candidate) for candidate in signatures.split()):
         raise WebhookVerificationError("no signature matches this secret")
-    return json.loads(raw)
+    payload: dict[str, Any] = json.loads(raw)
+    return payload

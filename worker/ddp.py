@@ -104,7 +104,8 @@ def _check_devices(devices: int) -> str:
 
     offered, device_type = device_capacity()
     if offered < devices:
-        what = "GPU(s) (CUDA_VISIBLE_DEVICES)" if device_type == "cuda" else "CPU core(s) and no GPU (one rank per core)"
+        what = ("GPU(s) (CUDA_VISIBLE_DEVICES)" if device_type == "cuda"
+                else "CPU core(s) and no GPU (one rank per core)")
         raise RobustifyError(f"the job asks for {devices} devices but this worker has {offered} {what}; submit it "
                              "with fewer `devices`, or run a worker with more.", code=ErrorCode.NOT_ENOUGH_DEVICES)
     return "nccl" if device_type == "cuda" else "gloo"

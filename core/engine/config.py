@@ -38,6 +38,11 @@ class ThreatModelSpec(_Strict):
         return self
 
     @property
+    def radius(self) -> float:
+        """δ as a number: validation has filled in the kind's default when the request left it out."""
+        return DEFAULT_DELTA[self.kind] if self.delta is None else float(self.delta)
+
+    @property
     def is_distributional(self) -> bool:
         return self.kind.startswith("w2")
 
@@ -298,13 +303,13 @@ class EvaluateConfig(_Strict):
 
     @property
     def radii(self) -> list[float]:
-        return list(self.deltas) if self.deltas else [float(self.threat_model.delta)]
+        return list(self.deltas) if self.deltas else [self.threat_model.radius]
 
     @property
     def headline_delta(self) -> tuple[float, str]:
         """The radius the summary reports: the threat model's δ when it is among the radii, else
         the largest radius; with where it came from ("threat_model" or "largest_radius")."""
-        delta = float(self.threat_model.delta)
+        delta = self.threat_model.radius
         if any(abs(r - delta) <= 1e-12 * max(1.0, delta) for r in self.radii):
             return delta, "threat_model"
         return max(self.radii), "largest_radius"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -24,7 +24,7 @@ def new_id(prefix: str) -> str:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 def _ts(nullable: bool = True) -> Any:
@@ -51,7 +51,8 @@ class Artifact(Base):
         ForeignKey("jobs.id", ondelete="CASCADE", use_alter=True, name="fk_artifacts_job_id"),
         index=True,
     )
-    kind: Mapped[str] = mapped_column(String(32))  # model_weights | checkpoint | training_state | report | plot | dataset
+    # model_weights | checkpoint | training_state | report | plot | dataset
+    kind: Mapped[str] = mapped_column(String(32))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(100))

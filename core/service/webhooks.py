@@ -33,8 +33,8 @@ WebhookEventType = Literal["job.started", "job.progress", "job.succeeded", "job.
 WEBHOOK_EVENT_TYPES: tuple[str, ...] = get_args(WebhookEventType)
 
 # job_events status values that are webhook events (queued and cancelling are not)
-_STATUS_EVENTS = {"running": "job.started", "succeeded": "job.succeeded", "failed": "job.failed",
-                  "cancelled": "job.cancelled"}
+_STATUS_EVENTS: dict[str | None, str] = {"running": "job.started", "succeeded": "job.succeeded", "failed": "job.failed",
+                                         "cancelled": "job.cancelled"}
 
 
 class WebhookTargetRefused(RobustifyError):
@@ -69,7 +69,7 @@ def url_problem(url: str) -> str | None:
     if parts.username or parts.password:
         return "a webhook URL must not carry credentials; verify the signature instead."
     try:
-        parts.port
+        _ = parts.port  # reading it parses the port
     except ValueError:
         return f"webhook URL {url!r} has an invalid port."
     return None

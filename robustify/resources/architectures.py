@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustify._base import ApiObject
 from robustify.pagination import Page
 from robustify.resources import Resource
-from robustify.types import ApiObject
 
 
 class Architecture(ApiObject):

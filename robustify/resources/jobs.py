@@ -1,6 +1,7 @@
 """client.jobs: submit, get, list, cancel, events (paged or streamed), wait, checkpoints, downloads."""
 from __future__ import annotations
 
+import builtins
 import json
 import time
 import uuid
@@ -121,15 +122,16 @@ class Jobs(Resource):
             time.sleep(poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic())))
 
     # ------------------------------------------------------------------ results
-    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+    def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:  # `list` here is Jobs.list
         body = self._t.json("GET", f"/v1/jobs/{job_id}/checkpoints")
         return [Checkpoint.model_validate(c) for c in body.get("data", [])]
 
     def report(self, job_id: str) -> dict[str, Any]:
         """The job's report (JSON): before/after metrics of a fine-tune, the curves of an evaluation."""
-        return self._t.json("GET", f"/v1/jobs/{job_id}/report")
+        report: dict[str, Any] = self._t.json("GET", f"/v1/jobs/{job_id}/report")
+        return report
 
-    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+    def webhook_deliveries(self, job_id: str) -> builtins.list[WebhookDelivery]:
         body = self._t.json("GET", f"/v1/jobs/{job_id}/webhook-deliveries")
         return [WebhookDelivery.model_validate(d) for d in body.get("data", [])]
 
@@ -145,8 +147,9 @@ class Jobs(Resource):
         else:
             matches = [c for c in self.checkpoints(job_id) if c.epoch == epoch]
             if not matches:
-                raise NotFoundError(404, {"code": "not_found", "detail": f"job {job_id} has no checkpoint of epoch {epoch}; "
-                                          "list them with client.jobs.checkpoints()."})
+                raise NotFoundError(404, {"code": "not_found",
+                                          "detail": f"job {job_id} has no checkpoint of epoch {epoch}; "
+                                                    "list them with client.jobs.checkpoints()."})
             ckpt = matches[-1]
             checkpoint = self._t.download(f"/v1/jobs/{job_id}/checkpoints/{ckpt.id}/content", out,
                                           default_name=ckpt.filename or f"epoch{epoch}.safetensors",

@@ -1,10 +1,11 @@
 """W-PGD: the Wasserstein distributional attack (NeurIPS 2023), fused for speed.
 
 Whole-set normalisation and projection exactly as algorithm.md defines them (over all ranks'
-shards when the threat spans several processes: `Threat.across`): the set's perturbed copy lives on the device, every step takes one forward+backward per batch, and the
-accuracy of iterate t is read off the forward pass that takes step t+1's gradient, so no
-separate evaluation pass is needed; one final forward scores the last iterate. Nothing is
-copied to the host until the run ends.
+shards when the threat spans several processes: `Threat.across`): the set's perturbed copy lives
+on the device, every step takes one forward+backward per batch, and the accuracy of iterate t
+is read off the forward pass that takes step t+1's gradient, so no separate evaluation pass is
+needed; one final forward scores the last iterate. Nothing is copied to the host until the run
+ends.
 """
 from __future__ import annotations
 
@@ -123,12 +124,12 @@ def w_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thre
         correct = torch.zeros((), device=x.device, dtype=torch.int64)
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
         for b in batches(n, batch_size):
-            g, logits, l = input_gradient(model, x_adv[b], y[b], loss_fn, compute)
+            g, logits, image_losses = input_gradient(model, x_adv[b], y[b], loss_fn, compute)
             hit = logits.argmax(dim=1) == y[b]
             if tracker is not None:
                 tracker.now[b] = hit
             correct += hit.sum()
-            loss_sum += l.double().sum()
+            loss_sum += image_losses.double().sum()
             d = threat.dual_norms(g)
             dual[b] = d
             direction[b] = threat.raw_direction(g, d)

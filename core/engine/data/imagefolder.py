@@ -26,11 +26,15 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.engine.data.npz import MIN_IMAGE_SIZE, stratified_split, validate_npz_arrays
 from core.errors import InvalidDataset
+
+if TYPE_CHECKING:   # Pillow is imported where an image is decoded
+    from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm"})
@@ -174,20 +178,20 @@ def scan_members(path: Path, kind: str, limits: ImageFolderLimits) -> list[_Memb
         return members
     compressed = max(path.stat().st_size, 1)
     total = 0
-    with tarfile.open(path, "r:*") as archive:
-        for i, info in enumerate(archive):
-            _check_name(info.name)
-            _bounded(limits, i + 1, info.name, info.size)
-            total += info.size
+    with tarfile.open(path, "r:*") as tar:
+        for i, entry in enumerate(tar):
+            _check_name(entry.name)
+            _bounded(limits, i + 1, entry.name, entry.size)
+            total += entry.size
             if total > _RATIO_FLOOR and total / compressed > limits.max_compression_ratio:
                 raise _bomb("the tar archive", total / compressed, limits.max_compression_ratio)
-            if info.issym() or info.islnk():
-                raise _link(info.name, info.linkname)
-            if not (info.isfile() or info.isdir()):
+            if entry.issym() or entry.islnk():
+                raise _link(entry.name, entry.linkname)
+            if not (entry.isfile() or entry.isdir()):
                 raise ArchiveError("archive_special_file",
-                                   f"archive member {info.name!r} is a device, FIFO or other special file; "
+                                   f"archive member {entry.name!r} is a device, FIFO or other special file; "
                                    "an image folder holds only folders and image files.")
-            members.append(_Member(i, info.name, info.size, info.isdir()))
+            members.append(_Member(i, entry.name, entry.size, entry.isdir()))
     return members
 
 
@@ -199,10 +203,10 @@ def read_members(path: Path, kind: str, wanted: set[int]) -> Iterator[tuple[int,
                 if i in wanted:
                     yield i, archive.read(info)   # at most info.file_size bytes come out
         return
-    with tarfile.open(path, "r|*") as archive:   # streaming mode: no seeking back in a compressed tar
-        for i, info in enumerate(archive):
+    with tarfile.open(path, "r|*") as tar:   # streaming mode: no seeking back in a compressed tar
+        for i, entry in enumerate(tar):
             if i in wanted:
-                handle = archive.extractfile(info)
+                handle = tar.extractfile(entry)
                 assert handle is not None   # scan_members let through regular files only
                 yield i, handle.read()
 
@@ -283,7 +287,7 @@ def _class_names(plan: _Plan) -> list[str]:
 
 # --- decoding ------------------------------------------------------------------------------------
 
-def _fit(image, size: tuple[int, int] | None, resample: int):
+def _fit(image: Image.Image, size: tuple[int, int] | None, resample: Image.Resampling) -> Image.Image:
     """Scale to cover (height, width) with the aspect ratio kept, centre-cropped to it."""
     if size is None:
         return image
@@ -302,6 +306,7 @@ def decode_image(data: bytes, *, name: str, channels: int, size: tuple[int, int]
     from PIL import Image, UnidentifiedImageError
 
     try:
+        image: Image.Image   # the opened file, then plain images as it is converted
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
             w, h = image.size
             if w * h > max_pixels:

@@ -52,7 +52,8 @@ def _check_image_shape(shape: tuple[int, ...], dtype: np.dtype) -> bool:
                              "as the second or the last dimension.")
     height, width = (shape[1], shape[2]) if len(shape) == 3 or channels_last else (shape[2], shape[3])
     if height < MIN_IMAGE_SIZE or width < MIN_IMAGE_SIZE:
-        raise InvalidDataset(f"images are {height}×{width}; they must be at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels.")
+        raise InvalidDataset(f"images are {height}×{width}; "
+                             f"they must be at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels.")
     return channels_last
 
 
@@ -246,7 +247,7 @@ def stratified_split(y: np.ndarray, *, test_fraction: float = 0.2, seed: int = 0
     for label in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == label))
         # A class with two or more images gives at least one to each side.
-        n_test = min(max(int(round(len(members) * test_fraction)), 1), len(members) - 1)
+        n_test = min(max(round(len(members) * test_fraction), 1), len(members) - 1)
         test.append(members[:n_test])
         train.append(members[n_test:])
     test_idx = np.concatenate(test)

@@ -25,6 +25,7 @@ is the worst status.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -123,7 +124,8 @@ def _random_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, thre
     best = 1.0
     for _ in range(RANDOM_DRAWS):
         noisy = random_w2_start(x, threat, generator, 1.0)
-        pred = batch.run("audit: random search", lambda size: clean_predictions(model, noisy, size, compute))
+        pred = batch.run("audit: random search",
+                         functools.partial(clean_predictions, model, noisy, compute=compute))
         best = min(best, share(pred == y))
     clean, attacked = ensemble.clean_accuracy, ensemble.robust_accuracy
     numbers = (f"clean {clean:.3f}, best of {RANDOM_DRAWS} random W2 perturbations of size δ {best:.3f}, "
@@ -154,7 +156,8 @@ def _agreement_check(ensemble: W2EnsembleResult, tol: float) -> dict[str, str]:
         return _check("agreement", "fail", f"the same attack from different starts disagrees by {spread:.3f} "
                                            f"({numbers}): the loss surface is too flat or noisy to climb")
     if spread > AGREE_WARN + tol:
-        return _check("agreement", "warn", f"the same attack from different starts disagrees by {spread:.3f} ({numbers})")
+        return _check("agreement", "warn",
+                      f"the same attack from different starts disagrees by {spread:.3f} ({numbers})")
     return _check("agreement", "pass", f"the attacks from different starts agree within {spread:.3f} ({numbers})")
 
 

@@ -15,9 +15,10 @@ The presets (PRESETS; docs/concepts.md has the table and docs/runtimes.md the co
 Adaptive steps: each W-PGD attack takes its step α = ratio·δ/T (T = `steps`, the nominal count,
 `EvaluateConfig.wpgd_steps`), runs at least T steps, then goes on until its whole-set accuracy has
 not reached a new minimum for `patience` steps, up to the cap (never below T + patience, so a large
-T alone cannot make an attack stop at its cap). An attack that hit the cap is "not converged". With `adaptive=False` every attack runs exactly T steps; with only the ReDLR
-attack that is today's w_pgd exactly (the reference-structured W-PGD, whole-set normalisation
-and projection, min over iterates, is core.engine.attacks.wpgd.w_pgd, called unchanged).
+T alone cannot make an attack stop at its cap). An attack that hit the cap is "not converged".
+With `adaptive=False` every attack runs exactly T steps; with only the ReDLR attack that is
+today's w_pgd exactly (the reference-structured W-PGD, whole-set normalisation and projection, min
+over iterates, is core.engine.attacks.wpgd.w_pgd, called unchanged).
 
 Members: perturbed copies of x that are W2-feasible by construction, e.g. the pointwise attack's
 points at the same δ and ground cost (every image within δ, so the set is within δ in W2). They
@@ -304,7 +305,8 @@ def _member_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, th
         raise ValueError(f"member {member.name!r} has shape {tuple(member.x_adv.shape)}, not x's {tuple(x.shape)}")
     distance = threat.distance(member.x_adv.to(x.dtype), x)
     if distance > threat.delta * (1 + 1e-5) + 1e-6:
-        raise ValueError(f"member {member.name!r} lies outside the W2 ball: distance {distance:.6g} > δ={threat.delta:.6g}")
+        raise ValueError(f"member {member.name!r} lies outside the W2 ball: "
+                         f"distance {distance:.6g} > δ={threat.delta:.6g}")
     pred = batch.run(f"member {member.name}", lambda size: clean_predictions(model, member.x_adv.to(x.dtype), size,
                                                                              compute))
     correct = pred == y

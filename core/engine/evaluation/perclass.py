@@ -51,7 +51,7 @@ def collapsed_classes(before: Sequence[Mapping[str, Any]], after: Sequence[Mappi
     """The classes whose `key` accuracy fell by more than `threshold` from `before` to `after`
     (rows of per_class on the same images), with both numbers and n."""
     out = []
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):   # the same classes, in order
         if b.get(key) is None or a.get(key) is None:
             continue
         if b[key] - a[key] > threshold:

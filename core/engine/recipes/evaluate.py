@@ -147,7 +147,8 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
                 on_attack=lambda attack, k, total: progress.within(k / total, f"autoattack: {attack}"),
                 should_stop=hooks.should_stop))
             report.pointwise.append(points[-1].to_dict())
-            progress.unit_done(f"{name} δ={delta:.4g}", {f"{w2_base.ground}_robust_accuracy": points[-1].robust_accuracy})
+            progress.unit_done(f"{name} δ={delta:.4g}",
+                               {f"{w2_base.ground}_robust_accuracy": points[-1].robust_accuracy})
             if hooks.should_stop():
                 return _stopped(report, config, n, compute, context, started_at, batch_size, indices, labels)
         ensemble = w2_ensemble(

@@ -17,9 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import DatasetUnavailable, ModelDownloadFailed, ValidationError
+
+if TYPE_CHECKING:   # imported where used: the engine's modules load only when a run starts
+    from core.engine.config import EvaluateConfig, FinetuneConfig
+    from core.engine.hooks import Hooks
 
 __all__ = [
     "PAPER", "PAPER_GAIN_RANGES", "PAPER_TABLE", "PROTOCOL", "QUICK", "ReproduceOptions", "check_inputs",
@@ -158,7 +162,7 @@ def check_inputs(options: ReproduceOptions) -> None:
             "(where robustbench.utils.load_model(..., model_dir=<model-dir>) saves it); reproduce never downloads.")
 
 
-def _finetune_config(options: ReproduceOptions):
+def _finetune_config(options: ReproduceOptions) -> FinetuneConfig:
     from core.engine.config import FinetuneConfig
 
     return FinetuneConfig.model_validate({
@@ -180,7 +184,7 @@ def _finetune_config(options: ReproduceOptions):
     })
 
 
-def _evaluate_config(options: ReproduceOptions):
+def _evaluate_config(options: ReproduceOptions) -> EvaluateConfig:
     from core.engine.config import EvaluateConfig
 
     # the same attacks as the fine-tune's test numbers: W-PGD-ReDLR (step ratio 1.875) and PGD-CE
@@ -218,7 +222,7 @@ def _paper(name: str) -> dict[str, Any] | None:
 Progress = Callable[[str], None]
 
 
-def _hooks(name: str, say: Progress):
+def _hooks(name: str, say: Progress) -> Hooks:
     """The recipes' hooks, told as lines: each new phase, and every epoch's validation numbers."""
     from core.engine.hooks import Hooks
 

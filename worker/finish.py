@@ -63,10 +63,13 @@ def finish_finetune(rt: Runtime, hooks: JobHooks, result: Any) -> str:
             job.status = "succeeded"
             job.progress = {**(job.progress or {}), "fraction": 1.0, "phase": "done", "eta_seconds": 0.0}
             _chain(s, rt, job, best, result.improved)
-            verdict = (f"improved: the best checkpoint is epoch {result.best_epoch}" if result.improved else
-                       "not improved: no fine-tuned epoch beat the input model; the best checkpoint is the input model")
+            # the recipe's verdict in its own words (improved, no significant change, worse, ...)
+            verdict = result.verdict.text if result.verdict is not None else (
+                f"improved: the best checkpoint is epoch {result.best_epoch}" if result.improved else
+                "not improved: the best checkpoint is the input model")
             add_event(s, job_id, "status", f"job succeeded ({verdict})",
                       {"status": "succeeded", "improved": result.improved, "best_epoch": result.best_epoch,
+                       "verdict": result.verdict.name if result.verdict is not None else None,
                        "best_checkpoint_id": job.result["best_checkpoint_id"], "model_id": job.result.get("model_id"),
                        "before": job.result["before"], "after": job.result["after"]})
         s.commit()

@@ -390,7 +390,7 @@ def check_progress(seen: list[dict[str, Any]], final: dict[str, Any], epochs: in
     assert running, "no poll saw the job running an epoch"
     for j in running:
         p = j["progress"]
-        assert p["phase"] in ("train", "evaluate", "test"), p
+        assert p["phase"].split(":")[0] in ("train", "evaluate", "test"), p   # "test: <model>: <attack>" too
         assert 1 <= p["epoch"] <= p["total_epochs"] == epochs, p
         assert 0.0 < p["fraction"] <= 1.0, p
         # the ETA is estimated from the progress made since the job (or its resumption) began
@@ -441,6 +441,9 @@ def run_finetune_flow(client: httpx.Client, url: str, model_id: str, upload: Pat
     assert [e["id"] for e in events(client, job_id)] == ids
     assert {"status", "checkpoint", "metrics", "progress"} <= {e["type"] for e in streamed}
     assert streamed[-1]["type"] == "status" and streamed[-1]["data"]["status"] == "succeeded"
+    # the final status says the recipe's verdict in its words, decided by the paired interval
+    assert streamed[-1]["data"]["verdict"] == cur["result"]["verdict"]
+    assert cur["result"]["verdict_text"] in streamed[-1]["message"]
     assert [e["data"]["epoch"] for e in streamed if e["type"] == "checkpoint"] == list(range(1, epochs + 1))
     metrics_events = [e for e in streamed if e["type"] == "metrics"]
     # epoch 0 (the input model's validation metrics) first, then one per trained epoch

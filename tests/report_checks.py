@@ -25,7 +25,8 @@ def assert_w2_not_above_pointwise(report: dict[str, Any]) -> int:
         w2 = m.get("w2_robust_accuracy")
         for ground in ("linf", "l2"):
             point = m.get(f"{ground}_robust_accuracy")
-            if isinstance(w2, (int, float)) and isinstance(point, (int, float)) and m.get("w2_threat", f"w2-{ground}") == f"w2-{ground}":
+            numbers = isinstance(w2, (int, float)) and isinstance(point, (int, float))
+            if numbers and m.get("w2_threat", f"w2-{ground}") == f"w2-{ground}":
                 assert w2 <= point + SLACK, f"W2 {w2} above {ground} {point} in {sorted(m)}"
                 checked += 1
     return checked

@@ -173,9 +173,11 @@ def test_fast_wtrades_bench_screens_on_validation_images_and_attacks_the_test_im
     assert set(rows) == {"standard-k10", "memory-k1", chosen}
     assert rows["standard-k10"]["speedup_vs_k10"]["median"] == 1.0
     assert rows["standard-k10"]["w2_difference_vs_k10"]["median"] == 0.0
-    assert (rows["standard-k10"]["passes_per_image_per_step"], rows["memory-k1"]["passes_per_image_per_step"]) == (11, 2)
-    assert runs["memory-k1"]["config"]["attack_schedule"] == "memory" and runs["memory-k1"]["config"]["attack_steps"] == 1
-    assert (runs["allocate"]["config"]["attack_schedule"], runs["allocate"]["config"]["attack_steps"]) == ("allocate", 1)
+    passes = {method: rows[method]["passes_per_image_per_step"] for method in ("standard-k10", "memory-k1")}
+    assert passes == {"standard-k10": 11, "memory-k1": 2}
+    schedules = {method: (runs[method]["config"]["attack_schedule"], runs[method]["config"]["attack_steps"])
+                 for method in ("memory-k1", "allocate")}
+    assert schedules == {"memory-k1": ("memory", 1), "allocate": ("allocate", 1)}
     assert "| digits | memory-k1 | 2 | 2 |" in proc.stdout and f"| digits | {chosen} | 64 |" in proc.stdout
 
 

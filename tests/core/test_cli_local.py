@@ -116,6 +116,7 @@ def test_the_result_names_its_inner_attack() -> None:
 
     assert attack_summary({"attack_schedule": "standard", "attack_steps": 10}) == "W-PGD K=10"
     assert attack_summary({"attack_schedule": "memory", "attack_steps": 1}) == "memory, 1 step"
-    assert attack_summary({"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.5}) == "allocate γ=1.5"
+    assert (attack_summary({"attack_schedule": "allocate", "attack_steps": 1, "attack_overshoot": 1.5})
+            == "allocate γ=1.5")
     assert (attack_summary({"attack_schedule": "allocate", "attack_steps": 3, "attack_overshoot": 2.0})
             == "allocate γ=2.0 + 2 W-PGD steps")

@@ -26,9 +26,9 @@ from tests.core.conftest import TinyCNN
 
 THREAT = Threat("w2-linf", 0.1)
 WTRADES = dict(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=1, batch_size=64, lr=0.003, beta=3.0,
-               attack_steps=3, augment="crop_flip", train_examples=512, budget_subset=256, validation_examples=200, test_examples=200,
-               eval_wpgd_steps=5, eval_pgd_steps=3, test_wpgd_steps=5, test_pgd_steps=3, amp="off", evaluation="quick",
-               seed=0)
+               attack_steps=3, augment="crop_flip", train_examples=512, budget_subset=256, validation_examples=200,
+               test_examples=200, eval_wpgd_steps=5, eval_pgd_steps=3, test_wpgd_steps=5, test_pgd_steps=3, amp="off",
+               evaluation="quick", seed=0)
 
 # fast W-TRADES: the second epoch starts from the first epoch's perturbations (gathered from both ranks)
 WTRADES_MEMORY = {**WTRADES, "epochs": 2, "attack_schedule": "memory", "train_examples": 320,
@@ -57,7 +57,7 @@ def _run(task: str, inputs: dict, world: World) -> dict:
         model.eval()
         x, y = world.shard(inputs["x"]), world.shard(inputs["y"])
         res = w_pgd(model, x, y, THREAT.across(world), steps=10, batch_size=64, keep_final=True)
-        return {"result": {k: v for k, v in res.to_dict().items()}, "x_final": res.x_final}
+        return {"result": dict(res.to_dict()), "x_final": res.x_final}
     model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
     model.load_state_dict(inputs["state"])
     fields = {"wtrades-memory": WTRADES_MEMORY, "wtrades-allocate": WTRADES_ALLOCATE}.get(task, WTRADES)
@@ -129,7 +129,8 @@ def test_wtrades_first_epoch_on_two_ranks_matches_one_process(digits_start, tmp_
         assert epoch["clean_accuracy"] == ref["clean_accuracy"]
         assert epoch["w2_robust_accuracy"] == ref["w2_robust_accuracy"]
         assert epoch["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
-        assert epoch["mean_batch_delta"] == pytest.approx(ref["mean_batch_delta"], rel=1e-5)  # δ_B over the global batch
+        # δ_B over the global batch
+        assert epoch["mean_batch_delta"] == pytest.approx(ref["mean_batch_delta"], rel=1e-5)
         assert epoch["upsilon_ema"] == pytest.approx(ref["upsilon_ema"], rel=1e-5)            # from global Υ_B
         # the l∞ PGD's random start is drawn per shard, so that number is only close
         assert abs(epoch["linf_robust_accuracy"] - ref["linf_robust_accuracy"]) <= 0.03
@@ -147,7 +148,7 @@ def test_memory_schedule_on_two_ranks_matches_one_process(digits_start, tmp_path
         assert r["memory"]["images_remembered"] == remembered
         for k, w in one.last_model_state.items():   # so the second epoch starts where one process starts it
             assert (r["weights"][k] - w).abs().max().item() < 1e-4 * max(1.0, w.abs().max().item()), k
-        for got, ref in zip(r["history"], one.history):
+        for got, ref in zip(r["history"], one.history, strict=True):
             assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
             assert got["mean_batch_delta"] == pytest.approx(ref["mean_batch_delta"], rel=1e-4)
 

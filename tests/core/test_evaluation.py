@@ -48,7 +48,7 @@ def test_accuracy_stat_and_wilson_edges() -> None:
     assert 0.58 < lo < 0.75 < hi < 0.87
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(0, 50)[1] > 0.0   # not a point at 0
     assert wilson_interval(50, 50)[1] == 1.0 and wilson_interval(50, 50)[0] < 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="correct must lie in"):
         wilson_interval(5, 4)
 
 

@@ -73,7 +73,8 @@ def test_report_curve_intervals_audit_per_class_and_w2_below_pointwise(digits_sm
     assert sum(map(sum, matrix)) == 200
     assert sum(matrix[c][c] for c in range(10)) / 200 == pytest.approx(report.clean_accuracy)
     for r in report.per_class:
-        assert r["n"] == sum(matrix[r["class"]]) and r["clean_accuracy"] == pytest.approx(matrix[r["class"]][r["class"]] / r["n"])
+        assert r["n"] == sum(matrix[r["class"]])
+        assert r["clean_accuracy"] == pytest.approx(matrix[r["class"]][r["class"]] / r["n"])
         assert r["w2_robust_accuracy"] <= r["clean_accuracy"]
     assert any(p.startswith("w-pgd") for p in phases) and phases[-1] == "done"
     assert report.plot_png().startswith(b"\x89PNG")

@@ -92,7 +92,7 @@ def test_not_cached_and_downloads_disabled_names_the_cache(hf_home: Path) -> Non
 
 def test_a_pickle_only_repository_is_refused(hf_home: Path) -> None:
     write_hub_cache(hf_home, REPO, {"config.json": timm_config(), "pytorch_model.bin": b"\x80\x04pickle"})
-    with pytest.raises(InvalidModelFile, match="pytorch_model.bin.*pickle"):
+    with pytest.raises(InvalidModelFile, match=r"pytorch_model\.bin.*pickle"):
         load_hub_model(REPO, num_classes=3, input_size=None, input_mean=None, input_std=None, dataset="x")
 
 

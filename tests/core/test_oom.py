@@ -77,7 +77,8 @@ def test_evaluation_halves_its_batch_and_reports_the_same_numbers(digits: ImageD
     assert max(gpu.batches) == 16   # 64 → 32 → 16 fits
     warnings = [(t, d["previous_batch_size"], d["batch_size"]) for t, _, d in seen]
     assert warnings == [("warning", 64, 32), ("warning", 32, 16)]
-    assert "CUDA out of memory in pgd" in seen[0][1] and "retrying with batch size 32" in seen[0][1]   # pointwise first: a W2 member
+    # the pointwise attack runs first: it is a W2 member
+    assert "CUDA out of memory in pgd" in seen[0][1] and "retrying with batch size 32" in seen[0][1]
     reference = evaluate(config.model_copy(update={"batch_size": 16}), net, digits, device="cpu")
     assert report.to_dict()["w2"] == reference.to_dict()["w2"]
     assert report.pointwise == reference.pointwise and report.clean_accuracy == reference.clean_accuracy

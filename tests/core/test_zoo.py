@@ -160,7 +160,7 @@ def test_non_finite_weights_fail_the_forward_check(tmp_path: Path) -> None:
 
 def test_a_declared_class_count_that_does_not_fit_is_a_shape_error(tmp_path: Path) -> None:
     path = _small_cnn_file(tmp_path)
-    with pytest.raises(InvalidModelFile, match="classifier.3.weight: expected shape \\[7, 64\\], found \\[10, 64\\]"):
+    with pytest.raises(InvalidModelFile, match=r"classifier\.3\.weight: expected shape \[7, 64\], found \[10, 64\]"):
         load_model_file(path, "small-cnn", num_classes=7, in_channels=1, image_size=8)
 
 

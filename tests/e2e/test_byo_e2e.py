@@ -42,7 +42,8 @@ def _weights(tmp_path: Path) -> dict[str, Path]:
     import torchvision
 
     torch.manual_seed(0)
-    files = {"timm": timm.create_model("resnet18", num_classes=3), "torchvision": torchvision.models.resnet18(num_classes=3)}
+    files = {"timm": timm.create_model("resnet18", num_classes=3),
+             "torchvision": torchvision.models.resnet18(num_classes=3)}
     paths = {}
     for family, net in files.items():
         paths[family] = tmp_path / f"{family}-resnet18.safetensors"
@@ -82,9 +83,10 @@ def _run(client: httpx.Client, body: dict[str, Any], timeout: float = 240) -> di
 def test_own_models_and_image_folders_end_to_end(tmp_path: Path) -> None:
     paths = _weights(tmp_path)
     hf_home = tmp_path / "hf"
-    write_hub_cache(hf_home, HUB_REPO, {"config.json": timm_config(), "model.safetensors": paths["timm"].read_bytes()})
-    env = {"HF_HOME": str(hf_home), "ROBUSTIFY_ALLOW_DOWNLOAD": "false", "ROBUSTIFY_MAX_ARCHIVE_BYTES": str(ARCHIVE_CAP),
-           "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.5"}
+    write_hub_cache(hf_home, HUB_REPO,
+                    {"config.json": timm_config(), "model.safetensors": paths["timm"].read_bytes()})
+    env = {"HF_HOME": str(hf_home), "ROBUSTIFY_ALLOW_DOWNLOAD": "false",
+           "ROBUSTIFY_MAX_ARCHIVE_BYTES": str(ARCHIVE_CAP), "ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.5"}
     with EmbeddedServe(tmp_path, env) as serve, httpx.Client(base_url=serve.url, timeout=60) as client:
         families = [a["id"] for a in client.get("/v1/architectures").json()["data"]]
         assert {"timm:", "torchvision:", "robustbench:", "small-cnn"} <= set(families)

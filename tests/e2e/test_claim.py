@@ -183,7 +183,8 @@ def test_runs_lost_while_resuming_say_so(rt: Runtime) -> None:
     assert "while loading its model or data)" not in message
 
 
-def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_task_that_cannot_read_its_job_gives_its_message_back(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
     """The database is unreachable when a message arrives: the task retries, then rejects the message
     with requeue (the broker delivers it again) instead of acknowledging and so dropping it."""
     import time

@@ -119,7 +119,8 @@ class Page:
 
 
 def _points(page: Any, chart: str, series: str) -> int | None:
-    n = page.evaluate(f"""document.querySelector('[data-chart="{chart}"] g.series[data-name^="{series}"]')?.dataset.n ?? null""")
+    selector = f'[data-chart="{chart}"] g.series[data-name^="{series}"]'
+    n = page.evaluate(f"""document.querySelector('{selector}')?.dataset.n ?? null""")
     return None if n is None else int(n)
 
 
@@ -215,7 +216,8 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         # the before/after table: the API's numbers, with δ and the threat model named
         # each number with its 95 % interval beneath it, the change with its paired one
         for key, label in (("clean_accuracy", "Clean"), ("w2_robust_accuracy", "W2 robust at δ = 0.1")):
-            cells = [c.split("\n") for c in page.locator(f'#before-after tr[data-metric="{key}"] > *').all_inner_texts()]
+            texts = page.locator(f'#before-after tr[data-metric="{key}"] > *').all_inner_texts()
+            cells = [c.split("\n") for c in texts]
             assert [c[0] for c in cells[:3]] == [label, _pct(result["before"][key]), _pct(result["after"][key])], cells
             assert cells[1][1] == _interval(result["before"][f"{key}_ci95"])
             assert cells[2][1] == _interval(result["after"][f"{key}_ci95"])
@@ -232,7 +234,8 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         assert page.locator("#per-class tr[data-class]").count() == len(per_class) == 10
         page.click("text=Accuracy of each of the 10 classes")
         row = page.locator('#per-class tr[data-class="3"] > *').all_inner_texts()
-        assert row[2].split("\n") == [_pct(per_class[3]["clean_accuracy"]), _interval(per_class[3]["clean_accuracy_ci95"])]
+        class3 = per_class[3]
+        assert row[2].split("\n") == [_pct(class3["clean_accuracy"]), _interval(class3["clean_accuracy_ci95"])]
         assert page.locator("#event-log li[data-type=metrics]").count() == 7   # epoch 0 (the input) to 6
         ui.shot("4-job-succeeded")
 
@@ -241,7 +244,7 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
             page.click("#download-selected")
         robust = tmp_path / "robust.safetensors"
         download.value.save_as(robust)
-        best = [c for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"] if c["is_best"]][0]
+        best = next(c for c in api.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"] if c["is_best"])
         assert _sha256(robust) == best["sha256"]
 
         # register the download as a second model, evaluate both along δ, compare them
@@ -278,7 +281,7 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         page.wait_for_selector(f'#compare-table tr[data-entry="{robust_id}"][data-attack="W2 (W-PGD)"]')
         assert page.locator('[data-chart="compare"] g.series').count() == 4   # two models × (W2, l∞ PGD)
         assert page.locator('[data-chart="compare"] g.ref').count() == 2      # their clean accuracies
-        for mid, ev in zip((model_id, robust_id), eval_jobs):
+        for mid, ev in zip((model_id, robust_id), eval_jobs, strict=True):
             report = api.get(f"/v1/jobs/{ev}/report").json()
             row = f'#compare-table tr[data-entry="{mid}"][data-attack="W2 (W-PGD)"]'
             for w2 in report["w2"]:
@@ -290,7 +293,8 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         # the jobs list: filters and paging (two per page here)
         ui.go("#/jobs?type=evaluate")
         page.wait_for_selector("#jobs-table tr[data-job]")
-        assert sorted(page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")) == sorted(eval_jobs)
+        listed = page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")
+        assert sorted(listed) == sorted(eval_jobs)
         ui.go("#/jobs?limit=2")
         page.wait_for_selector("#jobs-table tr[data-job]")
         first = page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")
@@ -356,7 +360,8 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         phone = Page(browser, url, shots, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
         phone.go(f"#/jobs/{job_id}")
         phone.page.wait_for_selector("#before-after")
-        assert phone.page.evaluate("document.documentElement.scrollWidth") <= 390, "the page scrolls sideways on a phone"
+        width = phone.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page scrolls sideways on a phone ({width} px)"
         phone.shot("8-job-phone")
         phone.close()
 

@@ -2,6 +2,7 @@
 (SQLite database, kombu's SQLAlchemy broker on SQLite, artifacts on disk, auth off on localhost)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -129,7 +130,5 @@ def test_serve_killed_takes_its_worker_with_it(tmp_path: Path) -> None:
         serve.wait(timeout=10)
         wait_until(lambda: not any(_process_alive(p) for p in workers), 20, "the orphaned worker processes to exit")
     finally:
-        try:
-            os.killpg(serve.pid, signal.SIGKILL)  # whatever is left of the group, if the test failed
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):   # whatever is left of the group, if the test failed
+            os.killpg(serve.pid, signal.SIGKILL)

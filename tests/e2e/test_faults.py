@@ -81,10 +81,11 @@ class OwnRedis:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.dir / "log", "ab") as log:   # the server holds its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
                                           text=True).stdout.strip() == "PONG", 10, "redis-server")
 
@@ -142,7 +143,8 @@ def env(own_pg: OwnPostgres, own_redis: OwnRedis, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="module")
-def client(env: dict[str, str], own_pg: OwnPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def client(env: dict[str, str], own_pg: OwnPostgres,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     from core.service.apikeys import create_api_key
     from core.service.sessions import make_engine, make_sessionmaker
 

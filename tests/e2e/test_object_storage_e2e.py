@@ -143,7 +143,8 @@ def test_job_on_two_devices_survives_a_killed_rank(client: httpx.Client, service
         job = wait_status(client, job_id, {"succeeded", "failed", "cancelled"}, 180)
         assert job["status"] == "succeeded" and job["attempt"] == 2, job
         evs = events(client, job_id)
-        ended = [e for e in evs if e["type"] == "status" and e["data"].get("status") == "queued" and "reason" in e["data"]]
+        ended = [e for e in evs
+                 if e["type"] == "status" and e["data"].get("status") == "queued" and "reason" in e["data"]]
         assert len(ended) == 1 and "rank 1 of 2 died (signal 9)" in ended[0]["message"], ended
         launches = [e for e in evs if e["type"] == "log" and "devices" in (e["data"] or {})]
         assert len(launches) == 2  # the second attempt ran on two ranks again

@@ -52,7 +52,8 @@ def test_readme_service_example(tmp_path: Path) -> None:
     with EmbeddedServe(tmp_path, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}) as serve:
         url = serve.url
         # --- the README's lines, word for word (ids filled in) -------------------------------
-        line = "robustify models upload model.safetensors --architecture small-cnn --num-classes 10 --dataset digits --wait"
+        line = ("robustify models upload model.safetensors --architecture small-cnn --num-classes 10 "
+                "--dataset digits --wait")
         assert line in readme
         out = robustify(url, *line.split()[1:], cwd=tmp_path).stdout
         model_id = re.search(r"(mdl_[0-9a-f]+)\s+ready", out).group(1)
@@ -63,7 +64,8 @@ def test_readme_service_example(tmp_path: Path) -> None:
         job_id = re.search(r"(job_[0-9a-f]+)\s+queued", out).group(1)
         # the resolved defaults are shown at submit, and the watch ends with the demo's table
         assert "epochs 8, batch_size 16, lr 0.0025, beta 6.0" in out and "inner attack W-PGD K=10" in out, out
-        assert re.search(r"W2 robust accuracy\s+0\.\d{3}\s+0\.\d{3}\s+\+0\.\d{3}\s+W2 ball, l-inf cost, δ=0.1", out), out
+        assert re.search(r"W2 robust accuracy\s+0\.\d{3}\s+0\.\d{3}\s+\+0\.\d{3}\s+"
+                         r"W2 ball, l-inf cost, δ=0.1", out), out
         assert "IMPROVED: the best checkpoint is epoch" in out and "NOT IMPROVED" not in out, out
 
         line = "robustify jobs download job_… --out robust/"

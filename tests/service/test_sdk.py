@@ -67,9 +67,9 @@ def test_models_and_datasets(sdk, tmp_path, live, keys):
     saved = sdk.models.download(model.id, tmp_path / "back.safetensors")
     assert saved.read_bytes() == weights.read_bytes()
 
+    bad_file = tmp_path / "model.pt"
+    bad_file.write_bytes(pickle_bytes())
     with pytest.raises(robustify.ValidationError) as bad:
-        bad_file = tmp_path / "model.pt"
-        bad_file.write_bytes(pickle_bytes())
         sdk.models.upload(bad_file, architecture="small-cnn", num_classes=10, dataset="digits")
     assert bad.value.code == "invalid_model_file" and bad.value.status == 422
 
@@ -88,9 +88,9 @@ def test_models_and_datasets(sdk, tmp_path, live, keys):
     with pytest.raises(robustify.NotFoundError):
         sdk.datasets.get(ds.id)
 
-    with robustify.Client(live.url, api_key="rk_wrong", max_retries=0) as stranger:
-        with pytest.raises(robustify.AuthenticationError) as denied:
-            stranger.models.list()
+    with (robustify.Client(live.url, api_key="rk_wrong", max_retries=0) as stranger,
+          pytest.raises(robustify.AuthenticationError) as denied):
+        stranger.models.list()
     assert denied.value.code == "unauthorized" and "ROBUSTIFY_API_KEY" in str(denied.value)
 
 
@@ -136,8 +136,9 @@ def test_job_stream_wait_checkpoints_download(sdk, db, keys, settings, tmp_path)
         with db.Session() as s:
             for epoch, content in epoch_weights.items():
                 ids[epoch] = record_artifact(s, store, kind="checkpoint", content=content,
-                                             filename=f"epoch{epoch}.safetensors", content_type="application/octet-stream",
-                                             job_id=job.id, epoch=epoch, is_best=epoch == 2).id
+                                             filename=f"epoch{epoch}.safetensors",
+                                             content_type="application/octet-stream", job_id=job.id, epoch=epoch,
+                                             is_best=epoch == 2).id
             record_artifact(s, store, kind="report", content=b'{"best_epoch": 2}', filename="report.json",
                             content_type="application/json", job_id=job.id)
             s.commit()
@@ -233,9 +234,9 @@ def test_retries_a_503_until_the_server_recovers(tmp_path, queues, on_first_retr
     url = f"sqlite:///{tmp_path / 'late.db'}"
     app = create_app(make_settings(tmp_path, url, queues, auth="off", broker_url=f"sqla+sqlite:///{tmp_path / 'b.db'}"))
     with LiveServer(app) as server:
-        with robustify.Client(server.url, max_retries=0) as impatient:
-            with pytest.raises(robustify.ServiceUnavailableError) as down:
-                impatient.models.list()
+        with (robustify.Client(server.url, max_retries=0) as impatient,
+              pytest.raises(robustify.ServiceUnavailableError) as down):
+            impatient.models.list()
         assert down.value.code == "database_not_migrated" and down.value.status == 503
 
         retried = on_first_retry(lambda: migrations.upgrade(url))
@@ -246,9 +247,9 @@ def test_retries_a_503_until_the_server_recovers(tmp_path, queues, on_first_retr
 
 def test_retries_when_the_server_is_not_up_yet(app, keys, on_first_retry):
     server = LiveServer(app)  # its port is chosen but nothing listens yet
-    with robustify.Client(server.url, api_key=keys["a"]["key"], max_retries=0) as impatient:
-        with pytest.raises(robustify.APIConnectionError) as refused:
-            impatient.models.list()
+    with (robustify.Client(server.url, api_key=keys["a"]["key"], max_retries=0) as impatient,
+          pytest.raises(robustify.APIConnectionError) as refused):
+        impatient.models.list()
     assert refused.value.code == "connection_error" and server.url in str(refused.value)
 
     retried = on_first_retry(server.__enter__)
@@ -263,8 +264,8 @@ def test_retries_when_the_server_is_not_up_yet(app, keys, on_first_retry):
 def test_parse_radius():
     assert robustify.parse_radius("8/255") == pytest.approx(8 / 255)
     assert robustify.parse_radius(" 0.5 ") == 0.5 and robustify.parse_radius(2) == 2.0
-    for bad in ("eight", "1/0", "-1/255"):
-        with pytest.raises(ValueError):
+    for bad, why in (("eight", "not a radius"), ("1/0", "not a radius"), ("-1/255", "cannot be negative")):
+        with pytest.raises(ValueError, match=why):
             robustify.parse_radius(bad)
 
 
@@ -312,7 +313,8 @@ def test_outcome_types_the_intervals_audit_per_class_numbers_and_verdict():
     outcome = job.outcome
     assert isinstance(outcome, robustify.Outcome) and outcome.evaluation == "standard"
     assert outcome.verdict == "no_significant_change" and outcome.verdict_words == FINETUNE_RESULT["verdict_text"]
-    assert (outcome.basis.metric, outcome.basis.ci95, outcome.basis.significant) == ("w2_robust_accuracy", (-0.01, 0.05), False)
+    assert ((outcome.basis.metric, outcome.basis.ci95, outcome.basis.significant)
+            == ("w2_robust_accuracy", (-0.01, 0.05), False))
     assert (outcome.before.w2.accuracy, outcome.before.w2.n, outcome.before.w2.ci95) == (0.43, 359, (0.38, 0.48))
     assert outcome.after.clean == robustify.Accuracy(accuracy=0.94, n=359, ci95=(0.91, 0.96))
     assert str(outcome.after.w2) == "0.450 [0.400, 0.500] (n=359)"
@@ -322,14 +324,16 @@ def test_outcome_types_the_intervals_audit_per_class_numbers_and_verdict():
     # the engine's own words win; without them the verdict's code is put in words
     coded = robustify.Outcome.model_validate({"verdict": "improved_with_clean_drop"})
     assert coded.verdict_words == "more robust, but the clean accuracy fell by more than the allowed drop"
-    assert [(c.check, c.status, c.passed) for c in outcome.audit] == [("radius", "pass", True), ("transfer", "warn", False)]
+    assert ([(c.check, c.status, c.passed) for c in outcome.audit]
+            == [("radius", "pass", True), ("transfer", "warn", False)])
     assert outcome.audit_status == "warn"
     row = outcome.per_class[0]
     assert (row.label, row.name, row.n, row.w2.accuracy, row.w2.ci95) == (0, "zero", 36, 0.5, (0.34, 0.66))
     assert outcome.confusion_matrix == [[36, 0], [1, 35]] and job.improved is False
     # a result without the newer fields reads as None / empty, and the old verdict follows `improved`
     old = robustify.Job.model_validate({"id": "j", "result": {"improved": False, "after": {"w2_robust_accuracy": 0.5}}})
-    assert (old.outcome.audit, old.outcome.per_class, old.outcome.evaluation, old.outcome.after.w2.ci95) == ([], [], None, None)
+    assert ((old.outcome.audit, old.outcome.per_class, old.outcome.evaluation, old.outcome.after.w2.ci95)
+            == ([], [], None, None))
     assert old.outcome.verdict_words.startswith("not improved") and old.outcome.audit_status is None
     assert robustify.Job.model_validate({"id": "q"}).outcome is None
 
@@ -344,7 +348,8 @@ def test_outcome_reads_an_evaluation_report_per_attack():
                   {"attack": "w-pgd-ce", "robust_accuracy": 0.3, "n": 200, "ci95": [0.24, 0.37], "steps": 400,
                    "converged": False}]}]}
     outcome = robustify.Outcome.from_report(report)
-    assert outcome.evaluation == "quick" and outcome.summary.w2.ci95 == (0.24, 0.37) and outcome.numbers is outcome.summary
+    assert outcome.evaluation == "quick" and outcome.summary.w2.ci95 == (0.24, 0.37)
+    assert outcome.numbers is outcome.summary
     assert [(a.attack, a.delta, a.steps, a.converged, a.robust_accuracy.accuracy, a.robust_accuracy.ci95)
             for a in outcome.attacks] == [("w-pgd-redlr", 0.1, 120, True, 0.31, (0.25, 0.38)),
                                           ("w-pgd-ce", 0.1, 400, False, 0.3, (0.24, 0.37))]

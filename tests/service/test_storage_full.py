@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from core.errors import is_storage_full
@@ -24,7 +25,7 @@ def full_disk(tmp_path):
 
 
 def test_a_checkpoint_that_fills_the_disk_is_storage_full(full_disk):
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(SafetensorError) as caught:
         save_file({"w": torch.zeros(100_000)}, str(full_disk / "checkpoint.safetensors"))
     assert type(caught.value).__name__ == "SafetensorError"      # not an OSError: errno is in the text only
     assert is_storage_full(caught.value)

@@ -45,7 +45,8 @@ def open_client(open_settings) -> Iterator[TestClient]:
 
 def _runtime(settings: Any) -> Runtime:
     engine = make_engine(settings.resolved_database_url)
-    return Runtime(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.resolved_artifact_dir), os.getpid())
+    return Runtime(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.resolved_artifact_dir),
+                   os.getpid())
 
 
 def _drain(dispatcher: WebhookDispatcher, db: Any, job_id: str, timeout: float = 20) -> list[WebhookDelivery]:

@@ -106,4 +106,5 @@ def test_recipe_events_are_job_events(rt: Runtime, tmp_path: Path) -> None:
                 {"batch_size": 32, "previous_batch_size": 64})
     with rt.session() as s:
         (event,) = s.query(JobEvent).filter(JobEvent.job_id == job_id).all()
-    assert (event.type, event.level, event.data) == ("warning", "warning", {"batch_size": 32, "previous_batch_size": 64})
+    assert ((event.type, event.level, event.data)
+            == ("warning", "warning", {"batch_size": 32, "previous_batch_size": 64}))

@@ -139,7 +139,7 @@ def test_jobs_submit_watch_download_cancel(capsys, live, keys, db, settings, tmp
     # the watch ends with the before/after table that the demo and the local CLI print
     assert re.search(r"W2 robust accuracy\s+0\.400\s+0\.500\s+\+0\.100\s+W2 ball, l-inf cost, δ=0\.05", out), out
     assert "l-inf robust accuracy" in out and "IMPROVED: the best checkpoint is epoch 2 of 2" in out
-    assert "(test set, 359 images)" in out and "trained 2 epochs" in out
+    assert "(test set, 359 images; 95 % intervals" in out and "trained 2 epochs" in out
 
     rc, out, _ = run(capsys, live, keys, "jobs", "download", job["id"], "--out", str(tmp_path / "dl"))
     assert rc == 0

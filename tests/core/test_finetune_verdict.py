@@ -16,11 +16,12 @@ import torch
 from core.engine.config import FinetuneConfig
 from core.engine.data.datasets import to_unit_float
 from core.engine.device import Compute
+from core.engine.evaluation.perclass import per_class
 from core.engine.hooks import Hooks
 from core.engine.oom import AdaptiveBatch
 from core.engine.recipes.before_after import HeldOutSet, compare
 from core.engine.recipes.finetune import finetune
-from core.engine.recipes.verdict import CLASS_COLLAPSE_DROP, Guards, decide
+from core.engine.recipes.verdict import CLASS_COLLAPSE_DROP, Guards, collapsed, decide
 from core.engine.threats import Threat
 from core.engine.zoo import create_model
 from tests.report_checks import assert_w2_not_above_pointwise
@@ -73,6 +74,25 @@ def test_a_large_mean_gain_with_an_interval_touching_zero_is_not_improved() -> N
     assert "includes zero" in verdict.text and "epoch 1" in verdict.text
 
 
+def _class_rows(counts: list[tuple[int, int]]) -> list[dict]:
+    """per_class rows of clean accuracy from (correct, n) per class."""
+    return per_class(torch.cat([torch.full((n,), c) for c, (_, n) in enumerate(counts)]),
+                     {"clean_accuracy": torch.cat([torch.arange(n) < k for k, n in counts])}, len(counts))
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    ([(34, 36), (30, 36)], [(34, 36), (2, 36)], [1]),      # 0.83 → 0.06 on 36 images: collapsed
+    ([(34, 36), (30, 36)], [(34, 36), (22, 36)], []),      # a fall of 0.22: below the threshold
+    ([(12, 30)], [(3, 30)], []),                           # exactly 0.30 (Fashion-MNIST's shirts): not more
+    ([(3, 3)], [(1, 3)], []),                              # 0.67 on 3 images: intervals overlap, noise
+    ([(10, 10)], [(0, 10)], [0]),                          # 1.0 → 0 on 10 images: apart
+])
+def test_a_collapsed_class_fell_by_more_than_the_threshold_beyond_noise(before, after, expected) -> None:
+    found = collapsed(_class_rows(before), _class_rows(after))
+    assert [row["class"] for row in found] == expected
+    assert all(row["drop"] > CLASS_COLLAPSE_DROP for row in found)
+
+
 # --- whole runs on digits --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -107,8 +127,9 @@ def test_a_checkpoint_no_better_than_the_input_is_no_significant_change(digits, 
     cpu = Compute.resolve("cpu", "off", False)
     test = HeldOutSet(x=to_unit_float(digits.test_x, "cpu"), y=digits.test_y, threat=Threat("w2-linf", DELTA),
                    config=_config(), compute=cpu, batch=AdaptiveBatch(256), num_classes=10)
-    phases: list[str] = []
-    outcome = compare(model, state, state, 1, test, "unused", phases.append)
+    said: list[tuple[float, str]] = []
+    outcome = compare(model, state, state, 1, test, "unused", lambda done, phase: said.append((done, phase)))
+    phases = [phase for _, phase in said]
     assert outcome is not None
     assert outcome.verdict.name == "no_significant_change" and not outcome.verdict.improved
     assert outcome.verdict.text.startswith("no significant change")
@@ -116,6 +137,9 @@ def test_a_checkpoint_no_better_than_the_input_is_no_significant_change(digits, 
     assert outcome.after["w2_robust_accuracy"] == outcome.before["w2_robust_accuracy"]
     assert {c["check"] for c in outcome.audit} >= {"radius", "random", "gradients", "transfer"}
     assert any(p.startswith("checkpoint of epoch 1") for p in phases) and "masking audit" in phases
+    # the final evaluation's progress: one step per phase, rising from 0 and never reaching 1 before it ends
+    done = [d for d, _ in said]
+    assert done == sorted(done) and done[0] == 0.0 and done[-1] < 1.0 and len(set(done)) == len(done) == 6
     for which in (outcome.before, outcome.after):
         assert which["n_examples"] == 359 and which["evaluation"] == "quick"
         lo, hi = which["w2_robust_accuracy_ci95"]

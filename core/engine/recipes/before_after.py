@@ -28,13 +28,14 @@ from core.engine.device import Compute
 from core.engine.evaluation.audit import audit_status, masking_audit, transfer_check
 from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, w2_ensemble
 from core.engine.evaluation.intervals import accuracy_stat, paired_change
-from core.engine.evaluation.perclass import collapsed_classes, confusion_matrix, per_class
+from core.engine.evaluation.perclass import confusion_matrix, per_class
 from core.engine.evaluation.pointwise import PointwiseResult, pointwise_attack
 from core.engine.oom import AdaptiveBatch
 from core.engine.recipes import verdict as verdicts
 from core.engine.threats import Threat
 
 Say = Callable[[str], None]          # progress: the phase now running
+Progress = Callable[[float, str], None]   # the share of the final evaluation done, the phase now running
 PGD_STEP_RATIO = 0.25                # l∞ PGD step as a share of δ (EvaluateConfig's default)
 WPGD_STEP_RATIO = 1.875              # W-PGD step α = ratio·δ/test_wpgd_steps (EvaluateConfig's default)
 
@@ -123,22 +124,28 @@ class BeforeAfter:
 
 
 def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor],
-            best_epoch: int, test: HeldOutSet, unchanged_message: str, say: Say) -> BeforeAfter | None:
+            best_epoch: int, test: HeldOutSet, unchanged_message: str, progress: Progress) -> BeforeAfter | None:
     """Measure the input model and (when it differs) the checkpoint on the test sample, pair their
     outcomes, audit the checkpoint and decide the verdict. `model` is the run's module: its
     weights are replaced. None when a cancel cut the measurement short."""
+    phases = 2 + 1 + (3 if best_epoch > 0 else 0)   # per model: pointwise, ensemble; the audit (+ transfer)
+    started = iter(range(phases))
+
+    def say_as(prefix: str) -> Say:
+        return lambda phase: progress(next(started, phases - 1) / phases, f"{prefix}{phase}")
+
     model.load_state_dict(input_state)
-    before = measure(model.eval(), test, lambda phase: say(f"input model: {phase}"))
+    before = measure(model.eval(), test, say_as("input model: "))
     if before is None:
         return None
     after: Measurement | None = before
     if best_epoch > 0:
         model.load_state_dict(best_state)
-        after = measure(model.eval(), test, lambda phase: say(f"checkpoint of epoch {best_epoch}: {phase}"))
+        after = measure(model.eval(), test, say_as(f"checkpoint of epoch {best_epoch}: "))
     if after is None:
         return None
     changes = {k: paired_change(before.outcomes[k], after.outcomes[k], seed=test.config.seed) for k in after.outcomes}
-    audit = _audit(model, input_state, after, best_epoch, test, say)
+    audit = _audit(model, input_state, after, best_epoch, test, say_as(""))
     if audit is None:
         return None
     verdict = _verdict(before, after, changes, audit, best_epoch, test.config, unchanged_message)
@@ -178,7 +185,6 @@ def _verdict(before: Measurement, after: Measurement, changes: dict[str, dict[st
     metric = verdicts.VERDICT_METRIC[str(config.selection.metric)]
     guards = verdicts.Guards(
         clean_change=changes["clean_accuracy"]["change"], max_clean_drop=config.selection.max_clean_drop,
-        collapsed=collapsed_classes(before.metrics["per_class"], after.metrics["per_class"],
-                                    verdicts.CLASS_COLLAPSE_DROP),
+        collapsed=verdicts.collapsed(before.metrics["per_class"], after.metrics["per_class"]),
         audit=audit_status(audit))
     return verdicts.decide(metric=metric, change=changes[metric], guards=guards, best_epoch=best_epoch)

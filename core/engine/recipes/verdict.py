@@ -26,17 +26,21 @@ compatibility; the service registers the checkpoint as a new model only then) is
 unqualified "improved" alone.
 
 A class collapsed when its test clean accuracy fell by more than CLASS_COLLAPSE_DROP (0.30, in
-accuracy units) from the input model to the checkpoint. Why 0.30: on digits' 36 test images of a
-class the standard error of a class accuracy near 0.9 is about 0.05, so a fall of 0.30 is no
-noise, while adversarial training's usual clean cost (a few points, up to about 0.20 on the
-hardest Fashion-MNIST class) stays below it; the issue's failure (0.92 → 0 on eight classes of ten)
-is far above it.
+accuracy units) from the input model to the checkpoint, and its 95 % Wilson intervals before and
+after do not overlap (so one or two images of a small class cannot trip it). Why 0.30: on digits'
+36 test images of a class the standard error of a class accuracy near 0.9 is about 0.05, so a fall
+of 0.30 is no noise, while adversarial training's usual clean cost stays below it; the issue's
+failure (0.92 → 0 on eight classes of ten) is far above it. Measured on Fashion-MNIST (the
+defaults, 300 test images): the shirt class went 12/30 → 3/30 while W2 rose by 0.22, a fall of
+exactly 0.30 whose intervals ([0.25, 0.58] and [0.03, 0.26]) overlap: not a collapse.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from core.engine.evaluation.perclass import collapsed_classes
 
 VerdictName = Literal["improved", "improved_with_clean_drop", "improved_with_class_collapse",
                       "improved_but_audit_failed", "no_significant_change", "worse", "unchanged", "stopped"]
@@ -86,6 +90,20 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.name, "verdict_text": self.text, "verdict_basis": self.basis,
                 "guards": self.guards.to_dict() if self.guards is not None else None}
+
+
+def collapsed(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The classes that collapsed (module docstring), from per-class rows of the same test images
+    (core.engine.evaluation.perclass.per_class with "clean_accuracy")."""
+    ci = {row["class"]: (b.get("clean_accuracy_ci95"), row.get("clean_accuracy_ci95"))
+          for b, row in zip(before, after, strict=True)}
+    fell = collapsed_classes(before, after, CLASS_COLLAPSE_DROP + 1e-9)   # "more than": 9/30 is not above 0.3
+    return [row for row in fell if _apart(*ci[row["class"]])]
+
+
+def _apart(before: list[float] | None, after: list[float] | None) -> bool:
+    """The after interval lies wholly below the before interval."""
+    return before is not None and after is not None and after[1] < before[0]
 
 
 def decide(*, metric: str, change: dict[str, Any], guards: Guards, best_epoch: int) -> Verdict:

@@ -28,8 +28,12 @@ REDIS_DB = int(os.environ.get("ROBUSTIFY_E2E_REDIS_DB", "11"))
 
 # A tiny W-TRADES recipe: a few seconds per job on 2 CPU cores (11 steps per epoch on digits' 1,150
 # training images left after the validation split).
+# seed 1: at lr 0.01 this small CNN's first W-TRADES epoch falls apart on some seeds (0 and 2 here; seed 1
+# gains W2 +0.14 on the test split, interval [+0.08, +0.20]); these tests check the service's flow, which
+# needs a run that improves, decided by the paired interval
 TINY = {"epochs": 4, "batch_size": 96, "lr": 0.01, "beta": 3.0, "attack_steps": 3, "validation_examples": 200,
-        "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "test_wpgd_steps": 10, "test_pgd_steps": 3, "budget_subset": 256}
+        "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "test_wpgd_steps": 10, "test_pgd_steps": 3, "budget_subset": 256,
+        "seed": 1}
 THREAT = {"kind": "w2-linf", "delta": 0.1}
 
 
@@ -454,7 +458,7 @@ def run_finetune_flow(client: httpx.Client, url: str, model_id: str, upload: Pat
     # the result summary, the best checkpoint and its integrity
     result = cur["result"]
     assert set(result) >= {"best_checkpoint_id", "best_epoch", "before", "after", "improved", "provenance"}
-    assert result["improved"] is True and result["best_epoch"] >= 1
+    assert result["improved"] is True and result["best_epoch"] >= 1, result.get("verdict_text")
     ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert [c["epoch"] for c in ckpts] == list(range(1, epochs + 1))
     best = [c for c in ckpts if c["is_best"]]

@@ -437,6 +437,25 @@ class Run:
     def epoch_info(self, epoch: int, **more: Any) -> dict[str, Any]:
         return {"epoch": epoch, "total_epochs": self.epochs, **more}
 
+    @property
+    def final_share(self) -> float:
+        """The share of the job's progress bar given to the final evaluation, from a count of
+        forward/backward passes per image (training: the inner attack's K + 2 per fit image and the
+        validation's attacks; the end: two models through the pointwise attack and every attack of
+        the ensemble, run to about nominal steps + patience, and the audit). Only the ETA depends
+        on it: without it the bar sat at 100 % with no ETA through the longest measurement."""
+        spec = PRESETS[self.config.evaluation]
+        n_val = int(self.val_y.shape[0]) * self.world.size
+        per_epoch = (self.n_train * (self.config.attack_steps + 2)
+                     + n_val * (self.config.eval_wpgd_steps + self.config.eval_pgd_steps + 2))
+        per_model = self.config.test_pgd_steps + len(spec.attacks) * (self.config.test_wpgd_steps + spec.patience)
+        final = int(self.test_y.shape[0]) * per_model * 3     # the input model, the checkpoint, the audit
+        return min(max(final / (final + self.epochs * per_epoch), 0.02), 0.8)
+
+    def training_progress(self, fraction: float) -> float:
+        """The job's progress at `fraction` of the training (validation included)."""
+        return fraction * (1.0 - self.final_share)
+
 
 def setup(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks, *,
           device: str | torch.device | None, world: World) -> Run:
@@ -611,7 +630,7 @@ def train_epoch(run: Run, state: TrainingState, epoch: int, hooks: Hooks,
 
     stopped = _train_steps(run, state, epoch, perm, sums, hooks)
     if not stopped:
-        hooks.progress((epoch - 0.05) / run.epochs, "evaluate", run.epoch_info(epoch))
+        hooks.progress(run.training_progress((epoch - 0.05) / run.epochs), "evaluate", run.epoch_info(epoch))
         metrics = validate(run, hooks, run.config.seed + epoch)
         # Stopped during the validation: its numbers are cut short, so stop as inside the epoch
         # (all its steps done); a resumed run validates this epoch again.
@@ -653,7 +672,7 @@ def _train_steps(run: Run, state: TrainingState, epoch: int, perm: torch.Tensor,
         sums.steps_done = step + 1
         if step % 5 == 4 or step == run.steps_per_epoch - 1:
             done = (epoch - 1 + sums.steps_done / run.steps_per_epoch) / run.epochs
-            hooks.progress(done, "train", run.epoch_info(epoch, step=sums.steps_done,
+            hooks.progress(run.training_progress(done), "train", run.epoch_info(epoch, step=sums.steps_done,
                                                          total_steps=run.steps_per_epoch))
             if hooks.should_stop():
                 return True
@@ -693,7 +712,8 @@ def select(run: Run, state: TrainingState, row: dict[str, Any], hooks: Hooks) ->
         state.best_epoch, state.best_metrics, state.best_state = epoch, row, _state_copy(run.model)
     hooks.checkpoint(_checkpoint(run, state, epoch=epoch, metrics=row, rng={"generator": run.generator.get_state()},
                                  is_best=is_best, final=epoch == run.epochs))
-    hooks.progress(epoch / run.epochs, "train", run.epoch_info(epoch, **{k: row[k] for k in row if k != "epoch"}))
+    hooks.progress(run.training_progress(epoch / run.epochs), "train",
+                   run.epoch_info(epoch, **{k: row[k] for k in row if k != "epoch"}))
 
 
 # --- stage 5: the final evaluation on the test split -------------------------------------------
@@ -711,7 +731,8 @@ def final_evaluation(run: Run, state: TrainingState, hooks: Hooks) -> BeforeAfte
         # across ranks a cancel is agreed by a collective, which a rank measuring alone must not call
         should_stop=None if run.world.distributed else hooks.should_stop)
     outcome = compare(run.model, run.input_state, state.best_state, state.best_epoch, test,
-                      _unchanged_message(run), lambda phase: hooks.progress(1.0, f"test: {phase}", info))
+                      _unchanged_message(run),
+                      lambda done, phase: hooks.progress(1.0 - run.final_share * (1.0 - done), f"test: {phase}", info))
     if outcome is None:            # cancelled while measuring: every epoch's checkpoint is kept
         state.stopped = True
     return outcome

@@ -109,7 +109,7 @@ def _store(svc: Services, session: Session, who: Caller, npz_path: Path, name: s
     ds = Dataset(id=new_id("ds"), owner_key_id=who.key_id, name=name, status="ready", artifact_id=art.id,
                  meta=meta, **info)
     session.add(ds)
-    commit_or_unstore(session, svc.store, art.sha256)
+    commit_or_unstore(session, svc.store, art.sha256, check=lambda: r.Dataset.from_row(ds, art).model_dump_json())
     return r.Dataset.from_row(ds, art)
 
 

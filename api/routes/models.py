@@ -217,7 +217,7 @@ def _create_upload(svc: Services, session: Session, who: Caller, catalog: Archit
         weights_artifact_id=weights.id, meta=form.metadata,
     )
     session.add(m)
-    commit_or_unstore(session, svc.store, weights.sha256)
+    commit_or_unstore(session, svc.store, weights.sha256, check=lambda: r.Model.from_row(m, weights).model_dump_json())
     _enqueue_validation(svc, session, m)
     return r.Model.from_row(m, weights)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -251,10 +252,17 @@ def delete_artifact(session: Session, store: Store, artifact: Artifact) -> None:
         store.delete(relpath_for(sha))
 
 
-def commit_or_unstore(session: Session, store: Store, sha256: str) -> None:
+def commit_or_unstore(session: Session, store: Store, sha256: str, check: Callable[[], object] | None = None) -> None:
     """Commit a transaction that recorded a file just put into the store; if the commit fails,
-    take the file out again unless a committed row holds the same bytes (no orphan is left)."""
+    take the file out again unless a committed row holds the same bytes (no orphan is left).
+
+    `check` runs after a flush and before the commit: the route builds and serialises its answer
+    there, so that a row the API could not answer with is never committed (it would break every
+    later listing of the caller's rows)."""
     try:
+        if check is not None:
+            session.flush()
+            check()
         session.commit()
     except BaseException:
         session.rollback()

@@ -163,3 +163,26 @@ def test_header_length_starting_with_0x80_is_not_mistaken_for_pickle(tmp_path):
     p = _write(tmp_path, struct.pack("<Q", len(raw)) + raw + b"\x07")
     assert p.read_bytes()[:2] == b"\x80\x01"
     assert inspect_safetensors(p) == {"w": {"dtype": "U8", "shape": [1]}}
+
+
+def test_an_answer_that_cannot_serialise_commits_nothing(tmp_path, session):
+    """A row the API could not answer with (a class name holding a lone surrogate, as tarfile
+    decodes raw bytes) is never committed, and its file leaves the store."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticSerializationError
+
+    from core.service.db import Dataset
+    from core.storage.artifacts import commit_or_unstore
+
+    class Answer(BaseModel):
+        class_names: list[str]
+
+    store = ArtifactStore(tmp_path / "art")
+    art = record_artifact(session, store, kind="dataset", content=b"npz bytes", filename="d.npz", content_type="x")
+    ds = Dataset(id="ds_surrogate", name="d", status="ready", artifact_id=art.id, num_examples=2, num_classes=2,
+                 image_shape=[1, 8, 8], class_names=["cat", "\udcff"], splits={"train": 1, "test": 1})
+    session.add(ds)
+    with pytest.raises(PydanticSerializationError):
+        commit_or_unstore(session, store, art.sha256,
+                          check=lambda: Answer(class_names=ds.class_names).model_dump_json())
+    assert session.get(Dataset, "ds_surrogate") is None and store.files() == []

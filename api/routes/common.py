@@ -24,7 +24,9 @@ BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 # The query parameters of a list: the page size, and the id of the last row of the page before.
 PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
-PageAfter = Annotated[str | None, Query(pattern=ID_PATTERN)]
+PageAfter = Annotated[str | None, Query(
+    pattern=ID_PATTERN, description="The id of the last item of the previous page (its `next_after`); an id that "
+                                    "names no item of this list is a 422 validation_error.")]
 IdFilter = Annotated[str | None, Query(pattern=ID_PATTERN)]
 
 

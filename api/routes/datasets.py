@@ -35,6 +35,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 # The fields that shape how an image-folder archive is decoded carry "x-archive-only" (the
 # dashboard groups them); an .npz upload refuses them.
 _ARCHIVE_ONLY = {"x-archive-only": True}
+_ARCHIVE_ONLY_NOTE = " Only for a .zip or .tar archive: an .npz upload that sends it is a 422 validation_error."
 _FIELDS: dict[str, dict[str, Any]] = {
     "file": {"type": "string", "format": "binary",
              "description": ".npz with x (uint8, NxHxWxC or NxCxHxW) and y (int labels); or a .zip or .tar of "
@@ -51,6 +52,9 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "seed": {"type": "integer", "default": 0, "minimum": 0, "maximum": 2**31 - 1, **_ARCHIVE_ONLY,
              "description": "seed of that split"},
 }
+for _field in _FIELDS.values():   # the schema says what the route does: JSON Schema cannot look inside the file
+    if _field.get("x-archive-only"):
+        _field["description"] += "." + _ARCHIVE_ONLY_NOTE
 _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": _FIELDS}}}}}
 

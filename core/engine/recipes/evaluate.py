@@ -28,6 +28,7 @@ from core.engine.device import Compute
 from core.engine.evaluation.audit import audit_status, masking_audit
 from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, preset_attacks, w2_ensemble
 from core.engine.evaluation.intervals import accuracy_stat
+from core.engine.evaluation.invariants import check_report
 from core.engine.evaluation.perclass import confusion_matrix, per_class
 from core.engine.evaluation.pointwise import PointwiseResult, pointwise_attack
 from core.engine.hooks import Hooks
@@ -87,11 +88,12 @@ class EvaluationReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "evaluate", "summary": self.summary, "warnings": self.warnings, "config": self.config,
-                "provenance": self.provenance, "n_examples": self.n_examples,
-                "clean_accuracy": self.clean_accuracy, "clean": self.clean, "w2": self.w2,
-                "pointwise": self.pointwise, "audit": self.audit, "per_class": self.per_class,
-                "confusion_matrix": self.confusion_matrix, "stopped": self.stopped}
+        return check_report({
+            "type": "evaluate", "summary": self.summary, "warnings": self.warnings, "config": self.config,
+            "provenance": self.provenance, "n_examples": self.n_examples,
+            "clean_accuracy": self.clean_accuracy, "clean": self.clean, "w2": self.w2,
+            "pointwise": self.pointwise, "audit": self.audit, "per_class": self.per_class,
+            "confusion_matrix": self.confusion_matrix, "stopped": self.stopped})
 
     def plot_png(self) -> bytes:
         preset = self.config.get("evaluation", "standard")

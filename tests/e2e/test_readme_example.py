@@ -64,7 +64,8 @@ def test_readme_service_example(tmp_path: Path) -> None:
         job_id = re.search(r"(job_[0-9a-f]+)\s+queued", out).group(1)
         # the resolved defaults are shown at submit, and the watch ends with the demo's table
         assert "epochs 8, batch_size 16, lr 0.0025, beta 6.0" in out and "inner attack W-PGD K=10" in out, out
-        assert re.search(r"W2 robust accuracy\s+0\.\d{3}\s+0\.\d{3}\s+\+0\.\d{3}\s+"
+        ci = r" \[[-+]?[01]\.\d{3}, [-+]?[01]\.\d{3}\]"   # each number's 95 % interval
+        assert re.search(rf"W2 robust accuracy\s+0\.\d{{3}}{ci}\s+0\.\d{{3}}{ci}\s+\+0\.\d{{3}}{ci}\s+"
                          r"W2 ball, l-inf cost, δ=0.1", out), out
         assert "IMPROVED: the best checkpoint is epoch" in out and "NOT IMPROVED" not in out, out
 

@@ -97,7 +97,7 @@ def test_readme_service_example(tmp_path: Path) -> None:
             prov = report["provenance"]
             assert (prov["job_id"], prov["model_id"], prov["dataset"], prov["model_sha256"]) == (
                 job_id, model_id, "digits", upload_sha)
-            assert prov["examples"] == {"train": 1151, "validation": 287, "test": 359, "train_available": 1438}
+            assert prov["examples"] == {"train": 1150, "validation": 288, "test": 359, "train_available": 1438}
             assert prov["seed"] == 0 and prov["device"] == "cpu" and prov["torch_version"]
             assert prov["robustify_version"] != "unknown" and prov["evaluation_precision"] == "float32"
             assert prov["started_at"] < prov["finished_at"]

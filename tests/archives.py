@@ -53,19 +53,24 @@ def zip_bytes(entries: dict[str, bytes | None], symlinks: dict[str, str] | None 
     return buf.getvalue()
 
 
+def add_tar_entries(archive: tarfile.TarFile, entries: dict[str, bytes | None]) -> None:
+    """Files (None: a folder) into an open tar."""
+    for name, content in entries.items():
+        info = tarfile.TarInfo(name)
+        if content is None:
+            info.type = tarfile.DIRTYPE
+            archive.addfile(info)
+        else:
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+
+
 def tar_bytes(entries: dict[str, bytes | None], *, links: dict[str, tuple[bytes, str]] | None = None,
               mode: str = "w") -> bytes:
     """A tar of files (None: a folder) and special members name -> (tarfile type, link target)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as archive:
-        for name, content in entries.items():
-            info = tarfile.TarInfo(name)
-            if content is None:
-                info.type = tarfile.DIRTYPE
-                archive.addfile(info)
-            else:
-                info.size = len(content)
-                archive.addfile(info, io.BytesIO(content))
+        add_tar_entries(archive, entries)
         for name, (kind, target) in (links or {}).items():
             info = tarfile.TarInfo(name)
             info.type, info.linkname = kind, target
@@ -114,14 +119,7 @@ def tar_with_raw_name(entries: dict[str, bytes | None], raw_name: bytes, content
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
                       errors="surrogateescape") as archive:
-        for name, data in {**entries, raw_name.decode("utf-8", "surrogateescape"): content}.items():
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                archive.addfile(info)
-            else:
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
+        add_tar_entries(archive, {**entries, raw_name.decode("utf-8", "surrogateescape"): content})
     return buf.getvalue()
 
 

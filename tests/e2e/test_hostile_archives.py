@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.archives import bad_archives, folder_entries, zip_bytes
+from tests.archives import add_tar_entries, bad_archives, folder_entries, zip_bytes
 from tests.e2e.conftest import kill_group, start_api
 
 PEAK_BOUND_MIB = 120      # growth of the API process's peak RSS over the whole hostile set
@@ -64,14 +64,7 @@ class _Zeros(io.RawIOBase):
 def _zeros_tar_gz(good: dict[str, bytes | None]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as archive:
-        for name, content in good.items():
-            info = tarfile.TarInfo(name)
-            if content is None:
-                info.type = tarfile.DIRTYPE
-                archive.addfile(info)
-            else:
-                info.size = len(content)
-                archive.addfile(info, io.BytesIO(content))
+        add_tar_entries(archive, good)
         info = tarfile.TarInfo("dog/zeros.png")
         info.size = ZEROS
         archive.addfile(info, io.BufferedReader(_Zeros(ZEROS)))

@@ -1,8 +1,6 @@
 """/healthz, /readyz, /metrics, problem responses for unknown routes and methods, OpenAPI."""
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -11,6 +9,7 @@ from core.service.db import Model, WorkerHeartbeat, record_worker_heartbeat
 from tests.service.conftest import free_port, make_settings
 from tests.service.payloads import safetensors_bytes
 from tests.service.test_models_api import assert_problem
+from tests.tmpfs import tmpfs
 
 
 def test_healthz_and_unknown_routes(client):
@@ -71,13 +70,8 @@ def test_unmigrated_database_is_a_clear_503(tmp_path, queues):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 512 KiB tmpfs: the artifact store of a server whose disk is (nearly) full."""
-    mount = tmp_path / "store"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "store", "512k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_full_disk_is_a_clear_507_and_readyz_says_so(pg_url, queues, keys, db, small_disk, tmp_path):

@@ -1,7 +1,6 @@
 """A disk that fills while a checkpoint is written is `storage_full`, never `internal_error`:
 safetensors reports ENOSPC as a SafetensorError whose text ends in "(os error 28)"."""
 import errno
-import subprocess
 
 import pytest
 import torch
@@ -9,19 +8,15 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from core.errors import is_storage_full
+from tests.tmpfs import tmpfs
 from worker.finish import error_of
 
 
 @pytest.fixture
 def full_disk(tmp_path):
     """A 64 KiB tmpfs: a real filesystem that runs out of room (mounting needs root, as CI runs)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "64k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_checkpoint_that_fills_the_disk_is_storage_full(full_disk):

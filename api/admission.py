@@ -27,12 +27,13 @@ QUEUED_RETRY_AFTER_SECONDS = 30
 MIN_TRAIN_EXAMPLES = 2
 
 
-def check_queued_share(session: Session, who: Caller, settings: Settings) -> None:
-    """429 too_many_queued_jobs when this key already has its share of queued jobs."""
+def check_queued_share(session: Session, who: Caller, settings: Settings, adding: int = 1) -> None:
+    """429 too_many_queued_jobs when this key already has its share of queued jobs (or `adding`
+    more, a sweep's children, would pass it)."""
     limit = settings.max_queued_jobs_per_key
     queued = session.scalar(select(func.count()).select_from(Job)
                             .where(owned(Job.owner_key_id, who), Job.status == "queued")) or 0
-    if queued >= limit:
+    if queued + adding > limit:
         raise ApiError(429, ErrorCode.TOO_MANY_QUEUED_JOBS,
                        f"this API key has {queued} jobs queued, its share of the queue "
                        f"(ROBUSTIFY_MAX_QUEUED_JOBS_PER_KEY={limit}); submit again once some have started, "

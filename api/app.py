@@ -22,7 +22,7 @@ from api.errors import install_error_handlers
 from api.guards import BodyLimits, ConcurrencyLimit, RequestChecks
 from api.metrics import install_metrics
 from api.openapi import add_security_and_problems
-from api.routes import architectures, datasets, jobs, models, ops, webhooks
+from api.routes import architectures, datasets, jobs, models, ops, sweeps, webhooks
 from api.routes.docs import install_api_docs
 from api.routes.ui import install_dashboard
 from api.schemas import add_recipe_schemas
@@ -81,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shares = Shares.from_settings(settings)
     app.state.architecture_catalog = ArchitectureCatalog(settings.data_dir / "cache")
     install_error_handlers(app)
-    for router in (models.router, architectures.router, datasets.router, jobs.router, webhooks.router, ops.router):
+    for router in (models.router, architectures.router, datasets.router, jobs.router, sweeps.router,
+                   webhooks.router, ops.router):
         app.include_router(router)
     install_dashboard(app)
     install_api_docs(app)

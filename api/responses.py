@@ -81,7 +81,7 @@ class JobUrls(_Closed):
 
 
 class Job(_Closed):
-    """A fine-tuning or evaluation job."""
+    """A fine-tuning, evaluation or sweep job."""
 
     id: str
     object: Literal["job"]
@@ -107,6 +107,7 @@ class Job(_Closed):
     cancel_requested_at: Timestamp | None
     webhook: JobWebhookInfo | None
     urls: JobUrls
+    parent_job_id: str | None = Field(default=None, description="the sweep job that started this fine-tune")
 
     @classmethod
     def from_row(cls, j: db.Job) -> Job:
@@ -127,6 +128,7 @@ class Job(_Closed):
                      if j.webhook_endpoint_id else None),
             urls=JobUrls(self_=base, cancel=f"{base}/cancel", events=f"{base}/events",
                          checkpoint=f"{base}/checkpoint", report=f"{base}/report"),
+            parent_job_id=j.parent_job_id,
         )
 
 

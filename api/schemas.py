@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic.json_schema import models_json_schema
 
 from core.engine.config import EvaluateConfig, FinetuneConfig, ThreatModelSpec
+from core.engine.recipes.frontier import RecommendRule, SweepSpec
 from core.limits import MAX_NUM_CLASSES, MAX_SEED
 from core.service.webhooks import WEBHOOK_URL_PATTERN, WebhookEventType
 from core.states import JobType
@@ -273,17 +274,30 @@ class JobCreate(_Body):
     # value is a 422 naming body.config.<field>. The schema below documents both recipes.
     config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Recipe fields, each optional (defaults shown): FinetuneConfig when type is finetune, "
-                    "EvaluateConfig when type is evaluate.",
+        description="Recipe fields, each optional (defaults shown): FinetuneConfig when type is finetune or "
+                    "sweep (every child's recipe), EvaluateConfig when type is evaluate.",
         json_schema_extra={"anyOf": [{"$ref": f"{_COMPONENTS}{m.__name__}"} for m in RECIPE_CONFIGS]},
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     metadata: dict[str, Any] | None = None
     webhook: JobWebhook | None = Field(default=None, description="Signed webhooks for this job (default: the "
                                                                  "API key's default endpoint, if any).")
+    sweep: SweepSpec | None = Field(default=None, description="type sweep only: the values to fine-tune with, one "
+                                                              "child fine-tune per combination.")
+    recommend: RecommendRule | None = Field(default=None, description="type sweep only: the rule that picks one "
+                                                                      "child (default: the highest w2 within a "
+                                                                      "clean drop of 0.03).")
 
     @model_validator(mode="after")
     def _one_model(self) -> JobCreate:
         if (self.model_id is None) == (self.model is None):
             raise ValueError("give exactly one of model_id or model (an inline {\"robustbench\": {...}} reference)")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_fields(self) -> JobCreate:
+        if self.type == "sweep" and self.sweep is None:
+            raise ValueError('a sweep needs `sweep`, the values to fine-tune with, e.g. {"delta": [0.05, 0.1, 0.2]}')
+        if self.type != "sweep" and (self.sweep is not None or self.recommend is not None):
+            raise ValueError(f"`sweep` and `recommend` belong to type sweep, not {self.type}")
         return self

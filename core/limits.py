@@ -10,4 +10,5 @@ MAX_RADIUS = 1e3                  # a threat radius δ (images live in [0, 1])
 MAX_STEP_RATIO = 100.0            # α = ratio·δ/K
 MAX_BETA = 1e3                    # TRADES weight β
 MAX_NUM_CLASSES = 100_000         # class count of a model or labels range of a data set
+MAX_SWEEP_CHILDREN = 16           # fine-tunes one sweep job starts (the product of its value lists)
 MAX_EVENT_ID = 2**63 - 1          # job event ids are 64-bit integers

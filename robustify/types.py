@@ -16,7 +16,7 @@ from robustify.results import Outcome
 
 # The server's job vocabulary (core/states.py), copied because the SDK installs without the
 # server; tests/service/test_sdk.py checks that the copies are equal.
-JobType = Literal["finetune", "evaluate"]
+JobType = Literal["finetune", "evaluate", "sweep"]
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 JOB_TYPES: tuple[str, ...] = get_args(JobType)
 JOB_STATES: tuple[str, ...] = get_args(JobStatus)
@@ -43,7 +43,7 @@ class Progress(ApiObject):
 class Job(ApiObject):
     id: str
     object: str = "job"
-    type: str | None = None                  # finetune | evaluate
+    type: str | None = None                  # finetune | evaluate | sweep
     status: str = "queued"                   # queued | running | cancelling | succeeded | failed | cancelled
     model_id: str | None = None
     dataset: str | None = None
@@ -63,6 +63,7 @@ class Job(ApiObject):
     cancel_requested_at: datetime | None = None
     webhook: dict[str, Any] | None = None
     urls: dict[str, str | None] = Field(default_factory=dict)
+    parent_job_id: str | None = None         # the sweep that started this fine-tune
 
     @property
     def done(self) -> bool:

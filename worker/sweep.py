@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core.service.db import Job, as_utc, record_worker_heartbeat, utcnow
-from core.states import LIVE_STATES
+from core.states import LIVE_STATES, PARENT_TYPES
 from worker.runtime import Runtime, heartbeat_is_stale, runtime
 
 log = logging.getLogger("robustify.worker")
@@ -41,9 +41,15 @@ class Sweeper:
         mono = time.monotonic()
         due: list[str] = []
         with self.rt.session() as s:
-            rows = s.execute(select(Job.id, Job.status, Job.heartbeat_at, Job.worker_id, Job.created_at)
+            rows = s.execute(select(Job.id, Job.status, Job.heartbeat_at, Job.worker_id, Job.created_at, Job.type)
                              .where(Job.status.in_(LIVE_STATES))).all()
+            # a sweep has no worker: it is re-sent (to be settled) only once none of its children is live
+            parents = [r.id for r in rows if r.type in PARENT_TYPES]
+            waiting = set(s.scalars(select(Job.parent_job_id).where(
+                Job.parent_job_id.in_(parents), Job.status.in_(LIVE_STATES)))) if parents else set()
         for row in rows:
+            if row.id in waiting:
+                continue
             if row.status == "queued":
                 waited = now - (as_utc(row.created_at) or now)
                 if waited < timedelta(seconds=self.queued_after):

@@ -26,10 +26,16 @@ def _requeued_on_outage(run: Callable[[str], str], ident: str) -> str:
 @app.task(name=TASK_RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str) -> str:
     from worker.jobs import run_job as run
+    from worker.sweepjob import run_sweep_task, settle_parent_of
 
     if worker_stopping():  # not started here: the message waits for another worker, or the next start
         raise Reject(f"job {job_id} left in the queue: this worker is shutting down", requeue=True)
-    return _requeued_on_outage(run, job_id)
+    settled = _requeued_on_outage(lambda i: run_sweep_task(i) or "", job_id)  # a sweep is settled, not run
+    if settled:
+        return settled
+    outcome = _requeued_on_outage(run, job_id)
+    settle_parent_of(job_id)   # a sweep's child ended (or was refused): its sweep may be done
+    return outcome
 
 
 @app.task(name=TASK_VALIDATE_MODEL, acks_late=True, reject_on_worker_lost=True)

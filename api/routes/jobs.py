@@ -24,6 +24,7 @@ from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.crud import get_owned_job, get_owned_model, owned
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
+from api.routes import sweeps
 from api.routes.common import BINARY, IdFilter, PageAfter, PageLimit, artifact_download, paginate
 from api.routes.models import register_robustbench_model
 from api.routes.webhooks import job_webhook
@@ -36,11 +37,12 @@ from core.errors import ErrorCode
 from core.limits import MAX_EVENT_ID
 from core.service.db import Artifact, Job, JobEvent, Model, new_id, utcnow
 from core.service.queue import enqueue_job
-from core.states import JOB_STATES, TERMINAL_STATES, JobType
+from core.states import JOB_STATES, PARENT_TYPES, TERMINAL_STATES, JobType
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-CONFIGS: dict[str, type[pydantic.BaseModel]] = {"finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+CONFIGS: dict[str, type[pydantic.BaseModel]] = {"finetune": FinetuneConfig, "evaluate": EvaluateConfig,
+                                                "sweep": FinetuneConfig}   # a sweep: its children's recipe
 
 
 # ------------------------------------------------------------------------------- submit
@@ -98,7 +100,7 @@ def _same_request(job: Job, body: JobCreate, model_id: str, config: dict[str, An
             and job.config == config and (job.meta or None) == (body.metadata or None))
 
 
-@router.post("", status_code=202, response_model=r.Job, summary="Submit a fine-tuning or evaluation job")
+@router.post("", status_code=202, response_model=r.Job, summary="Submit a fine-tuning, evaluation or sweep job")
 def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: CallerDep, session: SessionDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> r.Job:
     check_metadata(body.metadata, svc.settings)
@@ -107,11 +109,14 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
     if isinstance(cfg, FinetuneConfig):
         check_train_size(facts)
     config = _resolved(cfg, facts).model_dump(mode="json")
+    planned = sweeps.plan(body, lambda c: _resolved(c, facts)) if body.type == "sweep" else []
+    if planned:
+        config = sweeps.parent_config(config, body)
     if idempotency_key:
         prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
         if prior is not None:
             return _replay(prior, body, config, response)
-    check_queued_share(session, who, svc.settings)
+    check_queued_share(session, who, svc.settings, adding=len(planned) or 1)
     check_devices(session, svc.settings, config.get("devices"))
     m = _resolve_model(session, svc, who, body)
     check_compatible(m, facts)
@@ -128,6 +133,7 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
         session.add(job)
         session.flush()  # the unique indexes on the key fire here (or at commit)
         session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
+        children = sweeps.add_children(session, job, planned) if planned else []
         session.commit()
     except IntegrityError:  # a concurrent retry with the same Idempotency-Key won the race
         session.rollback()
@@ -136,18 +142,21 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
             raise
         return _replay(prior, body, config, response)
 
-    # Only after the row is committed: a worker that picks the message up must find it.
+    # Only after the row is committed: a worker that picks the message up must find it. A sweep's
+    # children are the jobs that run (worker/sweepjob.py).
     try:
-        enqueue_job(svc.celery, job.id)
+        for queued in children or [job]:
+            enqueue_job(svc.celery, queued.id)
     except Exception as exc:
-        job.status, job.finished_at = "failed", utcnow()
-        job.error = {"code": ErrorCode.BROKER_UNAVAILABLE,
-                     "message": f"the job could not be queued ({type(exc).__name__}: {exc}); "
-                                "check the broker (ROBUSTIFY_BROKER_URL) and submit again."}
-        session.add(JobEvent(job_id=job.id, type="status", level="error", message="job could not be queued",
-                             data={"status": "failed", "error": job.error}))
+        error = {"code": ErrorCode.BROKER_UNAVAILABLE,
+                 "message": f"the job could not be queued ({type(exc).__name__}: {exc}); "
+                            "check the broker (ROBUSTIFY_BROKER_URL) and submit again."}
+        for row in [job, *children]:
+            row.status, row.finished_at, row.error = "failed", utcnow(), error
+            session.add(JobEvent(job_id=row.id, type="status", level="error", message="job could not be queued",
+                                 data={"status": "failed", "error": error}))
         session.commit()
-        raise ApiError(503, ErrorCode.BROKER_UNAVAILABLE, job.error["message"], job_id=job.id) from None
+        raise ApiError(503, ErrorCode.BROKER_UNAVAILABLE, error["message"], job_id=job.id) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return r.Job.from_row(job)
 
@@ -169,7 +178,8 @@ StatusFilter = Annotated[str | None, Query(pattern=_STATUS_LIST, description="Co
 
 @router.get("", response_model=r.JobList, summary="List jobs, newest first")
 def list_jobs(who: CallerDep, session: SessionDep, status: StatusFilter = None, type: JobType | None = None,
-              model_id: IdFilter = None, limit: PageLimit = 20, after: PageAfter = None) -> r.JobList:
+              model_id: IdFilter = None, parent_job_id: IdFilter = None, limit: PageLimit = 20,
+              after: PageAfter = None) -> r.JobList:
     mine = owned(Job.owner_key_id, who)
     stmt = select(Job).where(mine)
     if status:
@@ -178,6 +188,8 @@ def list_jobs(who: CallerDep, session: SessionDep, status: StatusFilter = None, 
         stmt = stmt.where(Job.type == type)
     if model_id:
         stmt = stmt.where(Job.model_id == model_id)
+    if parent_job_id:   # a sweep's fine-tunes
+        stmt = stmt.where(Job.parent_job_id == parent_job_id)
     rows, more = paginate(session, stmt, Job, after, limit, after_filter=mine)
     return r.JobList.page([r.Job.from_row(j) for j in rows], more)
 
@@ -193,6 +205,15 @@ def cancel_job(job_id: str, who: CallerDep, session: SessionDep) -> r.Job:
     # Lock the row: a worker claiming the job at the same moment must see one consistent state.
     job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
     assert job is not None
+    if job.type in PARENT_TYPES:   # a sweep: its children, then itself once they have ended
+        sweeps.cancel_sweep(session, job, lambda child: _cancel(session, child))
+    else:
+        _cancel(session, job)
+    session.commit()
+    return r.Job.from_row(job)
+
+
+def _cancel(session: Session, job: Job) -> None:
     now = utcnow()
     if job.status == "queued":
         job.status, job.cancel_requested_at, job.finished_at = "cancelled", now, now
@@ -202,8 +223,6 @@ def cancel_job(job_id: str, who: CallerDep, session: SessionDep) -> r.Job:
         job.status, job.cancel_requested_at = "cancelling", now
         session.add(JobEvent(job_id=job.id, type="status", data={"status": "cancelling"},
                              message="cancellation requested; the worker stops at its next check"))
-    session.commit()
-    return r.Job.from_row(job)
 
 
 # ------------------------------------------------------------------------------- events

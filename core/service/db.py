@@ -146,6 +146,8 @@ class Job(Base):
     # where this job's webhooks go (a webhook_endpoints id) and which event types; see core/service/webhooks.py
     webhook_endpoint_id: Mapped[str | None] = mapped_column(String(40))
     webhook_events: Mapped[list[Any] | None] = mapped_column(JSON)
+    # A fine-tune started by a sweep job names it (worker/sweepjob.py); a plain id, as the model's lineage.
+    parent_job_id: Mapped[str | None] = mapped_column(String(40), index=True)
 
 
 class JobEvent(Base):

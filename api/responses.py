@@ -14,7 +14,8 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.engine.data.census import BUILTIN_CLASS_COUNTS, census_warnings
+from core.engine.data.cards import CARDS
+from core.engine.data.census import census_warnings
 from core.service import db
 from core.states import JobStatus, JobType
 
@@ -242,6 +243,32 @@ class DatasetWarning(_Closed):
     message: str
 
 
+class DatasetSplitRule(_Closed):
+    rule: Literal["published", "stratified"] = Field(
+        description="published: the source's own train and test files; stratified: robustify's own per-class "
+                    "split (core.engine.data.npz.stratified_split)")
+    description: str
+    test_fraction: float | None = Field(description="share of each class held out (stratified only)")
+    seed: int | None = Field(description="seed of numpy's default_rng that draws the split (stratified only)")
+
+
+class DatasetCard(_Closed):
+    """Where a built-in data set comes from and how robustify splits it (core/engine/data/cards.py)."""
+
+    title: str
+    source: str
+    url: str
+    license: str
+    pixels: str = Field(description="how the stored uint8 pixels relate to the source's values")
+    split: DatasetSplitRule
+    counts_from: Literal["loader", "source"] = Field(
+        description="loader: class_counts recounted from the loaded data by the test suite; source: as the source "
+                    "publishes them (the data is not on the test machines)")
+    reproduce: str = Field(description="Python that builds the same train and test splits: train a model you "
+                                       "upload on the train part only")
+    notes: list[str]
+
+
 class Dataset(_Closed):
     """An uploaded data set, stored as the project's .npz (or a built-in one, by its name)."""
 
@@ -265,6 +292,8 @@ class Dataset(_Closed):
     metadata: dict[str, Any] | None
     created_at: Timestamp | None
     urls: DatasetUrls
+    card: DatasetCard | None = Field(default=None, description="a built-in data set's card: source, split rule "
+                                                              "and seed, licence; null for an upload")
 
     @classmethod
     def from_row(cls, d: db.Dataset, artifact: db.Artifact | None) -> Dataset:
@@ -277,15 +306,17 @@ class Dataset(_Closed):
         )
 
     @classmethod
-    def builtin(cls, name: str, image_shape: list[int]) -> Dataset:
-        """A built-in data set, counted as the engine loads it (census.BUILTIN_CLASS_COUNTS)."""
-        counts = BUILTIN_CLASS_COUNTS[name]
+    def builtin(cls, name: str) -> Dataset:
+        """A built-in data set with its card, counted as the engine loads it (census.BUILTIN_CLASS_COUNTS)."""
+        card = CARDS[name]
+        counts = card.class_counts
         splits = {split: sum(per_class) for split, per_class in counts.items()}
         return cls(
             id=name, object="dataset", name=name, status="ready", num_examples=sum(splits.values()),
-            num_classes=len(counts["train"]), image_shape=image_shape, class_names=None, splits=splits,
-            class_counts=counts, warnings=census_warnings(counts), sha256=None, size=None, metadata=None,
-            created_at=None, urls=DatasetUrls(self_=f"/v1/datasets/{name}"),
+            num_classes=len(counts["train"]), image_shape=list(card.image_shape), class_names=list(card.class_names),
+            splits=splits, class_counts=counts, warnings=census_warnings(counts, card.class_names), sha256=None,
+            size=None, metadata=None, created_at=None, urls=DatasetUrls(self_=f"/v1/datasets/{name}"),
+            card=DatasetCard.model_validate(card.as_dict()),
         )
 
 

@@ -1,7 +1,8 @@
 """/v1/datasets: upload an .npz (x uint8 images, y int labels) or a .zip / .tar of class folders;
 list, get, delete.
 
-Built-in data sets (digits, fashion-mnist, cifar10, cifar100) need no upload. An image-folder
+Built-in data sets (digits, fashion-mnist, cifar10, cifar100) need no upload; GET answers their card
+(core/engine/data/cards.py). An image-folder
 archive is decoded here (core/engine/data/imagefolder.py, numpy and Pillow) and stored as the project's own
 .npz with its train/test split and class names.
 """
@@ -208,10 +209,13 @@ def list_datasets(who: CallerDep, session: SessionDep, limit: PageLimit = 20,
     return r.DatasetList.page([r.Dataset.from_row(d, _artifact(session, d)) for d in rows], more)
 
 
-@router.get("/{dataset_id}", response_model=r.Dataset, summary="Get a data set")
+@router.get("/{dataset_id}", response_model=r.Dataset, summary="Get a data set (a built-in one answers its card)",
+            description="An uploaded data set by its id, or a built-in one by its name (digits, fashion-mnist, "
+                        "cifar10, cifar100): its census, class names and `card` (source, licence, split rule and "
+                        "seed, and Python that reproduces the train and test splits). docs/datasets.md says the same.")
 def get_dataset(dataset_id: str, who: CallerDep, session: SessionDep) -> r.Dataset:
-    if dataset_id in BUILTIN_DATASETS:   # a built-in data set answers its census too
-        return r.Dataset.builtin(dataset_id, BUILTIN_DATASETS[dataset_id])
+    if dataset_id in BUILTIN_DATASETS:   # a built-in data set answers its census and its card
+        return r.Dataset.builtin(dataset_id)
     ds = get_owned_dataset(session, who, dataset_id)
     return r.Dataset.from_row(ds, _artifact(session, ds))
 

@@ -6,7 +6,9 @@ read from the source with `ast` (imports at module level and inside functions al
   core.engine; core.service; core.storage; migrations; worker and api; cli. No module imports
   one on a higher floor.
 - core.engine imports nothing of core.service, core.storage, api, worker or cli; core imports
-  no api, worker or cli; robustify imports none of core, api, worker, cli and no torch.
+  no api, worker or cli; robustify imports none of core, api, worker, cli and no torch, except
+  robustify.engine: the engine's documented import path, on the engine's floor, which re-exports
+  core.engine.api and which nothing of the SDK imports (so `import robustify` loads no torch).
 - The API process imports no torch: importing api.app loads none.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ PACKAGES = ("api", "worker", "cli", "core", "robustify", "migrations")
 FLOORS: tuple[tuple[str, int], ...] = (
     ("core.errors", 0), ("core.limits", 0), ("core.states", 0), ("robustify", 0),
     ("core", 0),              # the package's own __init__ (a docstring)
-    ("core.engine", 1),
+    ("core.engine", 1), ("robustify.engine", 1),
     ("core.service", 2),
     ("core.storage", 3),
     ("migrations", 4),
@@ -207,14 +209,36 @@ def test_core_imports_no_application() -> None:
     assert not bad, "core imports an application:\n" + "\n".join(bad)
 
 
+# The SDK's one module that runs the engine in the user's process (robustify/engine.py argues why).
+SDK_ENGINE = "robustify.engine"
+
+
+def _sdk(module: str) -> bool:
+    return _under(module, "robustify") and not _under(module, SDK_ENGINE)
+
+
 def test_the_sdk_imports_nothing_of_the_server_and_no_torch() -> None:
-    bad = _violations(lambda a, b: not (_under(a, "robustify") and not _under(b, "robustify")))
-    torch = [f"{module}:{node.lineno}" for module, path in modules().items() if _under(module, "robustify")
+    bad = _violations(lambda a, b: not (_sdk(a) and not _under(b, "robustify")))
+    torch = [f"{module}:{node.lineno}" for module, path in modules().items() if _sdk(module)
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Import | ast.ImportFrom)
              and any(n.split(".")[0] == "torch" for n in
                      ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]))]
     assert not bad and not torch, "the SDK imports the server or torch:\n" + "\n".join(bad + torch)
+
+
+def test_only_the_engine_module_of_the_sdk_reaches_the_engine() -> None:
+    edges = graph()
+    assert set(edges[SDK_ENGINE]) <= {"core", "core.engine", "core.engine.api"}, edges[SDK_ENGINE]
+    importers = sorted(a for a, out in edges.items() if SDK_ENGINE in out)
+    assert importers == [], f"{SDK_ENGINE} is imported by {importers}: the SDK must load it only when a user does"
+
+
+def test_importing_the_sdk_loads_no_torch() -> None:
+    code = "import sys, robustify; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'core'))[:3])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"import robustify loads {out.stdout.strip()}"
 
 
 def test_the_api_process_imports_no_torch() -> None:

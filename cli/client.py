@@ -378,7 +378,7 @@ def jobs_submit(out: Out, recipe: JobType, model: str, dataset: str, threat_mode
     hook: Any = None
     if webhook:
         hook = {"url": webhook, **({"events": list(webhook_events)} if webhook_events else {})}
-    ref = {"robustbench": model.split(":", 1)[1]} if model.startswith("robustbench:") else {"model_id": model}
+    ref: dict[str, Any] = {"robustbench": model.split(":", 1)[1]} if model.startswith("robustbench:") else {"model_id": model}
     job = out.client.jobs.create(type=recipe, dataset=dataset, threat_model=threat, config=fields, seed=seed,
                                  metadata=metadata, webhook=hook, idempotency_key=idempotency_key, **ref)
     j = _plain(job)

@@ -36,6 +36,7 @@ COMMANDS = {
     "models": "cli.client:models",
     "datasets": "cli.client:datasets",
     "jobs": "cli.client:jobs",
+    "sweep": "cli.sweep:sweep",
     "architectures": "cli.client:architectures",
     "webhooks": "cli.client:webhooks",
     "reproduce": "cli.reproduce:reproduce",

@@ -5,7 +5,7 @@ import builtins
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +16,7 @@ from robustify.errors import APIConnectionError, NotFoundError, WaitTimeoutError
 from robustify.pagination import Page
 from robustify.radius import parse_radius
 from robustify.resources import Resource
-from robustify.types import Checkpoint, Event, Job, WebhookDelivery
+from robustify.types import Checkpoint, Event, Job, Model, WebhookDelivery
 
 
 @dataclass
@@ -38,17 +38,27 @@ def _threat_model(spec: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 class Jobs(Resource):
-    def create(self, *, type: Literal["finetune", "evaluate"], dataset: str, model_id: str | None = None,
+    def create(self, *, type: Literal["finetune", "evaluate", "sweep"], dataset: str, model_id: str | None = None,
                robustbench: str | Mapping[str, Any] | None = None, threat_model: Mapping[str, Any] | None = None,
                config: Mapping[str, Any] | None = None, seed: int | None = None,
                metadata: Mapping[str, Any] | None = None, webhook: str | Mapping[str, Any] | None = None,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None, sweep: Mapping[str, Any] | None = None,
+               recommend: Mapping[str, Any] | None = None) -> Job:
         """Submit a job. Give `model_id`, or `robustbench` (a zoo name, or {"name", "dataset",
-        "threat_model"}). `webhook`: a URL, or {"url", "events": ["job.succeeded", …]}.
+        "threat_model"}). `webhook`: a URL, or {"url", "events": ["job.succeeded", …]}. A sweep
+        (type "sweep") takes `sweep` ({"delta": [...], "beta": [...], "attack_schedule": [...]}; δ
+        values may be "8/255") and `recommend` ({"maximize": "w2", "max_clean_drop": 0.03}).
 
         An Idempotency-Key (generated when not given) makes the automatic retries safe: a repeat
         returns the job the first attempt created."""
         body: dict[str, Any] = {"type": type, "dataset": dataset, "config": dict(config or {})}
+        if sweep is not None:
+            values = dict(sweep)
+            if values.get("delta") is not None:
+                values["delta"] = [parse_radius(d) for d in values["delta"]]
+            body["sweep"] = values
+        if recommend is not None:
+            body["recommend"] = dict(recommend)
         if model_id is not None:
             body["model_id"] = model_id
         if robustbench is not None:
@@ -69,12 +79,38 @@ class Jobs(Resource):
         return Job.model_validate(self._t.json("GET", f"/v1/jobs/{job_id}"))
 
     def list(self, *, status: str | list[str] | None = None, type: str | None = None, model_id: str | None = None,
-             limit: int = 100, after: str | None = None) -> Page[Job]:
-        """Newest first; iterate the page to walk them all. `status` may list several."""
+             parent_job_id: str | None = None, limit: int = 100, after: str | None = None) -> Page[Job]:
+        """Newest first; iterate the page to walk them all. `status` may list several;
+        `parent_job_id` lists a sweep's fine-tunes."""
         if isinstance(status, list):
             status = ",".join(status)
         return self._page(Job, "/v1/jobs", {"status": status, "type": type, "model_id": model_id,
-                                            "limit": limit, "after": after})
+                                            "parent_job_id": parent_job_id, "limit": limit, "after": after})
+
+    def sweep(self, *, dataset: str, model_id: str, delta: Sequence[float | str],
+              beta: Sequence[float] | None = None, attack_schedule: Sequence[str] | None = None,
+              maximize: str = "w2", max_clean_drop: float | None = 0.03, threat_model: Mapping[str, Any] | None = None,
+              config: Mapping[str, Any] | None = None, **more: Any) -> Job:
+        """Fine-tune `model_id` once per value of δ (times each β or schedule given): a sweep job whose
+        result, once every child has ended, is the frontier and the child recommended by the rule
+        "the highest `maximize` whose clean accuracy dropped by at most `max_clean_drop`"."""
+        values: dict[str, Any] = {"delta": list(delta)}
+        if beta is not None:
+            values["beta"] = list(beta)
+        if attack_schedule is not None:
+            values["attack_schedule"] = list(attack_schedule)
+        return self.create(type="sweep", dataset=dataset, model_id=model_id, threat_model=threat_model,
+                           config=config, sweep=values,
+                           recommend={"maximize": maximize, "max_clean_drop": max_clean_drop}, **more)
+
+    def children(self, sweep_id: str) -> builtins.list[Job]:
+        """A sweep's fine-tunes, in the order of its values."""
+        return sorted(self.list(parent_job_id=sweep_id), key=lambda j: (j.created_at is None, j.created_at))
+
+    def promote(self, job_id: str) -> Model:
+        """The model of a succeeded fine-tune's best checkpoint (a sweep's child, say), registered
+        now if it has none (POST /v1/jobs/{id}/promote)."""
+        return Model.model_validate(self._t.json("POST", f"/v1/jobs/{job_id}/promote", repeatable=True))
 
     def cancel(self, job_id: str) -> Job:
         """Idempotent: a queued job is cancelled at once, a running one becomes `cancelling`."""

@@ -128,3 +128,38 @@ def test_the_last_child_to_end_settles_the_frontier(client, keys, ready_model, d
     assert rec["job_id"] == kids[1]["id"] and rec["rule"] == {"maximize": "w2", "max_clean_drop": 0.05}
     assert [p["recommended"] for p in result["points"]] == [False, True, False]
     assert db.count(JobEvent, JobEvent.job_id == sweep["id"], JobEvent.type == "status") == 3
+
+
+def test_cli_submits_shows_and_promotes_a_sweep(capsys, app, client, keys, ready_model, db):
+    from cli.main import main
+    from tests.service.conftest import LiveServer
+
+    def run(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main([*argv, "--url", live.url, "--key", keys["a"]["key"]])
+        return rc, capsys.readouterr().out
+
+    with LiveServer(app) as live:
+        rc, out = run("sweep", "submit", "--model", ready_model, "--dataset", "digits", "--delta", "2/255,0.1",
+                      "--beta", "1,6", "--max-clean-drop", "0.1", "--set", "epochs=2")
+        assert rc == 0 and out.count("  queued  ") == 4 and "delta=0.00784313" in out and "beta=6.0" in out, out
+        sweep_id = out.split()[0]
+        sweep = client.get(f"/v1/jobs/{sweep_id}", headers=keys["a"]["headers"]).json()
+        assert sweep["config"]["recommend"] == {"maximize": "w2", "max_clean_drop": 0.1}
+        rc, out = run("sweep", "show", sweep_id)
+        assert rc == 0 and out.count("queued") == 4
+        listed = children(client, keys["a"]["headers"], sweep_id)
+        kids = [k["id"] for k in sorted(listed, key=lambda j: j["created_at"])]
+        for k, (clean, w2) in zip(kids, [(0.94, 0.3), (0.93, 0.5), (0.90, 0.6), (0.80, 0.9)], strict=True):
+            db.update(Job, k, status="succeeded", result={
+                "type": "finetune", "improved": False, "model_id": ready_model, "best_checkpoint_id": None,
+                "before": _numbers(0.95, 0.2), "after": _numbers(clean, w2)})
+        with db.Session() as s:
+            settle(s, sweep_id)
+            s.commit()
+        rc, out = run("sweep", "show", sweep_id)
+        assert rc == 0 and f"recommended: {kids[2]}" in out and out.count("yes") == 4, out
+        # a child that handed back its input model promotes to that model
+        rc, out = run("sweep", "promote", sweep_id)
+        assert rc == 0 and out.startswith(ready_model) and kids[2] in out, out
+

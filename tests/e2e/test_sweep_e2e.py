@@ -1,0 +1,128 @@
+"""A sweep job end to end through the HTTP API: three δ values on digits, each an ordinary fine-tune.
+
+- On the embedded default (`robustify serve`: SQLite, the SQLite broker, one worker): the sweep
+  ends with one frontier point per child, the recommended child satisfies the stated rule and is
+  promoted to a model; a second sweep cancelled while its first child trains ends cancelled with
+  every child cancelled.
+- On PostgreSQL + Redis with two workers: the children spread over both; the prefork child running
+  one of them is killed mid-run and the fine-tune resumes from its checkpoint (attempt 2), and the
+  sweep still ends with its frontier.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import (
+    TINY,
+    EmbeddedServe,
+    events,
+    upload_model,
+    wait_model_ready,
+    wait_status,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(420)
+
+DELTAS = [0.05, 0.1, 0.2]
+RULE = {"maximize": "w2", "max_clean_drop": 0.2}
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def submit_sweep(client: httpx.Client, model_id: str, **config: Any) -> dict[str, Any]:
+    body = {"type": "sweep", "model_id": model_id, "dataset": "digits", "threat_model": {"kind": "w2-linf"},
+            "config": {**TINY, "epochs": 2, "evaluation": "quick", "test_examples": 100, **config},
+            "sweep": {"delta": DELTAS}, "recommend": RULE}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def children(client: httpx.Client, sweep_id: str) -> list[dict[str, Any]]:
+    page = client.get("/v1/jobs", params={"parent_job_id": sweep_id, "limit": 50}).json()
+    return sorted(page["data"], key=lambda j: j["threat_model"]["delta"])
+
+
+def check_frontier(client: httpx.Client, sweep: dict[str, Any]) -> dict[str, Any]:
+    """One point per child, each with its intervals; the recommended child satisfies the rule and
+    is the most W2-robust of those that do."""
+    kids = children(client, sweep["id"])
+    assert [k["threat_model"]["delta"] for k in kids] == DELTAS and all(k["status"] == "succeeded" for k in kids)
+    result = sweep["result"]
+    points = result["points"]
+    assert [p["job_id"] for p in points] == [k["id"] for k in kids] and [p["delta"] for p in points] == DELTAS
+    for p in points:
+        low, high = p["w2_robust_accuracy_ci95"]
+        assert low <= p["w2_robust_accuracy"] <= high and len(p["clean_accuracy_ci95"]) == 2
+        assert p["before"]["clean_accuracy"] is not None and p["clean_drop"] is not None
+    assert any(p["pareto"] for p in points)
+    rec = result["recommendation"]
+    assert rec["rule"] == RULE, rec
+    fits = [p for p in points if p["clean_drop"] <= RULE["max_clean_drop"] + 1e-12]
+    assert rec["satisfied_by"] == [p["job_id"] for p in fits]
+    if not fits:   # said, not silently empty
+        assert rec["job_id"] is None and "no child satisfies" in rec["reason"]
+        return {}
+    chosen = next(p for p in points if p["job_id"] == rec["job_id"])
+    assert chosen["recommended"] and chosen["satisfies_rule"]
+    assert chosen["w2_robust_accuracy"] == max(p["w2_robust_accuracy"] for p in fits)
+    return chosen
+
+
+def test_a_sweep_finishes_and_cancels_on_the_embedded_default(tmp_path: Path, digits_model_file: Path) -> None:
+    with EmbeddedServe(tmp_path, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}) as serve, \
+            httpx.Client(base_url=serve.url, timeout=30) as client:
+        model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
+        sweep = submit_sweep(client, model["id"])
+        assert sweep["status"] == "running" and len(children(client, sweep["id"])) == 3
+        done = wait_status(client, sweep["id"], FINAL, 300)
+        assert done["status"] == "succeeded", done
+        assert done["progress"]["fraction"] == 1.0
+        chosen = check_frontier(client, done)
+        if chosen:
+            promoted = client.post(f"/v1/jobs/{chosen['job_id']}/promote")
+            assert promoted.status_code in (200, 201), promoted.text
+            assert promoted.json()["status"] == "ready"
+            assert promoted.json()["id"] == client.get(f"/v1/jobs/{chosen['job_id']}").json()["result"]["model_id"]
+
+        # cancelled while its first fine-tune trains: that one stops, the queued ones never start
+        second = submit_sweep(client, model["id"], epochs=20)
+        first = children(client, second["id"])[0]
+        wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, first["id"])), 120,
+                   "the first child's first checkpoint")
+        assert client.post(f"/v1/jobs/{second['id']}/cancel").json()["status"] == "cancelling"
+        ended = wait_status(client, second["id"], FINAL, 60)
+        assert ended["status"] == "cancelled", ended
+        assert [k["status"] for k in children(client, second["id"])] == ["cancelled"] * 3
+        assert ended["result"]["recommendation"]["job_id"] is None
+
+
+@pytest.mark.service
+def test_a_sweep_spreads_over_two_workers_and_a_killed_child_resumes(
+        client: httpx.Client, ready_model: dict[str, Any], workers: Any, queues: dict[str, str]) -> None:
+    procs = [workers.start(queues["gpu"], f"gpu-sweep-{i}") for i in range(2)]
+    sweep = submit_sweep(client, ready_model["id"], epochs=5)
+    kids = children(client, sweep["id"])
+
+    def a_checkpoint() -> dict[str, Any] | None:
+        return next((k for k in kids if any(e["type"] == "checkpoint" for e in events(client, k["id"]))), None)
+
+    victim = wait_until(a_checkpoint, 120, "a child's first checkpoint")
+    starts = [e for e in events(client, victim["id"]) if e["type"] == "status" and e["data"].get("status") == "running"]
+    os.kill(int(starts[-1]["data"]["worker_id"].rsplit(":", 1)[1]), signal.SIGKILL)   # the pool child running it
+    done = wait_status(client, sweep["id"], FINAL, 360)
+    assert done["status"] == "succeeded", done
+    resumed = client.get(f"/v1/jobs/{victim['id']}").json()
+    assert resumed["status"] == "succeeded" and resumed["attempt"] == 2, resumed
+    assert any("resumed_from_epoch" in (e["data"] or {}) for e in events(client, victim["id"]))
+    owners = {e["data"]["worker_id"].split("@")[0] for k in kids for e in events(client, k["id"])
+              if e["type"] == "status" and e["data"].get("status") == "running"}
+    assert len(owners) == 2, owners   # both workers ran children
+    assert all(p.poll() is None for p in procs)
+    check_frontier(client, done)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 
+from core.engine.hooks import Eta
 from core.service.db import Artifact, Job, utcnow
 from core.states import WORKER_STATES
 from core.storage.artifacts import Store, add_artifact_row, delete_artifact
@@ -114,8 +115,7 @@ class JobHooks:
         self._last_write = 0.0
         self._last_phase: str | None = None
         self._last_stop_check = 0.0
-        self._started = time.monotonic()
-        self._start_fraction: float | None = None
+        self._eta = Eta()
         self._pending_progress: dict[str, Any] | None = None
         self._pending_metrics: dict[str, float] = {}
         self._pending_events: list[tuple[str, str, dict[str, Any]]] = []
@@ -145,12 +145,7 @@ class JobHooks:
         retry_due = (self._pending_progress is not None or bool(self._pending_events)) and now >= self._retry_at
         if phase == self._last_phase and now - self._last_write < self.interval and not epoch_done and not retry_due:
             return
-        if self._start_fraction is None:
-            self._start_fraction, self._started = fraction, now
-        eta = None
-        gained = fraction - self._start_fraction
-        if gained > 1e-3:
-            eta = round((now - self._started) * (1.0 - fraction) / gained, 1)
+        eta = self._eta(fraction)   # the rate since this run's first report (core.engine.hooks.Eta)
         prog = {"fraction": round(min(max(fraction, 0.0), 1.0), 4), "phase": phase, "eta_seconds": eta,
                 **{k: metrics[k] for k in _PROGRESS_KEYS if k in metrics}}
         self._pending_progress = prog

@@ -48,7 +48,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
         should_stop: Callable[[], bool] | None = None, keep_adv: bool = False) -> PGDResult:
     """PGD with (for l∞) signed-gradient steps of `step_size` (default 2.5·δ/steps, at least
     δ/4 for a handful of steps); for l2, normalised-gradient steps. `should_stop()`, checked
-    every step, ends the run early (the result then covers the images attacked so far).
+    every step, ends the run early (the result then covers the images attacked so far);
+    `progress(done, total)` is called after every step of every batch (total = batches·steps).
     `keep_adv`: the per-image outcome and fooling points (`correct`, `x_adv`), which the W2
     ensemble takes as a member."""
     if threat.distributional:
@@ -69,13 +70,15 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
         x_adv = threat.random_start(xb, generator) if random_start else xb
         keep = _FoolingPoints(fooling, b, ok) if fooling is not None else None
         stopped = False
-        for _ in range(steps):
+        for s in range(steps):
             g, logits, _ = input_gradient(model, x_adv, yb, loss_fn, compute)
             ok &= logits.argmax(dim=1) == yb
             if keep is not None:
                 keep.record(ok, x_adv)
             step = threat.raw_direction(g) * alpha
             x_adv = threat.project(x_adv + step.to(x_adv.dtype), xb)
+            if progress is not None:
+                progress(i * steps + s + 1, len(chunks) * steps)
             if should_stop is not None and should_stop():
                 stopped = True
                 break
@@ -83,8 +86,6 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat
         if keep is not None:
             keep.record(ok, x_adv, last=True)
         robust[b] = ok
-        if progress is not None:
-            progress(i + 1, len(chunks))
         if stopped:
             attacked = b.stop
             break

@@ -34,7 +34,14 @@ import torch
 from core.engine.attacks.common import input_gradient
 from core.engine.attacks.wpgd import w_pgd
 from core.engine.device import Compute, batches
-from core.engine.evaluation.ensemble import REDLR, W2EnsembleResult, clean_predictions, random_w2_start, w2_ensemble
+from core.engine.evaluation.ensemble import (
+    PRESETS,
+    REDLR,
+    W2EnsembleResult,
+    clean_predictions,
+    random_w2_start,
+    w2_ensemble,
+)
 from core.engine.evaluation.intervals import share
 from core.engine.losses import cross_entropy
 from core.engine.oom import AdaptiveBatch
@@ -74,24 +81,35 @@ def masking_audit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, thre
     tol = tolerance(n)
     say = progress or (lambda fraction, phase: None)
     checks = []
+    short_steps = max(1, steps // 5)
+    # where each check starts, by its passes: two W-PGD runs of about steps + patience, the short
+    # run, the random draws (forward passes only) and one gradient
+    cost = [2 * (steps + PRESETS["quick"].patience), short_steps, RANDOM_DRAWS / 3, 1]
+    mark = [sum(cost[:i]) / sum(cost) for i in range(len(cost))]
     say(0.0, "audit: radius")
     # the reference attack alone (W-PGD-ReDLR, the quick preset's patience): the check is about the
     # attack's behaviour across radii, and the cross-entropy attack would double its cost
+    def radius_run(i: int) -> Callable[[float, str], None]:
+        return lambda f, phase: say(mark[1] * (i + f) / 2, "audit: radius")
+
     around = [w2_ensemble(model, x, y, threat.with_delta(d), preset="quick", batch_size=batch, compute=compute,
-                          seed=seed, steps=steps, step_ratio=step_ratio, attacks=[REDLR],
+                          seed=seed, steps=steps, step_ratio=step_ratio, attacks=[REDLR], progress=radius_run(i),
                           should_stop=should_stop).robust_accuracy
-              for d in (threat.delta / 2, 2 * threat.delta)]
+              for i, d in enumerate((threat.delta / 2, 2 * threat.delta))]
     checks.append(_radius_check((around[0], ensemble.robust_accuracy, around[1]), threat.delta, tol))
-    say(0.5, "audit: steps")
-    short_steps = max(1, steps // 5)
+    say(mark[1], "audit: steps")
+
+    def short_run(t: int, total: int) -> None:
+        say(mark[1] + (mark[2] - mark[1]) * t / total, "audit: steps")
+
     short = batch.run("audit: short w-pgd", lambda size: w_pgd(
         model, x, y, threat, steps=short_steps, step_ratio=step_ratio, loss="redlr", batch_size=size,
-        compute=compute, should_stop=should_stop)).robust_accuracy
+        compute=compute, should_stop=should_stop, progress=short_run)).robust_accuracy
     checks.append(_steps_check(ensemble.robust_accuracy, short, short_steps, tol))
-    say(0.7, "audit: random search")
+    say(mark[2], "audit: random search")
     checks.append(_random_check(model, x, y, threat, ensemble, batch, compute, seed, tol))
     checks.append(_agreement_check(ensemble, tol))
-    say(0.9, "audit: gradients")
+    say(mark[3], "audit: gradients")
     checks.append(gradient_check(model, x, y, ensemble.clean_correct, batch, compute))
     if pointwise_accuracy is not None:
         checks.append(_members_check(ensemble, pointwise_accuracy, tol))

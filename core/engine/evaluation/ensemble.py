@@ -263,6 +263,8 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
     patience = (spec.patience if patience is None else patience) if adaptive else None
     cap = max(steps + (patience or 0), spec.cap if cap is None else cap) if adaptive else steps
     batch = batch_size if isinstance(batch_size, AdaptiveBatch) else AdaptiveBatch(int(batch_size))
+    if progress is not None:
+        progress(0.0, f"clean δ={threat.delta:.4g}")
     pred = batch.run("clean", lambda size: clean_predictions(model, x, size, compute))
     result = W2EnsembleResult(threat.kind, threat.delta, preset, pred == y, pred, settings={
         "attacks": [a.name for a in chosen], "nominal_steps": steps, "step_ratio": step_ratio,
@@ -272,7 +274,7 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
     for k, attack in enumerate(chosen):
         start = random_w2_start(x, threat, generator, 0.5 + 0.5 * fraction) if attack.random_start else None
         phase = f"w-pgd {attack.name} δ={threat.delta:.4g}"
-        report = None if progress is None else _share(progress, k, len(chosen), phase)
+        report = None if progress is None else _share(progress, k, len(chosen), phase, steps + (patience or 0))
 
         def attempt(size: int, attack: AttackSpec = attack, start: torch.Tensor | None = start,
                     report: Callable[[int, int], None] | None = report) -> WPGDResult:
@@ -293,9 +295,16 @@ def w2_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat
     return result
 
 
-def _share(progress: Progress, k: int, count: int, phase: str) -> Callable[[int, int], None]:
-    """An attack's step progress (t of total) as the ensemble's share done."""
-    return lambda t, total: progress((k + t / total) / count, phase)
+def _share(progress: Progress, k: int, count: int, phase: str, expected: int) -> Callable[[int, int], None]:
+    """An attack's step progress (t of at most `total`) as the ensemble's share done. An adaptive
+    attack usually stops near its nominal steps + patience (`expected`), far below its cap: the
+    share follows `expected` (held just below the attack's end while it runs longer), so that the
+    bar and the ETA do not crawl and then jump."""
+    def report(t: int, total: int) -> None:
+        within = t / total if expected >= total else min(t / max(expected, 1), 0.99)
+        progress((k + within) / count, phase)
+
+    return report
 
 
 def _member_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, member: Member,

@@ -58,9 +58,12 @@ def pointwise_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
                      batch_size: int | AdaptiveBatch = 256, compute: Compute | None = None, seed: int = 0,
                      steps: int = 20, step_ratio: float | None = 0.25, loss: LossName = "ce",
                      on_attack: Callable[[str, int, int], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> PointwiseResult:
+                     should_stop: Callable[[], bool] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> PointwiseResult:
     """Robust accuracy of (x, y) in the pointwise ball of `threat` under `attack` (module docstring).
-    `steps`, `step_ratio` (l∞ step as a fraction of δ; None: PGD's default) and `loss` are PGD's."""
+    `steps`, `step_ratio` (l∞ step as a fraction of δ; None: PGD's default) and `loss` are PGD's.
+    Progress: `progress(done, total)` after each PGD step; AutoAttack calls `on_attack(name, k, count)`
+    before each of its attacks."""
     ball = threat.pointwise
     compute = compute or Compute.resolve(x.device, amp="off", channels_last=False)
     batch = batch_size if isinstance(batch_size, AdaptiveBatch) else AdaptiveBatch(int(batch_size))
@@ -69,7 +72,7 @@ def pointwise_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t
             model, x, y, ball, steps=steps,
             step_size=step_ratio * ball.delta if ball.ground == "linf" and step_ratio is not None else None,
             loss=loss, batch_size=size, compute=compute, generator=torch.Generator(device=x.device).manual_seed(seed),
-            should_stop=should_stop, keep_adv=True))
+            should_stop=should_stop, keep_adv=True, progress=progress))
         assert res.correct is not None and res.x_adv is not None
         return PointwiseResult("pgd", ball.ground, ball.delta, res.correct, res.x_adv, res.clean_accuracy,
                                {"steps": steps, "loss": loss})

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.engine.data.cards import CARDS
 from core.engine.data.census import census_warnings
+from core.engine.sanity import SANITY_CHECK_KEY
 from core.service import db
 from core.states import JobStatus, JobType
 
@@ -190,6 +191,58 @@ class ModelUrls(_Closed):
     content: str | None = Field(description="the weights; null when none are stored (RobustBench, Hub)")
 
 
+class SanityVariant(_Closed):
+    """One cheap variant of the input that the sanity check tried on the same images."""
+
+    name: str = Field(description="imagenet_normalisation, dataset_normalisation, no_normalisation, "
+                                  "channels_reversed or pixels_0_255")
+    description: str
+    cause: Literal["normalisation", "channel_order", "pixel_range"] = Field(description="the cause it tests")
+    accuracy: float
+    correct: int
+    n: int = Field(description="images it ran on: the sample's first 64, or the whole sample when promising")
+    ci95: list[float] = Field(description="95 % Wilson interval of the accuracy")
+    fixes: bool = Field(description="on the whole sample its interval lies above the registered model's, and its "
+                                    "accuracy is not near chance")
+
+
+class SanityCheck(_Closed):
+    """The model's clean accuracy on a seeded, stratified sample of its data set's test split, measured
+    when it was validated; a warning (never a rejection) when it looks wrong (docs/concepts.md)."""
+
+    status: Literal["passed", "warning", "skipped"] = Field(
+        description="warning: near chance, or a cheap variant of the input does clearly better; skipped: the "
+                    "data set was not available to the worker (the message says why)")
+    dataset: str
+    split: str
+    accuracy: float | None
+    correct: int | None
+    n: int | None = Field(description="images in the sample")
+    ci95: list[float] | None = Field(description="95 % Wilson interval of the accuracy")
+    chance: float | None = Field(description="1 / num_classes")
+    near_chance: bool | None
+    seed: int = Field(description="seed of the stratified sample")
+    likely_cause: Literal["normalisation", "channel_order", "pixel_range", "num_classes"] | None
+    variants: list[SanityVariant]
+    message: str = Field(description="the result in plain words; a warning names the likely cause")
+    seconds: float
+
+
+def _sanity_and_metadata(m: db.Model) -> tuple[SanityCheck | None, dict[str, Any] | None]:
+    """The row's stored sanity check (ready models only), and the caller's own metadata without it."""
+    if m.meta is None:
+        return None, None
+    meta = dict(m.meta)
+    stored = meta.pop(SANITY_CHECK_KEY, None)
+    check = None
+    if m.status == "ready" and isinstance(stored, dict):
+        try:
+            check = SanityCheck.model_validate(stored)
+        except ValidationError:  # written by another version of the worker: not shown
+            check = None
+    return check, (meta or None) if SANITY_CHECK_KEY in m.meta else meta
+
+
 class Model(_Closed):
     """A registered model: uploaded weights, a RobustBench or Hub model, or a fine-tune's result."""
 
@@ -215,18 +268,23 @@ class Model(_Closed):
     created_at: Timestamp | None
     updated_at: Timestamp | None
     urls: ModelUrls
+    sanity_check: SanityCheck | None = Field(
+        default=None, description="clean accuracy on a sample of its data set, measured at validation; null "
+                                  "while validating, for a fine-tune's result, or a model validated before the check")
 
     @classmethod
     def from_row(cls, m: db.Model, weights: db.Artifact | None) -> Model:
         """`weights`: the row of its stored weights file (None: none stored, e.g. RobustBench)."""
+        check, metadata = _sanity_and_metadata(m)
         return cls(
             id=m.id, object="model", name=m.name, source=m.source, architecture=m.architecture,
             num_classes=m.num_classes, dataset=m.dataset, input_size=m.input_shape, input_shape=m.input_shape,
             input_mean=m.input_mean, input_std=m.input_std, threat_model=m.threat_model, status=m.status,
-            parent_model_id=m.parent_model_id, source_job_id=m.source_job_id, error=m.error, metadata=m.meta,
+            parent_model_id=m.parent_model_id, source_job_id=m.source_job_id, error=m.error, metadata=metadata,
             sha256=weights.sha256 if weights else None, size=weights.size if weights else None,
             created_at=ts(m.created_at), updated_at=ts(m.updated_at),
             urls=ModelUrls(self_=f"/v1/models/{m.id}", content=f"/v1/models/{m.id}/content" if weights else None),
+            sanity_check=check,
         )
 
 

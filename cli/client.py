@@ -128,7 +128,16 @@ def _input_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _model_line(m: dict[str, Any]) -> str:
-    return f"{m['id']}  {m['status']:<10}  {m['architecture']:<28}  {m['dataset']:<14}  {m['name']}"
+    return (f"{m['id']}  {m['status']:<10}  {_clean_accuracy(m):<11}  {m['architecture']:<28}  {m['dataset']:<14}  "
+            f"{m['name']}")
+
+
+def _clean_accuracy(m: dict[str, Any]) -> str:
+    """The sanity check in a list's column: 'acc 0.973', 'acc 0.750 !' (a warning), or '-'."""
+    check = m.get("sanity_check") or {}
+    if check.get("accuracy") is None:
+        return "-"
+    return f"acc {check['accuracy']:.3f}" + (" !" if check.get("status") == "warning" else "")
 
 
 def _show_model(out: Out, model: Any, wait: bool, wait_timeout: float) -> int:
@@ -141,6 +150,8 @@ def _show_model(out: Out, model: Any, wait: bool, wait_timeout: float) -> int:
         click.echo(_model_line(m))
         if m["status"] == "ready" and m.get("input_size"):
             click.echo(f"  input {m['input_size']}  mean {m.get('input_mean')}  std {m.get('input_std')}")
+        if m.get("sanity_check"):  # the clean accuracy on a sample of its data set, or a warning naming the cause
+            click.echo(f"  {m['sanity_check']['message']}")
         if m.get("error"):
             click.echo(f"  rejected [{m['error'].get('code')}]: {m['error'].get('message')}", err=True)
     return 1 if m["status"] == "rejected" else 0

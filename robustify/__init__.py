@@ -41,6 +41,8 @@ from robustify.types import (
     Job,
     Model,
     Progress,
+    SanityCheck,
+    SanityVariant,
     WebhookDelivery,
     WebhookEndpoint,
 )
@@ -79,6 +81,8 @@ __all__ = [
     "Progress",
     "RateLimitError",
     "RobustifyError",
+    "SanityCheck",
+    "SanityVariant",
     "ServerError",
     "ServiceUnavailableError",
     "UnsupportedMediaTypeError",

@@ -87,6 +87,45 @@ class Job(ApiObject):
         return Outcome.model_validate(self.result) if self.result else None
 
 
+class SanityVariant(ApiObject):
+    """One cheap variant of the input the sanity check tried (ImageNet's or no normalisation, the
+    channels reversed, 0..255 pixels) and whether it fixes the accuracy."""
+
+    name: str = ""
+    description: str = ""
+    cause: str | None = None                 # normalisation | channel_order | pixel_range
+    accuracy: float | None = None
+    correct: int | None = None
+    n: int | None = None
+    ci95: list[float] | None = None
+    fixes: bool = False
+
+
+class SanityCheck(ApiObject):
+    """A model's clean accuracy on a seeded sample of its data set's test split, measured when it was
+    validated. `status` is passed, warning (the message names the likely cause; the model is still
+    ready) or skipped (the message says why)."""
+
+    status: str = "skipped"                  # passed | warning | skipped
+    dataset: str | None = None
+    split: str | None = None
+    accuracy: float | None = None
+    correct: int | None = None
+    n: int | None = None
+    ci95: list[float] | None = None          # 95 % Wilson interval
+    chance: float | None = None
+    near_chance: bool | None = None
+    seed: int | None = None
+    likely_cause: str | None = None          # normalisation | channel_order | pixel_range | num_classes
+    variants: list[SanityVariant] = Field(default_factory=list)
+    message: str = ""
+    seconds: float | None = None
+
+    @property
+    def warning(self) -> bool:
+        return self.status == "warning"
+
+
 class Model(ApiObject):
     id: str
     object: str = "model"
@@ -110,6 +149,7 @@ class Model(ApiObject):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     urls: dict[str, str | None] = Field(default_factory=dict)
+    sanity_check: SanityCheck | None = None  # clean accuracy on a sample of its data set, once ready
 
 
 class DatasetWarning(ApiObject):

@@ -1,5 +1,7 @@
 """Validating a registered model: it loads and answers with the right shape, so it is ready; or it
-is rejected with the reason (an upload's file is then deleted).
+is rejected with the reason (an upload's file is then deleted). A ready model also carries its
+sanity check (core/engine/sanity.py): its clean accuracy on a sample of the registered data
+set's test split, and a warning naming the likely cause when that looks wrong.
 
 Torch and the engine are imported inside the functions, never at module import (the worker's
 parent process must not touch CUDA).
@@ -9,10 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from core.engine.sanity import SANITY_CHECK_KEY, skipped_check
 from core.errors import ErrorCode, RobustifyError
 from core.service.db import Artifact, Model
 from core.storage.artifacts import delete_artifact, record_artifact
-from worker.inputs import input_size, load_model_for
+from worker.inputs import input_size, load_data_for, load_model_for
 from worker.outage import DatabaseUnavailable, is_database_down, retry_while_down
 from worker.runtime import Runtime, runtime
 
@@ -40,12 +43,15 @@ def _validate_model(rt: Runtime, model_id: str) -> str:
         try:
             model = load_model_for(rt, s, m)
             _forward_check(model, m)
+            check = _sanity_check(rt, s, m, model)
             if m.weights_artifact_id is None:  # RobustBench, Hub: keep its weights as safetensors
                 m.weights_artifact_id = _store_state_dict(rt, s, m, model).id
             if m.input_mean is None:  # RobustBench models normalise inside: identity
                 m.input_mean, m.input_std = [0.0] * input_size(m)[0], [1.0] * input_size(m)[0]
+            m.meta = {**(m.meta or {}), SANITY_CHECK_KEY: check}
             m.status, m.error = "ready", None
             s.commit()
+            log.info("model %s ready; %s", model_id, check["message"])
             return "ready"
         except Exception as exc:  # noqa: BLE001 - any failure rejects the model with a reason
             if is_database_down(exc):
@@ -83,6 +89,31 @@ def _forward_check(model: Any, m: Model) -> None:
         raise RobustifyError(f"the model outputs shape {tuple(out.shape)} for input {shape}, expected "
                              f"(batch, {m.num_classes}); check num_classes and input_shape.",
                              code=ErrorCode.INVALID_MODEL_FILE)
+
+
+def _sanity_check(rt: Runtime, s: Any, m: Model, model: Any) -> dict[str, Any]:
+    """The model's sanity check on its registered data set, or why it was skipped. Never downloads a
+    data set (a registration stays fast), and never rejects the model."""
+    from core.engine.data.datasets import BUILTIN_DATASETS, load_dataset
+    from core.engine.sanity import sanity_check
+
+    if m.dataset not in BUILTIN_DATASETS and not m.dataset.startswith("ds_"):
+        return skipped_check(m.dataset, f"{m.dataset!r} is not a data set of this service (a built-in one or an "
+                                        "uploaded one's id), so there are no test images to check the model on.")
+    try:
+        with s.no_autoflush:  # nothing written while the check runs (SQLite: no write lock held meanwhile)
+            data = (load_data_for(rt, s, m.dataset) if m.dataset.startswith("ds_") else
+                    load_dataset(m.dataset, data_dir=rt.settings.resolved_datasets_dir, allow_download=False))
+    except RobustifyError as exc:
+        return skipped_check(m.dataset, f"the data set is not available to the worker ({exc}).")
+    try:
+        return sanity_check(model, data, num_classes=m.num_classes, input_shape=input_size(m),
+                            input_mean=m.input_mean, input_std=m.input_std)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run is reported, the model stays ready
+        if is_database_down(exc):
+            raise
+        log.warning("model %s: the sanity check failed", m.id, exc_info=True)
+        return skipped_check(m.dataset, f"it failed ({type(exc).__name__}: {exc}).")
 
 
 def _store_state_dict(rt: Runtime, s: Any, m: Model, model: Any) -> Artifact:

@@ -6,11 +6,16 @@ import json
 import re
 import threading
 import time
+from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
+import robustify
 from cli.main import main
-from core.service.db import Job, utcnow
+from core.engine.sanity import SANITY_CHECK_KEY, sanity_check
+from core.service.db import Job, Model, utcnow
 from core.storage.artifacts import ArtifactStore, record_artifact
 from tests.service.conftest import LiveServer
 from tests.service.payloads import npz_bytes, pickle_bytes, safetensors_bytes
@@ -218,3 +223,54 @@ def test_every_resource_is_reachable(capsys, live, keys, db, settings, tmp_path)
     assert [j["id"] for j in json.loads(out)["data"]] == [job]
     rc, out, _ = run(capsys, live, keys, "webhooks", "list", "--json", key="b")
     assert rc == 0 and json.loads(out) == {"data": [], "has_more": False, "last_id": None}
+
+
+# ------------------------------------------------------------------------------ a model's sanity check
+# The worker stores it in the row's JSON (here: the engine's real check of an untrained head on digits,
+# written as the worker writes it); the API answers it as `sanity_check`, never inside the caller's
+# `metadata`, and only once the model is ready. (The worker's side: tests/e2e/test_embedded_e2e.py.)
+@pytest.fixture(scope="module")
+def check(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from core.engine.data.datasets import load_dataset
+
+    torch.manual_seed(0)
+    data = load_dataset("digits", data_dir=tmp_path_factory.mktemp("data"))
+    untrained = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    return sanity_check(untrained, data, num_classes=10, input_shape=[1, 8, 8], input_mean=None, input_std=None)
+
+
+def test_the_check_is_shown_by_the_api_the_sdk_and_the_cli(client, live, db, keys, capsys, check) -> None:
+    assert check["status"] == "warning" and check["near_chance"]
+    model_id = db.add_model(keys["a"]["id"], status="ready")
+    db.update(Model, model_id, meta={"team": "vision", SANITY_CHECK_KEY: check})
+
+    body = client.get(f"/v1/models/{model_id}", headers=keys["a"]["headers"]).json()
+    assert body["metadata"] == {"team": "vision"}      # the caller's own metadata, without the check
+    assert body["sanity_check"] == check
+    listed = client.get("/v1/models", headers=keys["a"]["headers"]).json()["data"]
+    assert next(m for m in listed if m["id"] == model_id)["sanity_check"] == check
+
+    sdk_model = robustify.Client(live.url, api_key=keys["a"]["key"]).models.get(model_id)
+    assert isinstance(sdk_model.sanity_check, robustify.SanityCheck) and sdk_model.sanity_check.warning
+    assert sdk_model.sanity_check.accuracy == check["accuracy"] and sdk_model.sanity_check.n == 256
+    assert [v.name for v in sdk_model.sanity_check.variants] == [v["name"] for v in check["variants"]]
+
+    capsys.readouterr()
+    assert main(["models", "get", model_id, "--url", live.url, "--key", keys["a"]["key"]]) == 0
+    out = capsys.readouterr().out
+    assert check["message"] in out and out.count("Warning: the model barely classifies digits.") == 1
+    assert main(["models", "list", "--url", live.url, "--key", keys["a"]["key"]]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(model_id))
+    assert f"acc {check['accuracy']:.3f} !" in line
+
+
+def test_no_check_while_validating_and_no_metadata_made_up(client, db, keys, check) -> None:
+    model_id = db.add_model(keys["a"]["id"], status="validating")
+    db.update(Model, model_id, meta={SANITY_CHECK_KEY: check})   # only the worker's key: no caller metadata
+    body = client.get(f"/v1/models/{model_id}", headers=keys["a"]["headers"]).json()
+    assert body["sanity_check"] is None and body["metadata"] is None
+    db.update(Model, model_id, status="ready")
+    body = client.get(f"/v1/models/{model_id}", headers=keys["a"]["headers"]).json()
+    assert body["sanity_check"]["status"] == "warning" and body["metadata"] is None
+    plain = db.add_model(keys["a"]["id"], status="ready")   # validated before the check existed
+    assert client.get(f"/v1/models/{plain}", headers=keys["a"]["headers"]).json()["sanity_check"] is None

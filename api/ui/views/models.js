@@ -1,7 +1,7 @@
 // Models: the list, registering one (an uploaded safetensors file, or a RobustBench ID), deleting.
 
 import * as api from "../api.js";
-import { ago, badge, bytes, card, errorNote, every, fill, h, note, numHead, progressBar, short, swap, table } from "../dom.js";
+import { ago, badge, bytes, card, errorNote, every, fill, h, note, numHead, pct, progressBar, short, swap, table } from "../dom.js";
 import { deref, readFields, schemaFields, showFieldErrors } from "../form.js";
 import { builtinDatasets } from "./newjob.js";
 
@@ -71,7 +71,7 @@ export async function modelsView(root, { signal }) {
   const refresh = async () => {
     const models = await api.getAll("v1/models");
     swap(rows, models, () => (models.length ? models.map((m) => modelRow(m, refresh))
-      : h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No models yet: register one below."))));
+      : h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No models yet: register one below."))));
     status.replaceChildren();
   };
 
@@ -107,7 +107,7 @@ export async function modelsView(root, { signal }) {
     h("div", { class: "page-head" }, h("h1", {}, "Models")),
     status,
     table(["Name", h("th", { class: "hide-sm" }, "ID"), "Architecture", "Data set", h("th", { class: "hide-sm" }, "Input"),
-      "Status", numHead("Size", "hide-sm"), ""], rows, { id: "models-table" }),
+      "Status", numHead("Clean accuracy"), numHead("Size", "hide-sm"), ""], rows, { id: "models-table" }),
     card("Register a model", tabs));
   // Validation takes a few seconds: keep the list live.
   await every(3000, refresh, signal, (err) => status.replaceChildren(errorNote(err)));
@@ -120,13 +120,23 @@ function modelRow(m, refresh) {
     m.urls?.content ? h("button", { type: "button", class: "small", onclick: () => api.download(m.urls.content, `${m.name || m.id}.safetensors`) }, "Weights") : null,
     h("button", { type: "button", class: "small danger", onclick: () => deleteThing(`v1/models/${m.id}`, `model ${m.name || m.id}`, refresh) }, "Delete"));
   return h("tr", { "data-model": m.id, "data-name": m.name || "" },
-    h("td", {}, m.name || "—", m.status === "rejected" && m.error ? h("div", { class: "error small" }, m.error.message || m.error.code) : null),
+    h("td", {}, m.name || "—", m.status === "rejected" && m.error ? h("div", { class: "error small" }, m.error.message || m.error.code) : null,
+      m.sanity_check?.status === "warning" ? note("warn", m.sanity_check.message) : null),
     h("td", { class: "mono hide-sm", title: m.id }, short(m.id)),
     h("td", {}, m.architecture), h("td", {}, m.dataset),
     h("td", { class: "hide-sm" }, Array.isArray(m.input_shape) ? m.input_shape.join("×") : "—"),
     h("td", {}, badge(m.status)),
+    sanityCell(m.sanity_check),
     h("td", { class: "num hide-sm" }, bytes(m.size)),
     h("td", { title: `created ${ago(m.created_at)}` }, actions));
+}
+
+/** The sanity check's clean accuracy (its interval and sample in the tooltip); ⚠ marks a warning. */
+function sanityCell(check) {
+  const status = check?.status || "none";
+  const text = typeof check?.accuracy === "number"
+    ? `${status === "warning" ? "⚠ " : ""}${pct(check.accuracy)}` : "—";
+  return h("td", { class: "num", "data-sanity": status, title: check?.message || "" }, text);
 }
 
 /** The option of a JSON body schema (oneOf) whose `source` is `source`, or null. */

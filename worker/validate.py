@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from core.engine.sanity import SANITY_CHECK_KEY, skipped_check
-from core.errors import ErrorCode, RobustifyError
+from core.errors import DatasetUnavailable, ErrorCode, RobustifyError
 from core.service.db import Artifact, Model
 from core.storage.artifacts import delete_artifact, record_artifact
 from worker.inputs import input_size, load_data_for, load_model_for
@@ -104,8 +104,12 @@ def _sanity_check(rt: Runtime, s: Any, m: Model, model: Any) -> dict[str, Any]:
         with s.no_autoflush:  # nothing written while the check runs (SQLite: no write lock held meanwhile)
             data = (load_data_for(rt, s, m.dataset) if m.dataset.startswith("ds_") else
                     load_dataset(m.dataset, data_dir=rt.settings.resolved_datasets_dir, allow_download=False))
+    except DatasetUnavailable:
+        return skipped_check(m.dataset, f"{m.dataset} is not on this worker's disk, and the check never downloads a "
+                                        "data set (a job downloads it where the server allows downloads; models "
+                                        "registered after that are checked).")
     except RobustifyError as exc:
-        return skipped_check(m.dataset, f"the data set is not available to the worker ({exc}).")
+        return skipped_check(m.dataset, f"the data set could not be read ({exc}).")
     try:
         return sanity_check(model, data, num_classes=m.num_classes, input_shape=input_size(m),
                             input_mean=m.input_mean, input_std=m.input_std)

@@ -108,3 +108,44 @@ def test_recipe_events_are_job_events(rt: Runtime, tmp_path: Path) -> None:
         (event,) = s.query(JobEvent).filter(JobEvent.job_id == job_id).all()
     assert ((event.type, event.level, event.data)
             == ("warning", "warning", {"batch_size": 32, "previous_batch_size": 64}))
+
+
+def _validating(rt: Runtime, tmp_path: Path, dataset: str, shape: list[int]) -> str:
+    """An untrained small-cnn uploaded for `dataset`, as the API leaves it for the worker."""
+    from core.engine.zoo import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / f"{dataset}.safetensors"
+    save_weights(create_model("small-cnn", num_classes=10, in_channels=shape[0], image_size=shape[1]).state_dict(),
+                 path)
+    with rt.session() as s:
+        art = record_artifact(s, rt.store, kind="model_weights", src_path=path, filename=path.name,
+                              content_type="application/octet-stream")
+        m = Model(id=new_id("mdl"), name=dataset, source="upload", architecture="small-cnn", num_classes=10,
+                  dataset=dataset, input_shape=shape, input_mean=[0.0] * shape[0], input_std=[1.0] * shape[0],
+                  status="validating", weights_artifact_id=art.id, meta={"team": "vision"})
+        s.add(m)
+        s.commit()
+        return m.id
+
+
+def test_validation_records_the_sanity_check_or_why_it_was_skipped(rt: Runtime, tmp_path: Path) -> None:
+    """The model is ready either way; its row keeps the caller's metadata next to the check. CIFAR-10
+    is not under this runtime's data folder and is never downloaded for the check."""
+    from core.engine.sanity import SANITY_CHECK_KEY
+    from worker.validate import _validate_model
+
+    ids = {ds: _validating(rt, tmp_path, ds, shape) for ds, shape in
+           (("digits", [1, 8, 8]), ("cifar10", [3, 32, 32]), ("my-photos", [3, 32, 32]))}
+    assert all(_validate_model(rt, model_id) == "ready" for model_id in ids.values())
+    with rt.session() as s:
+        rows = {ds: s.get(Model, model_id) for ds, model_id in ids.items()}
+    checks = {ds: m.meta[SANITY_CHECK_KEY] for ds, m in rows.items()}
+    assert all(m.status == "ready" and m.meta["team"] == "vision" for m in rows.values())
+    assert checks["digits"]["status"] == "warning" and checks["digits"]["near_chance"]   # untrained: chance
+    assert checks["digits"]["n"] == 256 and checks["digits"]["message"].startswith("Warning: the model barely")
+    assert checks["cifar10"]["status"] == "skipped" and checks["cifar10"]["accuracy"] is None
+    assert "cifar10 is not on this worker's disk, and the check never downloads" in checks["cifar10"]["message"]
+    assert not (tmp_path / "datasets" / "cifar-10-batches-py").exists()
+    assert checks["my-photos"]["status"] == "skipped"
+    assert "'my-photos' is not a data set of this service" in checks["my-photos"]["message"]

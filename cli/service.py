@@ -1,8 +1,9 @@
 """`robustify serve | worker | migrate | keys`: run and administer the service.
 
-serve    migrations, then the API (uvicorn, factory api.app:create_app) and one worker process
-         consuming both queues; Ctrl-C or SIGTERM stops both within about 15 s (a running job is
-         checkpointed and handed back), and the worker also stops if `serve` itself is killed. The worker's job
+serve    migrations, then the API (uvicorn, factory api.app:create_app), one worker process for jobs
+         (the gpu queue) and one for model validation (the cpu queue), so a registration never waits
+         behind a long job; Ctrl-C or SIGTERM stops them within about 15 s (a running job is
+         checkpointed and handed back), and the workers also stop if `serve` itself is killed. The worker's job
          lines (claimed, epoch done, succeeded/failed) show; access-log lines only with --access-log.
 worker   a Celery worker against ROBUSTIFY_DATABASE_URL / ROBUSTIFY_BROKER_URL (one per GPU);
          SIGTERM checkpoints its running job, hands it back to the queue and exits.
@@ -135,9 +136,10 @@ def wait_or_kill(proc: subprocess.Popen, grace: float) -> bool:
 
 
 # ------------------------------------------------------------------------------ serve
-# How `serve` stops (SIGTERM or Ctrl-C): the API and the worker stop side by side. The API
-# finishes its open requests (event streams end at once) within API_GRACE_SECONDS; the worker
-# hands its running job back (a checkpoint, then the queue) and exits; one still there after
+# How `serve` stops (SIGTERM or Ctrl-C): the API and the workers stop side by side. The API
+# finishes its open requests (event streams end at once) within API_GRACE_SECONDS; the job worker
+# hands its running job back (a checkpoint, then the queue) and exits, the validation worker
+# finishes its check (seconds) or leaves its message in the queue; one still there after
 # WORKER_STOP_SECONDS is killed, and its job resumes from its last checkpoint when a worker next
 # starts. So `serve` is gone within about 15 s.
 API_GRACE_SECONDS = 5
@@ -145,7 +147,11 @@ WORKER_STOP_SECONDS = 10.0
 
 
 class EmbeddedService:
-    """The API server and one worker process; used by `serve` and by `demo`."""
+    """The API server and two worker processes; used by `serve` and by `demo`.
+
+    `worker` runs the jobs (the gpu queue, one at a time); `validator` validates registered models
+    (the cpu queue), so that a registration is ready in seconds while a long job runs. Both are
+    `robustify worker` processes (a Celery parent and one pool process each)."""
 
     def __init__(self, settings: Settings, host: str, port: int, *, worker_loglevel: str = "INFO",
                  worker_log: Path | None = None) -> None:
@@ -153,6 +159,7 @@ class EmbeddedService:
         self.worker_log = worker_log
         self.worker_loglevel = worker_loglevel
         self.worker: subprocess.Popen | None = None
+        self.validator: subprocess.Popen | None = None
         self.server: Any = None
         self._worker_signalled: float | None = None
 
@@ -160,14 +167,20 @@ class EmbeddedService:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def workers(self) -> list[subprocess.Popen]:
+        return [w for w in (self.worker, self.validator) if w is not None]
+
     def start_worker(self) -> None:
+        """Start the job worker and the validation worker."""
         env = dict(os.environ)
         env["ROBUSTIFY_DATA_DIR"] = str(self.settings.data_dir)
-        queues = f"{self.settings.gpu_queue},{self.settings.cpu_queue}"
-        self.worker = start_worker_process(queues, env=env, loglevel=self.worker_loglevel,
-                                           name=f"embedded-{os.getpid()}@%h",
-                                           quiet=self.worker_loglevel.upper() != "DEBUG",
-                                           log_path=self.worker_log)
+        quiet = self.worker_loglevel.upper() != "DEBUG"
+        self.worker = start_worker_process(self.settings.gpu_queue, env=env, loglevel=self.worker_loglevel,
+                                           name=f"embedded-{os.getpid()}@%h", quiet=quiet, log_path=self.worker_log)
+        self.validator = start_worker_process(self.settings.cpu_queue, env=env, loglevel=self.worker_loglevel,
+                                              name=f"embedded-{os.getpid()}-validation@%h", quiet=quiet,
+                                              log_path=self.worker_log)
 
     def make_server(self, log_level: str = "warning", access_log: bool = False) -> Any:
         import uvicorn
@@ -186,38 +199,42 @@ class EmbeddedService:
         return self.server
 
     def signal_worker(self) -> None:
-        """Start the worker's warm shutdown (once; safe in a signal handler): SIGTERM to its main
+        """Start the workers' warm shutdown (once; safe in a signal handler): SIGTERM to each main
         process, which passes it on to the pool process running a job (checkpointed, handed back).
 
         Not to its process group: that kills the idle pool process too. One killed while it holds
         the pool's shared queue lock leaves the worker waiting for that lock at exit for ever
         (billiard's Pool._help_stuff_finish: how `serve` hung here), and the pool forks a
         replacement into the stopping worker on every stop besides."""
-        if self.worker is None or self._worker_signalled is not None:
+        if not self.workers or self._worker_signalled is not None:
             return
         self._worker_signalled = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.worker.pid, signal.SIGTERM)
+        for proc in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
 
     def stop_worker(self) -> None:
-        """Wait for the worker's warm shutdown, up to WORKER_STOP_SECONDS after it began; then kill it."""
-        if self.worker is None or self.worker.poll() is not None:
+        """Wait for the workers' warm shutdown, up to WORKER_STOP_SECONDS after it began; then kill them."""
+        if all(proc.poll() is not None for proc in self.workers):
             return
         self.signal_worker()
-        left = WORKER_STOP_SECONDS - (time.monotonic() - (self._worker_signalled or time.monotonic()))
-        if not wait_or_kill(self.worker, left):
-            print(f"robustify: the worker did not stop within {WORKER_STOP_SECONDS:.0f} s and was killed; a job it "
-                  "was running resumes from its last checkpoint when a worker next starts.", file=sys.stderr,
-                  flush=True)
+        for proc in self.workers:
+            left = WORKER_STOP_SECONDS - (time.monotonic() - (self._worker_signalled or time.monotonic()))
+            if not wait_or_kill(proc, left):
+                print(f"robustify: a worker did not stop within {WORKER_STOP_SECONDS:.0f} s and was killed; a job it "
+                      "was running resumes from its last checkpoint when a worker next starts.", file=sys.stderr,
+                      flush=True)
 
     def watch_worker(self) -> None:
-        """Stop the API when the worker process dies: a service that never runs jobs must not look up."""
+        """Stop the API when a worker process dies: a service that never runs jobs (or never validates
+        a model) must not look up."""
         import threading
 
         def watch() -> None:
             while self.server is not None and not self.server.should_exit:
-                if self.worker is not None and self.worker.poll() is not None:
-                    print(f"robustify: the worker process exited (code {self.worker.returncode}); stopping. "
+                dead = [proc for proc in self.workers if proc.poll() is not None]
+                if dead:
+                    print(f"robustify: a worker process exited (code {dead[0].returncode}); stopping. "
                           "See its log above.", file=sys.stderr, flush=True)
                     self.server.should_exit = True
                     return
@@ -250,7 +267,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         svc.stop_worker()
         print("robustify stopped.", flush=True)
-    return 0 if svc.worker is None or svc.worker.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) else 1
+    return 0 if all(w.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) for w in svc.workers) else 1
 
 
 # ------------------------------------------------------------------------------ migrate, keys
@@ -363,11 +380,12 @@ _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay
               help="The worker's: INFO shows each job's lifecycle; DEBUG adds Celery's own lines.")
 @click.option("--no-worker", is_flag=True, help="Run only the API (workers run elsewhere).")
 def serve(**options: Any) -> int:
-    """Run the API and one worker: migrations first, then both until Ctrl-C.
+    """Run the API, one worker for jobs and one for model validation: migrations first, then all
+    three until Ctrl-C.
 
     The embedded default needs nothing else: SQLite and a server-less broker in --data-dir.
-    Ctrl-C or SIGTERM stops both within about 15 s (a running job is checkpointed and handed
-    back); the worker also stops if `serve` itself is killed.
+    Ctrl-C or SIGTERM stops them within about 15 s (a running job is checkpointed and handed
+    back); the workers also stop if `serve` itself is killed.
     """
     return run_serve(argparse.Namespace(**options))
 

@@ -86,6 +86,46 @@ def test_serve_stopped_mid_job_hands_it_back_and_a_restart_finishes_it(tmp_path:
     assert any("resumed_from_epoch" in (e["data"] or {}) for e in evs)
 
 
+def test_a_registration_during_a_fine_tune_is_checked_and_ready_within_10_s(tmp_path: Path,
+                                                                          digits_model_file: Path) -> None:
+    """`serve` validates models in a worker of their own (the cpu queue), so a registration made while a
+    fine-tune runs does not wait for it. The check measures each model's clean accuracy on a sample of
+    digits; the same weights registered with a wrong mean/std are ready too, with a warning naming the
+    normalisation."""
+    with EmbeddedServe(tmp_path, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}) as serve, \
+            httpx.Client(base_url=serve.url, timeout=30) as client:
+        model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
+        check = model["sanity_check"]
+        assert check["status"] == "passed" and check["accuracy"] > 0.8, check
+        assert check["n"] == 256 and check["ci95"][0] < check["accuracy"] < check["ci95"][1]
+        assert check["message"].startswith("Clean accuracy") and check["dataset"] == "digits"
+        job_id = submit(client, model["id"], epochs=40)["id"]
+
+        def running() -> bool:   # the job worker is busy with it (from its epoch-0 validation on)
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] in ("queued", "running"), job
+            return job["status"] == "running"
+
+        wait_until(running, 120, "the fine-tune to run", interval=0.1)
+        started = time.monotonic()
+        with open(digits_model_file, "rb") as fh:
+            r = client.post("/v1/models", files={"file": ("wrong.safetensors", fh, "application/octet-stream")},
+                            data={"architecture": "small-cnn", "num_classes": "10", "dataset": "digits",
+                                  "input_size": "1,8,8", "input_mean": "0.5", "input_std": "0.05"})
+        assert r.status_code == 201, r.text
+        wrong = wait_model_ready(client, r.json()["id"], timeout=10)
+        took = time.monotonic() - started
+        # the job still runs: the validation did not wait for it
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        warned = wrong["sanity_check"]
+        assert warned["status"] == "warning" and warned["likely_cause"] == "normalisation", warned
+        assert warned["accuracy"] < check["accuracy"]
+        assert "the registered normalisation (input_mean / input_std) is probably wrong" in warned["message"]
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)   # stops at its next check
+    print(f"a registration during a fine-tune was ready in {took:.1f} s")
+    assert serve.rc == 0, serve.log()[-3000:]
+
+
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`robustify demo` (the README's first command), shortened to 2 epochs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTIFY_")}

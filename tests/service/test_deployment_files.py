@@ -71,7 +71,7 @@ def test_every_robustify_service_is_built_here_and_runs_a_robustify_command(comp
     healthcheck = re.search(r"^HEALTHCHECK .* CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
     assert json.loads(healthcheck.group(1)) == ["robustify", "health", "api"]
     services = {name: s for name, s in compose["services"].items() if s.get("image") == "robustify:latest"}
-    assert set(services) == {"migrate", "api", "worker"}
+    assert set(services) == {"migrate", "api", "worker", "validator"}
     for name, service in services.items():
         assert service.get("build") == ".", name  # never pulled from a registry
         assert "entrypoint" not in service, name  # `docker compose run --rm SERVICE keys ...` must work
@@ -84,10 +84,27 @@ def test_every_robustify_service_is_built_here_and_runs_a_robustify_command(comp
             _accepted(test[2:])
     assert services["api"]["healthcheck"]["test"][3] == "api"
     assert services["worker"]["healthcheck"]["test"][3] == "worker"
+    assert services["validator"]["healthcheck"]["test"][3] == "worker"
     grace = services["worker"]["stop_grace_period"]
     assert int(grace.rstrip("s")) >= 30  # time to checkpoint and hand a job back
     header = (ROOT / "docker-compose.yml").read_text()
     assert "docker compose run --rm api keys create me" in header
+
+
+def _queues(command: list[str]) -> set[str]:
+    return set(command[command.index("--queues") + 1].split(","))
+
+
+def test_jobs_and_model_validation_have_workers_of_their_own(compose):
+    """Jobs (the gpu queue) go to the GPU worker, model validation (the cpu queue) to the validator, so a
+    registration never waits behind a long job; the validator takes no GPU."""
+    services = compose["services"]
+    assert _queues(services["worker"]["command"]) == {"gpu"}
+    assert _queues(services["validator"]["command"]) == {"cpu"}
+    assert "deploy" not in services["validator"] and services["validator"]["environment"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    names = {services[s]["command"][services[s]["command"].index("--name") + 1] for s in ("worker", "validator")}
+    assert len(names) == 2   # one heartbeat row each
 
 
 def test_keys_create_as_documented(env):

@@ -30,10 +30,13 @@ REDIS_DB = int(os.environ.get("ROBUSTIFY_E2E_REDIS_DB", "11"))
 # training images left after the validation split).
 # seed 1: at lr 0.01 this small CNN's first W-TRADES epoch falls apart on some seeds (0 and 2 here; seed 1
 # gains W2 +0.14 on the test split, interval [+0.08, +0.20]); these tests check the service's flow, which
-# needs a run that improves, decided by the paired interval
+# needs a run that improves, decided by the paired interval.
+# The before/after is the "quick" ensemble on a 200-image stratified sample of the test split: the
+# "standard" one on all 360 test images took 237 s of a 271 s job here (machine loaded), quick on 200
+# images 22 s of a 37 s job (seed 1 still improves: W2 +0.120, paired interval [+0.04, +0.20]); the standard preset is the README example's and tests/core's business.
 TINY = {"epochs": 4, "batch_size": 96, "lr": 0.01, "beta": 3.0, "attack_steps": 3, "validation_examples": 200,
         "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "test_wpgd_steps": 10, "test_pgd_steps": 3, "budget_subset": 256,
-        "seed": 1}
+        "seed": 1, "evaluation": "quick", "test_examples": 200}
 THREAT = {"kind": "w2-linf", "delta": 0.1}
 
 

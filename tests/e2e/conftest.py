@@ -33,7 +33,8 @@ REDIS_DB = int(os.environ.get("ROBUSTIFY_E2E_REDIS_DB", "11"))
 # needs a run that improves, decided by the paired interval.
 # The before/after is the "quick" ensemble on a 200-image stratified sample of the test split: the
 # "standard" one on all 360 test images took 237 s of a 271 s job here (machine loaded), quick on 200
-# images 22 s of a 37 s job (seed 1 still improves: W2 +0.120, paired interval [+0.04, +0.20]); the standard preset is the README example's and tests/core's business.
+# images 22 s of a 37 s job (seed 1 still improves: W2 +0.120, paired interval [+0.04, +0.20]). The
+# standard preset is the README example's and tests/core's business.
 TINY = {"epochs": 4, "batch_size": 96, "lr": 0.01, "beta": 3.0, "attack_steps": 3, "validation_examples": 200,
         "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "test_wpgd_steps": 10, "test_pgd_steps": 3, "budget_subset": 256,
         "seed": 1, "evaluation": "quick", "test_examples": 200}

@@ -127,18 +127,25 @@ function legend(spec) {
  *        marker: {x, label, legend}, xLabel, yLabel, xName, xFormat, yFormat, xInteger, xMin, xMax, empty, id,
  *        legend: [{name, color, dash}] to replace the one-entry-per-series legend}
  */
-export function lineChart(spec) {
+export const lineChart = (spec) => chartFigure(spec, draw, legend);
+
+/**
+ * A <figure> that draws `spec` with drawFn(spec, width) at its container's width (again when that
+ * changes) above legendFn(spec); `fig.update(spec)` redraws it with new data. Other charts
+ * (frontier.js) share it.
+ */
+export function chartFigure(spec, drawFn, legendFn, className = "chart") {
   const plot = h("div", { class: "plot" });
-  const fig = h("figure", { class: "chart" }, plot, legend(spec));
+  const fig = h("figure", { class: className }, plot, legendFn(spec));
   let width = 0;
-  const render = () => plot.replaceChildren(draw(spec, width));
+  const render = () => plot.replaceChildren(drawFn(spec, width));
   new ResizeObserver(([entry]) => {
     const w = Math.floor(entry.contentRect.width);
     if (w > 0 && w !== width) { width = w; render(); }
   }).observe(plot);
   fig.update = (next) => {
     spec = next;
-    fig.lastChild.replaceWith(legend(spec));
+    fig.lastChild.replaceWith(legendFn(spec));
     if (width) render();
   };
   return fig;

@@ -10,13 +10,16 @@ from pathlib import Path
 from api.routes.ui import UI_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-# `import … from "./x.js"` and `import("./x.js")` in the modules; src= and href= in the page.
-_IMPORT = re.compile(r"""(?:from\s+|import\s*\(\s*)["'](\.{1,2}/[^"']+)["']""")
+# `import … from "./x.js"` (loaded with the page) and `import("./x.js")` (loaded when a view needs it:
+# a sweep's page, the compare page's overlays) in the modules; src= and href= in the page.
+_IMPORT = re.compile(r"""from\s+["'](\.{1,2}/[^"']+)["']""")
+_LAZY_IMPORT = re.compile(r"""import\s*\(\s*["'](\.{1,2}/[^"']+)["']""")
 _ATTR = re.compile(r"""(?:src|href)="([^"#:]+)\"""")
 
 
-def _reachable_assets() -> set[str]:
-    """Every file the page loads, following the module imports from index.html."""
+def _reachable_assets(lazy: bool = True) -> set[str]:
+    """Every file the page loads, following the module imports from index.html (`lazy`: the
+    modules a view imports when it needs them too; else only what the first load fetches)."""
     todo = [m for m in _ATTR.findall((UI_DIR / "index.html").read_text()) if not m.startswith("..")]
     seen: set[str] = set()
     while todo:
@@ -25,8 +28,9 @@ def _reachable_assets() -> set[str]:
             continue
         seen.add(rel)
         if rel.endswith(".js"):
+            text = (UI_DIR / rel).read_text()
             todo += [posixpath.normpath(posixpath.join(posixpath.dirname(rel), imp))
-                     for imp in _IMPORT.findall((UI_DIR / rel).read_text())]
+                     for imp in _IMPORT.findall(text) + (_LAZY_IMPORT.findall(text) if lazy else [])]
     return seen
 
 
@@ -57,7 +61,7 @@ def test_every_asset_loads_from_the_package_and_nothing_from_elsewhere(client):
     assert {"style.css", "app.js", "api.js", "chart.js", "views/job.js", "views/compare.js"} <= assets
     on_disk = {p.relative_to(UI_DIR).as_posix() for p in UI_DIR.rglob("*") if p.is_file()}
     assert assets | {"index.html"} == on_disk, "a file is unused, or the page loads one that is missing"
-    total = 0
+    sizes: dict[str, int] = {}
     for rel in sorted(assets):
         r = client.get(f"/ui/{rel}")
         assert r.status_code == 200, rel
@@ -66,9 +70,13 @@ def test_every_asset_loads_from_the_package_and_nothing_from_elsewhere(client):
         text = r.text
         # offline: no CDN, no font service, no absolute URL to fetch anything from
         assert not re.search(r"""(?:src|href|url\(|fetch\(|import)\s*[=(]?\s*["']?https?://""", text), rel
-        total += len(r.content)
-    total += len(client.get("/ui/").content)
-    assert total < 120_000, f"the dashboard weighs {total} bytes uncompressed; keep it small"
+        sizes[rel] = len(r.content)
+    shell = len(client.get("/ui/").content)
+    # the first load (what every visit fetches) and everything, views loaded on demand included
+    first = shell + sum(sizes[rel] for rel in _reachable_assets(lazy=False))
+    assert first < 120_000, f"the dashboard's first load weighs {first} bytes uncompressed; keep it small"
+    assert shell + sum(sizes.values()) < 180_000, "the dashboard weighs more than 180 kB uncompressed; keep it small"
+    assert {"frontier.js", "views/sweep.js"} <= assets - _reachable_assets(lazy=False)   # a sweep's page only
 
 
 def test_assets_revalidate_with_etags(client):

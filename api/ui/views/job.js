@@ -15,6 +15,7 @@ const MAX_LOG = 400;
 export async function jobView(root, { match, signal }) {
   const id = match[1];
   const state = { job: await api.get(`v1/jobs/${id}`, null, signal), events: [], checkpoints: [], report: null };
+  if (state.job.type === "sweep") return (await import("./sweep.js")).sweepView(root, { job: state.job, signal });
   const model = (await api.modelIndex([state.job.model_id])).get(state.job.model_id);
   const finetune = state.job.type === "finetune";
 
@@ -56,6 +57,7 @@ export async function jobView(root, { match, signal }) {
     swap(facts, [job.status, job.started_at, job.finished_at, job.attempt], () => h("dl", { class: "facts" },
       fact("Model", model ? `${model.name || ""} (${model.id})` : job.model_id),
       fact("Data set", job.dataset),
+      job.parent_job_id ? fact("Part of", h("a", { href: `#/jobs/${job.parent_job_id}`, id: "parent-sweep" }, `sweep ${job.parent_job_id}`)) : null,
       fact("Threat model", threatText(job.threat_model)),
       fact("Created", ago(job.created_at)),
       job.started_at && job.finished_at ? fact("Ran for", duration((Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000)) : null,

@@ -1,16 +1,19 @@
-// Start a fine-tune or an evaluation: a form whose recipe fields and defaults come from the
-// FinetuneConfig / EvaluateConfig schemas of the server's OpenAPI document.
+// Start a fine-tune, a sweep of fine-tunes or an evaluation: a form whose recipe fields and defaults
+// come from the FinetuneConfig / EvaluateConfig (and SweepSpec / RecommendRule) schemas of the
+// server's OpenAPI document.
 
 import * as api from "../api.js";
 import { errorNote, fill, h, link, note } from "../dom.js";
 import { deref, readFields, schemaFields, showFieldErrors } from "../form.js";
 
-const RECIPES = { finetune: "FinetuneConfig", evaluate: "EvaluateConfig" };
+const RECIPES = { finetune: "FinetuneConfig", sweep: "FinetuneConfig", evaluate: "EvaluateConfig" };
+const TYPES = { finetune: "Fine-tune (W-TRADES)", sweep: "Sweep (one fine-tune per δ)", evaluate: "Evaluate" };
 // Shown first; every other setting is under "More settings". Names missing from the schema are skipped.
 const FEATURED = {
   finetune: ["epochs", "batch_size", "lr", "beta", "attack_steps", "validation_examples", "test_examples"],
   evaluate: ["deltas", "n_examples", "linf_attacks", "wpgd_steps", "pgd_steps"],
 };
+FEATURED.sweep = FEATURED.finetune;
 
 /** Built-in data set names, as the API documents them (the `examples` of JobCreate.dataset). */
 export function builtinDatasets(openapi) {
@@ -22,7 +25,7 @@ export function builtinDatasets(openapi) {
 const newKey = () => [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, "0")).join("");
 
 export async function newJobView(root, { params, signal }) {
-  const type = params.get("type") === "evaluate" ? "evaluate" : "finetune";
+  const type = RECIPES[params.get("type")] ? params.get("type") : "finetune";
   const [openapi, models, datasets] = await Promise.all([
     api.schema(), api.getAll("v1/models", { status: "ready" }), api.getAll("v1/datasets"),
   ]);
@@ -37,8 +40,8 @@ export async function newJobView(root, { params, signal }) {
     location.hash = `#/new?${next}`;
   };
   const typeSwitch = h("div", { class: "segmented", role: "radiogroup" },
-    ["finetune", "evaluate"].map((t) => h("button", { type: "button", role: "radio", "aria-checked": t === type ? "true" : "false", onclick: () => switchType(t) },
-      t === "finetune" ? "Fine-tune (W-TRADES)" : "Evaluate")));
+    Object.keys(TYPES).map((t) => h("button", { type: "button", role: "radio", "aria-checked": t === type ? "true" : "false", onclick: () => switchType(t) },
+      TYPES[t])));
 
   const wanted = params.get("model");
   const modelSel = h("select", { id: "f-model", name: "model_id", required: true },
@@ -56,13 +59,15 @@ export async function newJobView(root, { params, signal }) {
   modelSel.addEventListener("change", pickDataset);
   pickDataset();
 
-  const threatFields = schemaFields(threatSchema, openapi, { path: "threat_model." });
+  // a sweep's radii are its list of δ
+  const threatFields = schemaFields(threatSchema, openapi, { path: "threat_model.", skip: type === "sweep" ? ["delta"] : [] });
+  const sweepFields = type === "sweep" ? sweepForm(openapi) : null;
   const recipeFields = schemaFields(recipe, openapi, { path: "config.", skip: ["threat_model"] });
   const featured = FEATURED[type].map((n) => recipeFields.find((f) => f.name === n)).filter(Boolean);
   const more = recipeFields.filter((f) => !featured.includes(f));
 
   const message = h("div", { class: "form-message" });
-  const submit = h("button", { type: "submit", class: "primary" }, type === "finetune" ? "Start fine-tune" : "Start evaluation");
+  const submit = h("button", { type: "submit", class: "primary" }, { finetune: "Start fine-tune", sweep: "Start sweep", evaluate: "Start evaluation" }[type]);
   let key = newKey();
   const form = h("form", { class: "stack", id: "new-job", novalidate: false },
     h("fieldset", {}, h("legend", {}, "Model and data"), h("div", { class: "grid two" },
@@ -71,7 +76,8 @@ export async function newJobView(root, { params, signal }) {
       h("div", { class: "field", "data-field": "dataset" }, h("label", { for: "f-dataset" }, "Data set *"), datasetSel,
         h("small", {}, "Built-in data sets need no upload; ", link("#/datasets", "upload your own"), ".")))),
     h("fieldset", {}, h("legend", {}, "Threat model"), h("div", { class: "grid" }, threatFields.map((f) => f.el))),
-    h("fieldset", {}, h("legend", {}, type === "finetune" ? "Recipe" : "Evaluation"),
+    sweepFields?.el,
+    h("fieldset", {}, h("legend", {}, type === "evaluate" ? "Evaluation" : type === "sweep" ? "Recipe of every fine-tune" : "Recipe"),
       h("div", { class: "grid" }, featured.map((f) => f.el)),
       more.length ? h("details", {}, h("summary", {}, `More settings (${more.length})`), h("div", { class: "grid" }, more.map((f) => f.el))) : null),
     message,
@@ -83,6 +89,7 @@ export async function newJobView(root, { params, signal }) {
     const body = { type, model_id: modelSel.value, dataset: datasetSel.value, config: readFields(recipeFields) };
     const threat = readFields(threatFields);
     if (Object.keys(threat).length) body.threat_model = threat;
+    if (sweepFields) Object.assign(body, sweepFields.read());
     submit.disabled = true;
     try {
       const job = await api.post("v1/jobs", body, { "Idempotency-Key": key });
@@ -98,8 +105,29 @@ export async function newJobView(root, { params, signal }) {
   if (signal.aborted) return;
   fill(root, 
     h("div", { class: "page-head" }, h("h1", {}, "New job"), typeSwitch),
-    h("p", { class: "muted" }, type === "finetune"
-      ? "Fine-tune the model with W-TRADES against Wasserstein-2 distributional attacks. Every setting starts at the server's default; only the ones you change are sent."
-      : "Measure clean, W2 distributional and pointwise robust accuracy, at one radius or along several (a robustness curve)."),
+    h("p", { class: "muted" }, {
+      finetune: "Fine-tune the model with W-TRADES against Wasserstein-2 distributional attacks. Every setting starts at the server's default; only the ones you change are sent.",
+      sweep: "Fine-tune the model once per radius δ (and β or attack schedule), each an ordinary fine-tune, and see the frontier of clean against robust accuracy; "
+        + "a rule you state recommends one, which you can promote to a model in one click.",
+      evaluate: "Measure clean, W2 distributional and pointwise robust accuracy, at one radius or along several (a robustness curve).",
+    }[type]),
     form);
+}
+
+/** The sweep's own fields: the values to fine-tune with (SweepSpec) and the rule that picks one (RecommendRule). */
+function sweepForm(openapi) {
+  const job = deref(openapi.components?.schemas?.JobCreate, openapi).properties || {};
+  const part = (name) => deref((job[name]?.anyOf || []).find((o) => o.$ref) || job[name], openapi);
+  const values = schemaFields(part("sweep"), openapi, { path: "sweep." });
+  const rule = schemaFields(part("recommend"), openapi, { path: "recommend." });
+  values.find((f) => f.name === "delta")?.el.querySelector("input")?.setAttribute("placeholder", "e.g. 0.05, 0.1, 0.2");
+  return {
+    el: h("fieldset", { id: "sweep-fields" }, h("legend", {}, "Sweep"), h("div", { class: "grid" }, values.map((f) => f.el), rule.map((f) => f.el))),
+    read: () => {
+      const out = { sweep: readFields(values) };
+      const r = readFields(rule);
+      if (Object.keys(r).length) out.recommend = r;
+      return out;
+    },
+  };
 }

@@ -1,38 +1,47 @@
-// Compare models or jobs on one robustness-against-δ chart and one table.
-// A model is shown by its latest successful evaluation, an evaluation job by its report, and a
-// fine-tune by its input model and its selected checkpoint at the job's δ.
+// Compare models or jobs on one robustness-against-δ chart and one table, and (overlays.js) on the
+// frontier of clean against robust accuracy and the common-corruption profile.
+// A model is shown by its latest successful evaluation, an evaluation job by its report, a
+// fine-tune by its input model and its selected checkpoint at the job's δ, a sweep by its fine-tunes.
 
 import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
 import { card, errorNote, fill, h, link, note, numHead, pct, short, table } from "../dom.js";
 import { finetunePoints, fmtDelta, robustnessCurves } from "../results.js";
 
+const KINDS = { finetune: "Fine-tune", evaluate: "Evaluation", sweep: "Sweep" };
 const dashFor = (curve) => (curve.attack === "w-pgd" ? "solid" : curve.attack === "pgd" ? "dashed" : "dotted");
 
-/** What one picked id contributes: entries {id, label, source, curves, clean}. */
+/** What one picked id contributes: entries {id, label, source, curves, clean, frontier, corruptions, dataset}. */
 async function entriesFor(id, models) {
+  const { overlayOf, sweepEntry } = await import("../overlays.js");
+  const fromReport = (report, job, key) => overlayOf(report?.summary, { corruptions: report?.corruptions, dataset: job.dataset, id: key });
   if (id.startsWith("mdl_")) {
     const m = models.get(id);
     const name = m?.name || short(id);
     const evals = await api.get("v1/jobs", { type: "evaluate", model_id: id, status: "succeeded", limit: 1 });
     const job = evals.data?.[0];
     if (!job) return [{ id, label: name, missing: h("span", {}, "not evaluated yet: ", link(`#/new?type=evaluate&model=${id}`, "evaluate it")) }];
-    const curves = robustnessCurves(await api.get(`v1/jobs/${job.id}/report`));
-    return [{ id, label: name, source: link(`#/jobs/${job.id}`, `evaluation ${short(job.id)}`), ...curves }];
+    const report = await api.get(`v1/jobs/${job.id}/report`);
+    return [{ id, label: name, source: link(`#/jobs/${job.id}`, `evaluation ${short(job.id)}`), ...robustnessCurves(report), ...fromReport(report, job, id) }];
   }
   const job = await api.get(`v1/jobs/${id}`);
   const name = models.get(job.model_id)?.name || short(job.model_id);
   if (job.status !== "succeeded") return [{ id, label: `${name} (${short(id)})`, missing: `job ${job.status}: nothing to compare until it succeeds` }];
+  if (job.type === "sweep") return [await sweepEntry(job, name)];
   if (job.type === "evaluate") {
-    const curves = robustnessCurves(await api.get(`v1/jobs/${id}/report`));
-    return [{ id, label: `${name} (${short(id)})`, source: link(`#/jobs/${id}`, `evaluation ${short(id)}`), ...curves }];
+    const report = await api.get(`v1/jobs/${id}/report`);
+    return [{ id, label: `${name} (${short(id)})`, source: link(`#/jobs/${id}`, `evaluation ${short(id)}`), ...robustnessCurves(report), ...fromReport(report, job, id) }];
   }
   const pts = finetunePoints(job);
   if (!pts) return [{ id, label: short(id), missing: "this fine-tune has no before/after result" }];
   const src = () => link(`#/jobs/${id}`, `fine-tune ${short(id)}`);   // a node can stand in one place only
+  const [before, after] = [job.result?.before, job.result?.after];
+  const at = { delta: job.threat_model?.delta, dataset: job.dataset };
   return [
-    { id: `${id}:before`, label: `${name} (input of ${short(id)})`, source: src(), ...pts.before },
-    { id: `${id}:after`, label: `${name} fine-tuned (${short(id)})`, source: src(), ...pts.after },
+    { id: `${id}:before`, label: `${name} (input of ${short(id)})`, source: src(), ...pts.before,
+      ...overlayOf(before, { ...at, corruptions: before?.corruptions, id: `${id}:before` }) },
+    { id: `${id}:after`, label: `${name} fine-tuned (${short(id)})`, source: src(), ...pts.after,
+      ...overlayOf(after, { ...at, corruptions: after?.corruptions, id: `${id}:after` }) },
   ];
 }
 
@@ -69,19 +78,23 @@ export async function compareView(root, { params, signal }) {
       return;
     }
     if (mine !== drawing || signal.aborted) return;   // a newer choice is being drawn
-    fill(result, ...comparison(entries));
+    const overlays = await import("../overlays.js");
+    if (mine !== drawing || signal.aborted) return;
+    fill(result, ...comparison(entries), overlays.datasetNote(entries), overlays.frontierCard(entries, overlays.colours(entries)),
+      overlays.corruptionProfileCard(entries, overlays.colours(entries)));
   };
 
   fill(root, 
     h("div", { class: "page-head" }, h("h1", {}, "Compare")),
-    h("p", { class: "muted" }, "Robust accuracy against the radius δ for several models or jobs. A model is shown by its latest successful evaluation; ",
-      "a fine-tune by its input model and its selected checkpoint at the job's δ. Evaluate models at the same radii to compare them along a curve."),
+    h("p", { class: "muted" }, "Robust accuracy against the radius δ for several models or jobs, their clean against robust accuracy (the frontier) and, where the reports have it, ",
+      "accuracy under common corruptions. A model is shown by its latest successful evaluation; a fine-tune by its input model and its selected checkpoint ",
+      "at the job's δ; a sweep by its fine-tunes. Evaluate models at the same radii to compare them along a curve."),
     card("Pick", h("div", { class: "picker" },
       h("div", {}, h("h3", {}, "Models"), modelList.length
         ? modelList.map((m) => box(m.id, m.name || short(m.id), `${m.architecture} · ${m.dataset} · ${short(m.id)}`))
         : h("p", { class: "muted" }, "No models.")),
       h("div", {}, h("h3", {}, "Finished jobs"), jobList.length
-        ? jobList.map((j) => box(j.id, `${j.type === "finetune" ? "Fine-tune" : "Evaluation"} ${short(j.id)}`,
+        ? jobList.map((j) => box(j.id, `${KINDS[j.type] || j.type} ${short(j.id)}`,
           `${models.get(j.model_id)?.name || short(j.model_id)} · ${j.dataset}`))
         : h("p", { class: "muted" }, "No finished jobs.")))),
     result);

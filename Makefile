@@ -57,7 +57,7 @@ test: install browser test-data lint  ## lint, then the whole suite (unit, Postg
 	  [ $$rc -ne 5 ] || echo "pytest collected no tests (exit status 5): nothing was tested" >&2; exit $$rc; }
 
 test-browser: install browser  ## only the dashboard's tests in a real browser
-	$(BIN)/python -m pytest -q tests/e2e/test_dashboard.py tests/service/test_dashboard_static.py
+	$(BIN)/python -m pytest -q tests/e2e/test_dashboard.py tests/e2e/test_dashboard_sweep.py tests/service/test_dashboard_static.py
 
 bench: install         ## engine throughput against the lean and reference-structure baselines (docs/runtimes.md)
 	$(BIN)/python bench/bench_engine.py --out bench/results/$$(hostname).json

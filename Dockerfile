@@ -13,8 +13,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# libgl1 and libglib2.0: opencv-python (the common corruptions' cv2) loads them at import
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates tini \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates tini libgl1 libglib2.0-0t64 \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 

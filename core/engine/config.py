@@ -7,9 +7,10 @@ and are resolved from the training-set size by core.engine.defaults.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import difflib
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.limits import MAX_BETA, MAX_EXAMPLES, MAX_RADIUS, MAX_SEED, MAX_STEP_RATIO, MAX_STEPS
 
@@ -61,6 +62,132 @@ SelectionMetric = Literal["w2_robust_accuracy", "linf_robust_accuracy", "l2_robu
                           "w2_robust_to_clean_ratio", "clean_accuracy"]
 
 
+# The 15 common corruptions of Hendrycks & Dietterich (ImageNet-C, CIFAR-10-C) in their order, by
+# family; core.engine.evaluation.corruptions applies them (the imagecorruptions package).
+CorruptionType = Literal["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                         "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                         "elastic_transform", "pixelate", "jpeg_compression"]
+CORRUPTION_TYPES: tuple[CorruptionType, ...] = get_args(CorruptionType)
+CORRUPTION_FAMILIES: dict[str, tuple[CorruptionType, ...]] = {
+    "noise": CORRUPTION_TYPES[0:3], "blur": CORRUPTION_TYPES[3:7], "weather": CORRUPTION_TYPES[7:11],
+    "digital": CORRUPTION_TYPES[11:15],
+}
+CORRUPTION_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+
+def _corruption_types(value: object) -> object:
+    """Type names, family names (noise, blur, weather, digital) or "all" → the type names, each
+    once, in the standard order; an unknown name is one error naming it and its closest names."""
+    if not isinstance(value, (list, tuple)):
+        return value                     # pydantic says what is wrong with it
+    chosen: set[str] = set()
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"a corruption type is a name, got {item!r}")
+        name = item.strip().lower().replace("-", "_").replace(" ", "_")
+        if name == "all":
+            chosen.update(CORRUPTION_TYPES)
+        elif name in CORRUPTION_FAMILIES:
+            chosen.update(CORRUPTION_FAMILIES[name])
+        elif name in CORRUPTION_TYPES:
+            chosen.add(name)
+        else:
+            close = difflib.get_close_matches(name, [*CORRUPTION_TYPES, *CORRUPTION_FAMILIES], n=2)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise ValueError(f"unknown corruption type {item!r}{hint}; the types are {', '.join(CORRUPTION_TYPES)}, "
+                             f"or a family ({', '.join(CORRUPTION_FAMILIES)}) or 'all'")
+    return [t for t in CORRUPTION_TYPES if t in chosen]
+
+
+def _corruption_severities(value: object) -> object:
+    if not isinstance(value, (list, tuple)):
+        return value
+    for s in value:
+        if isinstance(s, bool) or not isinstance(s, int) or s not in CORRUPTION_SEVERITIES:
+            raise ValueError(f"corruption severities are whole numbers from 1 to 5, got {s!r}")
+    return sorted(set(value))
+
+
+class CorruptionSpec(_Strict):
+    """Which common corruptions to measure: every type at every severity unless narrowed."""
+
+    types: list[CorruptionType] = Field(
+        default_factory=lambda: list(CORRUPTION_TYPES), min_length=1,
+        description="Corruption types, or families (noise, blur, weather, digital) or 'all'; default all 15.")
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(
+        default_factory=lambda: list(CORRUPTION_SEVERITIES), min_length=1,
+        description="Severities from 1 (mild) to 5 (strong); default all five.")
+    n_examples: int | None = Field(
+        default=None, ge=1, le=MAX_EXAMPLES,
+        description="Corrupt at most this many of the test sample's images (a seeded stratified sample of it); "
+                    "null: all of them.")
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _known_types(cls, value: object) -> object:
+        return _corruption_types(value)
+
+    @field_validator("severities", mode="before")
+    @classmethod
+    def _known_severities(cls, value: object) -> object:
+        return _corruption_severities(value)
+
+    @property
+    def cells(self) -> list[tuple[str, int]]:
+        """Every (type, severity) asked for, in the standard order."""
+        return [(t, s) for t in self.types for s in self.severities]
+
+
+CORRUPTIONS_DESCRIPTION = (
+    "Accuracy under the 15 common corruptions of Hendrycks & Dietterich (noise, blur, weather, digital) at "
+    "severities 1-5, applied to the test images at their own size and channels (docs/concepts.md, 'Common "
+    "corruptions'). true: every type and severity; a list of types or families; or {types, severities, "
+    "n_examples}; null or false: none (the default: it adds about 75 corrupted copies of the sample).")
+
+
+def _corruptions_field(value: object) -> object:
+    """true → every type and severity; false/null → none; a list of names → those types."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, (list, tuple)):
+        value = {"types": value}
+    if isinstance(value, CorruptionSpec):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("corruptions must be true or false, a list of corruption types, or an object "
+                         f"{{types, severities, n_examples}}; got {value!r}")
+    try:                                 # one error naming the problem, not one per member of the union
+        return CorruptionSpec.model_validate(value)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'corruptions'}: "
+                                   f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
+
+
+# What the field accepts (the OpenAPI schema says so); validated, it is a CorruptionSpec or None.
+Corruptions = CorruptionSpec | list[CorruptionType] | bool | None
+
+
+def corruption_spec(value: Any) -> CorruptionSpec | None:
+    """The validated `corruptions` field as a CorruptionSpec (None: not asked for)."""
+    return value if isinstance(value, CorruptionSpec) or value is None else CorruptionSpec.model_validate(
+        _corruptions_field(value))
+
+
+class _MeasuresCorruptions(_Strict):
+    """A recipe config with a `corruptions` field (each declares it, with its own description)."""
+
+    @field_validator("corruptions", mode="before", check_fields=False)
+    @classmethod
+    def _corruptions(cls, value: object) -> object:
+        return _corruptions_field(value)
+
+    @property
+    def corruption_spec(self) -> CorruptionSpec | None:
+        return corruption_spec(getattr(self, "corruptions", None))
+
+
 # Bounds of the numeric values of the fields that also take "auto" (lr: strictly above its low end).
 _AUTO_FIELD_RANGES: dict[str, tuple[float, float]] = {"epochs": (1, 1000), "batch_size": (1, 65536), "lr": (0.0, 10.0)}
 
@@ -107,7 +234,7 @@ class SelectionRule(_Strict):
                     "'improved'); null: no limit.")
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(_MeasuresCorruptions):
     """W-TRADES fine-tuning (plain TRADES with a pointwise threat and attack_loss='kl')."""
 
     threat_model: ThreatModelSpec = Field(default_factory=ThreatModelSpec)
@@ -159,6 +286,10 @@ class FinetuneConfig(_Strict):
         description="The attack ensemble of the before/after test numbers (core.engine.evaluation.ensemble): "
                     "standard runs every attack to convergence; quick is cheaper, for smoke tests. The "
                     "per-epoch validation keeps its own cheaper eval_* attacks.")
+    corruptions: Corruptions = Field(
+        default=None, description=CORRUPTIONS_DESCRIPTION + " A fine-tune measures them on the input model and the "
+                                                            "returned checkpoint, with the corruption error (mCE) "
+                                                            "of the checkpoint relative to the input.")
     eval_wpgd_steps: int = Field(default=20, ge=1, le=MAX_STEPS, description="W-PGD steps of the per-epoch validation.")
     eval_pgd_steps: int = Field(default=10, ge=1, le=MAX_STEPS, description="PGD steps of the per-epoch validation.")
     test_wpgd_steps: int = Field(
@@ -244,7 +375,7 @@ EVALUATION_DESCRIPTION = (
     "cap 100) and PGD, for per-epoch validation and smoke tests.")
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(_MeasuresCorruptions):
     """Clean, W2 distributional (an ensemble of W-PGD attacks) and pointwise (AutoAttack / APGD / PGD)
     robust accuracy, each with n and a 95 % interval, a masking audit and per-class numbers."""
 
@@ -282,6 +413,7 @@ class EvaluateConfig(_Strict):
         description="No longer used: the pointwise attacks run on the whole sample (n_examples), so that W2 <= "
                     "pointwise holds image for image; accepted so that older requests validate.")
     audit: bool = Field(default=True, description="Run the masking audit at the headline radius.")
+    corruptions: Corruptions = Field(default=None, description=CORRUPTIONS_DESCRIPTION)
     amp: Literal["off", "bf16"] = Field(
         default="off", description="Robust accuracy is measured in float32 unless bf16 is asked for.")
     channels_last: bool = True

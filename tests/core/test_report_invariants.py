@@ -25,3 +25,32 @@ def test_other_radii_and_ground_costs_are_not_compared():
                             {"threat": "l2", "delta": 0.1, "robust_accuracy": 0.1, "attack": "pgd"}],
               "summary": {"w2_threat": "w2-linf", "w2_robust_accuracy": 0.5, "l2_robust_accuracy": 0.1}}
     assert w2_above_pointwise(report) == ([], 0)
+
+
+def test_a_validation_row_that_states_the_minimum_is_checked_and_an_older_row_is_not():
+    new = {"epoch": 2, "w2_robust_accuracy": 0.6, "w2_wpgd_robust_accuracy": 0.6, "linf_robust_accuracy": 0.5}
+    old = {"epoch": 1, "w2_robust_accuracy": 0.6, "linf_robust_accuracy": 0.5}   # measured apart (older checkpoint)
+    assert w2_above_pointwise({"history": [old]}) == ([], 0)
+    for report in ({"history": [old, new]}, {"validation": {"before": old, "best": new}}):
+        with pytest.raises(ReportInvariantError, match=r"W2 0\.6 above linf 0\.5 \(epoch 2\)"):
+            check_report(report)
+
+
+def test_every_validation_row_of_a_fine_tune_is_the_minimum_of_w_pgd_and_pgd(digits_small_cnn):
+    """The per-epoch validation's W2 is min(W-PGD, PGD from the clean images): never above l∞."""
+    import copy
+
+    from core.engine.config import FinetuneConfig
+    from core.engine.recipes.finetune import finetune
+
+    model, data = digits_small_cnn
+    config = FinetuneConfig(threat_model={"kind": "w2-linf", "delta": 0.1}, epochs=2, batch_size=64, lr=0.003,
+                            train_examples=300, validation_examples=120, test_examples=60, eval_wpgd_steps=3,
+                            eval_pgd_steps=2, budget_subset=64, attack_steps=1, evaluation="quick", seed=0)
+    result = finetune(config, copy.deepcopy(model), data, device="cpu")
+    rows = [r for r in [*result.history, *result.validation.values()] if "clean_accuracy" in r]
+    assert len(rows) >= 4
+    for r in rows:
+        assert r["w2_robust_accuracy"] == min(r["w2_wpgd_robust_accuracy"], r["linf_robust_accuracy"]), r
+        assert r["w2_robust_accuracy"] <= r["linf_robust_accuracy"] <= r["clean_accuracy"]
+    assert w2_above_pointwise(result.report)[1] >= 2 + len(rows)   # before/after and every validation row compared

@@ -49,11 +49,11 @@ lint: install          ## ruff (rules in pyproject.toml) and mypy (strict on rob
 
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist), a file's tests on one worker, the long
 # end-to-end files first (tests/conftest.py says why). PYTEST_ARGS narrows it (files, -k, -m).
-# pytest's exit status 5 means it collected nothing: a failure.
+# pytest's exit status 5 means it collected nothing: a failure. --durations: the 40 slowest steps, for CI time.
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 test: install browser test-data lint  ## lint, then the whole suite (unit, PostgreSQL/Redis, end to end, browser)
-	@$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || { rc=$$?; \
+	@$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 $(PYTEST_ARGS) || { rc=$$?; \
 	  [ $$rc -ne 5 ] || echo "pytest collected no tests (exit status 5): nothing was tested" >&2; exit $$rc; }
 
 test-browser: install browser  ## only the dashboard's tests in a real browser

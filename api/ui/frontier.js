@@ -47,7 +47,7 @@ export function sweepPoints(sweep, children = []) {
     : children.map((c) => {
       const r = c.status === "succeeded" ? c.result || {} : {};
       const [b, a] = [accuracyOf(r.before, "clean_accuracy"), accuracyOf(r.after, "clean_accuracy")];
-      return { id: c.id, status: c.status, numbers: r.after || null, before: r.before || null, pareto: null, satisfies: null,
+      return { id: c.id, status: c.status, progress: c.progress, numbers: r.after || null, before: r.before || null, pareto: null, satisfies: null,
         recommended: false, clean_drop: a && b ? b.value - a.value : null,
         values: values((k) => (k === "delta" ? c.threat_model?.delta : c.config?.[k])) };
     });

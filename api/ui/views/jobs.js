@@ -33,7 +33,7 @@ export async function jobsView(root, { params, signal }) {
   const pager = h("div", { class: "pager" });
   fill(root, 
     h("div", { class: "page-head" }, h("h1", {}, "Jobs"), h("a", { class: "button primary", href: "#/new" }, "New job")),
-    h("div", { class: "filters" }, select("status", "Status", STATUSES), select("type", "Type", ["finetune", "evaluate"])),
+    h("div", { class: "filters" }, select("status", "Status", STATUSES), select("type", "Type", ["finetune", "evaluate", "sweep"])),
     status,
     table(["Job", "Type", "Status", "Model", h("th", { class: "hide-sm" }, "Data set"), "Progress",
       h("th", { class: "hide-sm" }, "ETA"), h("th", { class: "hide-sm" }, "Created")], rows, { id: "jobs-table" }),

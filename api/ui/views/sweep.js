@@ -116,7 +116,7 @@ export async function sweepView(root, { job, signal }) {
       rows.map((r) => h("tr", { "data-job": r.id, "data-status": r.status, class: r.recommended ? "selected" : null },
         h("th", {}, link(`#/jobs/${r.id}`, r.label || short(r.id)), r.recommended ? h("span", { class: "tag" }, "recommended") : null,
           h("small", { class: "ci" }, short(r.id))),
-        h("td", {}, badge(r.status)),
+        h("td", {}, badge(r.status), ACTIVE.has(r.status) && r.progress ? progressNote(r) : null),
         metrics.map((m) => cell(accuracyOf(r.numbers, m.key))),
         corr ? cell(accuracyOf(r.numbers, "corruption_accuracy")) : null,
         h("td", { class: "num" }, typeof r.clean_drop === "number" ? points(-r.clean_drop) : "—"),
@@ -150,6 +150,13 @@ export async function sweepView(root, { job, signal }) {
     drawHead();
     drawChildren();
   }, signal, (err) => alerts.replaceChildren(errorNote(err)));
+}
+
+/** A running fine-tune's progress in words, "40 % · epoch 1/2 · train", cut short (whole on hovering). */
+function progressNote(row) {
+  const p = progressOf({ status: row.status, progress: row.progress });
+  const text = `${Math.round(100 * p.fraction)} %${p.text ? ` · ${p.text}` : ""}`;
+  return h("small", { class: "ci", title: text }, text.length > 40 ? `${text.slice(0, 39)}…` : text);
 }
 
 const fact = (term, value) => [h("dt", {}, term), h("dd", {}, value)];

@@ -30,14 +30,39 @@ from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, w
 from core.engine.evaluation.intervals import accuracy_stat, paired_change
 from core.engine.evaluation.perclass import confusion_matrix, per_class
 from core.engine.evaluation.pointwise import PointwiseResult, pointwise_attack
+from core.engine.hooks import Stages
 from core.engine.oom import AdaptiveBatch
 from core.engine.recipes import verdict as verdicts
 from core.engine.threats import Threat
 
-Say = Callable[[str], None]          # progress: the phase now running
 Progress = Callable[[float, str], None]   # the share of the final evaluation done, the phase now running
+Start = Callable[[str], Callable[[float, str | None], None]]   # starts a stage: its (share done, detail)
 PGD_STEP_RATIO = 0.25                # l∞ PGD step as a share of δ (EvaluateConfig's default)
 WPGD_STEP_RATIO = 1.875              # W-PGD step α = ratio·δ/test_wpgd_steps (EvaluateConfig's default)
+APGD_PASSES = 100                    # about the passes per image of one AutoAttack / APGD attack (for progress)
+POINTWISE, ENSEMBLE, AUDIT, TRANSFER = ("pointwise attack", "W2 ensemble", "masking audit",
+                                        "masking audit: transfer from the input model")
+
+
+def stage_costs(config: FinetuneConfig, device_type: str) -> dict[str, float]:
+    """About the forward/backward passes per test image of each stage of the measurement, for
+    progress and its ETA only: the pointwise attack, the W2 ensemble (each attack about its nominal
+    steps + patience), the masking audit (two W-PGD runs, a short one, random draws) and the transfer check."""
+    spec, steps = PRESETS[config.evaluation], config.test_wpgd_steps
+    pointwise = spec.pointwise(device_type)
+    aa_attacks = 2 if pointwise == "apgd" else 4        # APGD-CE + APGD-T, or the whole AutoAttack
+    return {POINTWISE: config.test_pgd_steps + 1 if pointwise == "pgd" else APGD_PASSES * aa_attacks,
+            ENSEMBLE: len(spec.attacks) * (steps + spec.patience) + 1,
+            AUDIT: 2 * (steps + PRESETS["quick"].patience) + max(1, steps // 5) + 4,
+            TRANSFER: steps + 1}
+
+
+def measurement_passes(config: FinetuneConfig, device_type: str, checkpoint: bool = True) -> float:
+    """About the passes per test image of the whole measurement: the input model, the checkpoint
+    (when it is not the input), the audit and (then) the transfer check."""
+    cost = stage_costs(config, device_type)
+    models = 2 if checkpoint else 1
+    return models * (cost[POINTWISE] + cost[ENSEMBLE]) + cost[AUDIT] + (cost[TRANSFER] if checkpoint else 0)
 
 
 @dataclass
@@ -69,20 +94,23 @@ class HeldOutSet:
         return self.config.evaluation
 
 
-def measure(model: torch.nn.Module, test: HeldOutSet, say: Say) -> Measurement | None:
-    """The numbers of `model` (eval mode) on the test sample; None when a cancel cut them short."""
+def measure(model: torch.nn.Module, test: HeldOutSet, start: Start) -> Measurement | None:
+    """The numbers of `model` (eval mode) on the test sample; None when a cancel cut them short.
+    `start(stage)` begins each stage's progress (POINTWISE, ENSEMBLE)."""
     config, threat = test.config, test.threat
     ground = threat.ground
-    say("pointwise attack")
+    at = start(POINTWISE)
     point = pointwise_attack(model, test.x, test.y, threat.pointwise, PRESETS[test.preset].pointwise(
         test.compute.device.type), batch_size=test.batch, compute=test.compute, seed=config.seed,
-        steps=config.test_pgd_steps, step_ratio=PGD_STEP_RATIO, should_stop=test.should_stop)
+        steps=config.test_pgd_steps, step_ratio=PGD_STEP_RATIO, should_stop=test.should_stop,
+        progress=lambda done, total: at(done / total, None), on_attack=lambda name, k, count: at(k / count, name))
     if test.should_stop is not None and test.should_stop():
         return None
-    say("W2 ensemble")
+    at = start(ENSEMBLE)
     ensemble = w2_ensemble(model, test.x, test.y, threat.w2, preset=test.preset, batch_size=test.batch,
                            compute=test.compute, seed=config.seed, steps=config.test_wpgd_steps,
-                           step_ratio=WPGD_STEP_RATIO, should_stop=test.should_stop, members=[Member.of(point)])
+                           step_ratio=WPGD_STEP_RATIO, should_stop=test.should_stop, members=[Member.of(point)],
+                           progress=at)
     if ensemble.stopped:
         return None
     outcomes = {"clean_accuracy": ensemble.clean_correct, "w2_robust_accuracy": ensemble.correct,
@@ -127,25 +155,26 @@ def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_s
             best_epoch: int, test: HeldOutSet, unchanged_message: str, progress: Progress) -> BeforeAfter | None:
     """Measure the input model and (when it differs) the checkpoint on the test sample, pair their
     outcomes, audit the checkpoint and decide the verdict. `model` is the run's module: its
-    weights are replaced. None when a cancel cut the measurement short."""
-    phases = 2 + 1 + (3 if best_epoch > 0 else 0)   # per model: pointwise, ensemble; the audit (+ transfer)
-    started = iter(range(phases))
+    weights are replaced. None when a cancel cut the measurement short. `progress(share, phase)`
+    follows the stages by their cost (stage_costs), and the attacks inside them step by step."""
+    cost = stage_costs(test.config, test.compute.device.type)
+    stages = Stages(progress, measurement_passes(test.config, test.compute.device.type, best_epoch > 0))
 
-    def say_as(prefix: str) -> Say:
-        return lambda phase: progress(next(started, phases - 1) / phases, f"{prefix}{phase}")
+    def start_as(prefix: str) -> Start:
+        return lambda stage: stages.stage(cost[stage], f"{prefix}{stage}")
 
     model.load_state_dict(input_state)
-    before = measure(model.eval(), test, say_as("input model: "))
+    before = measure(model.eval(), test, start_as("input model: "))
     if before is None:
         return None
     after: Measurement | None = before
     if best_epoch > 0:
         model.load_state_dict(best_state)
-        after = measure(model.eval(), test, say_as(f"checkpoint of epoch {best_epoch}: "))
+        after = measure(model.eval(), test, start_as(f"checkpoint of epoch {best_epoch}: "))
     if after is None:
         return None
     changes = {k: paired_change(before.outcomes[k], after.outcomes[k], seed=test.config.seed) for k in after.outcomes}
-    audit = _audit(model, input_state, after, best_epoch, test, say_as(""))
+    audit = _audit(model, input_state, after, best_epoch, test, start_as(""))
     if audit is None:
         return None
     verdict = _verdict(before, after, changes, audit, best_epoch, test.config, unchanged_message)
@@ -156,19 +185,20 @@ def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_s
 
 
 def _audit(model: torch.nn.Module, input_state: dict[str, torch.Tensor], after: Measurement, best_epoch: int,
-           test: HeldOutSet, say: Say) -> list[dict[str, str]] | None:
+           test: HeldOutSet, start: Start) -> list[dict[str, str]] | None:
     """The masking audit of the returned model (the module holds its weights) and, for a checkpoint
     that is not the input, the transfer check from the input model."""
     w2 = test.threat.w2
-    say("masking audit")
+    at = start(AUDIT)
     checks = masking_audit(model, test.x, test.y, w2, ensemble=after.ensemble, compute=test.compute,
                            batch_size=test.batch, seed=test.config.seed, steps=test.config.test_wpgd_steps,
                            step_ratio=WPGD_STEP_RATIO, pointwise_accuracy=after.point.robust_accuracy,
+                           progress=lambda f, phase: at(f, phase.removeprefix("audit: ")),
                            should_stop=test.should_stop)
     if test.should_stop is not None and test.should_stop():
         return None
     if best_epoch > 0:
-        say("masking audit: transfer from the input model")
+        start(TRANSFER)
         source = copy.deepcopy(model)
         source.load_state_dict(input_state)
         checks.append(transfer_check(source.eval(), model, test.x, test.y, w2,

@@ -14,7 +14,7 @@ asked for (`amp`): bf16 weakens W-PGD.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,7 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
                 model, x, y, w2_base.pointwise.with_delta(delta), name, batch_size=batch, compute=compute,
                 seed=config.seed, steps=config.pgd_steps, step_ratio=config.pgd_step_ratio, loss=config.pgd_loss,
                 on_attack=lambda attack, k, total: progress.within(k / total, f"autoattack: {attack}"),
+                progress=progress.steps(f"{name} δ={delta:.4g}"),
                 should_stop=hooks.should_stop))
             report.pointwise.append(points[-1].to_dict())
             progress.unit_done(f"{name} δ={delta:.4g}",
@@ -205,6 +206,10 @@ class _Progress:
 
     def within(self, fraction: float, phase: str) -> None:
         self.hooks.progress(min(1.0, (self.done + fraction) / self.units), phase, {})
+
+    def steps(self, phase: str) -> Callable[[int, int], None]:
+        """An attack's `(steps done, steps in all)` as progress inside the current unit."""
+        return lambda done, total: self.within(done / total, phase)
 
     def unit_done(self, phase: str, metrics: dict[str, Any]) -> None:
         self.done += 1

@@ -64,7 +64,7 @@ from core.engine.oom import AdaptiveBatch, report_halving
 from core.engine.plots import training_curve_png
 from core.engine.provenance import runtime_provenance, utc_timestamp
 from core.engine.recipes import verdict as verdicts
-from core.engine.recipes.before_after import BeforeAfter, HeldOutSet, compare
+from core.engine.recipes.before_after import BeforeAfter, HeldOutSet, compare, measurement_passes
 from core.engine.threats import Threat
 from core.errors import ValidationError
 
@@ -135,38 +135,37 @@ def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate_heldout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
-                     config: FinetuneConfig, compute: Compute, *, test: bool = False,
+                     config: FinetuneConfig, compute: Compute, seed: int, *, test: bool = False,
                      batch: AdaptiveBatch | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Clean, W2 and pointwise (PGD) accuracy on held-out images, labelled with the radius and
-    threat models they measure and whether W-PGD converged. The W2 accuracy is the smaller of
-    W-PGD-ReDLR's and PGD's (`w2_wpgd_robust_accuracy` is W-PGD's alone): PGD's points lie within
-    δ of their images in the ground norm, so the set is inside the W2 ball and its accuracy is an
-    upper bound of the W2 robust accuracy too, which keeps W2 ≤ pointwise in every row. PGD starts
-    at the clean images (no random start), so its numbers, and the minimum, are the same on one
-    device and split over several. The validation
+                     should_stop: Callable[[], bool] | None = None,
+                     progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Clean, W2 (W-PGD-ReDLR) and pointwise (PGD) accuracy on held-out images, labelled with
+    the radius and threat models they measure and whether W-PGD converged. The validation
     split gets eval_*_steps every epoch; the reported test numbers (`test`) the stronger
     test_*_steps. The batch halves on a CUDA out-of-memory error; `should_stop` cuts both
-    attacks short (the numbers are then not to be kept)."""
+    attacks short (the numbers are then not to be kept). `progress(share done)` follows the two
+    attacks step by step, each by its steps."""
     model.eval()
     batch = batch or AdaptiveBatch(auto_eval_batch_size(compute.device.type, tuple(x.shape[1:])))
     w2 = threat.w2
     wpgd_steps = config.test_wpgd_steps if test else config.eval_wpgd_steps
     pgd_steps = config.test_pgd_steps if test else config.eval_pgd_steps
-    wres = batch.run("held-out w-pgd", lambda size: w_pgd(model, x, y, w2, steps=wpgd_steps, loss="redlr",
-                                                          batch_size=size, compute=compute, should_stop=should_stop))
+    report = progress or (lambda share: None)
+    wpgd_share = (wpgd_steps + 1) / (wpgd_steps + pgd_steps + 2)   # + 1: each attack's clean forward pass
+    wres = batch.run("held-out w-pgd", lambda size: w_pgd(
+        model, x, y, w2, steps=wpgd_steps, loss="redlr", batch_size=size, compute=compute, should_stop=should_stop,
+        progress=lambda t, total: report(wpgd_share * t / total)))
     pres = batch.run("held-out pgd", lambda size: pgd(
         model, x, y, threat.pointwise, steps=pgd_steps, loss="ce", batch_size=size, compute=compute,
-        random_start=False, should_stop=should_stop))
+        generator=torch.Generator(device=compute.device).manual_seed(seed), should_stop=should_stop,
+        progress=lambda done, total: report(wpgd_share + (1 - wpgd_share) * done / total)))
     clean = wres.clean_accuracy
-    w2_accuracy = min(wres.robust_accuracy, pres.robust_accuracy)
     return {
         **threat.labels(), "n_examples": int(x.shape[0]),
         "clean_accuracy": clean,
-        "w2_robust_accuracy": w2_accuracy,
-        "w2_wpgd_robust_accuracy": wres.robust_accuracy,
+        "w2_robust_accuracy": wres.robust_accuracy,
         f"{threat.ground}_robust_accuracy": pres.robust_accuracy,
-        "w2_robust_to_clean_ratio": w2_accuracy / clean if clean > 0 else 0.0,
+        "w2_robust_to_clean_ratio": wres.ratio,
         f"{threat.ground}_robust_to_clean_ratio": pres.robust_accuracy / clean if clean > 0 else 0.0,
         "sensitivity": wres.sensitivity,
         "w2_converged": wres.converged,
@@ -445,24 +444,43 @@ class Run:
     def epoch_info(self, epoch: int, **more: Any) -> dict[str, Any]:
         return {"epoch": epoch, "total_epochs": self.epochs, **more}
 
+    # The job's progress is shared out by a count of forward/backward passes per image, so that the
+    # share done (and the ETA estimated from it) moves with the work: the input model's validation
+    # (epoch 0), each epoch's training (the inner attack's K + 2 per fit image) and validation, and
+    # the final evaluation (core.engine.recipes.before_after.measurement_passes). Only the progress
+    # and its ETA depend on it.
+    @property
+    def validation_passes(self) -> float:
+        n_val = int(self.val_y.shape[0]) * self.world.size
+        return float(n_val * (self.config.eval_wpgd_steps + self.config.eval_pgd_steps + 2))
+
+    @property
+    def training_passes(self) -> float:
+        """One epoch's training."""
+        return float(self.n_train * (self.config.attack_steps + 2))
+
     @property
     def final_share(self) -> float:
-        """The share of the job's progress bar given to the final evaluation, from a count of
-        forward/backward passes per image (training: the inner attack's K + 2 per fit image and the
-        validation's attacks; the end: two models through the pointwise attack and every attack of
-        the ensemble, run to about nominal steps + patience, and the audit). Only the ETA depends
-        on it: without it the bar sat at 100 % with no ETA through the longest measurement."""
-        spec = PRESETS[self.config.evaluation]
-        n_val = int(self.val_y.shape[0]) * self.world.size
-        per_epoch = (self.n_train * (self.config.attack_steps + 2)
-                     + n_val * (self.config.eval_wpgd_steps + self.config.eval_pgd_steps + 2))
-        per_model = self.config.test_pgd_steps + len(spec.attacks) * (self.config.test_wpgd_steps + spec.patience)
-        final = int(self.test_y.shape[0]) * per_model * 3     # the input model, the checkpoint, the audit
-        return min(max(final / (final + self.epochs * per_epoch), 0.02), 0.8)
+        """The share of the job's progress given to the final evaluation (between 2 % and 80 %):
+        without it the bar sat at 100 % with no ETA through the longest measurement."""
+        final = int(self.test_y.shape[0]) * measurement_passes(self.config, self.eval_compute.device.type)
+        before = self.validation_passes + self.epochs * (self.training_passes + self.validation_passes)
+        return min(max(final / (final + before), 0.02), 0.8)
 
     def training_progress(self, fraction: float) -> float:
-        """The job's progress at `fraction` of the training (validation included)."""
+        """The job's progress at `fraction` of everything before the final evaluation."""
         return fraction * (1.0 - self.final_share)
+
+    def progress_at(self, epoch: int, part: str, done: float) -> float:
+        """The job's progress `done` of the way through `part` ("train" or "evaluate") of `epoch`
+        (epoch 0: the input model's validation, then the Ῡ estimate at the start of training)."""
+        val, train = self.validation_passes, self.training_passes
+        at = 0.0 if epoch == 0 else val + (epoch - 1) * (train + val)
+        if epoch == 0:
+            at += val * done if part == "evaluate" else val
+        else:
+            at += train * done if part == "train" else train + val * done
+        return self.training_progress(at / (val + self.epochs * (train + val)))
 
 
 def setup(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks, *,
@@ -513,10 +531,15 @@ def setup(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks
         eval_batch=eval_batch, memory=memory, started_at=started_at)
 
 
-def validate(run: Run, hooks: Hooks) -> dict[str, Any]:
-    """The per-epoch validation (cheap attacks, eval_* steps); `hooks.should_stop` cuts it short."""
-    return evaluate_heldout(run.model, run.val_x, run.val_y, run.threat, run.config, run.eval_compute,
-                            batch=run.eval_batch, should_stop=hooks.should_stop)
+def validate(run: Run, hooks: Hooks, seed: int, epoch: int) -> dict[str, Any]:
+    """The validation of `epoch` (0: the input model; cheap attacks, eval_* steps), its progress
+    reported step by step as phase "evaluate"; `hooks.should_stop` cuts it short."""
+    info = run.epoch_info(epoch)
+    hooks.progress(run.progress_at(epoch, "evaluate", 0.0), "evaluate", info)
+    return evaluate_heldout(run.model, run.val_x, run.val_y, run.threat, run.config, run.eval_compute, seed=seed,
+                            batch=run.eval_batch, should_stop=hooks.should_stop,
+                            progress=lambda done: hooks.progress(run.progress_at(epoch, "evaluate", done),
+                                                                 "evaluate", info))
 
 
 # --- stage 2: the state of training, started fresh or resumed --------------------------------
@@ -555,8 +578,7 @@ def start(run: Run, hooks: Hooks) -> TrainingState:
         warnings.append(few)
         hooks.warn(few, {"steps_per_epoch": run.steps_per_epoch, "batch_size": run.batch_size,
                          "train_examples": run.n_train})
-    hooks.progress(0.0, "evaluate", run.epoch_info(0))
-    before = validate(run, hooks)
+    before = validate(run, hooks, run.config.seed, 0)
     state = TrainingState(before=before, history=[], best_epoch=0, best_metrics=before,
                           best_state=_state_copy(run.model),
                           upsilon_ema=torch.zeros((), device=run.compute.device, dtype=torch.float64),
@@ -564,8 +586,9 @@ def start(run: Run, hooks: Hooks) -> TrainingState:
     if hooks.should_stop():          # stopped before any training: nothing to keep
         state.stopped = True
         return state
-    hooks.progress(0.0, "evaluate", run.epoch_info(0, **before))   # epoch 0's metrics, live
-    hooks.progress(0.0, "train", run.epoch_info(0))                 # Ῡ is part of training
+    done = run.progress_at(0, "evaluate", 1.0)
+    hooks.progress(done, "evaluate", run.epoch_info(0, **before))   # epoch 0's metrics, live
+    hooks.progress(done, "train", run.epoch_info(0))                 # Ῡ is part of training
     if run.dynamic_budget:
         state.upsilon_ema = estimate_global_sensitivity(run.model, run.train_x, run.train_y, run.threat, run.config,
                                                         run.compute, run.generator, run.augment)
@@ -638,8 +661,7 @@ def train_epoch(run: Run, state: TrainingState, epoch: int, hooks: Hooks,
 
     stopped = _train_steps(run, state, epoch, perm, sums, hooks)
     if not stopped:
-        hooks.progress(run.training_progress((epoch - 0.05) / run.epochs), "evaluate", run.epoch_info(epoch))
-        metrics = validate(run, hooks)
+        metrics = validate(run, hooks, run.config.seed + epoch, epoch)
         # Stopped during the validation: its numbers are cut short, so stop as inside the epoch
         # (all its steps done); a resumed run validates this epoch again.
         stopped = hooks.should_stop()
@@ -678,12 +700,10 @@ def _train_steps(run: Run, state: TrainingState, epoch: int, perm: torch.Tensor,
         run.scheduler.step()
         sums.loss += loss.double()
         sums.steps_done = step + 1
-        if step % 5 == 4 or step == run.steps_per_epoch - 1:
-            done = (epoch - 1 + sums.steps_done / run.steps_per_epoch) / run.epochs
-            hooks.progress(run.training_progress(done), "train", run.epoch_info(epoch, step=sums.steps_done,
-                                                         total_steps=run.steps_per_epoch))
-            if hooks.should_stop():
-                return True
+        hooks.progress(run.progress_at(epoch, "train", sums.steps_done / run.steps_per_epoch), "train",
+                       run.epoch_info(epoch, step=sums.steps_done, total_steps=run.steps_per_epoch))
+        if (step % 5 == 4 or step == run.steps_per_epoch - 1) and hooks.should_stop():
+            return True
     return False
 
 
@@ -720,7 +740,7 @@ def select(run: Run, state: TrainingState, row: dict[str, Any], hooks: Hooks) ->
         state.best_epoch, state.best_metrics, state.best_state = epoch, row, _state_copy(run.model)
     hooks.checkpoint(_checkpoint(run, state, epoch=epoch, metrics=row, rng={"generator": run.generator.get_state()},
                                  is_best=is_best, final=epoch == run.epochs))
-    hooks.progress(run.training_progress(epoch / run.epochs), "train",
+    hooks.progress(run.progress_at(epoch, "evaluate", 1.0), "train",
                    run.epoch_info(epoch, **{k: row[k] for k in row if k != "epoch"}))
 
 

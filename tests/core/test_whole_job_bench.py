@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import whole_job  # noqa: E402
+import whole_job
 
 
 def _event(at: float, type_: str, message: str, data: dict | None = None) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,19 @@ from typing import Any
 
 import click
 
-from cli.params import CONTEXT, RECIPES, THREAT_KINDS, Failure, JsonObject, Numbers, Radius, fields_help, recipe_fields
+from cli.params import (
+    CONTEXT,
+    RECIPES,
+    THREAT_KINDS,
+    Failure,
+    JsonObject,
+    Numbers,
+    Radius,
+    fields_help,
+    recipe_fields,
+    require,
+)
+from cli.progress import JobProgress, format_eta, progress_options, resolve_mode
 from robustify import Client
 from robustify.client import DEFAULT_URL
 from robustify.types import JOB_STATES, TERMINAL_STATUSES, JobType
@@ -356,8 +369,8 @@ def jobs_fields(recipe: str) -> int:
 @client_command(jobs, "submit")
 @click.option("--type", "recipe", type=click.Choice(RECIPES), default="finetune", show_default=True,
               help="The recipe.")
-@click.option("--model", required=True, help="A model id (mdl_…), or robustbench:<name>.")
-@click.option("--dataset", required=True, help="digits, fashion-mnist, cifar10, cifar100 or a dataset id (ds_…).")
+@click.option("--model", help="A model id (mdl_…), or robustbench:<name>.  [required]")
+@click.option("--dataset", help="digits, fashion-mnist, cifar10, cifar100 or a dataset id (ds_…).  [required]")
 @click.option("--threat-model", type=click.Choice(THREAT_KINDS),
               help="The threat model's kind (default w2-linf).")
 @click.option("--delta", type=Radius(), help="The radius δ, a number or a fraction (8/255).")
@@ -372,13 +385,16 @@ def jobs_fields(recipe: str) -> int:
 @click.option("--webhook-event", "webhook_events", multiple=True, metavar="TYPE",
               help="Only these event types (repeatable), e.g. job.succeeded.")
 @click.option("--idempotency-key", help="Submitting again with the same key returns the same job.")
-@click.option("--watch", is_flag=True, help="Then follow it with a progress bar (exit 1 unless it succeeds).")
-def jobs_submit(out: Out, recipe: JobType, model: str, dataset: str, threat_model: str | None, delta: float | None,
-                deltas: list[float] | None, seed: int | None, config: dict[str, Any] | None,
+@click.option("--watch", is_flag=True, help="Then follow it until it ends (exit 1 unless it succeeds).")
+@progress_options
+def jobs_submit(out: Out, recipe: JobType, model: str | None, dataset: str | None, threat_model: str | None,
+                delta: float | None, deltas: list[float] | None, seed: int | None, config: dict[str, Any] | None,
                 assignments: tuple[str, ...], metadata: dict[str, Any] | None, webhook: str | None,
-                webhook_events: tuple[str, ...], idempotency_key: str | None, watch: bool) -> int:
-    """Submit a fine-tuning or evaluation job."""
-    fields = recipe_fields(config, assignments, recipe)
+                webhook_events: tuple[str, ...], idempotency_key: str | None, watch: bool,
+                progress_mode: str | None, quiet: bool) -> int:
+    """Submit a fine-tuning or evaluation job (with --quiet, print only its id)."""
+    fields = recipe_fields(config, assignments, recipe)    # `--set help` lists the fields and ends here
+    model, dataset = require(model=model, dataset=dataset)
     if deltas:
         if recipe != "evaluate":
             raise click.BadParameter("--deltas is an evaluate field", param_hint="--deltas")
@@ -389,12 +405,15 @@ def jobs_submit(out: Out, recipe: JobType, model: str, dataset: str, threat_mode
     hook: Any = None
     if webhook:
         hook = {"url": webhook, **({"events": list(webhook_events)} if webhook_events else {})}
-    ref: dict[str, Any] = {"robustbench": model.split(":", 1)[1]} if model.startswith("robustbench:") else {"model_id": model}
+    ref: dict[str, Any] = ({"robustbench": model.split(":", 1)[1]} if model.startswith("robustbench:")
+                           else {"model_id": model})
     job = out.client.jobs.create(type=recipe, dataset=dataset, threat_model=threat, config=fields, seed=seed,
                                  metadata=metadata, webhook=hook, idempotency_key=idempotency_key, **ref)
     j = _plain(job)
     if out.json:
         out.dump(j)
+    elif quiet:
+        click.echo(j["id"])
     else:
         click.echo(f"{j['id']}  {j['status']}  {j['type']} of {j['model_id']} on {j['dataset']}")
         cfg = j["config"]
@@ -430,7 +449,7 @@ def _summary(job: dict[str, Any]) -> str:
     p = job.get("progress") or {}
     if job["status"] not in TERMINAL_STATUSES and p.get("fraction") is not None:
         lines.append(f"  progress {100 * p['fraction']:.0f}%  phase {p.get('phase')}  epoch {p.get('epoch')}"
-                     f"/{p.get('total_epochs')}  eta {p.get('eta_seconds')} s")
+                     f"/{p.get('total_epochs')}  eta {format_eta(p.get('eta_seconds'))}")
     metrics = {k: v for k, v in (job.get("latest_metrics") or {}).items() if v is not None}
     if metrics:
         lines.append("  latest " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -496,24 +515,28 @@ def jobs_events(out: Out, job_id: str, after: int, limit: int, follow: bool) -> 
 
 @client_command(jobs, "watch")
 @click.argument("job_id")
-def jobs_watch(out: Out, job_id: str) -> int:
-    """Follow a job live with a progress bar; exit 0 if it succeeds."""
-    return watch_job(out, job_id, quiet=out.json)
+@progress_options
+def jobs_watch(out: Out, job_id: str, progress_mode: str | None, quiet: bool) -> int:
+    """Follow a job live until it ends, then print its result; exit 0 if it succeeds.
+
+    \b
+    A progress bar on a terminal; in a log or a file (or with --progress plain) one line per
+    phase or epoch, or every 30 s, with the percentage and the ETA."""
+    return watch_job(out, job_id, progress_mode=progress_mode, quiet=quiet)
 
 
-def watch_job(out: Out, job_id: str, *, quiet: bool = False) -> int:
-    """Live progress bar; 0 if the job succeeded.
+def watch_job(out: Out, job_id: str, *, progress_mode: str | None = None, quiet: bool = False) -> int:
+    """Follow a job to its end, showing its progress (cli.progress); 0 if the job succeeded.
 
     A background thread follows the event stream (the SDK resumes it with Last-Event-ID when it
-    breaks) and the bar re-reads the job at most once a second: events mark phases and epochs,
-    the job carries the fine-grained fraction and ETA.
-    """
-    from tqdm import tqdm
-
+    breaks) and the job is read again at most once a second: events mark phases and epochs, the
+    job carries the fine-grained fraction and ETA. Progress goes to stdout, or to stderr with
+    --json (whose stdout is the final job's JSON; no progress unless --progress asks for it)."""
     client = out.client
+    stream = sys.stderr if out.json else sys.stdout
+    mode = resolve_mode(progress_mode, quiet, stream, default="none" if out.json else None)
     job = _plain(client.jobs.get(job_id))
-    bar = tqdm(total=100, desc=job["status"], unit="%", disable=quiet,
-               bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    shown = JobProgress(mode, stream)
     events: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
 
@@ -526,19 +549,8 @@ def watch_job(out: Out, job_id: str, *, quiet: bool = False) -> int:
         except Exception:  # the main loop keeps polling the job
             return
 
-    def refresh(j: dict[str, Any]) -> None:
-        progress = j.get("progress") or {}
-        bar.n = min(100.0, round(100 * float(progress.get("fraction") or 0.0), 1))
-        phase = progress.get("phase")
-        bar.set_description_str(j["status"] + (f" {phase}" if phase and j["status"] == "running" else ""))
-        metrics = {k: f"{v:.3f}" for k, v in (j.get("latest_metrics") or {}).items() if isinstance(v, float)}
-        if progress.get("epoch") is not None:
-            metrics = {"epoch": f"{progress['epoch']}/{progress.get('total_epochs')}", **metrics}
-        bar.set_postfix(metrics, refresh=False)
-        bar.refresh()
-
     threading.Thread(target=follow, daemon=True).start()
-    refresh(job)
+    shown.update(job)
     last_read = time.monotonic()
     try:
         while job["status"] not in TERMINAL_STATUSES:
@@ -546,16 +558,16 @@ def watch_job(out: Out, job_id: str, *, quiet: bool = False) -> int:
                 event = events.get(timeout=0.5)
             except queue.Empty:
                 event = None
-            if event is not None and event.type == "warning" and not quiet:
-                bar.write(f"warning: {event.message}")
+            if event is not None and event.type == "warning":
+                shown.write(f"warning: {event.message}")
             if event is not None or time.monotonic() - last_read >= 1.0:
                 job = _plain(client.jobs.get(job_id))
                 last_read = time.monotonic()
-                refresh(job)
+                shown.update(job)
     finally:
         stop.set()
-        bar.close()
-    if quiet:
+        shown.close()
+    if out.json:
         click.echo(json.dumps(job, indent=2))
     else:
         click.echo(_summary(job))

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from cli.params import CONTEXT
+from cli.progress import progress_options
 from cli.result_table import finetune_table
 from core.service.settings import get_settings
 from core.states import TERMINAL_STATES
@@ -79,34 +80,30 @@ def _train_model(path: Path, data_dir: Path) -> float:
     return accuracy(model, data)
 
 
-def _follow(client: Any, job_id: str) -> dict[str, Any]:
-    """A tqdm bar fed by polling the job (phase, epoch, latest metrics)."""
-    from tqdm import tqdm
+def _follow(client: Any, job_id: str, mode: str) -> dict[str, Any]:
+    """Poll the job until it ends, showing its progress (cli.progress: a bar, lines, or nothing)."""
+    from cli.progress import JobProgress
 
-    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", file=sys.stdout)
+    shown = JobProgress(mode, sys.stdout)
     try:
         while True:
             job = client.get(f"/v1/jobs/{job_id}").json()
-            prog, metrics = job["progress"], job["latest_metrics"]
-            desc = prog.get("phase") or job["status"]
-            if prog.get("epoch") is not None and prog.get("total_epochs"):
-                desc = f"{desc} epoch {prog['epoch']}/{prog['total_epochs']}"
-            bar.set_description(desc)
-            shown = {k.split("_")[0]: f"{metrics[k]:.3f}" for k in ("clean_accuracy", "w2_robust_accuracy")
-                     if metrics.get(k) is not None}
-            bar.set_postfix(shown, refresh=False)
-            bar.update(max(0, int(100 * (prog.get("fraction") or 0)) - bar.n))
+            shown.update(job)
             if job["status"] in TERMINAL_STATES:
                 return job
             time.sleep(0.5)
     finally:
-        bar.close()
+        shown.close()
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
 
+    from cli.progress import resolve_mode
     from cli.service import EmbeddedService, migrate
+
+    mode = resolve_mode(getattr(args, "progress_mode", None), getattr(args, "quiet", False), sys.stdout)
+    say = (lambda text: None) if getattr(args, "quiet", False) else _say   # --quiet: the result table only
 
     data_dir = Path(args.data_dir or os.environ.get("ROBUSTIFY_DATA_DIR") or "robustify-data").resolve()
     os.environ["ROBUSTIFY_DATA_DIR"] = str(data_dir)
@@ -117,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     host = "127.0.0.1"
     port = args.port or (settings.port if _port_free(host, settings.port) else _free_port(host))
 
-    _say(f"robustify demo: data in {data_dir}")
+    say(f"robustify demo: data in {data_dir}")
     migrate(settings)
     worker_log = data_dir / "logs" / "worker.log"
     svc = EmbeddedService(settings, host, port, worker_log=worker_log)
@@ -136,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
                     return False
 
             _wait(ready, 90, "the service to start")
-            _say(f"1/5 service up at {svc.url} (API docs: {svc.url}/docs)")
+            say(f"1/5 service up at {svc.url} (API docs: {svc.url}/docs)")
 
             model_path = data_dir / "demo" / "small-cnn-digits.safetensors"
             model_path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.monotonic()
             clean = _train_model(model_path, settings.resolved_datasets_dir)
-            _say(f"2/5 trained a small CNN on digits with plain cross-entropy in {time.monotonic() - t0:.0f} s "
+            say(f"2/5 trained a small CNN on digits with plain cross-entropy in {time.monotonic() - t0:.0f} s "
                  f"(clean test accuracy {clean:.3f})")
 
             with open(model_path, "rb") as fh:
@@ -159,16 +156,16 @@ def run(args: argparse.Namespace) -> int:
                 return m if m["status"] == "ready" else None
 
             _wait(model_ready, 120, "the model to be validated")
-            _say(f"3/5 uploaded it as safetensors: model {model_id} is ready")
+            say(f"3/5 uploaded it as safetensors: model {model_id} is ready")
 
             config = {**DEMO_CONFIG, "epochs": args.epochs}
             r = client.post("/v1/jobs", json={"type": "finetune", "model_id": model_id, "dataset": "digits",
                                               "threat_model": DEMO_THREAT, "config": config})
             r.raise_for_status()
             job_id = r.json()["id"]
-            _say(f"4/5 W-TRADES fine-tuning job {job_id} ({args.epochs} epochs, W2 ball with l-inf cost, "
+            say(f"4/5 W-TRADES fine-tuning job {job_id} ({args.epochs} epochs, W2 ball with l-inf cost, "
                  f"delta={DEMO_THREAT['delta']}):")
-            job = _follow(client, job_id)
+            job = _follow(client, job_id, mode)
             if job["status"] != "succeeded":
                 _say(f"robustify demo: the job ended {job['status']}: {job.get('error')} (worker log: {worker_log})")
                 return 1
@@ -182,10 +179,10 @@ def run(args: argparse.Namespace) -> int:
             out = data_dir / "demo" / "robust-small-cnn-digits.safetensors"
             out.write_bytes(r.content)
             result = job["result"]
-            _say(f"5/5 downloaded the best checkpoint (epoch {result['best_epoch']}, sha256 {digest[:16]}… "
+            say(f"5/5 downloaded the best checkpoint (epoch {result['best_epoch']}, sha256 {digest[:16]}… "
                  f"verified) to {out}\n")
             _say(finetune_table(result))
-            _say(f"\n(report: {svc.url}/v1/jobs/{job_id}/report)")
+            say(f"\n(report: {svc.url}/v1/jobs/{job_id}/report)")
     except KeyboardInterrupt:
         _say("\nrobustify demo: interrupted")
         return 130
@@ -193,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
         server_thread.join(timeout=15)
         svc.stop_worker()
-    _say(f"\nThe service is stopped. Start it again with:\n    ROBUSTIFY_DATA_DIR={data_dir} robustify serve\n"
+    say(f"\nThe service is stopped. Start it again with:\n    ROBUSTIFY_DATA_DIR={data_dir} robustify serve\n"
          f"and see the job with `robustify jobs get {job_id} --url http://{host}:{settings.port}`.")
     return 0
 
@@ -204,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8000, or a free port when 8000 is taken).")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEMO_CONFIG["epochs"], show_default=True,
               help="Epochs of the fine-tuning job.")
+@progress_options
 def demo(**options: Any) -> int:
     """Start the embedded service, fine-tune a small CNN on digits over HTTP, show the result.
 

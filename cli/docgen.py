@@ -38,6 +38,21 @@ an engine error as `code: message`. The exit status is 0 on success, 1 when the 
 engine refused or failed (and for `jobs watch` / `--watch`, when the job did not succeed), 2 for
 a bad option or value (an unknown recipe field, invalid JSON, a radius that is not a number).
 
+**Progress.** The commands that follow a job (`jobs submit --watch`, `jobs watch`, `demo`, and the
+local `finetune` and `evaluate`) take `--progress bar|plain|none` and `--quiet` (`-q`). On a
+terminal the default is a bar redrawn in place; when the output is a file, a pipe or a CI log it is
+`plain`: one line whenever the phase, the epoch or the status changes, else at most one every 30 s,
+each with the time, the percentage, the epoch, the phase and the ETA:
+
+```text
+12:04:31  running   37%  epoch 2/8  train  step 40/71  eta 2m 10s  clean 0.912  w2 0.412
+```
+
+`--quiet` prints no progress, only the result (and `jobs submit --quiet` only the job's id, for
+scripts); with `--json` the progress is off unless `--progress` asks for it, and then goes to stderr.
+Every phase of a job reports as it goes (the input model's validation, each training step, each
+epoch's validation, every attack of the final evaluation), so the ETA appears after its first step.
+
 **Shell completion** (commands, options and their choices):
 
 ```bash

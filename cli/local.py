@@ -10,12 +10,14 @@ import argparse
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from cli.params import CONTEXT, THREAT_KINDS, JsonObject, Numbers, Radius, recipe_fields
+from cli.params import CONTEXT, THREAT_KINDS, JsonObject, Numbers, Radius, recipe_fields, require
+from cli.progress import JobProgress, progress_options, resolve_mode
 from cli.result_table import evaluation_table, finetune_table
 from core.engine.config import EvaluateConfig, FinetuneConfig
 from core.service.settings import get_settings
@@ -49,8 +51,8 @@ def _model_options(command: str) -> Any:
                          help="Per-channel std that goes with --input-mean, e.g. 0.229,0.224,0.225."),
             click.option("--dataset", default="digits", show_default=True,
                          help="digits, fashion-mnist, cifar10, cifar100, or an .npz file (x uint8 images, y labels)."),
-            click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-                         help="Output folder (created if missing)."),
+            click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+                         help="Output folder (created if missing).  [required]"),
             click.option("--config", type=JsonObject(),
                          help=f"Recipe fields as a JSON object, inline or in a file (@file.json); "
                               f"`robustify jobs fields {command}` lists them."),
@@ -97,6 +99,7 @@ def _model_options(command: str) -> Any:
                              help="Pointwise attacks (repeatable; default the preset's: autoattack on a GPU, "
                                   "apgd = APGD-CE + APGD-T on a CPU, pgd for quick)."),
             ]
+        f = progress_options(f)          # listed last
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -159,32 +162,32 @@ def _load(args: argparse.Namespace):
     return model, data
 
 
-class _Bar:
-    """tqdm bar driven by the recipe's progress hook."""
+class _Progress:
+    """The recipe's hooks shown the way a job's progress is (cli.progress): a bar on a terminal,
+    a line per phase or epoch in a log, or nothing; with the ETA the worker would report."""
 
-    def __init__(self) -> None:
-        from tqdm import tqdm
+    def __init__(self, args: argparse.Namespace) -> None:
+        from core.engine.hooks import Eta
 
-        self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+        self.shown = JobProgress(resolve_mode(args.progress_mode, args.quiet, sys.stdout))
+        self.eta = Eta()
+        self.job: dict[str, Any] = {"status": "running", "progress": {}, "latest_metrics": {}}
 
     def __call__(self, fraction: float, phase: str, metrics: dict[str, Any]) -> None:
-        self.bar.set_description(phase)
-        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()
-                 if k in ("epoch", "step", "clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy",
-                          "train_loss")}
-        if shown:
-            self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
+        where = {k: metrics[k] for k in ("epoch", "total_epochs", "step", "total_steps") if k in metrics}
+        self.job["progress"] = {"fraction": fraction, "phase": phase, "eta_seconds": self.eta(fraction), **where}
+        self.job["latest_metrics"].update({k: v for k, v in metrics.items() if isinstance(v, float)})
+        self.shown.update(self.job)
 
     def event(self, type: str, message: str, data: dict[str, Any]) -> None:
         """A recipe's event (e.g. a batch halved after a CUDA out-of-memory error), above the bar."""
-        self.bar.write(f"{type}: {message}")
+        self.shown.write(f"{type}: {message}")
 
     def warn(self, message: str, data: dict[str, Any]) -> None:
-        self.bar.write(f"warning: {message}")
+        self.shown.write(f"warning: {message}")
 
     def close(self) -> None:
-        self.bar.close()
+        self.shown.close()
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -192,9 +195,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     from core.engine.hooks import Hooks
     from core.engine.recipes.finetune import finetune
 
-    config = _config(args, FinetuneConfig)
+    config = _config(args, FinetuneConfig)   # `--set help` lists the fields and ends here
+    out: Path = require(out=args.out)[0]
     model, data = _load(args)
-    out: Path = args.out
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def on_checkpoint(ckpt) -> None:
@@ -203,7 +206,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         ckpt.save(out / "training_state.safetensors")
 
     resume = load_training_checkpoint(args.resume) if args.resume else None
-    bar = _Bar()
+    bar = _Progress(args)
     try:
         result = finetune(config, model, data, Hooks(progress=bar, checkpoint=on_checkpoint, event=bar.event,
                                                      warn=bar.warn),
@@ -239,10 +242,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.hooks import Hooks
     from core.engine.recipes.evaluate import evaluate
 
-    config = _config(args, EvaluateConfig)
+    config = _config(args, EvaluateConfig)   # `--set help` lists the fields and ends here
+    require(out=args.out)
     model, data = _load(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    bar = _Bar()
+    bar = _Progress(args)
     try:
         report = evaluate(config, model, data, Hooks(progress=bar, event=bar.event, warn=bar.warn),
                           device=args.device, context=_context(args))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,28 @@ def recipe_fields(config: dict[str, Any] | None, assignments: tuple[str, ...], r
     known = recipe_model(recipe).model_fields
     unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise click.BadParameter(f"unknown {recipe} field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+        named = ", ".join(f"{name}{close_name_hint(name, known)}" for name in unknown)
+        raise click.BadParameter(f"unknown {recipe} field{'s' if len(unknown) > 1 else ''} {named}; "
                                  f"`robustify jobs fields {recipe}` lists them", param_hint="--set/--config")
     return fields
+
+
+def close_name_hint(name: str, known: Iterable[str]) -> str:
+    """" (did you mean epochs?)" for a name close to a known one (a typo, a missing s), else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def require(**options: Any) -> tuple[Any, ...]:
+    """The values of options a command needs, checked in the command itself rather than by click
+    (`required=True`), so that `--set help` answers without them; a missing one is click's usage
+    error ("Missing option '--model'", exit status 2)."""
+    for name, value in options.items():
+        if value is None:
+            raise click.UsageError(f"Missing option '--{name.replace('_', '-')}'.")
+    return tuple(options.values())
 
 
 def recipe_model(recipe: str) -> Any:

@@ -138,11 +138,20 @@ def finetune_table(result: dict[str, Any]) -> str:
     lines += audit_lines(result.get("audit"))
     config = result.get("config") or {}
     if config:
-        lines.append(f"trained {config.get('epochs')} epochs, batch_size {config.get('batch_size')}, "
+        lines.append(f"{_trained(result, config)}, batch_size {config.get('batch_size')}, "
                      f"lr {config.get('lr')}, beta {config.get('beta')}, seed {config.get('seed')}, "
                      f"inner attack {attack_summary(config)}")
     lines += [f"warning: {w}" for w in result.get("warnings") or []]
     return "\n".join(lines)
+
+
+def _trained(result: dict[str, Any], config: dict[str, Any]) -> str:
+    """How many epochs ran: "trained 8 epochs", or "trained 1 of 4 epochs" for a run that stopped early
+    (a cancel): the epochs completed, never just the configured count."""
+    planned, done = config.get("epochs"), result.get("epochs_completed")
+    if isinstance(done, int) and (done != planned or result.get("stopped")):
+        return f"trained {done} of {planned} epoch{'s' if planned != 1 else ''}"
+    return f"trained {planned} epoch{'s' if planned != 1 else ''}"
 
 
 def evaluation_table(summary: dict[str, Any], warnings: list[str] | None = None,

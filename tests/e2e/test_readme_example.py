@@ -68,6 +68,14 @@ def test_readme_service_example(tmp_path: Path) -> None:
         assert re.search(rf"W2 robust accuracy\s+0\.\d{{3}}{ci}\s+0\.\d{{3}}{ci}\s+\+0\.\d{{3}}{ci}\s+"
                          r"W2 ball, l-inf cost, δ=0.1", out), out
         assert "IMPROVED: the best checkpoint is epoch" in out and "NOT IMPROVED" not in out, out
+        # stdout is a pipe here, as with `> file`: the demo's job in a line per phase, epoch or status
+        # change (or every 30 s), each with its percentage, not a bar frame every half second
+        progress = [m for m in (re.match(r"\d\d:\d\d:\d\d  (\w+)\s+(\d+)%(.*)$", line) for line in out.splitlines())
+                    if m]
+        assert len(out.splitlines()) < 200 and "\r" not in out, out[-3000:]
+        epochs = {int(e[1]) for e in (re.search(r"  epoch (\d)/8  ", m[3]) for m in progress) if e}
+        assert epochs >= set(range(1, 9)) and any("  test: " in m[3] for m in progress), out[-3000:]
+        assert (progress[-1][1], progress[-1][2]) == ("succeeded", "100"), out[-3000:]
 
         line = "robustify jobs download job_… --out robust/"
         assert line in readme

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.main import main
 from tests.e2e.conftest import THREAT, events, run_finetune_flow, submit, wait_status, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
@@ -34,7 +35,8 @@ def test_queued_job_cancels_at_once(client: httpx.Client, ready_model: dict[str,
 
 
 def test_running_job_cancels_and_keeps_its_checkpoint(client: httpx.Client, ready_model: dict[str, Any],
-                                                      workers: Any, queues: dict[str, str]) -> None:
+                                                      workers: Any, queues: dict[str, str], api_url: str,
+                                                      api_key: str, capsys: pytest.CaptureFixture[str]) -> None:
     workers.start(queues["gpu"], "gpu-cancel")
     job_id = submit(client, ready_model["id"], epochs=40, attack_steps=5)["id"]
     wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120,
@@ -48,6 +50,13 @@ def test_running_job_cancels_and_keeps_its_checkpoint(client: httpx.Client, read
     assert ckpts and ckpts[-1]["epoch"] < 40
     r = client.get(f"/v1/jobs/{job_id}/checkpoints/{ckpts[-1]['id']}/content")
     assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == ckpts[-1]["sha256"]
+    # the CLI tells what ran: the epochs completed of the 40 configured, never "trained 40 epochs"
+    done = job["result"]["epochs_completed"]
+    capsys.readouterr()
+    assert main(["jobs", "get", job_id, "--url", api_url, "--key", api_key]) == 0
+    out = capsys.readouterr().out
+    assert f"STOPPED after epoch {done}" in out and f"trained {done} of 40 epochs" in out, out
+    assert "trained 40 epochs" not in out
 
 
 def test_killed_worker_job_resumes_on_another_worker(client: httpx.Client, ready_model: dict[str, Any],

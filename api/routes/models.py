@@ -55,9 +55,15 @@ _UPLOAD_SCHEMA = {
         "num_classes": {"type": "integer", "minimum": 2, "maximum": MAX_NUM_CLASSES},
         "dataset": {"type": "string", "minLength": 1, "maxLength": 100},
         "name": {"type": "string"}, "metadata": {"type": "string", "description": "a JSON object"},
-        "input_size": {"type": "string", "description": "C,H,W; default from the dataset (input_shape: old name)"},
-        "input_mean": {"type": "string", "description": "per channel, e.g. 0.485,0.456,0.406 (see InputContract)"},
-        "input_std": {"type": "string", "description": "per channel, e.g. 0.229,0.224,0.225"},
+        # Descriptions are the dashboard's form hints: words for users, no class names. input_shape,
+        # the former name of input_size, is still accepted and left out of the form.
+        "input_size": {"type": "string", "description": "channels,height,width the model takes, e.g. 3,224,224; "
+                                                        "default: the data set's image shape"},
+        "input_mean": {"type": "string", "description": "per channel, e.g. 0.485,0.456,0.406: the network sees "
+                                                        "(pixel - mean) / std with pixels in [0, 1]; default: the "
+                                                        "data set's statistics for timm: and torchvision: models, "
+                                                        "none otherwise (the built-in architectures normalise inside)"},
+        "input_std": {"type": "string", "description": "per channel, e.g. 0.229,0.224,0.225; give it with input_mean"},
     },
 }
 _CREATE_OPENAPI = {"requestBody": {"required": True, "content": {

@@ -134,15 +134,23 @@ export async function getAll(path, params = {}, max = 500) {
   }
 }
 
-const models = new Map();
-/** Models by id (to show names in tables); fetched again only when an unknown id turns up. */
-export async function modelIndex(ids = []) {
-  if (!models.size || ids.some((id) => id && !models.has(id))) {
-    for (const m of await getAll("v1/models")) models.set(m.id, m);
-    for (const id of ids) if (id && !models.has(id)) models.set(id, null);   // deleted: the id is shown
-  }
-  return models;
+/** Items of a list endpoint by id (to show names in tables); fetched again only when an unknown id turns up. */
+function indexOf(path) {
+  const items = new Map();
+  let loaded = false;
+  return async (ids = []) => {
+    if (!loaded || ids.some((id) => id && !items.has(id))) {
+      for (const item of await getAll(path)) items.set(item.id, item);
+      for (const id of ids) if (id && !items.has(id)) items.set(id, null);   // deleted: the id is shown
+      loaded = true;
+    }
+    return items;
+  };
 }
+export const modelIndex = indexOf("v1/models");
+const uploadedDatasets = indexOf("v1/datasets");
+/** Uploaded data sets by id; a built-in data set (not an upload) is named by its id and not looked up. */
+export const datasetIndex = (ids = []) => uploadedDatasets(ids.filter((id) => typeof id === "string" && id.startsWith("ds_")));
 
 let openapi = null;
 /** The server's OpenAPI document (recipe schemas, upload forms), fetched once per page load. */

@@ -2,20 +2,18 @@
 
 import * as api from "./api.js";
 import { errorNote, h } from "./dom.js";
-import { compareView } from "./views/compare.js";
-import { datasetsView } from "./views/datasets.js";
-import { jobView } from "./views/job.js";
 import { jobsView } from "./views/jobs.js";
-import { modelsView } from "./views/models.js";
-import { newJobView } from "./views/newjob.js";
 
+// The jobs list (the landing page) comes with the page; every other view is fetched the first
+// time it is shown, so the first load stays small as the views grow.
+const later = (load, name) => async (...args) => (await load())[name](...args);
 const ROUTES = [
-  [/^\/jobs\/([\w-]+)$/, jobView],
+  [/^\/jobs\/([\w-]+)$/, later(() => import("./views/job.js"), "jobView")],
   [/^\/jobs$/, jobsView],
-  [/^\/new$/, newJobView],
-  [/^\/compare$/, compareView],
-  [/^\/models$/, modelsView],
-  [/^\/datasets$/, datasetsView],
+  [/^\/new$/, later(() => import("./views/newjob.js"), "newJobView")],
+  [/^\/compare$/, later(() => import("./views/compare.js"), "compareView")],
+  [/^\/models$/, later(() => import("./views/models.js"), "modelsView")],
+  [/^\/datasets$/, later(() => import("./views/datasets.js"), "datasetsView")],
 ];
 
 const view = document.getElementById("view");

@@ -97,7 +97,7 @@ function draw(spec, width) {
     }
     for (const [x, y] of pts) {
       const selected = spec.marker && x === spec.marker.x;
-      g.append(s("circle", { cx: px(x), cy: py(y), r: selected ? 5 : 3.5, class: selected ? "selected" : null },
+      g.append(s("circle", { cx: px(x), cy: py(y), r: selected ? 5 : 3.5, class: selected ? "selected" : null, "data-x": x, "data-y": y },
         s("title", {}, `${ser.name} · ${spec.xName || "x"} ${fx(x)}: ${fy(y)}`)));
     }
     svg.append(g);

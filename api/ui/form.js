@@ -33,6 +33,10 @@ function words(name, s) {
   return text.charAt(0).toUpperCase() + text.slice(1);
 }
 const shown = (v) => (Array.isArray(v) ? v.join(", ") : typeof v === "number" ? `${+v.toPrecision(6)}` : `${v}`);
+// A hint is the schema's description for someone filling in a form: pointers into the source code
+// ("(core.engine.defaults)") are for developers reading the API reference, so the form leaves them out.
+const SOURCE_REF = /\s*\((?:core|api|worker|cli)\.[\w.]+\)/g;
+const plain = (text) => (typeof text === "string" ? text.replace(SOURCE_REF, "") : text);
 
 /**
  * One field for property `name` of a schema: {name, el, read()} where read() gives the value to
@@ -45,7 +49,7 @@ export function schemaField(name, prop, openapi, { path = "", required = false, 
   const inputName = `${path}${name}`;
   const hasDefault = "default" in s && s.default !== null;
   const choices = s.type === "array" && Array.isArray(deref(s.items, openapi).enum);
-  const hint = [s.description, hasDefault ? `default ${shown(s.default)}`
+  const hint = [plain(s.description), hasDefault ? `default ${shown(s.default)}`
     : choices ? "none ticked: the server's default" : nullable ? "optional" : null].filter(Boolean).join(" · ");
   let input;
   let read;

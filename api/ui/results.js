@@ -134,6 +134,16 @@ export function robustnessCurves(report) {
   return { curves, clean, examples: num(report.n_examples) };
 }
 
+/**
+ * A robustness curve drawn from δ = 0, where the robust accuracy is the clean accuracy: a single
+ * radius then reads as a line from the clean accuracy down to its robust point, not a lone dot at
+ * the chart's right edge. The table keeps the measured radii only.
+ */
+export function fromClean(points, clean) {
+  if (num(clean) === null || points.some((p) => p[0] === 0)) return points;
+  return [[0, clean, null], ...points];
+}
+
 /** A fine-tune without an evaluation still has one δ: its before and after as single points. */
 export function finetunePoints(job) {
   const ba = beforeAfter(job);
@@ -225,6 +235,22 @@ export function verdictOf(result) {
   if (code) {
     const [tone, words] = VERDICTS[code] || ["warn", `${code.replaceAll("_", " ")}.`];
     return { code, tone, words: own || words };
+  }
+  return null;
+}
+
+/**
+ * Whether a fine-tune that succeeded improved the model, for the jobs list: {improved, code, words},
+ * or null (an evaluation, a fine-tune that has not succeeded or has no result). The verdict
+ * decides (only an unqualified "improved" is an improvement); an older result without one says
+ * it through `improved`.
+ */
+export function improvementOf(job) {
+  if (job?.type !== "finetune" || job.status !== "succeeded" || !job.result || typeof job.result !== "object") return null;
+  const verdict = verdictOf(job.result);
+  if (verdict) return { improved: verdict.code === "improved", code: verdict.code, words: verdict.words };
+  if (typeof job.result.improved === "boolean") {
+    return { improved: job.result.improved, code: null, words: job.result.improved ? "Improved." : "No improvement." };
   }
   return null;
 }

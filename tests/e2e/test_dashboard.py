@@ -3,14 +3,17 @@ live `robustify serve` on the embedded default (its own data folder and port). T
 Content-Security-Policy forbids eval, so the tests wait on selectors, never on script strings.
 
 One user's path through the page (register a model through the form, fine-tune it and watch the
-curve grow, download the checkpoint, register that, evaluate both, compare them), then the
+curve grow, download the checkpoint, register that, evaluate both, compare them with a
+single-radius evaluation on an uploaded data set, read the jobs list on a desktop), then the
 key prompt of a server with auth on and the message when the API goes away.
 Screenshots of each step go to a temporary folder (printed with -s).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,9 +28,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import EmbeddedServe, free_port
+from tests.e2e.conftest import EmbeddedServe, free_port, wait_model_ready, wait_status
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--no-first-run", "--disable-sync"]
@@ -37,6 +40,9 @@ TINY = {"epochs": "6", "batch_size": "128", "beta": "3", "attack_steps": "3", "v
 TINY_MORE = {"eval_wpgd_steps": "5", "eval_pgd_steps": "3", "test_wpgd_steps": "5", "test_pgd_steps": "3",
              "budget_subset": "256"}
 EVAL = {"deltas": "0.05, 0.1, 0.2", "n_examples": "200", "wpgd_steps": "5", "pgd_steps": "3"}
+# Words a form hint must not show: the server's class names, pointers into the source, renamed fields.
+PRODUCT_NAMES = {"RobustBench", "AutoAttack", "DistributedDataParallel"}
+INTERNAL = r"\b(?:core|api|worker|cli)\.[a-z_]+|\b[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]+)+\b|\bold name\b|\bformer name\b"
 
 
 # ------------------------------------------------------------------------------ a live server
@@ -141,6 +147,27 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _internal_hints(ui: Page) -> dict[str, list[str]]:
+    """Form hints (every form of the dashboard) that name internals instead of saying what a field does."""
+    found: dict[str, list[str]] = {}
+    for where in ("#/models", "#/datasets", "#/new?type=finetune", "#/new?type=evaluate"):
+        ui.go(where)
+        ui.page.wait_for_selector(".field small")
+        hints = ui.page.eval_on_selector_all(".field small", "els => els.map(e => e.innerText)")
+        assert len(hints) >= 5, (where, hints)
+        bad = [h for h in hints if any(m not in PRODUCT_NAMES for m in re.findall(INTERNAL, h))]
+        if bad:
+            found[where] = bad
+    return found
+
+
+def _scrolls_sideways(page: Any) -> list[str]:
+    """The page or a table box wider than its view (scrollWidth > clientWidth)."""
+    return page.evaluate("""[document.documentElement, ...document.querySelectorAll('.table-wrap')]
+        .filter(el => el.scrollWidth > el.clientWidth)
+        .map(el => `${el.className || el.tagName}: ${el.scrollWidth} > ${el.clientWidth}`)""")
+
+
 # ------------------------------------------------------------------------------ the tests
 def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, shots: Path, digits_model_file: Path,
                                                                tmp_path: Path) -> None:
@@ -166,6 +193,9 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         print(f"first load: {len(requests)} requests, {shell} bytes of dashboard files, "
               f"{sum(r.sizes()['responseBodySize'] for r in requests)} bytes in all")
         assert shell < 120_000
+
+        # the forms' hints say what a field does, in words: no class names, source paths or renamed fields
+        assert _internal_hints(ui) == {}
 
         # register the model through the form (the worker validates it)
         ui.upload_model(digits_model_file, "digits-cnn")
@@ -263,7 +293,7 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
             ui.wait_job("succeeded")
             eval_jobs.append(page.url.rsplit("/", 1)[1])
             page.wait_for_selector('[data-chart="robustness"] g.ref[data-name="clean"]')
-            assert _points(page, "robustness", "W2") == 3
+            assert _points(page, "robustness", "W2") == 4   # the three radii, from the clean accuracy at δ = 0
             # the preset, the audit and every attack of the ensemble, as the report has them
             report = api.get(f"/v1/jobs/{eval_jobs[-1]}/report").json()
             assert page.get_attribute("#evaluation-preset", "data-preset") == "quick"
@@ -274,6 +304,31 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
             cell = page.locator("#robustness-table tbody tr").first.locator("td").first.inner_text().split("\n")
             assert cell == [_pct(w2["robust_accuracy"]), _interval(w2["ci95"])], cell
         ui.shot("5-evaluation")
+
+        # the robust weights again, named as Hub models are (no space, no hyphen: the widest cell of the jobs
+        # list unless it may wrap)
+        with open(robust, "rb") as fh:
+            long_name = api.post("/v1/models", files={"file": ("r.safetensors", fh)}, data={
+                "architecture": "small-cnn", "num_classes": "10", "dataset": "digits",
+                "name": "timm/vit_base_patch16_clip_224.openai_ft_in12k_in1k_digits"})
+        assert long_name.status_code == 201, long_name.text
+        wait_model_ready(api, long_name.json()["id"])
+
+        # a single-radius evaluation on an uploaded data set (the real digits, by name)
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        buf = io.BytesIO()
+        np.savez(buf, x=np.round(digits.images * (255 / 16)).astype(np.uint8), y=digits.target)
+        mine = api.post("/v1/datasets", files={"file": ("d.npz", buf.getvalue())}, data={"name": "my-digits"})
+        assert mine.status_code == 201, mine.text
+        single = api.post("/v1/jobs", json={
+            "type": "evaluate", "model_id": long_name.json()["id"], "dataset": mine.json()["id"],
+            "threat_model": {"kind": "w2-linf", "delta": 0.1},
+            "config": {"deltas": [0.1], "n_examples": 100, "wpgd_steps": 5, "pgd_steps": 3, "evaluation": "quick"}})
+        assert single.status_code == 202, single.text
+        single_id = single.json()["id"]
+        wait_status(api, single_id, {"succeeded"}, timeout=120)
 
         ui.go("#/compare")
         for mid in (model_id, robust_id):
@@ -288,13 +343,23 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
                 assert page.inner_text(f'{row} td[data-delta="{w2["delta"]}"]') == _pct(w2["robust_accuracy"])
             assert page.inner_text(f"{row} td[data-clean]") == _pct(report["clean_accuracy"])
         assert f"ids={model_id},{robust_id}" in page.url   # the comparison can be shared as a link
+        # one radius: a line from the clean accuracy at δ = 0 to the robust point, not a lone dot at the edge
+        page.check(f'.picker input[value="{single_id}"]')
+        page.wait_for_selector(f'#compare-table tr[data-entry="{single_id}"]')
+        report = api.get(f"/v1/jobs/{single_id}/report").json()
+        for attack, row in (("W2 (W-PGD)", report["w2"][0]), ("l∞ PGD", report["pointwise"][0])):
+            line = f'[data-chart="compare"] g.series[data-name*="{single_id[:12]}"][data-name$="{attack}"]'
+            assert page.eval_on_selector_all(f"{line} circle", "cs => cs.map(c => [+c.dataset.x, +c.dataset.y])") == [
+                [0, report["clean_accuracy"]], [0.1, row["robust_accuracy"]]], attack
+            assert page.locator(f"{line} path").count() == 1, attack
+        assert page.locator('[data-chart="compare"] g.series').count() == 6
         ui.shot("6-compare")
 
         # the jobs list: filters and paging (two per page here)
         ui.go("#/jobs?type=evaluate")
         page.wait_for_selector("#jobs-table tr[data-job]")
         listed = page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")
-        assert sorted(listed) == sorted(eval_jobs)
+        assert sorted(listed) == sorted([*eval_jobs, single_id])
         ui.go("#/jobs?limit=2")
         page.wait_for_selector("#jobs-table tr[data-job]")
         first = page.eval_on_selector_all("#jobs-table tr[data-job]", "rows => rows.map(r => r.dataset.job)")
@@ -304,16 +369,40 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         assert first + second == [j["id"] for j in api.get("/v1/jobs", params={"limit": 10}).json()["data"]]
         ui.shot("7-jobs")
 
-        # a long fine-tune, cancelled from its page
-        ui.go(f"#/new?type=finetune&model={robust_id}")
+        # a long fine-tune, cancelled from its page (its model's long name is the widest cell of the jobs list)
+        ui.go(f"#/new?type=finetune&model={long_name.json()['id']}")
         page.wait_for_selector("#new-job")
         ui.fill_form("#new-job", {**TINY, "epochs": "200"}, "config.")
         page.click("#new-job button[type=submit]")
         page.wait_for_url("**/ui/#/jobs/job_*")
         ui.wait_job("running", timeout=60)
+        long_id = page.url.rsplit("/", 1)[1]
+
+        # the jobs list on a desktop, a job running: data sets by name, each fine-tune's outcome, no sideways scroll
+        page.set_viewport_size({"width": 1400, "height": 900})
+        ui.go("#/jobs")
+        page.wait_for_selector(f'#jobs-table tr[data-job="{long_id}"] [data-status="running"]')
+        # its progress label, the widest text of a row ("12 % · epoch 1/200 · …")
+        page.wait_for_selector(f'#jobs-table tr[data-job="{long_id}"] .progress span:has-text("·")', timeout=60_000)
+        cell = lambda job, what: f'#jobs-table tr[data-job="{job}"] td[{what}]'  # noqa: E731
+        assert page.inner_text(cell(single_id, "data-dataset")) == "my-digits"
+        assert page.inner_text(cell(job_id, "data-dataset")) == "digits"
+        improved = api.get(f"/v1/jobs/{job_id}").json()["result"]["improved"]
+        assert page.get_attribute(cell(job_id, "data-improved"), "data-improved") == str(improved).lower()
+        assert page.inner_text(cell(job_id, "data-improved")) == ("improved" if improved else "not improved")
+        assert page.get_attribute(cell(job_id, "data-improved"), "title") == result["verdict_text"]
+        assert page.inner_text(cell(single_id, "data-improved")) == "—"   # an evaluation has no outcome
+        assert page.inner_text(cell(long_id, "data-improved")) == "—"     # nor a fine-tune still running
+        assert _scrolls_sideways(page) == []
+        ui.shot("7a-jobs-desktop")
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        ui.go(f"#/jobs/{long_id}")
+        ui.wait_job("running", timeout=60)
         page.once("dialog", lambda d: d.accept())
         page.click("#cancel-job")
         ui.wait_job("cancelled", timeout=60)
+        assert api.delete(f"/v1/datasets/{mine.json()['id']}").status_code == 200
 
         # a data set whose stored test split lacks a class: uploaded through the form (the census warns), then deleted
         rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@
 import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
 import { card, errorNote, fill, h, link, note, numHead, pct, short, table } from "../dom.js";
-import { finetunePoints, fmtDelta, robustnessCurves } from "../results.js";
+import { finetunePoints, fmtDelta, fromClean, robustnessCurves } from "../results.js";
 
 const KINDS = { finetune: "Fine-tune", evaluate: "Evaluation", sweep: "Sweep" };
 const dashFor = (curve) => (curve.attack === "w-pgd" ? "solid" : curve.attack === "pgd" ? "dashed" : "dotted");
@@ -50,7 +50,8 @@ export async function compareView(root, { params, signal }) {
   const [modelList, jobList] = await Promise.all([
     api.getAll("v1/models", {}, 200), api.getAll("v1/jobs", { status: "succeeded" }, 200),
   ]);
-  const models = await api.modelIndex(jobList.map((j) => j.model_id));
+  const [models, datasets] = await Promise.all([
+    api.modelIndex(jobList.map((j) => j.model_id)), api.datasetIndex(jobList.map((j) => j.dataset))]);
   const result = h("div", { id: "compare-result" });
 
   const box = (id, label, detail) => h("label", { class: "pick" },
@@ -95,7 +96,7 @@ export async function compareView(root, { params, signal }) {
         : h("p", { class: "muted" }, "No models.")),
       h("div", {}, h("h3", {}, "Finished jobs"), jobList.length
         ? jobList.map((j) => box(j.id, `${KINDS[j.type] || j.type} ${short(j.id)}`,
-          `${models.get(j.model_id)?.name || short(j.model_id)} · ${j.dataset}`))
+          `${models.get(j.model_id)?.name || short(j.model_id)} · ${datasets.get(j.dataset)?.name || short(j.dataset)}`))
         : h("p", { class: "muted" }, "No finished jobs.")))),
     result);
   await draw();
@@ -107,7 +108,7 @@ function comparison(entries) {
   const refs = [];
   shown.forEach((e, i) => {
     const color = PALETTE[i % PALETTE.length];
-    for (const c of e.curves) series.push({ name: `${e.label} · ${c.name}`, color, dash: dashFor(c), points: c.points });
+    for (const c of e.curves) series.push({ name: `${e.label} · ${c.name}`, color, dash: dashFor(c), points: fromClean(c.points, e.clean) });
     if (e.clean !== null && e.clean !== undefined) refs.push({ name: `${e.label} · clean`, y: e.clean, color, label: false });
   });
   const deltas = [...new Set(shown.flatMap((e) => e.curves.flatMap((c) => c.points.map((p) => p[0]))))].sort((a, b) => a - b);

@@ -5,7 +5,7 @@ import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
 import { ago, badge, bytes, card, clock, duration, errorNote, every, fill, h, note, numHead, pct, points, progressBar, swap, table } from "../dom.js";
 import {
-  attackRows, auditOf, beforeAfter, epochHistory, epochMetrics, fmtDelta, intervalText, perClassOf, presetOf, progressOf,
+  attackRows, auditOf, beforeAfter, epochHistory, epochMetrics, fmtDelta, fromClean, intervalText, perClassOf, presetOf, progressOf,
   robustnessCurves, selectedEpoch, threatText, verdictOf,
 } from "../results.js";
 
@@ -135,7 +135,7 @@ export async function jobView(root, { match, signal }) {
     return card("Robust accuracy against δ",
       lineChart({
         id: "robustness", xLabel: "radius δ", yLabel: "accuracy", xName: "δ", xMin: 0, xFormat: fmtDelta,
-        series: curves.curves.map((c, i) => ({ ...c, color: PALETTE[i + 1] })),
+        series: curves.curves.map((c, i) => ({ ...c, points: fromClean(c.points, curves.clean), color: PALETTE[i + 1] })),
         refs: curves.clean === null ? [] : [{ name: "clean", y: curves.clean, color: PALETTE[0] }],
       }),
       table(["δ", ...curves.curves.map((c) => numHead(c.name))], deltas.map((d) => h("tr", {},

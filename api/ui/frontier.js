@@ -80,7 +80,7 @@ function draw(spec, width) {
   const px = (x) => m.left + ((x - x0) / (x1 - x0)) * (width - m.left - m.right);
   const py = (y) => height - m.bottom - ((y - y0) / (y1 - y0)) * (height - m.top - m.bottom);
   const f = (v) => `${Math.round(v * 100)} %`;
-  const svg = s("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": spec.title || "frontier", "data-chart": spec.id || "frontier" });
+  const svg = s("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": spec.title || "clean against W2 robust accuracy, one point per model", "data-chart": spec.id || "frontier" });
   const grid = s("g", { class: "grid" });
   const axis = s("g", { class: "axis" });
   for (const v of ticks(y0, y1, 5)) {
@@ -102,6 +102,7 @@ function draw(spec, width) {
       s("line", { x1: px(r.x), x2: px(r.x), y1: m.top, y2: height - m.bottom, stroke: r.color || GREY, "stroke-dasharray": DASHES.dashed, "stroke-width": 1.3 }),
       s("text", { x: px(r.x) + 4, y: m.top + 10, fill: r.color || GREY, "font-size": 11 }, r.name)));
   }
+  const rings = s("g", { class: "rings" });
   const labelled = [];   // the boxes of the labels drawn so far: a label that would overlap one is left out
   const room = (x, y, w) => {
     if (labelled.some((b) => x < b.x + b.w && b.x < x + w && Math.abs(b.y - y) < 12)) return false;
@@ -124,7 +125,8 @@ function draw(spec, width) {
       if (p.yCi) dot.append(s("line", { x1: cx, x2: cx, y1: py(p.yCi[0]), y2: py(p.yCi[1]), "stroke-width": 1.2, opacity: 0.6 }));
       dot.append(s("circle", { cx, cy, r: 5, "stroke-width": 2, "fill-opacity": p.pareto === false ? 0.12 : 1 },
         s("title", {}, `${g.name} · ${p.label}: clean ${f(p.x)}, W2 ${f(p.y)}${p.pareto ? " · Pareto-optimal" : ""}${p.recommended ? " · recommended" : ""}`)));
-      if (p.recommended) dot.append(s("circle", { class: "recommended", cx, cy, r: 10, fill: "none", "stroke-width": 2 }));
+      // the ring goes on top of every point (another item's point may sit on the recommended one)
+      if (p.recommended) rings.append(s("circle", { class: "recommended", "data-job": p.id, cx, cy, r: 10, fill: "none", stroke: g.color, "stroke-width": 2 }));
       const text = p.recommended ? `${p.label} · recommended` : p.label;
       const tx = cx + (p.recommended ? 13 : 8);
       if (spec.labels !== false && p.label && room(tx, cy - 7, 6.5 * text.length)) {
@@ -134,6 +136,7 @@ function draw(spec, width) {
     }
     svg.append(el);
   }
+  svg.append(rings);
   if (!spec.groups.some((g) => g.points.length)) {
     svg.append(s("text", { class: "empty", x: (m.left + width - m.right) / 2, y: midY, "text-anchor": "middle" }, spec.empty || "no points yet"));
   }

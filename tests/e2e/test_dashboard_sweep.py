@@ -95,6 +95,7 @@ def test_a_sweep_draws_its_frontier_and_promotes_a_fine_tune(browser: Any, shots
         rec = result["recommendation"]
         chosen_row = f'#sweep-children tr[data-job="{rec["job_id"]}"]'
         assert rec["job_id"], rec   # a drop of 0.5 allows any fine-tune that learned anything
+        assert page.locator(f'[data-chart="frontier"] circle.recommended[data-job="{rec["job_id"]}"]').count() == 1
         assert page.inner_text("#recommendation") == rec["reason"]
         assert page.get_attribute("#recommendation", "data-job") == rec["job_id"]
         assert rec["rule_text"] in page.inner_text("#rule")

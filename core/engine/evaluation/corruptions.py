@@ -430,7 +430,7 @@ def skipped_words(block: dict[str, Any]) -> str | None:
             + "; ".join(parts) + " (report.corruptions.skipped says why for each)")
 
 
-def corruption_summary(model: torch.nn.Module, data: ImageData, spec: Corruptions = True, *,
+def corruption_summary(model: torch.nn.Module, data: ImageData, spec: Corruptions | dict[str, Any] = True, *,
                        n_examples: int | None = None, seed: int = 0, device: str | torch.device | None = None,
                        baseline: torch.nn.Module | None = None, batch_size: int = 256) -> dict[str, Any]:
     """`model`'s corruption block on a seeded stratified sample of `n_examples` test images of

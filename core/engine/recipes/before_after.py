@@ -6,6 +6,9 @@
     → the paired change of every accuracy (a bootstrap over the same test images)
     → the masking audit of the returned checkpoint, with the transfer check (an attack crafted
       on the input model, applied to the checkpoint)
+    → (config.corruptions) both models on the same corrupted copies of the test sample, and the
+      checkpoint's corruption error relative to the input model (core.engine.evaluation.corruptions);
+      reported beside the verdict, which they do not decide
     → the verdict (core.engine.recipes.verdict)
 
 The test split is touched here only, once the checkpoint is chosen: the numbers played no part
@@ -21,10 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from core.engine.config import EvaluationPreset, FinetuneConfig
+from core.engine.config import CorruptionSpec, EvaluationPreset, FinetuneConfig
+from core.engine.data.sampling import stratified_indices
 from core.engine.device import Compute
+from core.engine.evaluation import corruptions
 from core.engine.evaluation.audit import audit_status, masking_audit, transfer_check
 from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, w2_ensemble
 from core.engine.evaluation.intervals import accuracy_stat, paired_change
@@ -158,7 +164,10 @@ def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_s
     weights are replaced. None when a cancel cut the measurement short. `progress(share, phase)`
     follows the stages by their cost (stage_costs), and the attacks inside them step by step."""
     cost = stage_costs(test.config, test.compute.device.type)
-    stages = Stages(progress, measurement_passes(test.config, test.compute.device.type, best_epoch > 0))
+    spec = test.config.corruption_spec
+    corruption_cost = corruptions.passes(spec, 2 if best_epoch > 0 else 1)
+    stages = Stages(progress, measurement_passes(test.config, test.compute.device.type, best_epoch > 0)
+                    + corruption_cost)
 
     def start_as(prefix: str) -> Start:
         return lambda stage: stages.stage(cost[stage], f"{prefix}{stage}")
@@ -177,11 +186,48 @@ def compare(model: torch.nn.Module, input_state: dict[str, torch.Tensor], best_s
     audit = _audit(model, input_state, after, best_epoch, test, start_as(""))
     if audit is None:
         return None
-    verdict = _verdict(before, after, changes, audit, best_epoch, test.config, unchanged_message)
     measured = [("before", before)] + ([("after", after)] if best_epoch > 0 else [])
     warnings = [f"on the test set ({which}): {line}" for which, m in measured for line in m.ensemble.warnings()]
+    if spec is not None:
+        skipped = _corruptions(model, input_state, [m for _, m in measured], test, spec,
+                               stages.stage(corruption_cost, "common corruptions"))
+        if skipped is False:
+            return None
+        if isinstance(skipped, str):
+            warnings.append(f"on the test set: {skipped}")
+    verdict = _verdict(before, after, changes, audit, best_epoch, test.config, unchanged_message)
     return BeforeAfter(before.metrics, after.metrics, {k: c["ci95"] for k, c in changes.items()}, audit, verdict,
                        warnings)
+
+
+def _corruptions(model: torch.nn.Module, input_state: dict[str, torch.Tensor], measured: list[Measurement],
+                 test: HeldOutSet, spec: CorruptionSpec, at: Callable[[float, str | None], None]) -> str | bool | None:
+    """Both models (the module holds the returned weights) on the same corrupted test images: each
+    measurement's metrics get the block (the checkpoint's with `versus_input`) and its headline
+    numbers. Returns the line naming the skipped cells (None: none), False when cancelled."""
+    models = [model.eval()]
+    if len(measured) > 1:           # the checkpoint differs from the input model
+        source = copy.deepcopy(model)
+        source.load_state_dict(input_state)
+        models.insert(0, source.eval())
+    images = (test.x.float() * 255).round().to("cpu", torch.uint8).contiguous()   # exactly the uint8 images
+    keep = np.arange(images.shape[0])
+    if spec.n_examples is not None:
+        keep = stratified_indices(test.y.cpu().numpy(), spec.n_examples, test.config.seed)
+    picked = torch.from_numpy(keep)
+    results = corruptions.measure_corruptions(
+        models, images[picked], test.y.cpu()[picked], spec, seed=test.config.seed, image_ids=keep,
+        compute=test.compute, batch_size=test.batch, should_stop=test.should_stop,
+        progress=lambda done, phase: at(done, phase.removeprefix("corruptions: ")))
+    if results is None:
+        return False
+    for m, result in zip(measured, results, strict=True):
+        m.metrics["corruptions"] = result.to_dict()
+    if len(results) > 1:
+        measured[1].metrics["corruptions"]["versus_input"] = corruptions.versus_input(results[0], results[1])
+    for m in measured:
+        m.metrics.update(corruptions.metrics(m.metrics["corruptions"]))
+    return corruptions.skipped_words(measured[-1].metrics["corruptions"])
 
 
 def _audit(model: torch.nn.Module, input_state: dict[str, torch.Tensor], after: Measurement, best_epoch: int,

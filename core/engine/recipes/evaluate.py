@@ -3,7 +3,8 @@
     a seeded stratified sample of the test split → for each radius δ: the pointwise attack
     (AutoAttack / APGD / PGD) → the W2 ensemble (W-PGD attacks run to convergence, the pointwise
     set as a member) → at the headline δ: the masking audit, per-class numbers and the confusion
-    matrix → a JSON report and a PNG of accuracy against δ
+    matrix → (when asked) accuracy under the common corruptions → a JSON report and a PNG of
+    accuracy against δ (and per corruption type)
 
 Every number is labelled with the radius and threat model it measures, the preset that measured it
 (`evaluation`: standard or quick, core.engine.evaluation.ensemble.PRESETS), and carries n and a
@@ -18,13 +19,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from core.engine.config import EvaluateConfig
+from core.engine.config import CorruptionSpec, EvaluateConfig
 from core.engine.data.datasets import ImageData, to_unit_float
 from core.engine.data.sampling import sample_record, stratified_indices
 from core.engine.defaults import resolve_eval_batch_size
 from core.engine.device import Compute
+from core.engine.evaluation import corruptions
 from core.engine.evaluation.audit import audit_status, masking_audit
 from core.engine.evaluation.ensemble import PRESETS, Member, W2EnsembleResult, preset_attacks, w2_ensemble
 from core.engine.evaluation.intervals import accuracy_stat
@@ -33,7 +36,7 @@ from core.engine.evaluation.perclass import confusion_matrix, per_class
 from core.engine.evaluation.pointwise import PointwiseResult, pointwise_attack
 from core.engine.hooks import Hooks
 from core.engine.oom import AdaptiveBatch, report_halving
-from core.engine.plots import robustness_curve_png
+from core.engine.plots import CorruptionBars, robustness_curve_png
 from core.engine.provenance import runtime_provenance, utc_timestamp
 from core.engine.threats import Threat
 
@@ -52,6 +55,7 @@ class EvaluationReport:
     audit: list[dict[str, str]] = field(default_factory=list)      # the masking audit at the headline δ
     per_class: list[dict[str, Any]] = field(default_factory=list)  # at the headline δ
     confusion_matrix: list[list[int]] = field(default_factory=list)  # [true][predicted], clean
+    corruptions: dict[str, Any] | None = None                      # the common corruptions, when asked
 
     @property
     def headline(self) -> dict[str, Any] | None:
@@ -85,6 +89,8 @@ class EvaluationReport:
             out[f"{ground}_robust_accuracy_ci95"] = strongest["ci95"]
             out[f"{ground}_robust_to_clean_ratio"] = strongest["robust_to_clean_ratio"]
             out[f"{ground}_attack"] = strongest["attack"]
+        if self.corruptions is not None:
+            out.update(corruptions.metrics(self.corruptions))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +99,8 @@ class EvaluationReport:
             "provenance": self.provenance, "n_examples": self.n_examples,
             "clean_accuracy": self.clean_accuracy, "clean": self.clean, "w2": self.w2,
             "pointwise": self.pointwise, "audit": self.audit, "per_class": self.per_class,
-            "confusion_matrix": self.confusion_matrix, "stopped": self.stopped})
+            "confusion_matrix": self.confusion_matrix, "stopped": self.stopped,
+            **({"corruptions": self.corruptions} if self.corruptions is not None else {})})
 
     def plot_png(self) -> bytes:
         preset = self.config.get("evaluation", "standard")
@@ -104,7 +111,8 @@ class EvaluationReport:
             if len(rows) == len(self.w2):
                 series[f"{rows[0]['threat']} ({name})"] = [p["robust_accuracy"] for p in rows]
         return robustness_curve_png([r["delta"] for r in self.w2], series, self.clean_accuracy,
-                                    "robust accuracy against the radius")
+                                    "robust accuracy against the radius",
+                                    corruptions=CorruptionBars.of({"this model": self.corruptions}))
 
 
 def _same(a: float, b: float) -> bool:
@@ -134,7 +142,8 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
     headline_delta = config.headline_delta[0]
     point_names: list[str] = (list(dict.fromkeys(config.linf_attacks)) if config.linf_attacks is not None
                    else [PRESETS[config.evaluation].pointwise(compute.device.type)])
-    units = len(config.radii) * (1 + len(point_names)) + (1 if config.audit else 0)
+    spec = config.corruption_spec
+    units = len(config.radii) * (1 + len(point_names)) + (1 if config.audit else 0) + (1 if spec else 0)
     progress = _Progress(hooks, units)
     report = EvaluationReport(config=config.model_dump(mode="json"), n_examples=n, clean_accuracy=0.0)
     batch = AdaptiveBatch(batch_size, report_halving(hooks.event))
@@ -191,6 +200,15 @@ def evaluate(config: EvaluateConfig, model: torch.nn.Module, data: ImageData, ho
             outcomes[f"{strongest.threat}_robust_accuracy"] = strongest.correct
         report.per_class = per_class(y, outcomes, data.num_classes, data.class_names)
         report.confusion_matrix = confusion_matrix(y, ensemble.clean_pred, data.num_classes)
+    if spec is not None:
+        report.corruptions = _corruptions(spec, config.seed, model, data, indices, compute, batch, progress, hooks)
+        if report.corruptions is None:
+            return _stopped(report, config, n, compute, context, started_at, batch_size, indices, labels)
+        progress.unit_done("corruptions", corruptions.metrics(report.corruptions))
+        skipped = corruptions.skipped_words(report.corruptions)
+        if skipped:
+            report.warnings.append(skipped)
+            hooks.warn(skipped, {"corruptions_skipped": report.corruptions["skipped"]})
     report.provenance = _provenance(config, n, compute, context, started_at, batch_size, indices, labels,
                                     point_names)
     hooks.progress(1.0, "done", report.summary)
@@ -214,6 +232,22 @@ class _Progress:
     def unit_done(self, phase: str, metrics: dict[str, Any]) -> None:
         self.done += 1
         self.hooks.progress(min(1.0, self.done / self.units), phase, metrics)
+
+
+def _corruptions(spec: CorruptionSpec, seed: int, model: torch.nn.Module, data: ImageData, indices: Any,
+                 compute: Compute, batch: AdaptiveBatch, progress: _Progress, hooks: Hooks) -> dict[str, Any] | None:
+    """The corruption block on the evaluated sample (or spec.n_examples of it, a stratified
+    sample); each image seeded by its index in the test split. None when cancelled."""
+    chosen = np.asarray(indices)
+    if spec.n_examples is not None:
+        chosen = chosen[stratified_indices(data.test_y.numpy()[chosen], spec.n_examples, seed)]
+    picked = torch.from_numpy(chosen)
+    results = corruptions.measure_corruptions(
+        [model], data.test_x[picked], data.test_y[picked], spec, seed=seed, image_ids=chosen, compute=compute,
+        batch_size=batch, progress=progress.within, should_stop=hooks.should_stop)
+    if results is None:
+        return None
+    return results[0].to_dict()
 
 
 def _warn_on_failed_audit(report: EvaluationReport, hooks: Hooks) -> None:

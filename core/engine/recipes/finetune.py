@@ -61,7 +61,7 @@ from core.engine.evaluation.invariants import check_report
 from core.engine.hooks import Hooks
 from core.engine.losses import attack_loss, kl_divergence
 from core.engine.oom import AdaptiveBatch, report_halving
-from core.engine.plots import training_curve_png
+from core.engine.plots import CorruptionBars, training_curve_png
 from core.engine.provenance import runtime_provenance, utc_timestamp
 from core.engine.recipes import verdict as verdicts
 from core.engine.recipes.before_after import BeforeAfter, HeldOutSet, compare, measurement_passes
@@ -122,8 +122,12 @@ class FinetuneResult:
         rows = [{"epoch": 0, **self.validation["before"]}] + [h for h in self.history if "clean_accuracy" in h]
         keys = [k for k in ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy",
                             "l2_robust_accuracy") if k in rows[0]]
+        # with corruptions (config.corruptions): beside it, the test accuracy per type before and after
+        bars = CorruptionBars.of({"input model": (self.before or {}).get("corruptions"),
+                                  f"epoch {self.best_epoch}": (self.after or {}).get("corruptions")}
+                                 if self.best_epoch > 0 else {"input model": (self.before or {}).get("corruptions")})
         return training_curve_png([r["epoch"] for r in rows], {k: [r[k] for r in rows] for k in keys},
-                                  "W-TRADES fine-tuning: validation accuracy (epoch 0 = the input)")
+                                  "W-TRADES fine-tuning: validation accuracy (epoch 0 = the input)", corruptions=bars)
 
 
 _ACCURACY_KEYS = ("clean_accuracy", "w2_robust_accuracy", "linf_robust_accuracy", "l2_robust_accuracy",

@@ -69,6 +69,31 @@ class LatestMetrics(_Open):
     delta: Number | None
 
 
+class DeviceEstimate(_Open):
+    """The estimate on an idle worker of one device class."""
+
+    seconds: Number = Field(description="the median over the class's live workers (over every worker that "
+                                        "recorded one when none is live)")
+    basis: Literal["measured", "scaled", "reference"] = Field(
+        description="measured: jobs of this architecture at this input size ran on the class; scaled: they ran "
+                    "on another class, scaled by the two classes' reference timings; reference: never run, the "
+                    "reference model's timing scaled by parameters × pixels (can be several times off)")
+    workers_seen: int = Field(description="live workers of the class")
+    workers_calibrated: int = Field(description="workers of the class that ever recorded a calibration")
+    range_seconds: list[Number] = Field(description="the smallest and largest of the workers' estimates")
+
+
+class JobEstimate(_Open):
+    """How long the job should run on an idle worker of each device class, made at submit from the
+    workers' calibrations (docs/runtimes.md, "Before you submit: the estimate")."""
+
+    kind: str | None = Field(description="the architecture at its input size, e.g. small-cnn@1x8x8")
+    passes: dict[str, dict[str, Number]] = Field(
+        description="image forward/backward passes per phase and in total, by device type (cpu, cuda)")
+    devices: dict[str, DeviceEstimate] = Field(description="by device class: cpu, or cuda:<GPU name>")
+    reason: str | None = Field(description="why `devices` is empty (no worker has calibrated yet), else null")
+
+
 class JobWebhookInfo(_Closed):
     endpoint_id: str
     events: list[str] | None = Field(description="event types sent; null: the endpoint's")
@@ -100,6 +125,9 @@ class Job(_Closed):
     started_at: Timestamp | None
     finished_at: Timestamp | None
     progress: Progress
+    estimate: JobEstimate | None = Field(
+        default=None, description="the run time estimated at submit, per device class (null in lists, and for "
+                                  "jobs submitted before estimates)")
     latest_metrics: LatestMetrics
     result: dict[str, Any] | None = Field(description="a finished job's summary: before/after numbers of a "
                                                       "fine-tune, the headline numbers of an evaluation")
@@ -112,7 +140,7 @@ class Job(_Closed):
     parent_job_id: str | None = Field(default=None, description="the sweep job that started this fine-tune")
 
     @classmethod
-    def from_row(cls, j: db.Job) -> Job:
+    def from_row(cls, j: db.Job, estimate: dict[str, Any] | None = None) -> Job:
         # every progress and metric key is present (null until the worker reports it)
         progress: dict[str, Any] = dict.fromkeys(Progress.model_fields)
         progress["fraction"] = 1.0 if j.status == "succeeded" else 0.0
@@ -122,6 +150,7 @@ class Job(_Closed):
             threat_model=j.threat_model, config=j.config, seed=j.seed, metadata=j.meta,
             created_at=ts(j.created_at), started_at=ts(j.started_at), finished_at=ts(j.finished_at),
             progress=Progress.model_validate({**progress, **(j.progress or {})}),
+            estimate=JobEstimate.model_validate(estimate) if estimate is not None else None,
             latest_metrics=LatestMetrics.model_validate({**dict.fromkeys(LatestMetrics.model_fields),
                                                          **(j.latest_metrics or {})}),
             result=j.result, error=j.error, attempt=j.attempt, max_attempts=j.max_attempts,

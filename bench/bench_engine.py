@@ -61,6 +61,7 @@ from core.engine.config import EvaluateConfig, FinetuneConfig  # noqa: E402
 from core.engine.defaults import resolve_eval_batch_size  # noqa: E402
 from core.engine.device import Compute  # noqa: E402
 from core.engine.losses import kl_divergence, redlr  # noqa: E402
+from core.engine.provenance import cpu_name  # noqa: E402
 from core.engine.recipes.finetune import RandomWeightPerturbation, w_trades_step  # noqa: E402
 from core.engine.threats import Threat  # noqa: E402
 from core.engine.zoo import create_model  # noqa: E402
@@ -412,20 +413,10 @@ def run_model(name: str, device: torch.device, repeats: int, sizes: tuple[int, i
     return rows
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, machine: str) -> dict:
     import os
     return {"machine": machine, "device": torch.cuda.get_device_name() if device.type == "cuda" else
-            f"CPU: {_cpu_name()}, {os.cpu_count()} cores", "device_type": device.type,
+            f"CPU: {cpu_name()}, {os.cpu_count()} cores", "device_type": device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds")}
 

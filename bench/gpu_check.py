@@ -11,9 +11,12 @@ section that would pass the total deadline is stopped by an alarm and recorded a
   with and without the float32 stem against float32: the difference is reported.
 - throughput: W-PGD and W-TRADES on WideResNet-28-10 against the lean and reference-structure
   baselines of bench_engine.py, without and with torch.compile.
+- schedules: the whole fine-tune (the real recipe, the digits CNN, the user's auto epochs, batch and
+  lr) with the default schedule and with attack_schedule "allocate", from the same start model per
+  seed in a rotated order: job and training seconds, the speed-up per seed, W2 before → after.
 - service: the embedded service (`robustify serve`) in a subprocess on a free port, a tiny
   fine-tune submitted through the SDK (`robustify.Client`) and waited for.
-Writes one JSON file and prints a table.
+Writes one JSON file and the table beside it (.txt), after every section, and prints the table.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_engine  # noqa: E402
+import fast_wtrades  # noqa: E402
 import torch  # noqa: E402
 
 DEADLINE_S = 8 * 60 - 20          # the whole check, with a margin for writing the results
@@ -94,7 +99,7 @@ def precision_section(device: torch.device, sizes: dict) -> dict:
 
     model, data = trained_digits_model(sizes["train_epochs"], device)
     base = {"threat_model": {"kind": "w2-linf", "delta": 0.1}, "n_examples": sizes["n_eval"],
-            "wpgd_steps": sizes["wpgd_steps"], "linf_attacks": []}
+            "wpgd_steps": sizes["wpgd_steps"], "linf_attacks": [], **sizes["precision_config"]}
 
     def run(strict: bool = False, **over: Any) -> dict:
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
@@ -133,7 +138,62 @@ def throughput_section(device: torch.device, sizes: dict) -> dict:
     return {"rows": rows, "table": bench_engine.table(rows)}
 
 
-# --- (c) the live service ------------------------------------------------------------------------------
+# --- (c) the schedules: the default and allocate, the whole fine-tune ------------------------------------
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "default": {},                                   # FinetuneConfig's defaults, whatever they are today
+    "allocate": {"attack_schedule": "allocate"},     # fast W-TRADES: one step, the W2 budget allocated
+}
+
+
+def schedules_section(device: torch.device, sizes: dict) -> dict:
+    """The real fine-tune recipe (core.engine.recipes.finetune) from the same start model per seed,
+    once per schedule in a rotated order: the job's time, its training time (fast_wtrades.TrainClock:
+    the attacks and outer steps, not the per-epoch validation) and the test numbers it reports."""
+    from core.engine.config import FinetuneConfig
+    from core.engine.defaults import resolve_finetune
+    from core.engine.recipes.finetune import finetune
+
+    model, data = trained_digits_model(sizes["train_epochs"], device)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    runs = []
+    for i, seed in enumerate(sizes["schedule_seeds"]):
+        names = list(SCHEDULES)
+        for name in names[i % len(names):] + names[:i % len(names)]:     # rotated: load hits both alike
+            fields = {"threat_model": {"kind": "w2-linf", "delta": 0.1}, "seed": seed, **sizes["schedule_config"],
+                      **SCHEDULES[name]}
+            config = FinetuneConfig.model_validate(fields)
+            config = resolve_finetune(config, min(len(data.train_y), config.train_examples or len(data.train_y)))
+            model.load_state_dict(start)
+            clock = fast_wtrades.TrainClock()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            result = finetune(config, model, data, clock, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t
+            before, after = result.before or {}, result.after or {}
+            runs.append({"schedule": name, "seed": seed, "job_s": round(seconds, 2), "train_s": round(clock.seconds, 2),
+                         "epochs": int(config.epochs), "attack_steps": config.attack_steps,
+                         "attack_schedule": config.attack_schedule, "best_epoch": result.best_epoch,
+                         "verdict": result.verdict.name if result.verdict is not None else None,
+                         "w2_before": before.get("w2_robust_accuracy"), "w2_after": after.get("w2_robust_accuracy"),
+                         "clean_after": after.get("clean_accuracy")})
+    summary = {}
+    for name in SCHEDULES:
+        mine = [r for r in runs if r["schedule"] == name]
+        base = {r["seed"]: r for r in runs if r["schedule"] == "default"}
+        summary[name] = {
+            "job_s_median": statistics.median(r["job_s"] for r in mine),
+            "train_s_median": statistics.median(r["train_s"] for r in mine),
+            "job_speedup_vs_default": [round(base[r["seed"]]["job_s"] / r["job_s"], 2) for r in mine],
+            "train_speedup_vs_default": [round(base[r["seed"]]["train_s"] / max(r["train_s"], 1e-9), 2) for r in mine],
+            "w2_after": [r["w2_after"] for r in mine]}
+    return {"model": "small-cnn trained on digits", "delta": 0.1, "config": sizes["schedule_config"],
+            "runs": runs, "summary": summary}
+
+
+# --- (d) the live service ------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,14 +260,27 @@ def sizes_for(cpu_smoke: bool) -> dict:
                 "validation_examples": 64 if cpu_smoke else 200, "test_examples": 64 if cpu_smoke else 500,
                 "eval_wpgd_steps": 2 if cpu_smoke else 10, "eval_pgd_steps": 1 if cpu_smoke else 5,
                 "test_wpgd_steps": 2 if cpu_smoke else 20, "test_pgd_steps": 1 if cpu_smoke else 10,
-                "budget_subset": 64 if cpu_smoke else 512}
+                "budget_subset": 64 if cpu_smoke else 512,
+                # the smoke checks the service's path, not the preset: the standard one's APGD on a loaded
+                # 2-core machine took the job past its 60 s
+                **({"evaluation": "quick"} if cpu_smoke else {})}
     if cpu_smoke:
+        # the smoke's evaluations: the quick preset without the audit (the standard one's adaptive attacks
+        # and audit took 74-98 s of the 2-core CI machine under load, for no code path more)
         return {"train_epochs": 1, "n_eval": 64, "wpgd_steps": 3, "throughput_model": "small-cnn",
+                "precision_config": {"evaluation": "quick", "audit": False},
+                "schedule_seeds": [0], "schedule_config": {
+                    "epochs": 1, "train_examples": 160, "validation_examples": 32, "test_examples": 32,
+                    "eval_wpgd_steps": 2, "eval_pgd_steps": 1, "test_wpgd_steps": 2, "test_pgd_steps": 1,
+                    "budget_subset": 32, "evaluation": "quick"},
                 "repeats": 1, "plain": (64, 2, 16, 1, 2), "compiled_repeats": 1, "compiled": (32, 1, 8, 1, 1),
                 # torch.compile's graph capture without inductor's code generation (minutes on a CPU)
                 "compile_backend": "eager",
                 "service_start_s": 60, "job_timeout_s": 60, "finetune": finetune}
-    return {"train_epochs": 10, "n_eval": 360, "wpgd_steps": 50,
+    return {"train_epochs": 10, "n_eval": 360, "wpgd_steps": 50, "precision_config": {},
+            # the user's defaults (auto epochs, batch and lr; digits: 8 epochs of 71 steps) on all of digits,
+            # the quick preset for the test numbers: two seeds of each schedule in about 2 minutes
+            "schedule_seeds": [0, 1], "schedule_config": {"evaluation": "quick"},
             "throughput_model": "wide-resnet-28-10", "repeats": 3, "plain": (2000, 10, 512, 2, 10),
             "compiled_repeats": 2, "compiled": (1000, 5, 256, 1, 10), "compile_backend": "inductor",
             "service_start_s": 90, "job_timeout_s": 150, "finetune": finetune}
@@ -228,6 +301,19 @@ def summary_table(results: dict) -> str:
                   f"bf16 {p['bf16']['robust_accuracy']:.4f} "
                   f"(float32 stem: {p['bf16_float32_stem']}); default − float32 = {p['default_minus_float32_images']} "
                   f"images, bf16 − float32 = {p['bf16_minus_float32_images']} images"]
+    sch = results["sections"].get("schedules", {})
+    if sch.get("ok"):
+        lines += ["", "schedules (the whole fine-tune, digits CNN, δ=0.1, quick test preset):",
+                  "| schedule | seed | epochs × K | job s | training s | W2 before → after | verdict |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in sch["runs"]:
+            w2 = (f"{r['w2_before']:.3f} → {r['w2_after']:.3f}" if r["w2_before"] is not None
+                  and r["w2_after"] is not None else "—")
+            lines.append(f"| {r['schedule']} ({r['attack_schedule']}) | {r['seed']} | {r['epochs']} × "
+                         f"{r['attack_steps']} | {r['job_s']:.1f} | {r['train_s']:.1f} | {w2} | {r['verdict']} |")
+        a = sch["summary"].get("allocate", {})
+        lines.append(f"allocate ÷ default per seed: job {a.get('job_speedup_vs_default')}×, "
+                     f"training {a.get('train_speedup_vs_default')}× faster")
     t = results["sections"].get("throughput", {})
     if t.get("ok"):
         lines += ["", t["table"]]
@@ -243,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: exercises every code path")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu-check.json"))
     ap.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds for the whole check")
-    ap.add_argument("--sections", default="precision,throughput,service")
+    ap.add_argument("--sections", default="precision,schedules,service,throughput",
+                    help="in this order: the slowest (throughput, with torch.compile) last")
     args = ap.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.deadline
@@ -259,18 +346,28 @@ def main(argv: list[str] | None = None) -> int:
                                "command": " ".join(["python", "bench/gpu_check.py", *(argv if argv is not None
                                                                                        else sys.argv[1:])]),
                                "sections": {}}
-    sections = {"precision": precision_section, "throughput": throughput_section, "service": service_section}
-    for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+    sections = {"precision": precision_section, "schedules": schedules_section, "throughput": throughput_section,
+                "service": service_section}
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for name in names:
         if name not in sections:
             ap.error(f"unknown section {name!r}; choose from {list(sections)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
         run_section(results, name, functools.partial(sections[name], device, sizes), deadline)
+        write_results(results, out, start)        # after every section: a run cut short keeps what it measured
+    print(summary_table(results))
+    print(f"wrote {out} and {out.with_suffix('.txt')}")
+    return 0 if results["ok"] else 1
+
+
+def write_results(results: dict, out: Path, start: float) -> None:
+    """The JSON file and, beside it, the table as text (`<out>.txt`)."""
     results["total_seconds"] = round(time.monotonic() - start, 2)
     results["ok"] = all(s["ok"] for s in results["sections"].values())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(summary_table(results))
-    print(f"wrote {args.out}")
-    return 0 if results["ok"] else 1
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".txt").write_text(summary_table(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -422,6 +422,10 @@ def jobs_submit(out: Out, recipe: JobType, model: str | None, dataset: str | Non
             click.echo(f"  epochs {cfg['epochs']}, batch_size {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, "
                        f"threat {cfg['threat_model']['kind']} δ={cfg['threat_model']['delta']:.4g}, "
                        f"inner attack {attack_summary(cfg)}")
+        from cli.estimates import estimate_line
+        line = estimate_line(j.get("estimate"))
+        if line:
+            click.echo(f"  {line}")
     return watch_job(out, job.id, quiet=out.json) if watch else 0
 
 
@@ -682,4 +686,3 @@ def webhooks_delete(out: Out, endpoint_id: str) -> int:
     gone = out.client.webhooks.delete(endpoint_id)
     out.dump(gone) if out.json else click.echo(f"{gone.id}: deleted")
     return 0
-

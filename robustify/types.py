@@ -55,6 +55,8 @@ class Job(ApiObject):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     progress: Progress = Field(default_factory=Progress)
+    # the run time estimated at submit, by device class (docs/http-api.md); null in lists
+    estimate: dict[str, Any] | None = None
     latest_metrics: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None

@@ -10,6 +10,7 @@ touch CUDA (fork and CUDA do not mix), and the API imports nothing here.
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select
 
@@ -17,6 +18,7 @@ from core.service.db import Job
 from core.service.logs import job_context
 from core.service.queue import enqueue_job
 from core.states import WORKER_STATES
+from worker.calibration import record_job_timing
 from worker.claim import add_event, claim_job
 from worker.ddp import devices_for, run_distributed
 from worker.finish import fail_job, finish_evaluate, finish_finetune
@@ -113,15 +115,24 @@ def _execute(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artifac
     if devices > 1:  # one process per device, started and supervised from here
         return run_distributed(rt, job_id, owner, hb, devices, resume_artifact_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.monotonic()
     setup = set_up_job(rt, job_id, owner, hb, resume_artifact_id)
     hooks = setup.hooks
     assert hooks is not None  # this process reports
+    recipe_started = time.monotonic()
     if setup.job_type == "finetune":
         result = setup.finetune(hooks.as_hooks(), device=device)
         _stop_unless_done(hooks, result.stopped)
-        return retry_while_down(lambda: finish_finetune(rt, hooks, result),
-                                seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
-    report = setup.evaluate(hooks.as_hooks(), device=device)
-    _stop_unless_done(hooks, report.stopped)
-    return retry_while_down(lambda: finish_evaluate(rt, hooks, report),
-                            seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
+        recipe_seconds = time.monotonic() - recipe_started
+        outcome = retry_while_down(lambda: finish_finetune(rt, hooks, result),
+                                   seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
+    else:
+        report = setup.evaluate(hooks.as_hooks(), device=device)
+        _stop_unless_done(hooks, report.stopped)
+        recipe_seconds = time.monotonic() - recipe_started
+        outcome = retry_while_down(lambda: finish_evaluate(rt, hooks, report),
+                                   seconds=rt.settings.stale_heartbeat_seconds, what=f"finishing job {job_id}")
+    if outcome == "succeeded":   # the cost of its kind, for the next job's estimate (core.engine.estimate)
+        record_job_timing(rt, job_id, setup, device, recipe_seconds,
+                          time.monotonic() - started - recipe_seconds)
+    return outcome

@@ -81,15 +81,19 @@ class Maintenance:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="robustify-maintenance", daemon=True)
         self.devices: tuple[int, str] | None = None   # stated in the heartbeat once probed
+        self.calibration: dict[str, Any] | None = None  # the reference timing (worker/devices.py), once probed
 
     def start(self) -> None:
         self._thread.start()
         threading.Thread(target=self._probe_devices, name="robustify-devices", daemon=True).start()
 
     def _probe_devices(self) -> None:
-        from worker.devices import probe_capacity
+        from worker.devices import probe
 
-        self.devices = probe_capacity()   # seconds (torch imported in a subprocess); the heartbeat starts at once
+        found = probe()   # seconds (torch imported in a subprocess); the heartbeat starts at once
+        if found is not None:
+            self.devices = found["devices"], found["device_type"]
+            self.calibration = found["calibration"]
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,7 +114,7 @@ class Maintenance:
 
     def _beat(self, rt: Runtime) -> None:
         with rt.session() as s:
-            record_worker_heartbeat(s, self.name, self.queues, self.devices)
+            record_worker_heartbeat(s, self.name, self.queues, self.devices, self.calibration)
             s.commit()
 
     @staticmethod

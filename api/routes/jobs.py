@@ -24,6 +24,7 @@ from api.compatibility import DatasetFacts, check_compatible, dataset_facts
 from api.crud import get_owned_job, get_owned_model, owned
 from api.deps import Caller, CallerDep, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
+from api.estimates import job_estimate, stored_estimate
 from api.routes import sweeps
 from api.routes.common import BINARY, IdFilter, PageAfter, PageLimit, artifact_download, paginate
 from api.routes.models import register_robustbench_model
@@ -115,12 +116,13 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
     if idempotency_key:
         prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
         if prior is not None:
-            return _replay(prior, body, config, response)
+            return _replay(session, prior, body, config, response)
     check_queued_share(session, who, svc.settings, adding=len(planned) or 1)
     check_devices(session, svc.settings, config.get("devices"))
     m = _resolve_model(session, svc, who, body)
     check_compatible(m, facts)
     webhook_endpoint_id, webhook_events = job_webhook(session, svc, who, body.webhook)
+    estimate = job_estimate(session, svc.settings, who, body.type, config, m, facts)
 
     job = Job(
         id=new_id("job"), owner_key_id=who.key_id, type=body.type, status="queued", model_id=m.id,
@@ -132,7 +134,8 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
     try:
         session.add(job)
         session.flush()  # the unique indexes on the key fire here (or at commit)
-        session.add(JobEvent(job_id=job.id, type="status", message="job queued", data={"status": "queued"}))
+        session.add(JobEvent(job_id=job.id, type="status", message="job queued",
+                             data={"status": "queued", "estimate": estimate}))
         children = sweeps.add_children(session, job, planned) if planned else []
         session.commit()
     except IntegrityError:  # a concurrent retry with the same Idempotency-Key won the race
@@ -140,7 +143,7 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
         prior = session.scalar(select(Job).where(owned(Job.owner_key_id, who), Job.idempotency_key == idempotency_key))
         if prior is None:
             raise
-        return _replay(prior, body, config, response)
+        return _replay(session, prior, body, config, response)
 
     # Only after the row is committed: a worker that picks the message up must find it. A sweep's
     # children are the jobs that run (worker/sweepjob.py).
@@ -158,17 +161,17 @@ def create_job(body: JobCreate, response: Response, svc: ServicesDep, who: Calle
         session.commit()
         raise ApiError(503, ErrorCode.BROKER_UNAVAILABLE, error["message"], job_id=job.id) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return r.Job.from_row(job)
+    return r.Job.from_row(job, estimate)
 
 
-def _replay(prior: Job, body: JobCreate, config: dict[str, Any], response: Response) -> r.Job:
+def _replay(session: Session, prior: Job, body: JobCreate, config: dict[str, Any], response: Response) -> r.Job:
     model_id = body.model_id or prior.model_id
     if not _same_request(prior, body, model_id, config):
         raise ApiError(409, ErrorCode.CONFLICT, "this Idempotency-Key was already used for a different request; "
                                         "use a new key for a new job.", job_id=prior.id)
     response.headers["Location"] = f"/v1/jobs/{prior.id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return r.Job.from_row(prior)
+    return r.Job.from_row(prior, stored_estimate(session, prior.id))
 
 
 # ------------------------------------------------------------------------------- read
@@ -196,7 +199,7 @@ def list_jobs(who: CallerDep, session: SessionDep, status: StatusFilter = None, 
 
 @router.get("/{job_id}", response_model=r.Job, summary="Get a job")
 def get_job(job_id: str, who: CallerDep, session: SessionDep) -> r.Job:
-    return r.Job.from_row(get_owned_job(session, who, job_id))
+    return r.Job.from_row(get_owned_job(session, who, job_id), stored_estimate(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=r.Job, summary="Cancel a job (idempotent)")
@@ -378,4 +381,3 @@ def job_plot(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, se
         raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no plot yet (status {job.status}).",
                        job_status=job.status)
     return artifact_download(request, svc.store, art)
-

@@ -166,6 +166,9 @@ class WorkerHeartbeat(Base):
 
     __tablename__ = "worker_heartbeats"
     id: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname, e.g. gpu0@host
+    # The queue names it consumes, then (once measured) one object {"calibration": {...}}: its device
+    # class, the reference timing it took at start and the kinds of job it ran (core/service/calibration.py).
+    # Read them with heartbeat_queues() and heartbeat_calibration().
     queues: Mapped[list[Any] | None] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
@@ -210,18 +213,43 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = _ts()
 
 
+def heartbeat_queues(row: WorkerHeartbeat) -> list[str]:
+    """The queue names a heartbeat row states (its `queues` column less the calibration object)."""
+    return [q for q in (row.queues or []) if isinstance(q, str)]
+
+
+def heartbeat_calibration(row: WorkerHeartbeat) -> dict[str, Any] | None:
+    """The calibration a heartbeat row carries (core/service/calibration.py), or None."""
+    for item in row.queues or []:
+        if isinstance(item, dict) and isinstance(item.get("calibration"), dict):
+            return dict(item["calibration"])
+    return None
+
+
+def set_heartbeat_calibration(row: WorkerHeartbeat, calibration: dict[str, Any]) -> None:
+    row.queues = [*heartbeat_queues(row), {"calibration": calibration}]
+
+
 def record_worker_heartbeat(session: Any, worker_id: str, queues: list[str] | None = None,
-                            devices: tuple[int, str] | None = None) -> None:
-    """Insert or refresh a worker's heartbeat row, with its (device count, device type) once known
-    (the caller commits)."""
-    row = session.get(WorkerHeartbeat, worker_id)
+                            devices: tuple[int, str] | None = None,
+                            calibration: dict[str, Any] | None = None) -> None:
+    """Insert or refresh a worker's heartbeat row, with its (device count, device type) and its
+    start calibration once known (the caller commits). The kinds of job the worker's processes
+    recorded in the row's calibration are kept."""
+    row = session.get(WorkerHeartbeat, worker_id, with_for_update=True)
     if row is None:
         row = WorkerHeartbeat(id=worker_id, queues=queues, heartbeat_at=utcnow())
         session.add(row)
     else:
         row.heartbeat_at = utcnow()
-        if queues is not None:
-            row.queues = queues
+    held = heartbeat_calibration(row)
+    if calibration is not None:
+        held = {**calibration, "kinds": {**(held or {}).get("kinds", {}), **calibration.get("kinds", {})}}
+    if queues is not None or calibration is not None:
+        names = queues if queues is not None else heartbeat_queues(row)
+        stated = [*names, {"calibration": held}] if held else list(names)
+        if stated != row.queues:
+            row.queues = stated
     if devices is not None:
         row.devices, row.device_type = devices
 
@@ -231,4 +259,3 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
-

@@ -123,9 +123,19 @@ def test_gpu_check_cpu_smoke_runs_every_section() -> None:
                               cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         result = json.loads(out.read_text())
+        table = out.with_suffix(".txt").read_text()          # the table, written beside the JSON
     assert result["cpu_smoke"] is True and result["ok"] is True and result["device_type"] == "cpu"
     s = result["sections"]
-    assert set(s) == {"precision", "throughput", "service"} and all(v["ok"] and v["seconds"] > 0 for v in s.values())
+    assert list(s) == ["precision", "schedules", "service", "throughput"]     # the slowest last
+    assert all(v["ok"] and v["seconds"] > 0 for v in s.values())
+    # the default schedule and allocate, from the same start model: the same W2 before, K = 10 against 1
+    runs = {r["schedule"]: r for r in s["schedules"]["runs"]}
+    assert set(runs) == {"default", "allocate"} and runs["default"]["w2_before"] == runs["allocate"]["w2_before"]
+    assert (runs["default"]["attack_schedule"], runs["default"]["attack_steps"]) == ("standard", 10)
+    assert (runs["allocate"]["attack_schedule"], runs["allocate"]["attack_steps"]) == ("allocate", 1)
+    assert all(r["job_s"] > r["train_s"] > 0 for r in runs.values())
+    assert "| allocate (allocate) | 0 | 1 × 1 |" in proc.stdout
+    assert table.startswith("robustify GPU check on CPU") and "| allocate (allocate) |" in table
     p = s["precision"]
     assert p["same_robust_accuracy"] is True and p["default_minus_float32_images"] == 0
     assert p["evaluation_default"]["precision"] == "float32" and p["bf16"]["precision"] == "bf16"

@@ -179,3 +179,67 @@ def test_killed_pool_child_requeues_at_once(client: httpx.Client, ready_model: d
     assert [e["data"]["epoch"] for e in evs if e["type"] == "checkpoint"] == list(range(1, epochs + 1))
     assert any("resumed_from_epoch" in (e["data"] or {}) for e in evs)
     assert time.monotonic() - killed < 150
+
+
+# A fine-tune of a few seconds: the quick preset on 100 test images.
+FAST = {"epochs": 2, "evaluation": "quick", "test_examples": 100}
+
+
+def _seconds(job: dict[str, Any]) -> float:
+    from datetime import datetime
+    start, end = (datetime.fromisoformat(job[k].replace("Z", "+00:00")) for k in ("started_at", "finished_at"))
+    return (end - start).total_seconds()
+
+
+def test_submit_answers_with_an_estimate_from_the_workers_calibration(
+        client: httpx.Client, ready_model: dict[str, Any], workers: Any, queues: dict[str, str],
+        service_env: dict[str, str]) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from core.service.db import WorkerHeartbeat, heartbeat_calibration
+
+    workers.start(queues["gpu"], "gpu-estimate")
+    engine = create_engine(service_env["ROBUSTIFY_DATABASE_URL"])
+    try:
+        def calibrated() -> dict[str, Any] | None:     # the worker times the reference when it starts
+            with Session(engine) as s:
+                rows = [r for r in s.query(WorkerHeartbeat).all() if r.id.startswith("gpu-estimate-")]
+                return heartbeat_calibration(rows[0]) if rows else None
+        cal = wait_until(calibrated, 120, "the worker's calibration")
+        assert cal["device_class"] == "cpu" and cal["reference"]["seconds_per_unit"] > 0
+
+        first = submit(client, ready_model["id"], **FAST)
+        estimate = first["estimate"]
+        assert estimate["reason"] is None and estimate["kind"] == "small-cnn@1x8x8", estimate
+        assert estimate["devices"]["cpu"]["workers_seen"] >= 1 and estimate["devices"]["cpu"]["seconds"] > 0
+        assert client.get(f"/v1/jobs/{first['id']}").json()["estimate"] == estimate   # kept with the job
+        first_done = wait_status(client, first["id"], {"succeeded", "failed"}, timeout=180)
+        assert first_done["status"] == "succeeded", first_done["error"]
+
+        # the finished job records its kind's cost on the worker (just after its status is written)
+        wait_until(lambda: "small-cnn@1x8x8" in (calibrated() or {}).get("kinds", {}), 30, "the job's kind")
+        # the next job's estimate is measured; a process's first job ran cold (the engine imported, digits
+        # read), so the third job's estimate, from the second's warm timing, is the one to hold to a factor 3
+        ratios = []
+        for recorded in (2, 3):
+            second = submit(client, ready_model["id"], **FAST)
+            cpu = second["estimate"]["devices"]["cpu"]
+            assert cpu["basis"] == "measured", second["estimate"]
+            done = wait_status(client, second["id"], {"succeeded", "failed"}, timeout=180)
+            assert done["status"] == "succeeded", done["error"]
+            ratios.append(cpu["seconds"] / _seconds(done))
+            wait_until(lambda n=recorded: (calibrated() or {}).get("kinds", {})["small-cnn@1x8x8"]["jobs"] == n, 30,
+                       "the job's timing")
+        print(f"estimate / run time: reference {estimate['devices']['cpu']['seconds'] / _seconds(first_done):.2f}, "
+              f"measured cold {ratios[0]:.2f}, warm {ratios[1]:.2f}")
+        assert 1 / 3 <= ratios[1] <= 3, (ratios, cpu, _seconds(done), estimate["devices"]["cpu"], _seconds(first_done))
+
+        # more epochs: a longer estimate (cancelled before it runs long)
+        longer = submit(client, ready_model["id"], **{**FAST, "epochs": 6})
+        client.post(f"/v1/jobs/{longer['id']}/cancel")
+        assert longer["estimate"]["devices"]["cpu"]["seconds"] > cpu["seconds"]
+        assert longer["estimate"]["passes"]["cpu"]["training"] == 3 * second["estimate"]["passes"]["cpu"]["training"]
+        wait_status(client, longer["id"], {"cancelled", "succeeded", "failed"}, timeout=120)
+    finally:
+        engine.dispose()

@@ -328,3 +328,44 @@ def _npz_with_labels(n: int, classes: int) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, x=np.zeros((n, 8, 8), dtype=np.uint8), y=(np.arange(n) % classes).astype(np.int64))
     return buf.getvalue()
+
+
+def test_submit_answers_with_the_estimate_of_the_calibrated_workers(client, keys, ready_model, db, settings):
+    from core.service.db import WorkerHeartbeat, record_worker_heartbeat
+
+    headers = keys["a"]["headers"]
+    # no worker has calibrated: a null estimate per device, with the reason; the submit goes through
+    job = submit(client, headers, ready_model).json()
+    assert job["estimate"]["devices"] == {} and "no worker has recorded a calibration" in job["estimate"]["reason"]
+    assert job["estimate"]["kind"] == "small-cnn@1x8x8" and job["estimate"]["passes"]["cpu"]["total"] > 0
+    cal = {"device_class": "cpu", "device_type": "cpu",
+           "reference": {"architecture": "small-cnn", "input_shape": [3, 32, 32], "batch": 32, "params": 47818,
+                         "seconds_per_unit": 1e-3}}
+    with db.Session() as s:    # a worker of the jobs' queue; one that only validates models does not count
+        record_worker_heartbeat(s, "estimate-test@host", [settings.gpu_queue], (2, "cpu"), cal)
+        record_worker_heartbeat(s, "estimate-validator@host", [settings.cpu_queue], (2, "cpu"),
+                                {**cal, "device_class": "cuda:X"})
+        s.commit()
+    try:
+        short = submit(client, headers, ready_model).json()
+        cpu = short["estimate"]["devices"]["cpu"]
+        assert set(short["estimate"]["devices"]) == {"cpu"}
+        assert short["estimate"]["reason"] is None and cpu["basis"] == "reference" and cpu["workers_seen"] == 1
+        # the reference cost per unit times the units (small-cnn's at 8×8 costs 1/16 of the reference's
+        # 32×32), with 5 s outside the recipe
+        units = short["estimate"]["passes"]["cpu"]["total"]
+        assert cpu["seconds"] == pytest.approx(5 + units * 1e-3 / 16, abs=0.1)
+        # kept with the job (GET), not in lists; more epochs take longer
+        assert client.get(f"/v1/jobs/{short['id']}", headers=headers).json()["estimate"] == short["estimate"]
+        listed = client.get("/v1/jobs", headers=headers, params={"limit": 1}).json()["data"][0]
+        assert listed["id"] == short["id"] and listed["estimate"] is None
+        longer = submit(client, headers, ready_model, config={"epochs": 6}).json()
+        assert longer["estimate"]["devices"]["cpu"]["seconds"] > cpu["seconds"]
+        evaluation = submit(client, headers, ready_model, type="evaluate", config={"n_examples": 50}).json()
+        assert evaluation["estimate"]["passes"]["cpu"]["audit"] > 0
+        assert evaluation["estimate"]["devices"]["cpu"]["seconds"] > 5
+    finally:
+        with db.Session() as s:
+            for name in ("estimate-test@host", "estimate-validator@host"):
+                s.delete(s.get(WorkerHeartbeat, name))
+            s.commit()

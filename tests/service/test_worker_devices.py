@@ -6,13 +6,11 @@ import pytest
 
 from core.errors import ErrorCode, RobustifyError
 from worker.ddp import _check_devices
-from worker.devices import device_capacity, probe_capacity
+from worker.devices import device_capacity
 
 
-def test_the_probe_states_what_the_task_process_sees() -> None:
-    probed = probe_capacity()
-    assert probed is not None and probed == device_capacity()
-    devices, device_type = probed
+def test_the_task_process_sees_devices() -> None:
+    devices, device_type = device_capacity()   # the probe's own process states the same (test_calibration.py)
     assert devices >= 1 and device_type in ("cuda", "cpu")
 
 

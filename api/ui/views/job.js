@@ -61,6 +61,7 @@ export async function jobView(root, { match, signal }) {
       fact("Threat model", threatText(job.threat_model)),
       fact("Created", ago(job.created_at)),
       job.started_at && job.finished_at ? fact("Ran for", duration((Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000)) : null,
+      job.estimate ? fact("Estimated", estimateText(job.estimate)) : null,
       job.attempt > 1 ? fact("Attempt", `${job.attempt} of ${job.max_attempts}`) : null));
     bar.replaceChildren(progressBar(p.fraction, `${Math.round(100 * p.fraction)} %${p.text ? ` · ${p.text}` : ""}${active && p.eta !== null ? ` · about ${duration(p.eta)} left` : ""}`));
     swap(problems, [job.status, job.error, job.result?.improved, job.result?.verdict], () => [
@@ -208,6 +209,13 @@ export async function jobView(root, { match, signal }) {
 const fact = (term, value) => [h("dt", {}, term), h("dd", {}, value)];
 
 /** A 95 % interval under its number (`signed`: a change, in points). */
+// The run time estimated at submit, on an idle worker of each device class (docs/runtimes.md).
+function estimateText(estimate) {
+  const rows = Object.entries(estimate.devices || {});
+  if (!rows.length) return `none (${estimate.reason || "no worker has calibrated yet"})`;
+  return rows.map(([name, d]) => `${name}: about ${duration(d.seconds)} (${d.basis})`).join("; ");
+}
+
 function interval(ci, signed = false) {
   if (!ci) return null;
   const text = signed ? `${points(ci[0])} to ${points(ci[1])}` : intervalText(ci);

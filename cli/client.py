@@ -686,3 +686,4 @@ def webhooks_delete(out: Out, endpoint_id: str) -> int:
     gone = out.client.webhooks.delete(endpoint_id)
     out.dump(gone) if out.json else click.echo(f"{gone.id}: deleted")
     return 0
+

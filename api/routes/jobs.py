@@ -381,3 +381,4 @@ def job_plot(job_id: str, request: Request, svc: ServicesDep, who: CallerDep, se
         raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job.id} has no plot yet (status {job.status}).",
                        job_status=job.status)
     return artifact_download(request, svc.store, art)
+

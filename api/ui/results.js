@@ -300,3 +300,41 @@ export function censusOf(dataset) {
   const warnings = (Array.isArray(dataset?.warnings) ? dataset.warnings : []).filter((w) => w && typeof w === "object");
   return { splits, warnings };
 }
+
+// ------------------------------------------------------------------ common corruptions
+// A block {types, severities, rows, per_type, mean_accuracy, skipped, versus_input, ...} in an
+// evaluation's report and in a fine-tune's before/after (docs/http-api.md).
+
+/**
+ * The common corruptions of a job: per type [{type, before, after}] (each the mean accuracy over
+ * the type's measured severities, {value, ci95}, or null when none could be measured), the
+ * skipped cells [{type, severity, reason}], the means, and the input-relative mCE (fine-tunes).
+ * `before` is null for an evaluation (one model). Null when the job measured none.
+ */
+export function corruptionsOf(job, report) {
+  const r = job?.result || {};
+  const isBlock = (b) => b && typeof b === "object" && Array.isArray(b.per_type);
+  const after = [r.after?.corruptions, report?.corruptions, r.corruptions, report?.after?.corruptions].find(isBlock);
+  if (!after) return null;
+  // a fine-tune that handed its input back (best epoch 0) measured one model
+  const before = r.best_epoch === 0 ? null : [r.before?.corruptions, report?.before?.corruptions].find(isBlock) || null;
+  const typeOf = (block, type) => {
+    const row = block?.per_type.find((t) => t?.type === type);
+    return row && num(row.accuracy) !== null ? { value: row.accuracy, ci95: pair(row.ci95) } : null;
+  };
+  const types = [...new Set([...(Array.isArray(after.types) ? after.types : []), ...after.per_type.map((t) => t?.type)])]
+    .filter((t) => typeof t === "string");
+  const mean = (block) => (num(block?.mean_accuracy) === null ? null : { value: block.mean_accuracy, ci95: pair(block.mean_accuracy_ci95) });
+  const vs = after.versus_input && typeof after.versus_input === "object" ? after.versus_input : null;
+  return {
+    rows: types.map((type) => ({ type, before: before ? typeOf(before, type) : null, after: typeOf(after, type) })),
+    skipped: (Array.isArray(after.skipped) ? after.skipped : []).filter((c) => c && typeof c === "object"),
+    before: before ? { mean: mean(before), clean: num(before.clean_accuracy) } : null,
+    after: { mean: mean(after), clean: num(after.clean_accuracy) },
+    compared: !!vs,
+    mce: vs && num(vs.mce) !== null ? { value: vs.mce, ci95: pair(vs.mce_ci95) } : null,
+    relativeMce: vs && num(vs.relative_mce) !== null ? { value: vs.relative_mce, ci95: pair(vs.relative_mce_ci95) } : null,
+    change: vs && num(vs.mean_accuracy_change) !== null ? { value: vs.mean_accuracy_change, ci95: pair(vs.mean_accuracy_change_ci95) } : null,
+    examples: num(after.n_examples), measured: num(after.cells_measured), asked: num(after.cells_asked),
+  };
+}

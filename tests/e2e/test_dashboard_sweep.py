@@ -126,6 +126,14 @@ def test_a_sweep_draws_its_frontier_and_promotes_a_fine_tune(browser: Any, shots
         measured = wait_status(api, evaluation.json()["id"], {"succeeded", "failed", "cancelled"}, 240)
         assert measured["status"] == "succeeded", measured
         report = api.get(f"/v1/jobs/{measured['id']}/report").json()
+        # its job page: the common-corruptions card, a bar per type at the report's number
+        ui.go(f"#/jobs/{measured['id']}")
+        page.wait_for_selector("#corruptions tr[data-corruption] .corruption-bar")
+        bars = page.eval_on_selector_all("#corruptions tr[data-corruption]", """rs => rs.map(r =>
+            [r.dataset.corruption, +r.querySelector('.corruption-bar').dataset.value])""")
+        per_type = report["corruptions"]["per_type"]
+        assert [b[0] for b in bars] == [t["type"] for t in per_type] == ["gaussian_noise", "contrast"]
+        assert [b[1] for b in bars] == pytest.approx([t["accuracy"] for t in per_type])
 
         # a compare link with the sweep, a fine-tune and the model, opened in a new tab, restores all of it
         other = Page(browser, url, shots, viewport={"width": 1280, "height": 900})

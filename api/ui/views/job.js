@@ -3,10 +3,11 @@
 
 import * as api from "../api.js";
 import { lineChart, PALETTE } from "../chart.js";
+import { corruptionCard } from "../corruptions.js";
 import { ago, badge, bytes, card, clock, duration, errorNote, every, fill, h, note, numHead, pct, points, progressBar, swap, table } from "../dom.js";
 import {
   attackRows, auditOf, beforeAfter, epochHistory, epochMetrics, fmtDelta, fromClean, intervalText, perClassOf, presetOf, progressOf,
-  robustnessCurves, selectedEpoch, threatText, verdictOf,
+  robustnessCurves, selectedEpoch, threatText, verdictOf, corruptionsOf,
 } from "../results.js";
 
 const ACTIVE = new Set(["queued", "running", "cancelling"]);
@@ -25,7 +26,7 @@ export async function jobView(root, { match, signal }) {
   const log = h("ol", { class: "log", id: "event-log" });
   const logBox = h("div", { class: "log-box" }, log);
   const parts = {
-    curves: h("div"), beforeAfter: h("div"), checkpoints: h("div"), evaluation: h("div"), audit: h("div"), perClass: h("div"),
+    curves: h("div"), beforeAfter: h("div"), checkpoints: h("div"), evaluation: h("div"), audit: h("div"), perClass: h("div"), corruptions: h("div"),
   };
   const epochChart = finetune ? lineChart(epochSpec(state)) : null;
   fill(root,
@@ -33,7 +34,7 @@ export async function jobView(root, { match, signal }) {
     head, problems, alerts,
     finetune ? card("Validation accuracy per epoch", epochChart, parts.curves) : null,
     finetune ? parts.beforeAfter : parts.evaluation,
-    parts.audit, parts.perClass,
+    parts.audit, parts.perClass, parts.corruptions,
     finetune ? parts.checkpoints : null,
     card("Events", logBox),
     card("Configuration", h("details", {}, h("summary", {}, "Recipe settings (defaults filled in by the server)"),
@@ -161,6 +162,7 @@ export async function jobView(root, { match, signal }) {
     const sources = [state.report, state.job.result, state.job.result?.after];   // a fine-tune's per-class rows: `after`
     swap(parts.audit, [state.job.status, !!state.report, state.job.result?.audit], () => auditCard(auditOf(...sources)));
     swap(parts.perClass, [state.job.status, !!state.report, state.job.result?.per_class], () => perClassCard(perClassOf(...sources)));
+    swap(parts.corruptions, [state.job.status, !!state.report, !!state.job.result?.after?.corruptions], () => corruptionCard(corruptionsOf(state.job, state.report)));
   };
 
   const drawAll = () => {

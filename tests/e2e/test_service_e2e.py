@@ -137,14 +137,27 @@ def test_evaluate_job_writes_a_report(client: httpx.Client, ready_model: dict[st
     r = client.post("/v1/jobs", json={"type": "evaluate", "model_id": ready_model["id"], "dataset": "digits",
                                       "threat_model": THREAT,
                                       "config": {"n_examples": 120, "wpgd_steps": 5, "pgd_steps": 3,
-                                                 "batch_size": 128, "deltas": [0.05, 0.1]}})
+                                                 "batch_size": 128, "deltas": [0.05, 0.1],
+                                                 "corruptions": {"types": ["gaussian_noise", "motion_blur"],
+                                                                 "severities": [1, 5]}}})
     assert r.status_code == 202, r.text
+    assert r.json()["config"]["corruptions"]["types"] == ["gaussian_noise", "motion_blur"]
     job = wait_status(client, r.json()["id"], {"succeeded", "failed", "cancelled"}, 120)
     assert job["status"] == "succeeded", job
     summary = job["result"]["summary"]
     assert 0.0 <= summary["w2_robust_accuracy"] <= summary["clean_accuracy"] <= 1.0
     report = client.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["summary"] == summary
+    # the common corruptions: gaussian noise measured, motion blur's kernel longer than 8 px skipped, said why
+    corruptions = report["corruptions"]
+    assert [(c["type"], c["severity"]) for c in corruptions["rows"]] == [("gaussian_noise", 1), ("gaussian_noise", 5)]
+    assert {(c["type"], c["severity"]) for c in corruptions["skipped"]} == {("motion_blur", 1), ("motion_blur", 5)}
+    assert all("longer than the 8×8 image" in c["reason"] for c in corruptions["skipped"])
+    assert summary["mean_corruption_accuracy"] == corruptions["mean_accuracy"]
+    assert any(e["type"] == "warning" and "motion_blur" in e["message"] for e in events(client, job["id"]))
+    bad = client.post("/v1/jobs", json={"type": "evaluate", "model_id": ready_model["id"], "dataset": "digits",
+                                        "config": {"corruptions": ["gausian_noise"]}})
+    assert bad.status_code == 422 and "did you mean 'gaussian_noise'" in bad.text, bad.text
     assert client.get(f"/v1/jobs/{job['id']}/report.png").content.startswith(b"\x89PNG")
     assert client.get(f"/v1/jobs/{job['id']}/checkpoint").status_code == 404  # evaluation trains nothing
 

@@ -140,8 +140,8 @@ class CorruptionSpec(_Strict):
 
 CORRUPTIONS_DESCRIPTION = (
     "Accuracy under the 15 common corruptions of Hendrycks & Dietterich (noise, blur, weather, digital) at "
-    "severities 1-5, applied to the test images at their own size and channels (docs/concepts.md, 'Common "
-    "corruptions'). true: every type and severity; a list of types or families; or {types, severities, "
+    "severities 1-5, applied to the test images at their own size and channels (docs/corruptions.md). "
+    "true: every type and severity; a list of types or families; or {types, severities, "
     "n_examples}; null or false: none (the default: it adds about 75 corrupted copies of the sample).")
 
 

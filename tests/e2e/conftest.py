@@ -396,6 +396,10 @@ def check_progress(seen: list[dict[str, Any]], final: dict[str, Any], epochs: in
     assert fractions == sorted(fractions), fractions  # ... never backwards
     running = [j for j in seen if j["status"] == "running" and (j["progress"]["epoch"] or 0) >= 1]
     assert running, "no poll saw the job running an epoch"
+    # the recipes report step by step from the input model's validation on: once the share has moved,
+    # every poll has an ETA (the demo used to show 0 % and no ETA through its first validation)
+    moving = [j["progress"] for j in seen if j["status"] == "running" and (j["progress"]["fraction"] or 0) > 0]
+    assert moving and all(isinstance(p["eta_seconds"], (int, float)) for p in moving), moving[:3]
     for j in running:
         p = j["progress"]
         assert p["phase"].split(":")[0] in ("train", "evaluate", "test"), p   # "test: <model>: <attack>" too

@@ -1,4 +1,4 @@
-"""`robustify demo`: the whole service on this machine in about two minutes.
+"""`robustify demo`: the whole service on this machine in about 3 minutes on 2 CPU cores (docs/runtimes.md).
 
 Starts the embedded service (SQLite, server-less broker, one worker), trains a small CNN on
 scikit-learn's digits for a few seconds, uploads it over HTTP, fine-tunes it with W-TRADES as a
@@ -207,6 +207,6 @@ def demo(**options: Any) -> int:
 
     Trains a small CNN for a few seconds, uploads it, fine-tunes it with W-TRADES as a job,
     follows the job live, downloads the robust checkpoint (sha256 checked) and prints the clean /
-    W2 / l-inf robust accuracy before and after; then stops the service. About two minutes.
+    W2 / l-inf robust accuracy before and after; then stops the service. About 3 minutes on 2 CPU cores, no GPU.
     """
     return run(argparse.Namespace(**options))

@@ -54,7 +54,7 @@ def test_swagger_ui_and_redoc_load_without_the_internet(browser: Any, tmp_path: 
         assert page.locator("section.models").get_by_text("Job", exact=True).count() >= 1
 
         page.goto(f"{url}/redoc")
-        page.get_by_role("heading", name="Submit a fine-tuning or evaluation job").wait_for(timeout=30_000)
+        page.get_by_role("heading", name="Submit a fine-tuning, evaluation or sweep job").wait_for(timeout=30_000)
         assert page.get_by_role("heading", name="List models").count() == 1
         assert not blocked, f"the pages tried to fetch from elsewhere: {blocked}"
         assert not errors, errors

@@ -426,7 +426,7 @@ def jobs_submit(out: Out, recipe: JobType, model: str | None, dataset: str | Non
         line = estimate_line(j.get("estimate"))
         if line:
             click.echo(f"  {line}")
-    return watch_job(out, job.id, quiet=out.json) if watch else 0
+    return watch_job(out, job.id, progress_mode=progress_mode, quiet=quiet) if watch else 0
 
 
 def _job_line(j: dict[str, Any]) -> str:

@@ -411,6 +411,7 @@ def test_a_user_fine_tunes_evaluates_and_compares_in_the_browser(browser: Any, s
         np.savez(npz, x=x, y=y, x_test=x[:9], y_test=np.arange(9) % 3)
         ui.go("#/datasets")
         # the archive-only fields (from the schema) are grouped and say so; left as they are, they are not sent
+        page.wait_for_selector("#archive-options [data-field]")   # the view renders after the schema loads
         archive = page.eval_on_selector_all("#archive-options [data-field]", "els => els.map(e => e.dataset.field)")
         assert archive == ["image_size", "channels", "test_fraction", "seed"], archive
         assert page.input_value('#archive-options [name="channels"]') == "3"

@@ -69,8 +69,8 @@ from core.engine.evaluation.ensemble import clean_predictions
 from core.engine.evaluation.intervals import wilson_interval
 from core.engine.oom import AdaptiveBatch
 
-__all__ = ["CorruptionResult", "corrupt", "corruption_summary", "measure_corruptions", "metrics", "skip_reason",
-           "skipped_words", "versus_input"]
+__all__ = ["CorruptedImages", "CorruptionResult", "corrupt", "corruption_summary", "measure_corruptions", "metrics",
+           "result_entry", "result_from_entry", "skip_reason", "skipped_words", "versions", "versus_input"]
 
 Progress = Callable[[float, str], None]
 FAMILY: dict[str, str] = {t: family for family, members in CORRUPTION_FAMILIES.items() for t in members}
@@ -269,6 +269,89 @@ class CorruptionResult:
         return out
 
 
+@dataclass
+class CorruptedImages:
+    """The corrupted copies of a sample, by (type, severity), and the cells whose implementation
+    failed (with the reason); cells skipped for the image size are in neither (skip_reason)."""
+
+    cells: dict[tuple[str, int], npt.NDArray[np.uint8]] = field(default_factory=dict, repr=False)
+    failed: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def add(self, cell: tuple[str, int], chunks: list[npt.NDArray[np.uint8]], failure: str | None) -> None:
+        if failure is not None:
+            self.failed[cell] = failure
+        else:
+            self.cells[cell] = np.concatenate(chunks)
+
+    @staticmethod
+    def nbytes(images: torch.Tensor, spec: CorruptionSpec) -> int:
+        """The bytes the corrupted copies of `images` take at most (every cell measured)."""
+        return int(images.numel()) * len(spec.cells)
+
+    def to_entry(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and header for core.engine.cache.pack."""
+        return ({f"{t}/{sev}": torch.from_numpy(a) for (t, sev), a in self.cells.items()},
+                {"entry": "corrupted_images", "failed": [[t, sev, why] for (t, sev), why in self.failed.items()]})
+
+    @classmethod
+    def from_entry(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], images: torch.Tensor,
+                   spec: CorruptionSpec) -> CorruptedImages | None:
+        """Back from an entry; None unless it holds every cell this spec measures on these images."""
+        failed = {(str(t), int(sev)): str(why) for t, sev, why in meta.get("failed", [])}
+        c, h, w = (int(v) for v in images.shape[1:])
+        cells = {}
+        for name, severity in spec.cells:
+            if skip_reason(name, severity, h, w, c) is not None or (name, severity) in failed:
+                continue
+            got = tensors.get(f"{name}/{severity}")
+            if got is None or got.dtype != torch.uint8 or tuple(got.shape) != tuple(images.shape):
+                return None
+            cells[(name, severity)] = got.numpy()
+        return cls(cells, failed)
+
+
+def result_entry(result: CorruptionResult) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One model's CorruptionResult as tensors and header for core.engine.cache.pack."""
+    tensors = {"clean": torch.from_numpy(result.clean_correct)}
+    tensors.update({f"{t}/{sev}": torch.from_numpy(a) for (t, sev), a in result.correct.items()})
+    return tensors, {"entry": "corruption_result", "skipped": result.skipped, "version": result.version,
+                     "image_shape": list(result.image_shape)}
+
+
+def result_from_entry(tensors: dict[str, torch.Tensor], meta: dict[str, Any], spec: CorruptionSpec, seed: int,
+                      n: int) -> CorruptionResult | None:
+    """A CorruptionResult back from result_entry's tensors and header; None when it does not fit."""
+    clean = tensors.get("clean")
+    if clean is None or clean.dtype != torch.bool or tuple(clean.shape) != (n,):
+        return None
+    correct = {}
+    for name, severity in spec.cells:
+        got = tensors.get(f"{name}/{severity}")
+        if got is not None:
+            if got.dtype != torch.bool or tuple(got.shape) != (n,):
+                return None
+            correct[(name, severity)] = got.numpy()
+    shape = tuple(int(v) for v in meta["image_shape"])
+    if len(shape) != 3:
+        return None
+    return CorruptionResult(spec, seed, (shape[0], shape[1], shape[2]), clean.numpy(), correct,
+                            list(meta["skipped"]), str(meta["version"]))
+
+
+def versions() -> dict[str, str]:
+    """The versions of what makes the corrupted images (a cache key's part)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    _, release = _library()
+    out = {"imagecorruptions": release, "numpy": np.__version__}
+    for name in ("scikit-image", "opencv-python-headless", "opencv-python", "scipy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def _resample_weights(n: int, seed: int) -> npt.NDArray[np.float64]:
     """(RESAMPLES, n): how often each image is drawn in each bootstrap resample, over n."""
     if n == 0:
@@ -288,12 +371,15 @@ def _percentile(values: npt.NDArray[np.float64]) -> list[float] | None:
 def measure_corruptions(models: Sequence[torch.nn.Module], images: torch.Tensor, labels: torch.Tensor,
                         spec: CorruptionSpec, *, seed: int, image_ids: npt.ArrayLike | None = None,
                         compute: Compute | None = None, batch_size: int | AdaptiveBatch = 256,
-                        progress: Progress | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> list[CorruptionResult] | None:
+                        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                        prepared: CorruptedImages | None = None,
+                        keep: CorruptedImages | None = None) -> list[CorruptionResult] | None:
     """Each model's (eval mode, on compute's device) accuracy on `images` (N, C, H, W uint8) and
     on their corrupted copies, one result per model; every model sees the same corrupted images,
     each made once. `image_ids`: the images' indices in the test split (they seed the corruption;
-    default 0..N-1). None when `should_stop()` cut it short."""
+    default 0..N-1). `prepared`: these images' corrupted copies made before (core.engine.cache),
+    used instead of corrupting again; `keep`: collects the copies made here. None when
+    `should_stop()` cut it short."""
     compute = compute or Compute.resolve("cpu", amp="off", channels_last=False)
     batch = batch_size if isinstance(batch_size, AdaptiveBatch) else AdaptiveBatch(int(batch_size))
     x = images.to("cpu")
@@ -321,13 +407,25 @@ def measure_corruptions(models: Sequence[torch.nn.Module], images: torch.Tensor,
         if progress is not None:
             progress(k / len(cells), f"corruptions: {name} {severity}")
         reason = skip_reason(name, severity, h, w, c)
+        if reason is None and prepared is not None:
+            reason = prepared.failed.get((name, severity))
         if reason is None:
+            made = prepared.cells.get((name, severity)) if prepared is not None else None
+            chunks: list[npt.NDArray[np.uint8]] = []
+            corrupting = True
             try:
-                parts = [outcomes(torch.from_numpy(corrupt(x[s].numpy(), name, severity, seed=seed,
-                                                           image_ids=ids[s])))
-                         for s in batches(x.shape[0], CHUNK)]
+                parts = []
+                for s in batches(x.shape[0], CHUNK):
+                    corrupting = True
+                    chunk = made[s] if made is not None else corrupt(x[s].numpy(), name, severity, seed=seed,
+                                                                     image_ids=ids[s])
+                    corrupting = False
+                    chunks.append(chunk)
+                    parts.append(outcomes(torch.from_numpy(chunk)))
             except Exception as exc:   # the package failed on these images: listed, never dropped
                 reason = f"the implementation failed: {type(exc).__name__}: {exc}"
+            if keep is not None and (reason is None or corrupting):   # a model's failure is not the images'
+                keep.add((name, severity), chunks, reason)
         if reason is not None:
             for r in results:
                 r.skipped.append({"type": name, "severity": severity, "reason": reason})

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from core.engine.attacks.common import PerSampleLoss
 from core.engine.attacks.pgd import pgd
 from core.engine.attacks.wpgd import BatchAttack, attack_batch, w_pgd
+from core.engine.cache import MeasurementCache, ReadOnly
 from core.engine.checkpoint import TrainingCheckpoint
 from core.engine.config import FinetuneConfig, SelectionRule
 from core.engine.data.datasets import (
@@ -757,11 +758,16 @@ def select(run: Run, state: TrainingState, row: dict[str, Any], hooks: Hooks) ->
 
 # --- stage 5: the final evaluation on the test split -------------------------------------------
 
-def final_evaluation(run: Run, state: TrainingState, hooks: Hooks) -> BeforeAfter | None:
+def final_evaluation(run: Run, state: TrainingState, hooks: Hooks,
+                     cache: MeasurementCache | None = None) -> BeforeAfter | None:
     """The input model and the chosen checkpoint on the test split, which played no part in the
-    choice (core.engine.recipes.before_after); None for a stopped run, which is not measured."""
+    choice (core.engine.recipes.before_after); None for a stopped run, which is not measured.
+    `cache`: the input model's measurement may be read from it (core.engine.cache); across ranks
+    only rank 0 writes to it."""
     if state.stopped:
         return None
+    if cache is not None and not run.world.is_main:
+        cache = ReadOnly(cache)
     info = run.epoch_info(state.epoch)
     test = HeldOutSet(
         x=run.eval_compute.images(to_unit_float(run.test_x, run.compute.device)), y=run.test_y.to(run.compute.device),
@@ -771,7 +777,8 @@ def final_evaluation(run: Run, state: TrainingState, hooks: Hooks) -> BeforeAfte
         should_stop=None if run.world.distributed else hooks.should_stop)
     outcome = compare(run.model, run.input_state, state.best_state, state.best_epoch, test,
                       _unchanged_message(run),
-                      lambda done, phase: hooks.progress(1.0 - run.final_share * (1.0 - done), f"test: {phase}", info))
+                      lambda done, phase: hooks.progress(1.0 - run.final_share * (1.0 - done), f"test: {phase}", info),
+                      cache=cache)
     if outcome is None:            # cancelled while measuring: every epoch's checkpoint is kept
         state.stopped = True
     return outcome
@@ -794,9 +801,11 @@ def _report_outcome(state: TrainingState, hooks: Hooks, outcome: BeforeAfter | N
 
 # --- stage 6: provenance -------------------------------------------------------------------------
 
-def provenance(run: Run, state: TrainingState, context: dict[str, Any] | None, resumed: bool) -> dict[str, Any]:
+def provenance(run: Run, state: TrainingState, context: dict[str, Any] | None, resumed: bool,
+               reused: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where the numbers come from: the ids the caller gave, the seed, every subset as drawn, the
-    software and device, the precisions and the times."""
+    software and device, the precisions and the times; with a measurement cache, what the final
+    evaluation read back from it (`reused`)."""
     record = {
         **(context or {}), "seed": run.config.seed,
         "examples": {"train": run.n_train, "validation": run.split_record["validation_examples"],
@@ -810,6 +819,8 @@ def provenance(run: Run, state: TrainingState, context: dict[str, Any] | None, r
         "float32_stem": run.compute.float32_stem, "evaluation_batch_size": run.eval_batch.size,
         "started_at": state.started_at, "finished_at": utc_timestamp(),
     }
+    if reused is not None:
+        record["reused"] = reused
     if run.memory is not None:
         record["perturbation_memory"] = {
             "bytes": run.memory.nbytes, "images": run.n_train, "images_remembered": run.memory.remembered(),
@@ -821,12 +832,16 @@ def provenance(run: Run, state: TrainingState, context: dict[str, Any] | None, r
 
 def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, hooks: Hooks | None = None,
              *, device: str | torch.device | None = None, resume: TrainingCheckpoint | None = None,
-             context: dict[str, Any] | None = None, world: World = SINGLE) -> FinetuneResult:
+             context: dict[str, Any] | None = None, world: World = SINGLE,
+             cache: MeasurementCache | None = None) -> FinetuneResult:
     """Fine-tune `model` on `data`; `context` (job, model and data set ids, the model's sha256)
     goes into the result's provenance as given. `resume`: a checkpoint of this run to go on from
     (`model` is still the input model). `world`: run as one rank of several
     (core.engine.distributed); every rank calls this with the same arguments, trains on its shard
-    of each global batch and validates its shard of the validation images."""
+    of each global batch and validates its shard of the validation images. `cache`: where the
+    final evaluation may find the input model's measurement made by an earlier run on the same
+    model, test images and settings (a sweep's siblings), and stores it (core.engine.cache);
+    provenance.reused says what it took from there. None: everything is measured here."""
     hooks = hooks or Hooks()
     run = setup(config, model, data, hooks, device=device, world=world)
     state = start(run, hooks) if resume is None else restore(run, resume)
@@ -841,7 +856,7 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
     last_state = _state_copy(run.model)
     if state.best_epoch == 0 and not state.stopped:
         _warn(state, hooks, _unchanged_message(run), {"improved": False, "best_epoch": 0})
-    outcome = final_evaluation(run, state, hooks)
+    outcome = final_evaluation(run, state, hooks, cache)
     _report_outcome(state, hooks, outcome)
     return FinetuneResult(
         best_epoch=state.best_epoch, epochs_completed=state.epoch, stopped=state.stopped,
@@ -849,7 +864,8 @@ def finetune(config: FinetuneConfig, model: torch.nn.Module, data: ImageData, ho
         validation={"before": state.before, "best": state.best_metrics, "last": state.last_metrics},
         history=state.history, best_model_state=state.best_state, last_model_state=last_state,
         config=run.config.model_dump(mode="json"), selection=_selection_record(run, state), warnings=state.warnings,
-        provenance=provenance(run, state, context, resumed=resume is not None),
+        provenance=provenance(run, state, context, resumed=resume is not None,
+                              reused=outcome.reused if outcome else None),
         verdict=outcome.verdict if outcome else verdicts.stopped(state.epoch),
         change_ci95=outcome.change_ci95 if outcome else {}, audit=outcome.audit if outcome else [])
 

@@ -18,6 +18,7 @@ from core.service.db import Artifact, Dataset, Job, Model
 from core.storage.artifacts import artifact_relpath
 from worker.claim import add_event
 from worker.hooks import Heartbeat, JobHooks, LostOwnership
+from worker.measurecache import StoreCache
 from worker.runtime import Runtime
 
 
@@ -127,6 +128,7 @@ class JobSetup:
     resume: Any                   # the training state a fine-tune resumes from, or None
     context: dict[str, Any]       # the ids its report's provenance names (provenance_context)
     hooks: JobHooks | None        # None on a rank that does not report (ranks 1.. of a DDP job)
+    cache: StoreCache | None = None   # the measurements a fine-tune may share with others (worker/measurecache.py)
 
     def finetune(self, hooks: Any, *, device: str, world: Any = None) -> Any:
         """core.engine.recipes.finetune on this setup; `hooks` are the core.engine.hooks.Hooks to call."""
@@ -135,7 +137,7 @@ class JobSetup:
         from core.engine.recipes.finetune import finetune
 
         return finetune(FinetuneConfig.model_validate(self.config), self.model, self.data, hooks, device=device,
-                        resume=self.resume, context=self.context, world=world or SINGLE)
+                        resume=self.resume, context=self.context, world=world or SINGLE, cache=self.cache)
 
     def evaluate(self, hooks: Any, *, device: str) -> Any:
         from core.engine.config import EvaluateConfig
@@ -165,4 +167,5 @@ def set_up_job(rt: Runtime, job_id: str, owner: str, hb: Heartbeat, resume_artif
         resume = None
         if job.type == "finetune" and resume_artifact_id:
             resume = load_resume(rt, s, job_id, resume_artifact_id, hooks)
-        return JobSetup(job.type, job.config, model, data, resume, provenance_context(s, job, model_row), hooks)
+        return JobSetup(job.type, job.config, model, data, resume, provenance_context(s, job, model_row), hooks,
+                        StoreCache(rt.store))

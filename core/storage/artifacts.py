@@ -5,7 +5,9 @@ folder out), so the same bytes are stored once however many rows point at them. 
 keep these files behind one interface (`Store`): a directory (`ArtifactStore`, the embedded
 default, also right for a shared filesystem) and S3-compatible object storage
 (`core.storage.s3.S3ArtifactStore`), chosen by settings in `open_store`. Writes are atomic in
-both: a reader never sees half a file.
+both: a reader never sees half a file. Besides them a store keeps entries its callers name
+(`put_named`, `get_named`: `cache/…/<key>`, the fine-tunes' measurement cache, worker/measurecache.py),
+which no row references and which may be deleted at any time.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from core.service.db import Artifact, new_id
 from core.storage.files import (
     CHUNK,
     make_temp_file,
+    named_relpath,
     relpath_for,
     remove_stale_temp_files,
     sha256_file,
@@ -66,6 +69,13 @@ class Store(Protocol):
 
     def check(self) -> dict[str, Any]:
         """Readiness: {"ok": bool, ...}; never raises."""
+
+    def put_named(self, name: str, data: bytes) -> None:
+        """Store bytes under a caller's name (`cache/…/<hex>`, files.named_relpath), replacing
+        what was there, atomically: a reader sees the old bytes or the new, never a part."""
+
+    def get_named(self, name: str) -> bytes | None:
+        """The bytes stored under `name`, or None when there are none."""
 
 
 class ArtifactStore:
@@ -151,6 +161,15 @@ class ArtifactStore:
     def delete(self, relpath: str) -> None:
         """Remove a stored file (callers check first that no other row uses it)."""
         self.path(relpath).unlink(missing_ok=True)
+
+    def put_named(self, name: str, data: bytes) -> None:
+        write_atomic(self.path(named_relpath(name)), lambda out: out.write(data))
+
+    def get_named(self, name: str) -> bytes | None:
+        try:
+            return self.path(named_relpath(name)).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def files(self) -> list[Path]:
         """Every stored file and leftover temp file (tests use it to prove nothing was kept)."""

@@ -34,6 +34,17 @@ def relpath_for(sha256: str) -> str:
     return f"sha256/{sha256[:2]}/{sha256}"
 
 
+_NAMED = re.compile(r"cache/(?:[a-z0-9_-]+/)*[0-9a-f]{64}")
+
+
+def named_relpath(name: str) -> str:
+    """A store path named by its caller rather than by its bytes (`cache/…/<sha256 hex>`, a cache
+    entry a later job finds by its key); refuses anything else."""
+    if _NAMED.fullmatch(name) is None:
+        raise ValueError(f"{name!r} is not a named store path (cache/<folders>/<sha256 hex>)")
+    return name
+
+
 def sha256_of(relpath: str) -> str:
     """The digest a store relpath names; refuses anything that is not `sha256/ab/<hex>`."""
     m = _RELPATH.fullmatch(relpath)

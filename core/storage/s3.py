@@ -22,7 +22,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import ArtifactMissing, StorageUnavailable
 from core.storage.blobcache import BlobCache
-from core.storage.files import make_temp_file, relpath_for, remove_stale_temp_files, sha256_file, sha256_of
+from core.storage.files import (
+    make_temp_file,
+    named_relpath,
+    relpath_for,
+    remove_stale_temp_files,
+    sha256_file,
+    sha256_of,
+)
 
 if TYPE_CHECKING:
     from core.service.settings import Settings
@@ -139,6 +146,23 @@ class S3ArtifactStore:
             except (ClientError, BotoCoreError) as exc:
                 raise self._unavailable("PUT " + key, exc) from exc
         return sha, len(data), rel
+
+    def put_named(self, name: str, data: bytes) -> None:
+        key = self.prefix + named_relpath(name)
+        try:   # one PUT: the object is replaced whole or not at all
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream")
+        except (ClientError, BotoCoreError) as exc:
+            raise self._unavailable("PUT " + key, exc) from exc
+
+    def get_named(self, name: str) -> bytes | None:
+        key = self.prefix + named_relpath(name)
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            if _not_found(exc):
+                return None
+            raise self._unavailable("GET " + key, exc) from exc
+        return body
 
     def delete(self, relpath: str) -> None:
         try:

@@ -113,9 +113,12 @@ def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, se
         assert not _files(Path(service_env["ROBUSTIFY_DATA_DIR"]) / "artifacts")
         assert model["sha256"] in {p.name for p in _files(machines[other][1] / "cache" / "blobs")}
         assert not _files(machines[other][1] / "cache" / "tmp"), "temp files were left behind"
-        # the bucket holds exactly the files that rows name (superseded training states were deleted)
+        # the bucket holds exactly the files that rows name (superseded training states were deleted), and
+        # the measurement cache's entries (worker/measurecache.py): the input model's before-measurement
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket=module_bucket).get("Contents", [])}
-        assert keys == {f"{PREFIX}sha256/{h[:2]}/{h}" for h in _recorded_sha256(pg_url)}
+        cached = {k for k in keys if k.startswith(f"{PREFIX}cache/measurements/")}
+        assert cached, "the fine-tune kept its measurement of the input model for the next job"
+        assert keys - cached == {f"{PREFIX}sha256/{h[:2]}/{h}" for h in _recorded_sha256(pg_url)}
     finally:
         for w, _ in machines.values():
             w.stop_all()

@@ -184,6 +184,37 @@ def test_directory_store_has_the_same_interface(tmp_path):
     assert store.on_disk(rel) is None
 
 
+def _measurement_cache_round_trip(store, files) -> None:  # noqa: ANN001
+    """worker/measurecache.py's StoreCache on `store`: an entry by key, replaced whole, a miss is
+    None, an entry over the bound or a name that is no key is neither stored nor fatal.
+    `files()` lists what the store holds."""
+    from worker.measurecache import PREFIX, StoreCache
+
+    key = hashlib.sha256(b"a measurement").hexdigest()
+    cache = StoreCache(store, max_entry_bytes=100)
+    assert cache.get(key) is None
+    cache.put(key, b"first")
+    cache.put(key, b"second")                  # the same key written again (another worker): replaced whole
+    assert cache.get(key) == b"second" and store.get_named(PREFIX + key) == b"second"
+    other = hashlib.sha256(b"too big").hexdigest()
+    cache.put(other, b"x" * 101)               # over the bound: skipped
+    assert cache.get(other) is None
+    cache.put("../../escape", b"x")            # no key: refused by the store, logged, not raised
+    assert cache.get("../../escape") is None
+    assert files() == [PREFIX + key]
+
+
+def test_measurement_cache_in_a_directory_store(tmp_path):
+    store = ArtifactStore(tmp_path / "art")
+    _measurement_cache_round_trip(store, lambda: sorted(str(p.relative_to(store.root)) for p in store.files()))
+
+
+def test_measurement_cache_in_a_bucket(s3_endpoint, s3_bucket, tmp_path):
+    store = make_store(s3_endpoint, s3_bucket, tmp_path)
+    _measurement_cache_round_trip(store, store.keys)
+    assert not any(store.cache.entries())      # named entries do not go through the sha256-keyed blob cache
+
+
 # ------------------------------------------------------------------------------ through the API
 def _s3_app(tmp_path: Path, pg_url: str, queues, endpoint: str, bucket: str, **over):  # noqa: ANN001, ANN202
     from api.app import create_app

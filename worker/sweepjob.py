@@ -42,6 +42,24 @@ def _child_entry(child: Job) -> dict[str, Any]:
             "delta": (child.threat_model or {}).get("delta"), "result": child.result}
 
 
+SHARED_PARTS = ("before", "corrupted_images", "input_corruptions")
+
+
+def shared_work(children: list[Job]) -> dict[str, Any]:
+    """What the children took from the measurement cache (core.engine.cache) instead of measuring:
+    per child, each part's reuse as its result's provenance.reused records it (None: not recorded,
+    e.g. a child that did not finish), and how many children measured the input model themselves."""
+    rows = []
+    for child in children:
+        reused = (((child.result or {}).get("provenance") or {}).get("reused")) or {}
+        rows.append({"job_id": child.id, "values": (child.meta or {}).get("sweep_values") or {},
+                     **{part: reused.get(part) for part in SHARED_PARTS},
+                     "before_key": (reused.get("keys") or {}).get("before")})
+    return {"children": rows, "input_model_measured": sum(1 for r in rows if r["before"] is False),
+            "before_reused": sum(1 for r in rows if r["before"] is True),
+            "corrupted_images_reused": sum(1 for r in rows if r["corrupted_images"] is True)}
+
+
 def _event(session: Session, job_id: str, message: str, data: dict[str, Any], level: str = "info") -> None:
     session.add(JobEvent(job_id=job_id, type="status", level=level, message=message, data=data,
                          created_at=utcnow()))
@@ -67,7 +85,7 @@ def settle(session: Session, sweep_id: str) -> str | None:
     outcome = frontier([_child_entry(c) for c in children], rule)
     counts = {s: sum(1 for c in children if c.status == s) for s in ("succeeded", "failed", "cancelled")}
     sweep.result = {"type": "sweep", "children": [c.id for c in children], "counts": counts, **outcome,
-                    "shared": (sweep.result or {}).get("shared")}
+                    "shared": shared_work(children)}
     now = utcnow()
     sweep.finished_at = now
     rec = outcome["recommendation"]

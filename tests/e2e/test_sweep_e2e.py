@@ -2,8 +2,10 @@
 
 - On the embedded default (`robustify serve`: SQLite, the SQLite broker, one worker): the sweep
   ends with one frontier point per child, the recommended child satisfies the stated rule and is
-  promoted to a model; a second sweep cancelled while its first child trains ends cancelled with
-  every child cancelled.
+  promoted to a model; its children made the corrupted test images and measured the input model on
+  them once (result.shared), while each measured the input model at its own δ; a β sweep at one δ
+  measures the input model once; a second sweep cancelled while its first child trains ends
+  cancelled with every child cancelled.
 - On PostgreSQL + Redis with two workers: the children spread over both; the prefork child running
   one of them is killed mid-run and the fine-tune resumes from its checkpoint (attempt 2), and the
   sweep still ends with its frontier.
@@ -32,13 +34,15 @@ pytestmark = pytest.mark.timeout(420)
 
 DELTAS = [0.05, 0.1, 0.2]
 RULE = {"maximize": "w2", "max_clean_drop": 0.2}
+CORRUPTIONS = {"types": ["gaussian_noise"], "severities": [1, 5]}
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
-def submit_sweep(client: httpx.Client, model_id: str, **config: Any) -> dict[str, Any]:
-    body = {"type": "sweep", "model_id": model_id, "dataset": "digits", "threat_model": {"kind": "w2-linf"},
+def submit_sweep(client: httpx.Client, model_id: str, sweep: dict[str, Any] | None = None,
+                 threat: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
+    body = {"type": "sweep", "model_id": model_id, "dataset": "digits", "threat_model": threat or {"kind": "w2-linf"},
             "config": {**TINY, "epochs": 2, "evaluation": "quick", "test_examples": 100, **config},
-            "sweep": {"delta": DELTAS}, "recommend": RULE}
+            "sweep": sweep or {"delta": DELTAS}, "recommend": RULE}
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     return r.json()
@@ -79,12 +83,36 @@ def test_a_sweep_finishes_and_cancels_on_the_embedded_default(tmp_path: Path, di
     with EmbeddedServe(tmp_path, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}) as serve, \
             httpx.Client(base_url=serve.url, timeout=30) as client:
         model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
-        sweep = submit_sweep(client, model["id"])
+        sweep = submit_sweep(client, model["id"], corruptions=CORRUPTIONS)
         assert sweep["status"] == "running" and len(children(client, sweep["id"])) == 3
         done = wait_status(client, sweep["id"], FINAL, 300)
         assert done["status"] == "succeeded", done
         assert done["progress"]["fraction"] == 1.0
         chosen = check_frontier(client, done)
+        # one worker runs the children one after another: the first makes the corrupted images and measures
+        # the input model on them, the later ones read both back; the before numbers depend on δ, so every
+        # child measures the input model at its own δ
+        shared = done["result"]["shared"]
+        assert [r["job_id"] for r in shared["children"]] == done["result"]["children"]
+        assert [(r["before"], r["corrupted_images"], r["input_corruptions"]) for r in shared["children"]] == [
+            (False, False, False), (False, True, True), (False, True, True)], shared
+        assert shared["input_model_measured"] == 3 and shared["corrupted_images_reused"] == 2
+        assert len({r["before_key"] for r in shared["children"]}) == 3
+        kids = {k["id"]: k for k in children(client, done["id"])}
+        assert all(kids[r["job_id"]]["result"]["provenance"]["reused"]["corrupted_images"] == r["corrupted_images"]
+                   for r in shared["children"])
+
+        # a β sweep at one δ: the second child reads the input model's before-measurement back
+        betas = submit_sweep(client, model["id"], {"beta": [1.0, 3.0]}, {"kind": "w2-linf", "delta": 0.1}, epochs=1,
+                             test_examples=60, validation_examples=60, train_examples=300)
+        ended = wait_status(client, betas["id"], FINAL, 120)
+        assert ended["status"] == "succeeded", ended
+        shared = ended["result"]["shared"]
+        assert [r["before"] for r in shared["children"]] == [False, True], shared
+        assert shared["input_model_measured"] == 1 and shared["before_reused"] == 1
+        first, second = (client.get(f"/v1/jobs/{r['job_id']}").json()["result"] for r in shared["children"])
+        assert second["before"] == first["before"], "the reused numbers are the measured ones"
+        assert second["provenance"]["reused"]["keys"]["before"] == first["provenance"]["reused"]["keys"]["before"]
         if chosen:
             promoted = client.post(f"/v1/jobs/{chosen['job_id']}/promote")
             assert promoted.status_code in (200, 201), promoted.text

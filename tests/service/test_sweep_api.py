@@ -108,13 +108,18 @@ def test_the_last_child_to_end_settles_the_frontier(client, keys, ready_model, d
     sweep = submit_sweep(client, h, ready_model).json()
     kids = children(client, h, sweep["id"])
     outcomes = [(0.93, 0.40), (0.91, 0.55), (0.80, 0.70)]     # clean drops 0.02, 0.04, 0.15 from 0.95
-    for k, (clean, w2) in zip(kids, outcomes, strict=True):
+    # what each child read back from the measurement cache: the first measured, the second reused, the
+    # third recorded nothing (a result from before the cache)
+    reused = [{"before": False, "corrupted_images": None, "keys": {"before": "k1"}},
+              {"before": True, "corrupted_images": None, "keys": {"before": "k1"}}, None]
+    for k, (clean, w2), took in zip(kids, outcomes, reused, strict=True):
         with db.Session() as s:
             assert settle(s, sweep["id"]) == "running"   # not every child has ended yet
             s.commit()
         db.update(Job, k["id"], status="succeeded", result={
             "type": "finetune", "improved": True, "model_id": None, "best_checkpoint_id": None,
-            "before": _numbers(0.95, 0.2), "after": _numbers(clean, w2)})
+            "before": _numbers(0.95, 0.2), "after": _numbers(clean, w2),
+            "provenance": {"reused": took} if took else {}})
     mid = client.get(f"/v1/jobs/{sweep['id']}", headers=h).json()
     assert mid["status"] == "running" and mid["progress"]["fraction"] == pytest.approx(2 / 3)
     with db.Session() as s:
@@ -128,6 +133,10 @@ def test_the_last_child_to_end_settles_the_frontier(client, keys, ready_model, d
     assert rec["job_id"] == kids[1]["id"] and rec["rule"] == {"maximize": "w2", "max_clean_drop": 0.05}
     assert [p["recommended"] for p in result["points"]] == [False, True, False]
     assert db.count(JobEvent, JobEvent.job_id == sweep["id"], JobEvent.type == "status") == 3
+    shared = result["shared"]
+    assert [(r["job_id"], r["before"], r["before_key"]) for r in shared["children"]] == [
+        (kids[0]["id"], False, "k1"), (kids[1]["id"], True, "k1"), (kids[2]["id"], None, None)]
+    assert (shared["input_model_measured"], shared["before_reused"], shared["corrupted_images_reused"]) == (1, 1, 0)
 
 
 def test_cli_submits_shows_and_promotes_a_sweep(capsys, app, client, keys, ready_model, db):

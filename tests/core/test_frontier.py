@@ -63,6 +63,8 @@ def test_pareto_marks_the_undominated_and_the_rule_picks_the_most_robust_within_
     rec = out["recommendation"]
     assert rec["job_id"] == "b" and rec["satisfied_by"] == ["a", "b"]
     assert rec["rule"] == {"maximize": "w2", "max_clean_drop": 0.03}
+    # the candidates differ in δ: the ranking by robust accuracy at each one's own δ is said to lean small
+    assert "measured at its own δ" in rec["caveat"] and rec["reason"].endswith(rec["caveat"])
     chosen = next(p for p in out["points"] if p["recommended"])
     assert chosen["job_id"] == "b" and chosen["clean_drop"] == pytest.approx(0.02)
     assert chosen["w2_robust_accuracy_ci95"] == pytest.approx([0.52, 0.58])
@@ -74,6 +76,14 @@ def test_a_larger_delta_is_not_dominated_by_a_higher_number_at_a_smaller_delta()
     assert flags == [True, True]
     same_delta = [_child("x", 0.1, 0.94, 0.60, 0.40), _child("y", 0.1, 0.90, 0.30, 0.20)]
     assert [p["pareto"] for p in frontier(same_delta, RecommendRule())["points"]] == [True, False]
+
+
+def test_one_delta_or_a_non_robust_objective_needs_no_caveat() -> None:
+    same_delta = [_child("x", 0.1, 0.94, 0.60, 0.40), _child("y", 0.1, 0.93, 0.50, 0.30)]
+    assert "caveat" not in frontier(same_delta, RecommendRule())["recommendation"]
+    deltas = [_child("a", 0.05, 0.94, 0.60, 0.40), _child("b", 0.1, 0.93, 0.50, 0.30)]
+    assert "caveat" not in frontier(deltas, RecommendRule(maximize="delta"))["recommendation"]
+    assert "caveat" in frontier(deltas, RecommendRule(maximize="linf"))["recommendation"]
 
 
 def test_no_child_satisfies_the_rule_is_said() -> None:

@@ -253,7 +253,22 @@ def recommend(points: Sequence[Mapping[str, Any]], rule: RecommendRule) -> dict[
                         f"{_value(best, rule.maximize):.4g}, clean accuracy {_value(best, 'clean') or 0.0:.4g}"
                         + (f" (dropped {best['clean_drop']:.3f})" if best.get("clean_drop") is not None else "")
                         + f"; {len(fits)} of {len(points)} children satisfy the rule.")
+    caveat = _own_delta_caveat(fits, rule)
+    if caveat:
+        record["caveat"] = caveat
+        record["reason"] += f" Note: {caveat}"
     return record
+
+
+def _own_delta_caveat(fits: Sequence[tuple[int, Mapping[str, Any]]], rule: RecommendRule) -> str | None:
+    """Why a robust accuracy compared across children of different δ is no like-for-like ranking
+    (None when the candidates share one δ, or the rule maximises no robust accuracy)."""
+    if rule.maximize not in ("w2", "linf", "l2") or len({p["delta"] for _, p in fits}) < 2:
+        return None
+    return (f"each child's {rule.maximize} robust accuracy is measured at its own δ, and a smaller ball is "
+            "easier to withstand, so this rule leans towards the smallest δ. To compare the children at "
+            "the radius you expect to face, evaluate the Pareto children at that one δ (an evaluate job "
+            "of each promoted model), or sweep β or the schedule at one δ.")
 
 
 def frontier(children: Sequence[Mapping[str, Any]], rule: RecommendRule) -> dict[str, Any]:

@@ -286,11 +286,34 @@ def digits_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def upload_model(client: httpx.Client, path: Path) -> dict[str, Any]:
+@pytest.fixture(scope="session")
+def fashion_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """small-cnn trained normally on 1,000 Fashion-MNIST images (Debian's dataset-fashion-mnist) for
+    two epochs (seconds; clean accuracy about 0.7), as safetensors."""
+    import dataclasses
+
+    import torch
+
+    from core.engine.data.datasets import load_dataset
+    from core.engine.recipes.standard import train_standard
+    from core.engine.zoo import create_model, save_model_file
+
+    torch.manual_seed(0)
+    data = load_dataset("fashion-mnist", data_dir=tmp_path_factory.mktemp("datasets"))
+    subset = dataclasses.replace(data, train_x=data.train_x[:1000], train_y=data.train_y[:1000])
+    model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=28, dataset="fashion-mnist")
+    model = train_standard(model, subset, epochs=2, seed=0)
+    path = tmp_path_factory.mktemp("model") / "small-cnn-fashion.safetensors"
+    save_model_file(model, path)
+    return path
+
+
+def upload_model(client: httpx.Client, path: Path, dataset: str = "digits") -> dict[str, Any]:
+    size = {"digits": 8, "fashion-mnist": 28}[dataset]
     with open(path, "rb") as fh:
         r = client.post("/v1/models", files={"file": (path.name, fh, "application/octet-stream")},
-                        data={"architecture": "small-cnn", "num_classes": "10", "dataset": "digits",
-                              "input_shape": "1,8,8", "name": "digits-cnn"})
+                        data={"architecture": "small-cnn", "num_classes": "10", "dataset": dataset,
+                              "input_shape": f"1,{size},{size}", "name": f"{dataset}-cnn"})
     assert r.status_code == 201, r.text
     return r.json()
 

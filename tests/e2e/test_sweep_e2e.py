@@ -9,6 +9,8 @@
 - On PostgreSQL + Redis with two workers: the children spread over both; the prefork child running
   one of them is killed mid-run and the fine-tune resumes from its checkpoint (attempt 2), and the
   sweep still ends with its frontier.
+- On Fashion-MNIST (28×28, Debian's dataset-fashion-mnist), a sweep over the same three δ values
+  finishes with its frontier on both: the embedded default and PostgreSQL + Redis with two workers.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pytest
 from tests.e2e.conftest import (
     TINY,
     EmbeddedServe,
+    Workers,
     events,
     upload_model,
     wait_model_ready,
@@ -39,8 +42,8 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 
 def submit_sweep(client: httpx.Client, model_id: str, sweep: dict[str, Any] | None = None,
-                 threat: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
-    body = {"type": "sweep", "model_id": model_id, "dataset": "digits", "threat_model": threat or {"kind": "w2-linf"},
+                 threat: dict[str, Any] | None = None, dataset: str = "digits", **config: Any) -> dict[str, Any]:
+    body = {"type": "sweep", "model_id": model_id, "dataset": dataset, "threat_model": threat or {"kind": "w2-linf"},
             "config": {**TINY, "epochs": 2, "evaluation": "quick", "test_examples": 100, **config},
             "sweep": sweep or {"delta": DELTAS}, "recommend": RULE}
     r = client.post("/v1/jobs", json=body)
@@ -132,11 +135,14 @@ def test_a_sweep_finishes_and_cancels_on_the_embedded_default(tmp_path: Path, di
 
 
 @pytest.mark.service
+@pytest.mark.timeout(600)
 def test_a_sweep_spreads_over_two_workers_and_a_killed_child_resumes(
-        client: httpx.Client, ready_model: dict[str, Any], workers: Any, queues: dict[str, str]) -> None:
+        client: httpx.Client, ready_model: dict[str, Any], workers: Workers, queues: dict[str, str],
+        fashion_model_file: Path) -> None:
     procs = [workers.start(queues["gpu"], f"gpu-sweep-{i}") for i in range(2)]
     sweep = submit_sweep(client, ready_model["id"])   # two epochs: the kill lands in the second or the final test
     kids = children(client, sweep["id"])
+    fashion = submit_fashion_sweep(client, fashion_model_file)   # queued behind the digits children
 
     def a_checkpoint() -> dict[str, Any] | None:
         return next((k for k in kids if any(e["type"] == "checkpoint" for e in events(client, k["id"]))), None)
@@ -157,3 +163,33 @@ def test_a_sweep_spreads_over_two_workers_and_a_killed_child_resumes(
     assert all(ran) and set().union(*ran) == set(claims), (ran, claims)
     assert all(p.poll() is None for p in procs)
     check_frontier(client, done)
+    fashion_done = check_fashion_sweep(client, fashion, 240)
+    assert fashion_done["result"]["counts"] == {"succeeded": 3, "failed": 0, "cancelled": 0}
+
+
+# Fashion-MNIST: every child trains on 500 of its 60,000 training images for one epoch and is measured
+# on 100 test images (each a stratified sample), enough for a frontier with intervals
+FASHION = {"epochs": 1, "train_examples": 500, "validation_examples": 100, "test_examples": 100}
+
+
+def submit_fashion_sweep(client: httpx.Client, model_file: Path) -> dict[str, Any]:
+    model = wait_model_ready(client, upload_model(client, model_file, "fashion-mnist")["id"], timeout=120)
+    assert model["dataset"] == "fashion-mnist", model
+    return submit_sweep(client, model["id"], dataset="fashion-mnist", **FASHION)
+
+
+def check_fashion_sweep(client: httpx.Client, sweep: dict[str, Any], timeout: float) -> dict[str, Any]:
+    done = wait_status(client, sweep["id"], FINAL, timeout)
+    assert done["status"] == "succeeded", done
+    kids = children(client, done["id"])
+    for kid in kids:
+        assert kid["dataset"] == "fashion-mnist" and kid["result"]["provenance"]["examples"]["test"] == 100, kid
+        # every class in the 100 test images of a data set stored in class order
+        assert len(kid["result"]["after"]["per_class"]) == 10
+    check_frontier(client, done)
+    return done
+
+
+def test_a_fashion_mnist_sweep_finishes_on_the_embedded_default(tmp_path: Path, fashion_model_file: Path) -> None:
+    with EmbeddedServe(tmp_path) as serve, httpx.Client(base_url=serve.url, timeout=30) as client:
+        check_fashion_sweep(client, submit_fashion_sweep(client, fashion_model_file), 300)

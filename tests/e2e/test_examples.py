@@ -95,7 +95,9 @@ def test_finetune_and_download(serve: EmbeddedServe, workdir: Path, model_id: st
     out = run_example(serve, workdir, "finetune_and_download.py", "--model", model_id, "--out", "robust")
     job_id = re.search(r"job (job_[0-9a-f]+) queued", out).group(1)
     assert re.search(r"w2_robust_accuracy: 0\.\d{3} \[.*\] \(n=100\)\s+->\s+0\.\d{3}", out), out
-    assert "verdict: " in out and re.search(r"running: \w+ epoch \d/2", out), out   # its progress, line by line
+    # its progress, line by line: which phases it prints depends on when its polls land (a loaded machine
+    # can go from epoch 0 to the final test between two), but a running line names the epoch
+    assert "verdict: " in out and re.search(r"running: .*epoch \d/2", out), out
     with Client(serve.url) as client:
         job = client.jobs.get(job_id)
     assert job.succeeded

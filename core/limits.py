@@ -12,3 +12,4 @@ MAX_BETA = 1e3                    # TRADES weight β
 MAX_NUM_CLASSES = 100_000         # class count of a model or labels range of a data set
 MAX_SWEEP_CHILDREN = 16           # fine-tunes one sweep job starts (the product of its value lists)
 MAX_EVENT_ID = 2**63 - 1          # job event ids are 64-bit integers
+MAX_CACHE_ENTRY_BYTES = 256 * 1024 * 1024   # a measurement-cache entry (corrupted test images above it are made afresh)

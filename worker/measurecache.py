@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 
+from core.limits import MAX_CACHE_ENTRY_BYTES
 from core.storage.artifacts import Store
 
 log = logging.getLogger("robustify.worker")
 
 PREFIX = "cache/measurements/"
-MAX_ENTRY_BYTES = 256 * 1024 * 1024     # corrupted test images above this are made afresh by every job
+MAX_ENTRY_BYTES = MAX_CACHE_ENTRY_BYTES   # corrupted test images above this are made afresh by every job
 
 
 class StoreCache:

@@ -27,8 +27,10 @@ from typing import Any, Protocol
 
 import torch
 
+from core.limits import MAX_CACHE_ENTRY_BYTES
+
 VERSION = 1                           # bump when a cached measurement would no longer equal a fresh one
-MAX_ENTRY_BYTES = 256 * 1024 * 1024   # corrupted images above this are not cached (made afresh each time)
+MAX_ENTRY_BYTES = MAX_CACHE_ENTRY_BYTES   # corrupted images above this are not cached (made afresh each time)
 
 
 class MeasurementCache(Protocol):

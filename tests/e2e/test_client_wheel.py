@@ -120,12 +120,13 @@ def test_sdk_and_cli_of_the_client_install_against_a_live_server(client_venv: Pa
     model = json.loads(uploaded.stdout)
     assert model["status"] == "ready", model
 
-    # the SDK submits an evaluation and waits for it
+    # the SDK submits an evaluation (the quick preset: the SDK is the point here) and waits for it
     script = ("import json, sys, robustify\n"
               "with robustify.Client(sys.argv[1]) as c:\n"
               "    job = c.jobs.create(type='evaluate', model_id=sys.argv[2], dataset='digits',\n"
               "                        threat_model={'kind': 'w2-linf', 'delta': '1/10'},\n"
-              "                        config={'n_examples': 64, 'wpgd_steps': 2, 'pgd_steps': 2})\n"
+              "                        config={'n_examples': 64, 'wpgd_steps': 2, 'pgd_steps': 2,\n"
+              "                                'evaluation': 'quick'})\n"
               "    job = c.jobs.wait(job.id, timeout=150)\n"
               "    print(json.dumps({'id': job.id, 'status': job.status, 'n': c.models.list().data[0].id}))\n")
     sdk = _run([str(client_venv / "bin" / "python"), "-c", script, url, model["id"]], cwd=client_venv, timeout=200)

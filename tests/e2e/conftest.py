@@ -39,6 +39,10 @@ TINY = {"epochs": 4, "batch_size": 96, "lr": 0.01, "beta": 3.0, "attack_steps": 
         "eval_wpgd_steps": 5, "eval_pgd_steps": 3, "test_wpgd_steps": 10, "test_pgd_steps": 3, "budget_subset": 256,
         "seed": 1, "evaluation": "quick", "test_examples": 200}
 THREAT = {"kind": "w2-linf", "delta": 0.1}
+# Jobs that a test kills, stops, resumes or runs through an outage are judged by their epochs, checkpoints
+# and attempts, never by their verdict: their before/after measures 60 test images (a third of TINY's 200,
+# which decide a verdict), 6 per class of the stratified sample.
+LIFECYCLE = {"test_examples": 60}
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import (
+    LIFECYCLE,
     EmbeddedServe,
     _descendants,
     _process_alive,
@@ -60,7 +61,7 @@ def test_serve_stopped_mid_job_hands_it_back_and_a_restart_finishes_it(tmp_path:
     epochs, env = 3, {"ROBUSTIFY_PROGRESS_INTERVAL_SECONDS": "0.3"}
     with EmbeddedServe(tmp_path, env) as serve, httpx.Client(base_url=serve.url, timeout=30) as client:
         model = wait_model_ready(client, upload_model(client, digits_model_file)["id"])
-        job_id = submit(client, model["id"], epochs=epochs)["id"]
+        job_id = submit(client, model["id"], epochs=epochs, **LIFECYCLE)["id"]
 
         def inside_epoch_two() -> bool:
             p = client.get(f"/v1/jobs/{job_id}").json()["progress"]

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import (
+    LIFECYCLE,
     ROOT,
     Workers,
     events,
@@ -187,8 +188,9 @@ def _starts(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_database_and_broker_outages_cost_a_running_job_nothing(client: httpx.Client, model: str,
                                                                 own_pg: OwnPostgres, own_redis: OwnRedis) -> None:
     epochs = 5
-    running = submit(client, model, epochs=epochs)["id"]
-    behind = submit(client, model, epochs=1)["id"]  # queued behind it (one worker process): its message is in Redis
+    running = submit(client, model, epochs=epochs, **LIFECYCLE)["id"]
+    # queued behind it (one worker process): its message is in Redis
+    behind = submit(client, model, epochs=1, **LIFECYCLE)["id"]
     wait_until(lambda: _checkpoint_epochs(events(client, running)), 120, "the first checkpoint")
     seen = len(events(client, running))
 
@@ -226,7 +228,7 @@ def test_sigterm_mid_epoch_hands_the_job_back_to_another_worker(client: httpx.Cl
                                                                 first_worker: Workers, env: dict[str, str],
                                                                 tmp_path: Path) -> None:
     epochs = 4
-    job_id = submit(client, model, epochs=epochs)["id"]
+    job_id = submit(client, model, epochs=epochs, **LIFECYCLE)["id"]
 
     def inside_epoch_two() -> bool:
         p = client.get(f"/v1/jobs/{job_id}").json()["progress"]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Workers, events, submit, wait_status, wait_until
+from tests.e2e.conftest import LIFECYCLE, Workers, events, submit, wait_status, wait_until
 from tests.s3server import S3_ENV, bucket, s3_client
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
@@ -71,7 +71,7 @@ def test_job_resumes_on_another_machine_from_the_bucket(client: httpx.Client, se
             procs[name] = w.start(queues["gpu"], name)
         model = ready_model
         epochs = 4
-        job_id = submit(client, model["id"], epochs=epochs)["id"]
+        job_id = submit(client, model["id"], epochs=epochs, **LIFECYCLE)["id"]
         wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120, "the first checkpoint")
 
         # SIGKILL the whole worker (parent and pool child) that holds the job
@@ -135,7 +135,7 @@ def test_job_on_two_devices_survives_a_killed_rank(client: httpx.Client, service
     try:
         w.start(queues["gpu"], "node-c")
         epochs = 3
-        job_id = submit(client, ready_model["id"], epochs=epochs, devices=2)["id"]
+        job_id = submit(client, ready_model["id"], epochs=epochs, devices=2, **LIFECYCLE)["id"]
         assert client.get(f"/v1/jobs/{job_id}").json()["config"]["devices"] == 2
         wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 150, "the first checkpoint")
         launches = [e for e in events(client, job_id) if e["type"] == "log" and "devices" in (e["data"] or {})]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from cli.main import main
-from tests.e2e.conftest import THREAT, events, run_finetune_flow, submit, wait_status, wait_until
+from tests.e2e.conftest import LIFECYCLE, THREAT, events, run_finetune_flow, submit, wait_status, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
 
@@ -63,7 +63,7 @@ def test_killed_worker_job_resumes_on_another_worker(client: httpx.Client, ready
                                                      workers: Any, queues: dict[str, str]) -> None:
     first = workers.start(queues["gpu"], "gpu-doomed")
     epochs = 12
-    job_id = submit(client, ready_model["id"], epochs=epochs, attack_steps=5)["id"]
+    job_id = submit(client, ready_model["id"], epochs=epochs, attack_steps=5, **LIFECYCLE)["id"]
     wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120,
                "the first checkpoint")
     running = client.get(f"/v1/jobs/{job_id}").json()
@@ -169,7 +169,7 @@ def test_killed_pool_child_requeues_at_once(client: httpx.Client, ready_model: d
     neither waits for the stale-heartbeat threshold)."""
     proc = workers.start(queues["gpu"], "gpu-child")
     epochs = 10
-    job_id = submit(client, ready_model["id"], epochs=epochs, attack_steps=5)["id"]
+    job_id = submit(client, ready_model["id"], epochs=epochs, attack_steps=5, **LIFECYCLE)["id"]
     wait_until(lambda: any(e["type"] == "checkpoint" for e in events(client, job_id)), 120, "the first checkpoint")
     owner = client.get(f"/v1/jobs/{job_id}").json()
     assert owner["status"] == "running"

@@ -30,7 +30,7 @@ import torch
 
 from core.engine.api import finetune
 from core.engine.attacks.autoattack import autoattack
-from core.engine.data.datasets import load_dataset
+from core.engine.data.datasets import ImageData, load_dataset
 from core.engine.data.npz import stratified_split
 from core.engine.recipes.standard import train_standard
 from core.engine.threats import Threat
@@ -43,10 +43,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def models(name: str, seed: int) -> tuple[dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]:
+def models(name: str, data: ImageData, seed: int) -> tuple[dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]:
     """The before and after models of `seed`, and the screen's images (float in [0, 1]) and labels."""
     s = SETTINGS[name]
-    data = load_dataset(name, data_dir=DATA_DIR)
     keep, screen = stratified_split(data.train_y.numpy(), test_fraction=s["screen"] / len(data.train_y), seed=seed)
     keep = keep[: s["train"]] if s["train"] else keep
     train = dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
@@ -66,10 +65,11 @@ def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, delta: floa
     runs = {}
     for k in (9, 3):
         t0 = time.perf_counter()
-        res = autoattack(model, x, y, threat, seed=seed, attacks=("apgd-ce", "apgd-t"), target_classes=k)
-        assert res.correct is not None
-        runs[k] = (res, res.correct, time.perf_counter() - t0)
-    (nine, nine_ok, nine_s), (three, three_ok, three_s) = runs[9], runs[3]
+        runs[k] = (autoattack(model, x, y, threat, seed=seed, attacks=("apgd-ce", "apgd-t"), target_classes=k),
+                   time.perf_counter() - t0)
+    (nine, nine_s), (three, three_s) = runs[9], runs[3]
+    nine_ok, three_ok = nine.correct, three.correct
+    assert nine_ok is not None and three_ok is not None
     return {"n": int(x.shape[0]), "clean": round(nine.clean_accuracy, 4),
             "after_apgd_ce": round(nine.accuracy_after["apgd-ce"], 4),
             "targets_9": round(nine.robust_accuracy, 4), "targets_3": round(three.robust_accuracy, 4),
@@ -85,8 +85,9 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name in args.datasets:
+        data = load_dataset(name, data_dir=DATA_DIR)
         for seed in args.seeds:
-            nets, x, y = models(name, seed)
+            nets, x, y = models(name, data, seed)
             for which, net in nets.items():
                 rows.append({"dataset": name, "seed": seed, "model": which,
                              **attack(net, x, y, SETTINGS[name]["delta"], seed)})

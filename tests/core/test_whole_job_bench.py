@@ -53,3 +53,19 @@ def test_the_summary_compares_each_seed_with_its_own_k10_job() -> None:
 def test_unknown_methods_and_data_sets_are_refused() -> None:
     with pytest.raises(SystemExit):
         whole_job.main(["--methods", "default-k10,k3"])
+
+
+def test_each_timed_job_starts_with_an_empty_measurement_cache(tmp_path: Path) -> None:
+    """The bench empties the cache where the service's worker keeps it, so that no method is timed
+    with its sibling's before-measurement read back."""
+    from core.service.settings import Settings
+    from core.storage.artifacts import open_store
+    from worker.measurecache import StoreCache
+
+    cache = StoreCache(open_store(Settings(data_dir=tmp_path)))
+    key = "ab" * 32
+    cache.put(key, b"a measurement")
+    assert cache.get(key) == b"a measurement"
+    whole_job.empty_measurement_cache(tmp_path)
+    assert cache.get(key) is None
+    whole_job.empty_measurement_cache(tmp_path)          # an empty cache is no error

@@ -96,8 +96,9 @@ def test_finetune_and_download(serve: EmbeddedServe, workdir: Path, model_id: st
     job_id = re.search(r"job (job_[0-9a-f]+) queued", out).group(1)
     assert re.search(r"w2_robust_accuracy: 0\.\d{3} \[.*\] \(n=100\)\s+->\s+0\.\d{3}", out), out
     # its progress, line by line: which phases it prints depends on when its polls land (a loaded machine
-    # can go from epoch 0 to the final test between two), but a running line names the epoch
-    assert "verdict: " in out and re.search(r"running: .*epoch \d/2", out), out
+    # can go from epoch 0 to the final test between two, a fast one from "running 0 %" to the end), but a
+    # line of the running or finished job names the epoch
+    assert "verdict: " in out and re.search(r"(running|succeeded): .*epoch \d/2", out), out
     with Client(serve.url) as client:
         job = client.jobs.get(job_id)
     assert job.succeeded
@@ -112,12 +113,15 @@ def test_receive_webhook(serve: EmbeddedServe, tmp_path: Path, model_id: str) ->
     out = run_example(serve, tmp_path, "receive_webhook.py", "--model", model_id, "--timeout", "180")
     job_id = re.search(r"job (job_[0-9a-f]+) queued", out).group(1)
     verified = re.findall(rf"verified (job\.\w+): job {job_id}", out)
-    assert sorted(verified) == ["job.started", "job.succeeded"] and verified[-1] == "job.succeeded", out
+    # the script stops at the final message; job.started may come before it or, when the two are sent
+    # close together, after it (docs/webhooks.md: no order is promised), when nobody listens any more
+    assert verified and verified[-1] == "job.succeeded" and set(verified) <= {"job.started", "job.succeeded"}, out
     with Client(serve.url) as client:
         deliveries = client.jobs.webhook_deliveries(job_id)
         endpoints = list(client.webhooks.list())
     assert {d.event_type for d in deliveries} == {"job.started", "job.succeeded"}
-    assert all(d.status == "succeeded" for d in deliveries), deliveries
+    status = {d.event_type: d.status for d in deliveries}
+    assert all(status[event] == "succeeded" for event in verified), deliveries
     assert not endpoints                                  # the script removed its endpoint
 
 

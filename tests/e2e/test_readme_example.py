@@ -31,8 +31,8 @@ def robustify(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def w2_robust_accuracy(path: Path, data_dir: Path) -> float:
     """W2 robust accuracy at δ = 0.1 of a digits small-cnn file on the whole test split, by the quick
-    ensemble (W-PGD with ReDLR and with cross-entropy, at least 50 steps each): an attack the job's
-    own standard evaluation did not run."""
+    ensemble (W-PGD with ReDLR and with cross-entropy, at least 50 steps each), measured here and not
+    by the service."""
     from core.engine.config import EvaluateConfig
     from core.engine.data.datasets import load_dataset
     from core.engine.recipes.evaluate import evaluate
